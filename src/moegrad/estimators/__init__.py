@@ -1,0 +1,48 @@
+"""The catalogue of top-k gradient estimators, by name.
+
+======================  =================================================================
+``topk``                plain autograd through the gathered weights (torch.topk, Mixtral)
+``unweighted``          unit weights, no router task gradient (control)
+``straight_through``    unit weights forward, gradient as if y = sum_S s_i e_i
+``dense``               exact dense straight-through (DenseMixer)
+``default_moe``         dense gradient from EMA default outputs (Panda et al. 2025)
+``gumbel``              Gumbel-top-k with a relaxed softmax (soft or hard)
+``noisy_topk``          Shazeer et al. 2017 noisy top-k gating with a smooth load
+``sparsemixer``         SparseMixer-v2 (GRIN 2024)
+======================  =================================================================
+"""
+
+from __future__ import annotations
+
+from moegrad.estimators.base import Estimator, Picked
+from moegrad.estimators.dense import Dense, DefaultMoE
+from moegrad.estimators.gumbel import Gumbel
+from moegrad.estimators.noisy import NoisyTopK
+from moegrad.estimators.sparsemixer import SparseMixer
+from moegrad.estimators.weighted import StraightThrough, TopK, Unweighted
+
+REGISTRY: dict[str, type[Estimator]] = {
+    cls.name: cls
+    for cls in (TopK, Unweighted, StraightThrough, Dense, DefaultMoE, Gumbel, NoisyTopK, SparseMixer)
+}
+
+
+def available() -> list[str]:
+    """Sorted names of every estimator."""
+    return sorted(REGISTRY)
+
+
+def get(name: str) -> type[Estimator]:
+    """The estimator class registered under ``name``."""
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"estimator={name!r} is unknown; choose one of {available()}")
+    return REGISTRY[name]
+
+
+def build_estimator(name: str, config, **options) -> Estimator:
+    return get(name)(config, **options)
+
+
+__all__ = ["Estimator", "Picked", "available", "get", "build_estimator", "REGISTRY", "TopK",
+           "Unweighted", "StraightThrough", "Dense", "DefaultMoE", "Gumbel", "NoisyTopK",
+           "SparseMixer"]

@@ -1,0 +1,168 @@
+"""Estimators that give the router a gradient for the experts it did not select.
+
+Notation per token: s [E] scores, S the K selected experts, e_i = E_i(x), g = dL/dy,
+c = routed_scaling_factor. Both keep the ``topk`` forward and the ``topk`` gradient for i in S,
+and add, for i not in S, dL/ds_i = c * <g, v_i> with v_i = e_i (``dense``) or the default
+output ebar_i (``default_moe``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from moegrad._checks import check_float, check_int
+from moegrad.estimators.base import Estimator, Picked
+
+
+def unselected_mask(indices: Tensor, num_experts: int) -> Tensor:
+    """[T, K] indices -> [T, E] float mask, 1 where the expert was not selected."""
+    mask = torch.ones(indices.shape[0], num_experts, device=indices.device)
+    return mask.scatter_(1, indices, 0.0)
+
+
+def dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, expert_fn: Callable,
+                     weights: tuple, scale: float, chunk_tokens: int) -> Tensor:
+    """dL/ds [T, E] fp32 for the unselected experts: c * <g_t, E_i(x_t)>, 0 for i in S.
+
+    grad_y [T, D], x [T, D], indices [T, K]; ``expert_fn(x [t, D], *weights) -> [t, E, D]``
+    is evaluated under no_grad on detached weights, ``chunk_tokens`` tokens at a time, so the
+    extra memory is chunk_tokens * E * max(D, H) and no gradient reaches the expert weights.
+    """
+    num_tokens = x.shape[0]
+    weights = tuple(w.detach() for w in weights)
+    num_experts = weights[0].shape[0]
+    out = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    with torch.no_grad():
+        for start in range(0, num_tokens, chunk_tokens):
+            stop = min(start + chunk_tokens, num_tokens)
+            every = expert_fn(x[start:stop], *weights)  # [t, E, D]
+            out[start:stop] = torch.einsum("ted,td->te", every.float(), grad_y[start:stop].float())
+        out.mul_(unselected_mask(indices, num_experts))
+        if scale != 1.0:
+            out.mul_(scale)
+    return out
+
+
+class _DenseRouterGrad(torch.autograd.Function):
+    """Identity on y; backward adds dL/ds_i = c <g, E_i(x)> for unselected i (see dense_score_grad)."""
+
+    @staticmethod
+    def forward(y, scores, x, indices, scale, chunk_tokens, expert_fn, *weights):
+        return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, x, indices, scale, chunk_tokens, expert_fn, *weights = inputs
+        ctx.save_for_backward(x, indices, *weights)
+        ctx.scale, ctx.chunk_tokens, ctx.expert_fn = scale, chunk_tokens, expert_fn
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, indices, *weights = ctx.saved_tensors
+        grad_scores = None
+        if ctx.needs_input_grad[1]:
+            grad_scores = dense_score_grad(grad_y, x, indices, ctx.expert_fn, tuple(weights),
+                                           ctx.scale, ctx.chunk_tokens)
+        return (grad_y, grad_scores) + (None,) * (5 + len(weights))
+
+
+def dense_router_grad(y: Tensor, scores: Tensor, x: Tensor, indices: Tensor, expert_fn: Callable,
+                      weights: tuple, scale: float = 1.0, chunk_tokens: int = 1024) -> Tensor:
+    """Return y unchanged; in backward, send c <g, E_i(x)> to scores[:, i] for unselected i.
+
+    y [T, D], scores [T, E] fp32, x [T, D], indices [T, K]; see :func:`dense_score_grad`.
+    """
+    return _DenseRouterGrad.apply(y, scores, x, indices, scale, chunk_tokens, expert_fn, *weights)
+
+
+class Dense(Estimator):
+    """``dense``: exact dense straight-through (seed 001; DenseMixer, Yao et al. 2025).
+
+    Forward: as ``topk`` (sparse, y = sum_S w_i e_i). Router gradient: as ``topk`` for i in S;
+    for i not in S, dL/ds_i = c * <g, E_i(x)> as if y also held c * s_i E_i(x). The unselected
+    E_i(x) are evaluated in backward under no_grad, ``chunk_tokens`` tokens at a time (default:
+    enough for about 16M elements of [t, E, max(D, H)]), so expert weights and the input get
+    gradient only from the selected (token, expert) pairs.
+
+    Options: ``chunk_tokens`` (int >= 1 or None for automatic).
+    """
+
+    name = "dense"
+    options = {"chunk_tokens": None}
+
+    def __init__(self, config, **options) -> None:
+        super().__init__(config, **options)
+        if self.chunk_tokens is not None:
+            check_int("chunk_tokens", self.chunk_tokens, 1)
+
+    def route(self, x, z, scores, router) -> Picked:
+        indices = router.select_topk(scores)
+        return Picked(indices, router.combine_weights(scores, indices))
+
+    def mix(self, y, x, routing, experts):
+        if not (torch.is_grad_enabled() and routing.scores.requires_grad) or y.shape[0] == 0:
+            return y
+        weights = experts.stacked_weights()
+        chunk = self.chunk_tokens
+        if chunk is None:
+            widest = max(experts.dim, experts.hidden_dim) * experts.num_experts
+            chunk = max(1, (1 << 24) // widest)
+        return dense_router_grad(y, routing.scores, x, routing.indices, experts.every_expert,
+                                 weights, self.config.routed_scaling_factor, chunk)
+
+
+class DefaultMoE(Estimator):
+    """``default_moe``: dense router gradient from default outputs (Panda et al. 2025).
+
+    Buffers: ``defaults`` ebar [E, D] fp32, an EMA of expert i's mean output over the tokens
+    routed to it, ebar_i <- beta * ebar_i + (1 - beta) * mean_i (the first observation is
+    taken as is), updated in training mode only and never receiving gradient.
+
+    The paper's layer output is y = sum_{i in S} w_i e_i + sum_{i not in S} s_i ebar_i: the
+    default outputs stand in for the missing experts in the forward pass, so the router
+    gradient for i not in S is <g, ebar_i>. That is ``forward_defaults=True`` here. The default
+    ``forward_defaults=False`` keeps the forward identical to ``topk`` (so swapping estimators
+    never changes a model's outputs) and applies the same router gradient straight-through:
+    y + (m - sg(m)) with m = c * sum_{i not in S} s_i ebar_i.
+
+    Options: ``beta`` in [0, 1) (default 0.9), ``forward_defaults`` (default False).
+    """
+
+    name = "default_moe"
+    options = {"beta": 0.9, "forward_defaults": False}
+    observes_outputs = True
+
+    def __init__(self, config, **options) -> None:
+        super().__init__(config, **options)
+        check_float("beta", self.beta, low=0.0, high=1.0, high_open=True)
+        self.forward_defaults = bool(self.forward_defaults)
+        self.register_buffer("defaults", torch.zeros(config.num_experts, config.dim))
+        self.register_buffer("seen", torch.zeros(config.num_experts, dtype=torch.bool))
+
+    def route(self, x, z, scores, router) -> Picked:
+        indices = router.select_topk(scores)
+        return Picked(indices, router.combine_weights(scores, indices))
+
+    def mix(self, y, x, routing, experts):
+        if y.shape[0] == 0:
+            return y
+        coef = routing.scores * unselected_mask(routing.indices, self.config.num_experts)
+        m = (coef * self.config.routed_scaling_factor) @ self.defaults  # [T, D] fp32
+        if not self.forward_defaults:
+            m = m - m.detach()  # value exactly 0, gradient of m
+        return y + m.to(y.dtype)
+
+    @torch.no_grad()
+    def observe(self, sums: Tensor, counts: Tensor) -> None:
+        hit = counts > 0
+        if not bool(hit.any()):
+            return
+        mean = sums.float()[hit] / counts[hit, None].float()
+        old = self.defaults[hit]
+        fresh = ~self.seen[hit]
+        blended = self.beta * old + (1.0 - self.beta) * mean
+        self.defaults[hit] = torch.where(fresh[:, None], mean, blended)
+        self.seen[hit] = True

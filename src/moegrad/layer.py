@@ -1,0 +1,119 @@
+"""The MoE layer: router -> dispatch -> experts -> combine (-> estimator hook) -> balance losses.
+
+Shapes: T tokens, D model dim, H hidden dim, E experts, K top-k, M kept (token, slot) rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from moegrad._checks import check_float
+from moegrad.dispatch import combine_rows, expert_capacity, plan_dispatch
+from moegrad.experts import Experts
+from moegrad.losses import balance_losses, check_losses
+from moegrad.routing import Router, Routing, flatten_tokens
+
+
+@dataclass
+class MoEStats:
+    """tokens_per_expert [E] int64: (token, slot) pairs the router assigned to each expert;
+    dropped: 0-d int64, pairs dropped by capacity (0 when dropless)."""
+
+    tokens_per_expert: Tensor
+    dropped: Tensor
+
+
+@dataclass
+class MoEOutput:
+    """y: same shape and dtype as the input; aux_loss: scalar fp32, the weighted sum of the
+    configured balance losses; routing: the :class:`Routing`; stats: :class:`MoEStats`;
+    losses: each configured balance loss, unweighted, by name."""
+
+    y: Tensor
+    aux_loss: Tensor
+    routing: Routing
+    stats: MoEStats
+    losses: dict = field(default_factory=dict)
+
+
+class MoE(nn.Module):
+    """A sparse Mixture-of-Experts feed-forward layer.
+
+    Args:
+        dim, hidden_dim, num_experts, top_k: D, H, E, K.
+        estimator: the router gradient estimator (:func:`moegrad.estimators.available`);
+            extra keyword arguments are its options.
+        score, normalize, temperature, routed_scaling_factor, n_group, topk_group,
+            selection_bias, check_finite: see :class:`moegrad.Router`.
+        activation: "swiglu" (default) or "gelu".
+        impl: grouped expert compute backend (:data:`moegrad.experts.IMPLS`), "auto" by default.
+        losses: ``{name: coefficient}`` balance losses (:mod:`moegrad.losses`); default
+            ``{"switch": 1e-2}``, ``{}`` for none.
+        capacity_factor: None (dropless, default) or c > 0: each expert keeps its
+            ceil(c * T * K / E) highest-weight pairs; the rest contribute zero and are counted.
+
+    ``forward(x [T, D] or [B, S, D], mask=None) -> MoEOutput``; ``mask`` (bool, x's leading
+    shape, True = real token) keeps padding out of the balance losses and load counts.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *,
+                 estimator: str = "topk", score: str = "softmax", normalize: bool = False,
+                 activation: str = "swiglu", impl: str = "auto", losses: Optional[dict] = None,
+                 capacity_factor: Optional[float] = None, temperature: float = 1.0,
+                 routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
+                 topk_group: Optional[int] = None, selection_bias: bool = False,
+                 check_finite: bool = True, **estimator_options) -> None:
+        super().__init__()
+        self.router = Router(dim, num_experts, top_k, score=score, normalize=normalize,
+                             estimator=estimator, temperature=temperature,
+                             routed_scaling_factor=routed_scaling_factor, n_group=n_group,
+                             topk_group=topk_group, selection_bias=selection_bias,
+                             check_finite=check_finite, **estimator_options)
+        self.experts = Experts(dim, hidden_dim, num_experts, activation, impl)
+        self.losses = check_losses({"switch": 1e-2} if losses is None else losses, estimator)
+        if capacity_factor is not None:
+            check_float("capacity_factor", capacity_factor, low=0.0, low_open=True)
+        self.capacity_factor = capacity_factor
+
+    @property
+    def dim(self) -> int:
+        return self.router.config.dim
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.config.top_k
+
+    @property
+    def estimator(self):
+        return self.router.estimator
+
+    def extra_repr(self) -> str:
+        return f"losses={self.losses}, capacity_factor={self.capacity_factor}"
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> MoEOutput:
+        flat = flatten_tokens(x, self.dim)
+        routing = self.router(x, mask)
+        num_tokens = flat.shape[0]
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
+        plan = plan_dispatch(routing.indices, routing.weights, self.num_experts, capacity)
+        rows = self.experts(flat[plan.tokens], plan.counts)  # [M, D]
+        estimator = self.router.estimator
+        if self.training and estimator.observes_outputs and rows.shape[0]:
+            sums = rows.new_zeros(self.num_experts, self.dim, dtype=torch.float32)
+            sums.index_add_(0, plan.experts, rows.detach().float())
+            estimator.observe(sums, plan.counts)
+        y = combine_rows(rows, routing.weights, plan, num_tokens)
+        y = estimator.mix(y, flat, routing, self.experts)
+        aux_loss, values = balance_losses(routing, self.losses)
+        stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped)
+        return MoEOutput(y.view(x.shape), aux_loss, routing, stats, values)

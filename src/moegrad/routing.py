@@ -1,0 +1,241 @@
+"""The router: gate logits -> scores -> top-k selection -> combine weights.
+
+Shapes: T tokens, D model dim, E experts, K top-k.
+
+    z = x W_g^T                 [T, E]  fp32 gate logits (``Routing.logits``)
+    s = score(z / temperature)  [T, E]  softmax or sigmoid (``Routing.scores``)
+    S = TopK(s + b)             [T, K]  selection; b is the optional selection-only bias and
+                                        group-limited top-k may mask whole expert groups first
+    w_i = c * s_i / (sum_S s)   [T, K]  (``normalize=True``; c = routed_scaling_factor)
+
+How S and w are formed and how the router gradient flows is the estimator's business
+(:mod:`moegrad.estimators`); the router holds the shared selection and weighting rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moegrad._checks import check_choice, check_float, check_int
+
+SCORES = ("sigmoid", "softmax")
+
+
+@dataclass
+class RouterConfig:
+    """Validated router settings (see :class:`Router` for their meaning)."""
+
+    dim: int
+    num_experts: int
+    top_k: int
+    score: str = "softmax"
+    normalize: bool = False
+    temperature: float = 1.0
+    routed_scaling_factor: float = 1.0
+    n_group: Optional[int] = None
+    topk_group: Optional[int] = None
+    selection_bias: bool = False
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("dim", self.dim, 1)
+        check_int("num_experts", self.num_experts, 1)
+        check_int("top_k", self.top_k, 1, self.num_experts)
+        check_choice("score", self.score, SCORES)
+        check_float("temperature", self.temperature, low=0.0, low_open=True)
+        check_float("routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError(
+                f"n_group={self.n_group!r} and topk_group={self.topk_group!r}: group-limited "
+                "top-k needs both (or neither)")
+        if self.n_group is not None:
+            check_int("n_group", self.n_group, 1, self.num_experts)
+            if self.num_experts % self.n_group:
+                raise ValueError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
+            check_int("topk_group", self.topk_group, 1, self.n_group)
+            reachable = self.topk_group * (self.num_experts // self.n_group)
+            if self.top_k > reachable:
+                raise ValueError(
+                    f"top_k={self.top_k} is more than the {reachable} experts in topk_group="
+                    f"{self.topk_group} groups of {self.num_experts // self.n_group}")
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_group is not None
+
+
+@dataclass
+class Routing:
+    """What a router decided for T tokens.
+
+    logits [T, E] fp32 gate logits; scores [T, E] fp32 softmax/sigmoid of logits/temperature;
+    indices [T, K] int64 selected experts; weights [T, K] fp32 combine weights (differentiable
+    as the estimator defines). ``shape`` is the leading shape of the input ((T,) or (B, S)).
+    ``mask`` [T] bool marks real (non-padding) tokens, None when every token is real.
+    ``load_probs`` [T, E] is the smooth load P(x, i) of ``noisy_topk`` (None otherwise) and
+    ``noise_std`` [T, E] its noise scale.
+    """
+
+    logits: Tensor
+    scores: Tensor
+    indices: Tensor
+    weights: Tensor
+    shape: tuple
+    mask: Optional[Tensor] = None
+    load_probs: Optional[Tensor] = None
+    noise_std: Optional[Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logits.shape[0]
+
+
+def flatten_tokens(x: Tensor, dim: int, name: str = "x") -> Tensor:
+    """[T, D] or [B, S, D] -> [T, D] (a view), validating dtype and feature size."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{name} must have shape [T, D] or [B, S, D], got {tuple(x.shape)}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"{name} has feature size {x.shape[-1]} but the module was built with dim={dim}")
+    return x.reshape(-1, dim)
+
+
+def flatten_mask(mask: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
+    """Padding mask of the input's leading shape -> [T] bool (True = real token)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of shape {tuple(shape)}, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; it must match the input's leading "
+                         f"shape {tuple(shape)} (True marks real tokens, False padding)")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must be bool (or integer 0/1): True/1 marks real tokens")
+        mask = mask.bool()
+    return mask.reshape(-1)
+
+
+class Router(nn.Module):
+    """Top-k router with a pluggable gradient estimator.
+
+    Args:
+        dim: model dimension D.  num_experts: E.  top_k: K in 1..E.
+        score: "softmax" or "sigmoid" applied to logits / temperature.
+        normalize: renormalise the K selected scores to sum to 1 (estimators that define their
+            own weights say so in their docstring).
+        estimator: a name from :func:`moegrad.estimators.available`; extra keyword arguments
+            are that estimator's options.
+        temperature: divides the logits before scoring.
+        routed_scaling_factor: multiplies the combine weights (DeepSeek-V3).
+        n_group, topk_group: group-limited top-k (DeepSeek-V3): keep the ``topk_group`` groups
+            whose two best (biased) scores sum highest, then take the top-k inside them.
+        selection_bias: register a bias buffer ``bias`` [E] added to the scores for selection
+            only (auxiliary-loss-free balancing, see :class:`moegrad.BiasBalancer`).
+        check_finite: raise if the logits contain NaN/Inf (costs one reduction per call).
+
+    Buffers: ``load_counts`` [E] int64, (token, slot) pairs routed to each expert in training
+    mode since the last :meth:`reset_load_counts` (padding tokens excluded).
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, *, score: str = "softmax",
+                 normalize: bool = False, estimator: str = "topk", temperature: float = 1.0,
+                 routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
+                 topk_group: Optional[int] = None, selection_bias: bool = False,
+                 check_finite: bool = True, **estimator_options) -> None:
+        super().__init__()
+        from moegrad.estimators import build_estimator
+
+        self.config = RouterConfig(dim, num_experts, top_k, score, bool(normalize), temperature,
+                                   routed_scaling_factor, n_group, topk_group,
+                                   bool(selection_bias), bool(check_finite))
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        if self.config.selection_bias:
+            self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.bias = None
+        self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.int64))
+        self.estimator = build_estimator(estimator, self.config, **estimator_options)
+
+    # -- convenient read-only views of the config
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"dim={c.dim}, num_experts={c.num_experts}, top_k={c.top_k}, score={c.score}, "
+                f"normalize={c.normalize}, estimator={self.estimator.name}")
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Routing:
+        """x: [T, D] or [B, S, D]; mask: optional bool of x's leading shape -> :class:`Routing`."""
+        flat = flatten_tokens(x, self.config.dim)
+        shape = tuple(x.shape[:-1])
+        token_mask = flatten_mask(mask, shape)
+        logits = F.linear(flat.float(), self.gate.weight.float())  # [T, E] fp32
+        if self.config.check_finite and logits.numel() and not bool(torch.isfinite(logits).all()):
+            bad = int((~torch.isfinite(logits)).any(-1).sum())
+            raise ValueError(
+                f"router logits are not finite for {bad} of {logits.shape[0]} tokens: the input "
+                "(or the gate weight) holds NaN/Inf. Fix the input, or pass check_finite=False to "
+                "skip this check")
+        z = logits / self.config.temperature if self.config.temperature != 1.0 else logits
+        scores = self.score(z)
+        picked = self.estimator.route(flat.float(), z, scores, self)
+        if self.training and picked.indices.numel():
+            rows = picked.indices if token_mask is None else picked.indices[token_mask]
+            self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.num_experts)
+        return Routing(logits=logits, scores=scores, indices=picked.indices, weights=picked.weights,
+                       shape=shape, mask=token_mask, load_probs=picked.load_probs,
+                       noise_std=picked.noise_std)
+
+    # -- shared rules the estimators build on
+    def score(self, z: Tensor) -> Tensor:
+        """[T, E] tempered logits -> [T, E] scores."""
+        return torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
+
+    @torch.no_grad()
+    def select_topk(self, scores: Tensor) -> Tensor:
+        """Deterministic selection: [T, E] scores -> [T, K] int64 indices (descending score).
+
+        Adds the selection-only bias, applies group-limited top-k, then takes the top-k.
+        """
+        c = self.config
+        choice = scores if self.bias is None else scores + self.bias
+        if c.grouped and choice.shape[0]:
+            t = choice.shape[0]
+            per_group = c.num_experts // c.n_group
+            grouped = choice.view(t, c.n_group, per_group)
+            best = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # [T, n_group]
+            keep_groups = best.topk(c.topk_group, dim=-1).indices
+            keep = torch.zeros(t, c.n_group, dtype=torch.bool, device=choice.device)
+            keep.scatter_(1, keep_groups, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(t, c.num_experts)
+        return choice.topk(c.top_k, dim=-1).indices
+
+    def combine_weights(self, scores: Tensor, indices: Tensor) -> Tensor:
+        """[T, E] scores, [T, K] indices -> [T, K] weights w = c * s_S (/ sum s_S if normalize)."""
+        w = scores.gather(1, indices)
+        if self.config.normalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        if self.config.routed_scaling_factor != 1.0:
+            w = w * self.config.routed_scaling_factor
+        return w
+
+    def reset_load_counts(self) -> Tensor:
+        """Return the counts gathered since the last reset and zero them."""
+        counts = self.load_counts.clone()
+        self.load_counts.zero_()
+        return counts
