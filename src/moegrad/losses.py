@@ -16,6 +16,13 @@ are left out, and a call without real tokens gives 0. Nothing is kept in globals
 
 s' are the scores normalised to sum to 1 over experts (the softmax itself for ``softmax``).
 CV^2(v) = Var(v) / mean(v)^2 with the population variance over experts.
+
+Expert parallelism (``group``, set by :func:`moegrad.distributed.expert_parallel`): token and
+sequence counts are summed over the W ranks of the group (no gradient) and each rank returns its
+share of the loss of the whole micro-batch, scaled so that the mean over ranks equals the loss
+one process would compute on every rank's tokens (no factor W); ``importance_load`` sums its
+importance and load over the ranks with :func:`moegrad.distributed.all_reduce_share`. With
+``group=None`` (the default) nothing changes.
 """
 
 from __future__ import annotations
@@ -47,24 +54,43 @@ def _normalized_scores(routing: Routing) -> Tensor:
     return s / (s.sum(-1, keepdim=True) + 1e-20)
 
 
-def switch_loss(routing: Routing) -> Tensor:
-    """E * sum_i f_i P_i; f sums to K over experts, so the loss is K at perfect balance."""
+def _global(group, *values: Tensor) -> tuple:
+    """Sums over the ranks of ``group`` (no gradient) and W; (values, 1) without a group."""
+    if group is None:
+        return values, 1
+    from moegrad.distributed import all_reduce_detached, group_size
+
+    sizes = [v.numel() for v in values]
+    flat = all_reduce_detached(torch.cat([v.reshape(-1).double() for v in values]), group)
+    parts = [p.view_as(v).to(v.dtype) for p, v in zip(flat.split(sizes), values)]
+    return tuple(parts), group_size(group)
+
+
+def switch_loss(routing: Routing, group=None) -> Tensor:
+    """E * sum_i f_i P_i; f sums to K over experts, so the loss is K at perfect balance.
+
+    With ``group``: f from the counts of all ranks, this rank's share W * sum_{t here} s'_t / N."""
     real = _real(routing)
     n = real.sum()
+    counts = (_assigned(routing) * real[:, None]).sum(0)
+    (counts, n), share = _global(group, counts, n)
     if float(n) == 0:
         return routing.logits.new_zeros(())
-    f = (_assigned(routing) * real[:, None]).sum(0) / n
+    f = counts / n
     p = (_normalized_scores(routing) * real[:, None]).sum(0) / n
+    if share != 1:
+        p = p * share
     return routing.logits.shape[1] * (f * p).sum()
 
 
-def z_loss(routing: Routing) -> Tensor:
-    """mean_t logsumexp(z_t)^2 over real tokens."""
+def z_loss(routing: Routing, group=None) -> Tensor:
+    """mean_t logsumexp(z_t)^2 over real tokens (with ``group``: this rank's share of the global mean)."""
     real = _real(routing)
-    n = real.sum()
+    (n,), share = _global(group, real.sum())
     if float(n) == 0:
         return routing.logits.new_zeros(())
-    return (torch.logsumexp(routing.logits, dim=-1).square() * real).sum() / n
+    out = (torch.logsumexp(routing.logits, dim=-1).square() * real).sum() / n
+    return out * share if share != 1 else out
 
 
 def cv_squared(v: Tensor) -> Tensor:
@@ -74,7 +100,7 @@ def cv_squared(v: Tensor) -> Tensor:
     return v.var(correction=0) / (v.mean().square() + 1e-10)
 
 
-def importance_load_loss(routing: Routing) -> Tensor:
+def importance_load_loss(routing: Routing, group=None) -> Tensor:
     """CV^2(importance) + CV^2(smooth load) (Shazeer 2017, appendix A)."""
     if routing.load_probs is None:
         raise ValueError("the importance_load loss needs the smooth load of estimator='noisy_topk'; "
@@ -83,10 +109,14 @@ def importance_load_loss(routing: Routing) -> Tensor:
     gates = torch.zeros_like(routing.logits).scatter(1, routing.indices, routing.weights)
     importance = (gates * real).sum(0)
     load = (routing.load_probs * real).sum(0)
+    if group is not None:  # the same global sums on every rank (gradient: see all_reduce_share)
+        from moegrad.distributed import all_reduce_share
+
+        importance, load = all_reduce_share(torch.stack([importance, load]), group).unbind(0)
     return cv_squared(importance) + cv_squared(load)
 
 
-def seq_aux_loss(routing: Routing) -> Tensor:
+def seq_aux_loss(routing: Routing, group=None) -> Tensor:
     """DeepSeek-V3 sequence-wise balance loss (without its alpha, which is the coefficient).
 
     The input's leading shape (B, S) gives the sequences; a [T, D] input is one sequence.
@@ -98,12 +128,15 @@ def seq_aux_loss(routing: Routing) -> Tensor:
     counts = (_assigned(routing).view(seqs, -1, num_experts) * real[..., None]).sum(1)  # [B, E]
     probs = (_normalized_scores(routing).view(seqs, -1, num_experts) * real[..., None]).sum(1)
     has = n > 0
-    if not bool(has.any()):
+    (num_seqs,), share = _global(group, has.sum())
+    if int(num_seqs) == 0:
         return routing.logits.new_zeros(())
     n = n[has, None]
     f = counts[has] * num_experts / (top_k * n)
     p = probs[has] / n
-    return (f * p).sum(1).mean()
+    if group is None:
+        return (f * p).sum(1).mean()
+    return (f * p).sum(1).sum() * share / num_seqs  # this rank's share of the mean over all sequences
 
 
 LOSSES: dict[str, Callable[[Routing], Tensor]] = {
@@ -138,9 +171,12 @@ def check_losses(losses, estimator: str) -> dict[str, float]:
     return out
 
 
-def balance_losses(routing: Routing, coefficients: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
-    """-> (sum_name coef * loss, {name: loss}) for one layer call."""
-    values = {name: LOSSES[name](routing) for name in coefficients}
+def balance_losses(routing: Routing, coefficients: dict[str, float],
+                   group=None) -> tuple[Tensor, dict[str, Tensor]]:
+    """-> (sum_name coef * loss, {name: loss}) for one layer call (``group``: expert parallelism,
+    see the module docstring)."""
+    values = {name: (LOSSES[name](routing) if group is None else LOSSES[name](routing, group=group))
+              for name in coefficients}
     total = routing.logits.new_zeros(())
     for name, value in values.items():
         total = total + coefficients[name] * value
@@ -171,6 +207,11 @@ class BiasBalancer:
         loads = []
         for router in self.routers:
             load = router.reset_load_counts().float()
+            group = getattr(router, "process_group", None)  # set by moegrad.distributed.expert_parallel
+            if group is not None:  # every rank applies the same update from the global loads
+                from moegrad.distributed import all_reduce_detached
+
+                load = all_reduce_detached(load, group)
             if load.sum() > 0:
                 router.bias += self.gamma * torch.sign(load.mean() - load)
             loads.append(load)

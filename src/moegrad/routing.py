@@ -2,7 +2,7 @@
 
 Shapes: T tokens, D model dim, E experts, K top-k.
 
-    z = x W_g^T                 [T, E]  fp32 gate logits (``Routing.logits``)
+    z = x W_g^T                 [T, E]  fp32 gate logits (``Routing.logits``; fp64 for fp64 x)
     s = score(z / temperature)  [T, E]  softmax or sigmoid (``Routing.scores``)
     S = TopK(s + b)             [T, K]  selection; b is the optional selection-only bias and
                                         group-limited top-k may mask whole expert groups first
@@ -75,7 +75,7 @@ class Routing:
 
     logits [T, E] fp32 gate logits; scores [T, E] fp32 softmax/sigmoid of logits/temperature;
     indices [T, K] int64 selected experts; weights [T, K] fp32 combine weights (differentiable
-    as the estimator defines). ``shape`` is the leading shape of the input ((T,) or (B, S)).
+    as the estimator defines). (fp64 inputs are routed in fp64, for gradient checks.) ``shape`` is the leading shape of the input ((T,) or (B, S)).
     ``mask`` [T] bool marks real (non-padding) tokens, None when every token is real.
     ``load_probs`` [T, E] is the smooth load P(x, i) of ``noisy_topk`` (None otherwise) and
     ``noise_std`` [T, E] its noise scale.
@@ -184,7 +184,9 @@ class Router(nn.Module):
         flat = flatten_tokens(x, self.config.dim)
         shape = tuple(x.shape[:-1])
         token_mask = flatten_mask(mask, shape)
-        logits = F.linear(flat.float(), self.gate.weight.float())  # [T, E] fp32
+        compute = torch.promote_types(flat.dtype, torch.float32)  # fp32, or fp64 for fp64 input
+        flat = flat.to(compute)
+        logits = F.linear(flat, self.gate.weight.to(compute))  # [T, E]
         if self.config.check_finite and logits.numel() and not bool(torch.isfinite(logits).all()):
             bad = int((~torch.isfinite(logits)).any(-1).sum())
             raise ValueError(
@@ -193,7 +195,7 @@ class Router(nn.Module):
                 "skip this check")
         z = logits / self.config.temperature if self.config.temperature != 1.0 else logits
         scores = self.score(z)
-        picked = self.estimator.route(flat.float(), z, scores, self)
+        picked = self.estimator.route(flat, z, scores, self)
         if self.training and picked.indices.numel():
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
             self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.num_experts)

@@ -24,8 +24,9 @@ def unselected_mask(indices: Tensor, num_experts: int) -> Tensor:
 
 
 def dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, expert_fn: Callable,
-                     weights: tuple, scale: float, chunk_tokens: int) -> Tensor:
-    """dL/ds [T, E] fp32 for the unselected experts: c * <g_t, E_i(x_t)>, 0 for i in S.
+                     weights: tuple, scale: float, chunk_tokens: int,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """dL/ds [T, E] (``dtype``, the scores' dtype) for the unselected experts: c * <g_t, E_i(x_t)>, 0 for i in S.
 
     grad_y [T, D], x [T, D], indices [T, K]; ``expert_fn(x [t, D], *weights) -> [t, E, D]``
     is evaluated under no_grad on detached weights, ``chunk_tokens`` tokens at a time, so the
@@ -34,12 +35,12 @@ def dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, expert_fn: Call
     num_tokens = x.shape[0]
     weights = tuple(w.detach() for w in weights)
     num_experts = weights[0].shape[0]
-    out = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    out = torch.zeros(num_tokens, num_experts, dtype=dtype, device=x.device)
     with torch.no_grad():
         for start in range(0, num_tokens, chunk_tokens):
             stop = min(start + chunk_tokens, num_tokens)
             every = expert_fn(x[start:stop], *weights)  # [t, E, D]
-            out[start:stop] = torch.einsum("ted,td->te", every.float(), grad_y[start:stop].float())
+            out[start:stop] = torch.einsum("ted,td->te", every.to(dtype), grad_y[start:stop].to(dtype))
         out.mul_(unselected_mask(indices, num_experts))
         if scale != 1.0:
             out.mul_(scale)
@@ -55,8 +56,9 @@ class _DenseRouterGrad(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, _, x, indices, scale, chunk_tokens, expert_fn, *weights = inputs
+        _, scores, x, indices, scale, chunk_tokens, expert_fn, *weights = inputs
         ctx.save_for_backward(x, indices, *weights)
+        ctx.scores_dtype = scores.dtype
         ctx.scale, ctx.chunk_tokens, ctx.expert_fn = scale, chunk_tokens, expert_fn
 
     @staticmethod
@@ -65,7 +67,7 @@ class _DenseRouterGrad(torch.autograd.Function):
         grad_scores = None
         if ctx.needs_input_grad[1]:
             grad_scores = dense_score_grad(grad_y, x, indices, ctx.expert_fn, tuple(weights),
-                                           ctx.scale, ctx.chunk_tokens)
+                                           ctx.scale, ctx.chunk_tokens, ctx.scores_dtype)
         return (grad_y, grad_scores) + (None,) * (5 + len(weights))
 
 
@@ -150,7 +152,7 @@ class DefaultMoE(Estimator):
         if y.shape[0] == 0:
             return y
         coef = routing.scores * unselected_mask(routing.indices, self.config.num_experts)
-        m = (coef * self.config.routed_scaling_factor) @ self.defaults  # [T, D] fp32
+        m = (coef * self.config.routed_scaling_factor) @ self.defaults.to(coef.dtype)  # [T, D]
         if not self.forward_defaults:
             m = m - m.detach()  # value exactly 0, gradient of m
         return y + m.to(y.dtype)

@@ -40,6 +40,6 @@ class Gumbel(Estimator):
         if self.config.normalize:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         if self.hard:
-            w = 1.0 + w - w.detach()
+            w = (w - w.detach()) + 1.0  # exactly 1 forward
         c = self.config.routed_scaling_factor
         return Picked(indices, w * c if c != 1.0 else w)

@@ -52,7 +52,7 @@ class NoisyTopK(Estimator):
         self.w_noise = nn.Parameter(torch.zeros(config.num_experts, config.dim))
 
     def route(self, x, z, scores, router) -> Picked:
-        sigma = F.softplus(F.linear(x, self.w_noise.float())) + self.noise_epsilon  # [T, E]
+        sigma = F.softplus(F.linear(x, self.w_noise.to(x.dtype))) + self.noise_epsilon  # [T, E]
         if self.training:
             eps = torch.randn(z.shape, generator=self.generator, device=z.device, dtype=z.dtype)
             noisy = z + eps * sigma

@@ -22,7 +22,8 @@ class SparseMixer(Estimator):
 
     Router gradient: that of h = p_D e_D alone: w = p_D + sg(m p_D - p_D), so
     dL/dz_i = <g, e_D> p_D (delta_iD - p_i), the row D of the masked softmax's Jacobian
-    (zero for masked experts). The experts see the forward weight m p_D, as in transformers'
+    (zero for masked experts; so zero altogether when the mask keeps only D, as happens with
+    small, spread-out logits and a small ``jitter_eps``). The experts see the forward weight m p_D, as in transformers'
     PhiMoE reference. The weights are the method's own: ``normalize`` and ``score`` do not change
     them; ``routed_scaling_factor`` multiplies them.
 

@@ -57,6 +57,6 @@ class StraightThrough(Estimator):
     def route(self, x, z, scores, router) -> Picked:
         indices = router.select_topk(scores)
         s = scores.gather(1, indices)
-        w = 1.0 + s - s.detach()
+        w = (s - s.detach()) + 1.0  # exactly 1 forward
         c = router.config.routed_scaling_factor
         return Picked(indices, w * c if c != 1.0 else w)

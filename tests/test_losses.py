@@ -1,0 +1,154 @@
+"""Balance losses against hand computations; BiasBalancer."""
+
+import pytest
+import torch
+
+import moegrad
+from moegrad import losses
+
+
+def _routing(t=12, e=6, k=2, shape=None, mask=None, **kw):
+    torch.manual_seed(7)
+    router = moegrad.Router(5, e, k, **kw)
+    x = torch.randn(*(shape or (t,)), 5)
+    return router, router(x, mask=mask)
+
+
+def _hf_load_balancing(logits, k, e):
+    """transformers' load_balancing_loss_func without attention mask, written out."""
+    probs = torch.softmax(logits, -1)
+    _, selected = torch.topk(probs, k, -1)
+    mask = torch.nn.functional.one_hot(selected, e)  # [T, K, E]
+    tokens_per_expert = mask.float().mean(0)  # [K, E]
+    router_prob = probs.mean(0)  # [E]
+    return (tokens_per_expert * router_prob[None]).sum() * e
+
+
+def test_switch_equals_transformers_formula():
+    _, r = _routing()
+    torch.testing.assert_close(losses.switch_loss(r), _hf_load_balancing(r.logits, 2, 6))
+
+
+def test_switch_against_transformers_function_when_installed():
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    _, r = _routing(t=20, e=8, k=2)
+    ref = mixtral.load_balancing_loss_func((r.logits,), num_experts=8, top_k=2)
+    torch.testing.assert_close(losses.switch_loss(r), ref)
+
+
+def test_switch_is_k_at_perfect_balance():
+    router = moegrad.Router(4, 4, 1)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(4) * 50)
+    r = router(torch.eye(4))
+    torch.testing.assert_close(losses.switch_loss(r), torch.tensor(1.0), atol=1e-3, rtol=0)
+
+
+def test_switch_and_z_loss_exclude_padding():
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    _, r = _routing(shape=(2, 3), mask=mask)
+    keep = mask.reshape(-1)
+    torch.testing.assert_close(losses.switch_loss(r), _hf_load_balancing(r.logits[keep], 2, 6))
+    torch.testing.assert_close(losses.z_loss(r), torch.logsumexp(r.logits[keep], -1).square().mean())
+
+
+def test_z_loss_by_hand():
+    _, r = _routing()
+    by_hand = sum(torch.log(torch.exp(row).sum()) ** 2 for row in r.logits) / r.logits.shape[0]
+    torch.testing.assert_close(losses.z_loss(r), by_hand)
+
+
+def test_importance_load_by_hand():
+    router, r = _routing(estimator="noisy_topk", generator=torch.Generator().manual_seed(0))
+    gates = torch.zeros(12, 6)
+    for t in range(12):
+        for j in range(2):
+            gates[t, r.indices[t, j]] = r.weights[t, j]
+    imp = gates.sum(0)
+    load = r.load_probs.sum(0)
+
+    def cv2(v):
+        mean = v.mean()
+        return ((v - mean) ** 2).mean() / mean ** 2
+
+    torch.testing.assert_close(losses.importance_load_loss(r), cv2(imp) + cv2(load), rtol=1e-4, atol=1e-6)
+
+
+def test_importance_load_needs_noisy_topk():
+    _, r = _routing()
+    with pytest.raises(ValueError, match="noisy_topk"):
+        losses.importance_load_loss(r)
+    with pytest.raises(ValueError, match="importance_load loss needs estimator='noisy_topk'.*'topk'"):
+        moegrad.MoE(8, 8, 4, 2, losses={"importance_load": 1e-2})
+
+
+def test_seq_aux_by_hand_loop():
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False], [False] * 4])
+    _, r = _routing(shape=(3, 4), mask=mask, score="sigmoid", e=6, k=2)
+    s = r.scores.view(3, 4, 6)
+    idx = r.indices.view(3, 4, 2)
+    per_seq = []
+    for b in range(3):
+        real = [t for t in range(4) if mask[b, t]]
+        if not real:
+            continue
+        n = len(real)
+        total = 0.0
+        for i in range(6):
+            count = sum(int(i in idx[b, t].tolist()) for t in real)
+            f = 6 / (2 * n) * count
+            p = sum(s[b, t, i] / s[b, t].sum() for t in real) / n
+            total = total + f * p
+        per_seq.append(total)
+    torch.testing.assert_close(losses.seq_aux_loss(r), sum(per_seq) / len(per_seq))
+
+
+def test_every_loss_is_zero_without_real_tokens():
+    _, r = _routing(shape=(2, 3), mask=torch.zeros(2, 3, dtype=torch.bool))
+    for name in ("switch", "z_loss", "seq_aux"):
+        assert float(losses.LOSSES[name](r)) == 0.0
+
+
+def test_moe_aux_loss_is_weighted_sum_and_differentiable():
+    moe = moegrad.MoE(5, 8, 6, 2, losses={"switch": 0.5, "z_loss": 0.25, "seq_aux": 2.0})
+    out = moe(torch.randn(2, 6, 5))
+    expected = (0.5 * losses.switch_loss(out.routing) + 0.25 * losses.z_loss(out.routing)
+                + 2.0 * losses.seq_aux_loss(out.routing))
+    torch.testing.assert_close(out.aux_loss, expected)
+    assert set(out.losses) == {"switch", "z_loss", "seq_aux"}
+    out.aux_loss.backward()
+    assert moe.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_loss_configuration_errors():
+    with pytest.raises(ValueError, match="loss 'aux' is unknown.*importance_load.*seq_aux.*switch.*z_loss"):
+        moegrad.MoE(8, 8, 4, 2, losses={"aux": 1.0})
+    with pytest.raises(ValueError, match=r"losses\['switch'\]=-1.0"):
+        moegrad.MoE(8, 8, 4, 2, losses={"switch": -1.0})
+    with pytest.raises(TypeError, match="losses must be a dict"):
+        moegrad.MoE(8, 8, 4, 2, losses=["switch"])
+
+
+def test_bias_balancer_moves_bias_towards_balance_and_keeps_weights():
+    moe = moegrad.MoE(4, 8, 4, 1, selection_bias=True, losses={})
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[0] = 1.0  # expert 0 wins for x with positive sum
+    x = torch.rand(32, 4) + 0.1
+    balancer = moegrad.BiasBalancer(moe, gamma=0.5)
+    moe.train()
+    moe(x)
+    loads = balancer.step()
+    assert loads[0].tolist() == [32.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(moe.router.bias, torch.tensor([-0.5, 0.5, 0.5, 0.5]))
+    assert int(moe.router.load_counts.sum()) == 0
+    moe(x)
+    out = moe.router(x)
+    # the bias moved tokens off expert 0, weights are still the plain scores of the chosen expert
+    assert float((out.indices == 0).float().mean()) < 1.0
+    torch.testing.assert_close(out.weights[:, 0], out.scores.gather(1, out.indices)[:, 0])
+
+
+def test_bias_balancer_needs_a_biased_router():
+    with pytest.raises(ValueError, match="selection_bias=True"):
+        moegrad.BiasBalancer(moegrad.MoE(4, 8, 4, 1))
