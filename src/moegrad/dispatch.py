@@ -2,7 +2,15 @@
 
 Shapes: T tokens, K top-k, E experts, N = T*K pairs, M <= N kept pairs, D model dim.
 Pair p = t*K + j is token t's j-th choice. Pairs are ordered by expert with one stable sort,
-so the row order (and every result) is deterministic.
+so the row order (and every result) is deterministic; the backward passes sum a fixed number
+of rows per token in a fixed order (no scatter-add whose order depends on atomics).
+
+    gather:  rows[r] = x[tokens[r]]                      backward: dx[t] = sum_j drows[slot(t, j)]
+    combine: y[t] = sum_j w[t, j] * rows[slot(t, j)]     backward: drows[r] = w[pair r] * dy[token r],
+                                                                   dw[t, j] = <dy[t], rows[slot(t, j)]>
+
+slot(t, j) is the row of pair t*K + j in the expert-sorted buffer; dropped pairs (capacity
+mode) have no row and contribute zero.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from torch import Tensor
 class DispatchPlan:
     """pairs [M] kept pair ids sorted by expert; tokens [M] their token ids; experts [M] their
     expert ids; counts [E] kept rows per expert; routed [E] pairs the router assigned per expert
-    (before capacity); dropped: 0-d int64, pairs over capacity (routed.sum() - counts.sum())."""
+    (before capacity); dropped: 0-d int64, pairs over capacity (routed.sum() - counts.sum());
+    slots [N] the row of each pair in the sorted buffer, -1 for a dropped pair;
+    top_k: K."""
 
     pairs: Tensor
     tokens: Tensor
@@ -27,6 +37,12 @@ class DispatchPlan:
     counts: Tensor
     routed: Tensor
     dropped: Tensor
+    slots: Optional[Tensor] = None
+    top_k: int = 1
+
+    @property
+    def dropless(self) -> bool:
+        return self.pairs.shape[0] == self.slots.shape[0]
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -38,12 +54,27 @@ def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,
                   capacity: Optional[int] = None) -> DispatchPlan:
     """indices [T, K] int64, weights [T, K] -> :class:`DispatchPlan`.
 
-    With ``capacity``, each expert keeps its ``capacity`` pairs of highest weight (ties: the
-    earlier pair) and the rest are dropped and counted.
+    Dropless: one stable argsort of the N expert ids. With ``capacity``, each expert keeps its
+    ``capacity`` pairs of highest weight (ties: the earlier pair) and the rest are dropped and
+    counted (a second stable sort, by weight, comes first).
     """
+    if indices.dim() != 2 or indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"indices must be an int64 tensor [T, K], got {indices.dtype} of shape "
+                         f"{tuple(indices.shape)}")
+    if weights.shape != indices.shape:
+        raise ValueError(f"weights must match indices' shape {tuple(indices.shape)}, got "
+                         f"{tuple(weights.shape)}")
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                 or capacity < 0):
+        raise ValueError(f"capacity={capacity!r} must be None (dropless) or an int >= 0")
     top_k = indices.shape[1]
-    flat = indices.reshape(-1)
+    flat = indices.reshape(-1).long()
+    n = flat.numel()
+    if n and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+        raise ValueError(f"indices must lie in 0..{num_experts - 1} (num_experts={num_experts}), "
+                         f"got values in {int(flat.min())}..{int(flat.max())}")
     routed = torch.bincount(flat, minlength=num_experts)
+    arange = torch.arange(n, device=flat.device)
     if capacity is None:
         pairs = torch.argsort(flat, stable=True)
         counts = routed
@@ -51,22 +82,118 @@ def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,
         by_weight = torch.argsort(weights.detach().reshape(-1), descending=True, stable=True)
         pairs = by_weight[torch.argsort(flat[by_weight], stable=True)]
         starts = torch.cumsum(routed, 0) - routed
-        rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[pairs]]
-        pairs = pairs[rank < capacity]
+        rank = arange - starts[flat[pairs]]
+        kept = rank < capacity
         counts = routed.clamp(max=capacity)
+        # restore pair order inside each expert (the rows of a token stay in slot order)
+        pairs = pairs[kept]
+        pairs = pairs[torch.argsort(flat[pairs] * n + pairs)]
+    slots = torch.full((n,), -1, dtype=torch.int64, device=flat.device)
+    slots[pairs] = arange[: pairs.shape[0]]
     dropped = routed.sum() - counts.sum()
     return DispatchPlan(pairs, torch.div(pairs, top_k, rounding_mode="floor"), flat[pairs], counts,
-                        routed, dropped)
+                        routed, dropped, slots, top_k)
+
+
+def _plan_slots(plan: DispatchPlan) -> Tensor:
+    if plan.slots is None:  # a plan built by hand: derive the inverse permutation
+        raise ValueError("the DispatchPlan has no slots; build it with plan_dispatch()")
+    return plan.slots
+
+
+class _Gather(torch.autograd.Function):
+    """rows = x[tokens]; backward sums each token's K row gradients (fixed order)."""
+
+    @staticmethod
+    def forward(x, tokens, slots, num_tokens, top_k):
+        return x.index_select(0, tokens)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, tokens, slots, num_tokens, top_k = inputs
+        ctx.save_for_backward(slots)
+        ctx.num_tokens, ctx.top_k = num_tokens, top_k
+        ctx.dropless = tokens.shape[0] == slots.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (slots,) = ctx.saved_tensors
+        t, k = ctx.num_tokens, ctx.top_k
+        if ctx.dropless:
+            per_pair = grad_rows.index_select(0, slots)  # [N, D] in pair order
+        else:  # dropped pairs read a zero row appended at the end
+            padded = torch.cat([grad_rows, grad_rows.new_zeros(1, grad_rows.shape[1])])
+            per_pair = padded.index_select(0, torch.where(slots < 0, grad_rows.shape[0], slots))
+        grad_x = per_pair.view(t, k, grad_rows.shape[1]).sum(1) if k > 1 else per_pair
+        return grad_x, None, None, None, None
+
+
+def gather_rows(x: Tensor, plan: DispatchPlan) -> Tensor:
+    """x [T, D] -> rows [M, D] in expert order (rows[r] = x[plan.tokens[r]]).
+
+    The backward is a deterministic gather-and-sum over each token's K slots, never a dense
+    zero tensor per expert nor an atomics-ordered scatter.
+    """
+    num_tokens = plan.slots.shape[0] // plan.top_k if plan.slots is not None else x.shape[0]
+    return _Gather.apply(x, plan.tokens, _plan_slots(plan), num_tokens, plan.top_k)
+
+
+class _Combine(torch.autograd.Function):
+    """y[t] = sum_j w[t, j] rows[slot(t, j)]; saves the gathered [T, K, D] rows (same size as
+    rows) only when the weights need a gradient."""
+
+    @staticmethod
+    def forward(rows, weights, tokens, slots, pairs):
+        t, k = weights.shape
+        w = weights.to(rows.dtype)
+        if rows.shape[0] == 0:
+            return rows.new_zeros(t, rows.shape[1]), rows.new_zeros(t, k, rows.shape[1])
+        if pairs.shape[0] != slots.shape[0]:  # dropped pairs: weight 0 on (any) row 0
+            w = w * (slots >= 0).view(t, k).to(w.dtype)
+            slots = slots.clamp(min=0)
+        gathered = rows.index_select(0, slots).view(t, k, -1)  # [T, K, D]
+        y = torch.bmm(w.unsqueeze(1), gathered).squeeze(1) if k > 1 else gathered[:, 0] * w
+        return y, gathered
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        rows, weights, tokens, slots, pairs = inputs
+        _, gathered = output
+        ctx.mark_non_differentiable(gathered)
+        ctx.need_w = weights.requires_grad
+        ctx.w_dtype = weights.dtype
+        ctx.save_for_backward(weights, tokens, slots, pairs, gathered if ctx.need_w else None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _unused):
+        weights, tokens, slots, pairs, gathered = ctx.saved_tensors
+        grad_rows = grad_w = None
+        g = grad_y.contiguous()
+        if ctx.needs_input_grad[0]:
+            w_sorted = weights.reshape(-1).index_select(0, pairs).to(g.dtype)  # [M]
+            grad_rows = g.index_select(0, tokens).mul_(w_sorted[:, None])
+        if ctx.needs_input_grad[1]:
+            if gathered.numel() == 0:
+                grad_w = torch.zeros_like(weights)
+            else:
+                grad_w = torch.bmm(gathered, g.unsqueeze(2)).squeeze(2)  # [T, K]
+                if pairs.shape[0] != slots.shape[0]:
+                    grad_w = grad_w * (slots >= 0).view_as(grad_w).to(grad_w.dtype)
+                grad_w = grad_w.to(ctx.w_dtype)
+        return grad_rows, grad_w, None, None, None
 
 
 def combine_rows(rows: Tensor, weights: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
     """y[t] = sum_j w[t, j] * out[t, j]: rows [M, D] expert outputs, weights [T, K] -> [T, D].
 
-    Dropped pairs contribute zero. The weighted rows are placed back at their pair slots and
-    summed over K (no atomics), so the result is deterministic.
+    Dropped pairs contribute zero (and get zero weight gradient). Each token reads its K rows
+    and sums them in slot order (no atomics), so the result is deterministic. The weights are
+    cast to the rows' dtype for the sum; their gradient comes back in their own dtype.
     """
-    top_k = weights.shape[1]
-    w = weights.reshape(-1)[plan.pairs].to(rows.dtype)
-    slots = rows.new_zeros(num_tokens * top_k, rows.shape[1])
-    slots = slots.index_copy(0, plan.pairs, rows * w[:, None])
-    return slots.view(num_tokens, top_k, rows.shape[1]).sum(1)
+    if weights.shape[0] != num_tokens:
+        raise ValueError(f"weights must be [T={num_tokens}, K], got shape {tuple(weights.shape)}")
+    if rows.shape[0] != plan.pairs.shape[0]:
+        raise ValueError(f"rows must have the plan's M={plan.pairs.shape[0]} rows, got {rows.shape[0]}")
+    y, _ = _Combine.apply(rows, weights, plan.tokens, _plan_slots(plan), plan.pairs)
+    return y

@@ -1,15 +1,30 @@
 """Stacked expert weights and the grouped expert computation.
 
-Shapes: N routed rows (sorted by expert), D model dim, H hidden dim, E experts.
-Weights: w1 [E, H, D], w3 [E, H, D] (SwiGLU only), w2 [E, D, H].
+Shapes: N routed rows (sorted by expert), D model dim, H hidden dim, E experts,
+C the largest group (padded ``bmm`` layout), R rows of a backend's layout (N, or E*C padded).
+Weights: w1 [E, H, D] (the activated projection, HF "gate"), w3 [E, H, D] (SwiGLU only,
+HF "up"), w2 [E, D, H] (HF "down").
 
     swiglu: E_i(x) = w2_i (silu(w1_i x) * (w3_i x))
     gelu:   E_i(x) = w2_i gelu(w1_i x)
+
+:func:`grouped_mlp` runs expert e on its ``counts[e]`` consecutive rows with a hand-written
+backward (one autograd node for the whole MLP; saves only the rows and the two pre-activations
+h1 = w1 x, h3 = w3 x and recomputes the activation in backward). The matrix products go through
+one of the backends in :data:`IMPLS`:
+
+* ``loop``: one ``torch.mm`` per non-empty expert on row slices (no copies, no padding);
+* ``grouped_mm``: ``torch.nn.functional.grouped_mm`` with int32 offsets (fp32/bf16/fp16 only;
+  every row stride, including the weights', must be a multiple of 16 bytes);
+* ``bmm``: the groups padded to the largest one, C rows each, and one ``torch.bmm`` per product
+  (wins for many small, balanced groups; pays E*C - N padded rows);
+* ``auto``: :func:`choose_impl`, a rule measured on this package's CPU benchmark (see there).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,16 +33,294 @@ from torch import Tensor, nn
 from moegrad._checks import check_choice, check_int
 
 ACTIVATIONS = ("gelu", "swiglu")
-#: grouped-compute backends; "auto" picks one by a measured rule
-IMPLS = ("auto", "loop")
+#: grouped-compute backends; "auto" picks one by a measured rule (:func:`choose_impl`)
+IMPLS = ("auto", "bmm", "grouped_mm", "loop")
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# ----------------------------------------------------------------------------- backend rule
+def grouped_mm_applicable(rows: Tensor, *weights: Tensor) -> Optional[str]:
+    """None when ``F.grouped_mm`` can run these operands, else the reason why not."""
+    if not hasattr(F, "grouped_mm"):
+        return "torch.nn.functional.grouped_mm is not available in this torch"
+    if rows.dtype not in _GROUPED_MM_DTYPES:
+        return f"grouped_mm supports {[str(d) for d in _GROUPED_MM_DTYPES]}, got {rows.dtype}"
+    size = rows.element_size()
+    for t in (rows,) + weights:
+        if t is None:
+            continue
+        bad = [s for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1 and (s * size) % 16]
+        if bad or t.storage_offset() * size % 16:
+            return (f"grouped_mm needs row strides and offsets that are multiples of 16 bytes; "
+                    f"a tensor of shape {tuple(t.shape)} has strides {t.stride()}")
+    dim, hidden = weights[0].shape[2], weights[0].shape[1]
+    if (dim * size) % 16 or (hidden * size) % 16:
+        return f"grouped_mm needs D*{size} and H*{size} bytes to be multiples of 16 (D={dim}, H={hidden})"
+    return None
+
+
+def choose_impl(num_rows: int, num_experts: int, max_count: int, dtype: torch.dtype,
+                grouped_mm_ok: bool) -> str:
+    """The ``auto`` rule, from interleaved fwd+bwd timings in ``moegrad bench`` (torch 2.13 CPU,
+    fp32, on a 2-core machine shared with other jobs; ``benchmarks/README.md`` has both runs):
+
+    * 1 thread, E=8/64/128 with 1024/256/64 rows per expert: ``grouped_mm`` 1.28/1.50/1.65x
+      the dense ideal, ``loop`` 1.24/1.36/1.68x, padded ``bmm`` 1.51/2.20/2.23x: padding
+      (E*C/N = 1.07/1.15/1.5 for a random router) costs more than the calls it saves;
+    * 2 threads on the loaded machine, E=64/128: ``bmm`` 1.6-1.9x, ``grouped_mm`` 2.2-6x,
+      ``loop`` 6-12x: each small multi-threaded GEMM pays a thread barrier, which a
+      descheduled thread turns into milliseconds; ``bmm`` makes 9 calls per step.
+
+    * profile of E=8 (1 thread): ``aten::mm`` takes 0.95 s/step through ``loop`` and 1.04 s
+      through ``grouped_mm``'s CPU kernel for the same products.
+
+    So: no padding unless the groups are tiny (mean N/E <= 32 rows, where per-call overhead
+    dominates a GEMM of ~32 rows) and padding at most doubles the work (E*C <= 2N), then
+    ``bmm``; ``loop`` for large groups (mean >= 256 rows); ``grouped_mm`` in between where it
+    applies (one call instead of E Python-level calls), else ``loop``.
+    """
+    if num_rows == 0:
+        return "loop"
+    mean = num_rows / num_experts
+    if num_experts > 1 and mean <= 32 and num_experts * max_count <= 2 * num_rows:
+        return "bmm"
+    if mean >= 256:
+        return "loop"
+    return "grouped_mm" if grouped_mm_ok else "loop"
+
+
+# ----------------------------------------------------------------------------- backends
+class _Loop:
+    """Row-slice products, one ``torch.mm`` per non-empty expert."""
+
+    def __init__(self, counts: Tensor, num_rows: int) -> None:
+        sizes = counts.tolist()
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        self.groups = [(e, starts[e], starts[e + 1]) for e, n in enumerate(sizes) if n]
+        self.num_experts = len(sizes)
+        self.rows = num_rows
+
+    def enter(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def exit(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def linear(self, x: Tensor, w: Tensor) -> Tensor:
+        """x [R, in], w [E, out, in] -> [R, out]: x_e w_e^T."""
+        out = x.new_empty(x.shape[0], w.shape[1])
+        for e, a, b in self.groups:
+            torch.mm(x[a:b], w[e].t(), out=out[a:b])
+        return out
+
+    def matmul(self, dy: Tensor, w: Tensor) -> Tensor:
+        """dy [R, out], w [E, out, in] -> [R, in]: dy_e w_e."""
+        out = dy.new_empty(dy.shape[0], w.shape[2])
+        for e, a, b in self.groups:
+            torch.mm(dy[a:b], w[e], out=out[a:b])
+        return out
+
+    def wgrad(self, dy: Tensor, x: Tensor) -> Tensor:
+        """dy [R, out], x [R, in] -> [E, out, in]: dy_e^T x_e (zeros for empty experts)."""
+        if len(self.groups) < self.num_experts:
+            out = dy.new_zeros(self.num_experts, dy.shape[1], x.shape[1])
+        else:
+            out = dy.new_empty(self.num_experts, dy.shape[1], x.shape[1])
+        for e, a, b in self.groups:
+            torch.mm(dy[a:b].t(), x[a:b], out=out[e])
+        return out
+
+
+class _GroupedMM(_Loop):
+    """``F.grouped_mm`` with int32 end offsets."""
+
+    def __init__(self, counts: Tensor, num_rows: int) -> None:
+        self.offs = torch.cumsum(counts, 0).to(torch.int32)
+        self.rows = num_rows
+
+    def linear(self, x, w):
+        return F.grouped_mm(x, w.transpose(-2, -1), offs=self.offs)
+
+    def matmul(self, dy, w):
+        return F.grouped_mm(dy, w, offs=self.offs)
+
+    def wgrad(self, dy, x):
+        return F.grouped_mm(dy.t(), x, offs=self.offs)
+
+
+class _Padded(_Loop):
+    """Groups padded to C rows: row i of expert e sits at e*C + i of an [E*C, .] buffer whose
+    padding rows are zero (they stay zero through the bias-free MLP and add nothing to dW)."""
+
+    def __init__(self, counts: Tensor, num_rows: int) -> None:
+        self.num_experts = counts.shape[0]
+        self.rows = num_rows
+        self.cap = int(counts.max()) if num_rows else 0
+        experts = torch.repeat_interleave(torch.arange(self.num_experts, device=counts.device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(num_rows, device=counts.device) - starts[experts]
+        self.pos = experts * self.cap + rank  # [N] padded position of each row
+
+    def enter(self, rows):
+        out = rows.new_zeros(self.num_experts * self.cap, rows.shape[1])
+        return out.index_copy_(0, self.pos, rows)
+
+    def exit(self, rows):
+        return rows.index_select(0, self.pos)
+
+    def linear(self, x, w):
+        e, c = self.num_experts, self.cap
+        return torch.bmm(x.view(e, c, x.shape[1]), w.transpose(1, 2)).view(e * c, w.shape[1])
+
+    def matmul(self, dy, w):
+        e, c = self.num_experts, self.cap
+        return torch.bmm(dy.view(e, c, dy.shape[1]), w).view(e * c, w.shape[2])
+
+    def wgrad(self, dy, x):
+        e, c = self.num_experts, self.cap
+        return torch.bmm(dy.view(e, c, dy.shape[1]).transpose(1, 2), x.view(e, c, x.shape[1]))
+
+
+_BACKENDS = {"loop": _Loop, "grouped_mm": _GroupedMM, "bmm": _Padded}
+
+
+# ----------------------------------------------------------------------------- the MLP
+def _activate(h1: Tensor, h3: Optional[Tensor]) -> Tensor:
+    return F.silu(h1) * h3 if h3 is not None else F.gelu(h1)
+
+
+class _GroupedMLP(torch.autograd.Function):
+    """out = w2 act(w1 x, w3 x) per group; saves x, h1, h3 and recomputes act in backward."""
+
+    @staticmethod
+    def forward(rows, counts, impl, w1, w2, w3):
+        ops = _BACKENDS[impl](counts, rows.shape[0])
+        x = ops.enter(rows)
+        h1 = ops.linear(x, w1)
+        h3 = ops.linear(x, w3) if w3 is not None else None
+        return ops.exit(ops.linear(_activate(h1, h3), w2)), h1, h3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        rows, counts, impl, w1, w2, w3 = inputs
+        _, h1, h3 = output
+        ctx.impl = impl
+        ctx.has_w3 = w3 is not None
+        ctx.save_for_backward(rows, counts, w1, w2, w3, h1, h3)
+        ctx.mark_non_differentiable(h1, *((h3,) if h3 is not None else ()))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _g1, _g3):
+        rows, counts, w1, w2, w3, h1, h3 = ctx.saved_tensors
+        need_x, _, _, need_w1, need_w2, need_w3 = ctx.needs_input_grad
+        ops = _BACKENDS[ctx.impl](counts, rows.shape[0])
+        g = ops.enter(grad_out.contiguous())  # grouped_mm's products need a dense gradient
+        x = ops.enter(rows)
+        s = F.silu(h1) if h3 is not None else None  # computed once, for act and dh3
+        act = s * h3 if s is not None else F.gelu(h1)
+        dw2 = ops.wgrad(g, act) if need_w2 else None
+        del act
+        da = ops.matmul(g, w2)  # [R, H]
+        if h3 is not None:
+            dh3 = da * s
+            del s
+            dh1 = torch.ops.aten.silu_backward(da.mul_(h3), h1)
+        else:
+            dh3 = None
+            dh1 = torch.ops.aten.gelu_backward(da, h1)
+        del da
+        dw1 = ops.wgrad(dh1, x) if need_w1 else None
+        dw3 = ops.wgrad(dh3, x) if need_w3 else None
+        dx = None
+        if need_x:
+            dx = ops.matmul(dh1, w1)
+            if dh3 is not None:
+                dx += ops.matmul(dh3, w3)
+            dx = ops.exit(dx)
+        return dx, None, None, dw1, dw2, dw3
+
+
+def _check_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor],
+               activation: str, impl: str) -> None:
+    check_choice("activation", activation, ACTIVATIONS)
+    check_choice("impl", impl, IMPLS)
+    for name, t in (("rows", rows), ("counts", counts), ("w1", w1), ("w2", w2)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if w1.dim() != 3:
+        raise ValueError(f"w1 must be [E, H, D], got shape {tuple(w1.shape)}")
+    e, h, d = w1.shape
+    if rows.dim() != 2 or rows.shape[1] != d:
+        raise ValueError(f"rows must be [N, D={d}] (D from w1 [E, H, D]), got shape {tuple(rows.shape)}")
+    if counts.shape != (e,) or counts.dtype in (torch.float16, torch.bfloat16, torch.float32,
+                                                  torch.float64, torch.bool):
+        raise ValueError(f"counts must be an integer tensor of shape [E={e}], got "
+                         f"{counts.dtype} of shape {tuple(counts.shape)}")
+    if tuple(w2.shape) != (e, d, h):
+        raise ValueError(f"w2 must be [E, D, H] = {(e, d, h)}, got shape {tuple(w2.shape)}")
+    if activation == "swiglu":
+        if w3 is None:
+            raise ValueError("activation='swiglu' needs w3 [E, H, D] (the HF 'up' projection); "
+                             "pass w3 or use activation='gelu'")
+        if tuple(w3.shape) != (e, h, d):
+            raise ValueError(f"w3 must be [E, H, D] = {(e, h, d)}, got shape {tuple(w3.shape)}")
+    elif w3 is not None:
+        raise ValueError("activation='gelu' takes no w3; pass w3=None or use activation='swiglu'")
+    for name, t in (("w1", w1), ("w2", w2), ("w3", w3)):
+        if t is not None and t.dtype != rows.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but rows have {rows.dtype}; they must match")
+    total = int(counts.sum())
+    if total != rows.shape[0] or bool((counts < 0).any()):
+        raise ValueError(f"counts must be >= 0 and sum to the N={rows.shape[0]} rows, got "
+                         f"{counts.tolist() if e <= 16 else f'a sum of {total}'}")
+
+
+def grouped_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor] = None,
+                activation: str = "swiglu", impl: str = "auto") -> Tensor:
+    """Expert e's MLP on its ``counts[e]`` consecutive rows: rows [N, D] -> [N, D].
+
+    w1 [E, H, D] (activated projection, HF "gate"), w3 [E, H, D] or None (HF "up"), w2 [E, D, H]
+    (HF "down"); views (e.g. slices of a fused gate_up [E, 2H, D]) are accepted as they are.
+    ``activation``: "swiglu" (w2 (silu(w1 x) * w3 x), needs w3) or "gelu" (w2 gelu(w1 x)).
+    ``impl``: one of :data:`IMPLS`; "grouped_mm" raises ValueError where it cannot run
+    (dtype, 16-byte strides), "auto" falls back. Differentiable in rows and all weights
+    (first order); deterministic.
+    """
+    _check_mlp(rows, counts, w1, w2, w3, activation, impl)
+    why_not = grouped_mm_applicable(rows, w1, w2, w3) if impl in ("auto", "grouped_mm") else None
+    if impl == "grouped_mm" and why_not is not None:
+        raise ValueError(f"impl='grouped_mm' cannot run here: {why_not}; use impl='auto', 'loop' or 'bmm'")
+    if impl == "auto":
+        max_count = int(counts.max()) if rows.shape[0] else 0
+        impl = choose_impl(rows.shape[0], w1.shape[0], max_count, rows.dtype, why_not is None)
+    if impl == "grouped_mm":
+        # grouped_mm reads the weights through their strides; give it dense operands if needed
+        w1, w2 = _aligned(w1, rows), _aligned(w2, rows)
+        w3 = _aligned(w3, rows) if w3 is not None else None
+    return _apply_mlp(rows.contiguous(), counts, impl, w1, w2, w3)
+
+
+@torch.compiler.disable
+def _apply_mlp(rows, counts, impl, w1, w2, w3):
+    """Runs eagerly under torch.compile: the groups are data-dependent, and grouped_mm's fake
+    (meta) kernel accepts only bf16 in torch 2.13, so Dynamo cannot trace the fp32 CPU path."""
+    out, _, _ = _GroupedMLP.apply(rows, counts, impl, w1, w2, w3)
+    return out
+
+
+def _aligned(w: Tensor, rows: Tensor) -> Tensor:
+    return w if grouped_mm_applicable(rows, w) is None else w.contiguous()
+
+
+# ----------------------------------------------------------------------------- the module
 class Experts(nn.Module):
     """E feed-forward experts with stacked weights.
 
     ``forward(rows [N, D], counts [E]) -> [N, D]`` runs expert e on its ``counts[e]``
-    consecutive rows. The per-expert weight views are taken once with ``unbind(0)``, so backward
-    accumulates one stacked gradient instead of a full-size zero tensor per expert.
+    consecutive rows through :func:`grouped_mlp` with this module's ``impl``.
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, activation: str = "swiglu",
@@ -59,22 +352,9 @@ class Experts(nn.Module):
         """(w1, w3, w2) for SwiGLU, (w1, w2) for GELU."""
         return (self.w1, self.w3, self.w2) if self.w3 is not None else (self.w1, self.w2)
 
-    def _hidden(self, up: Tensor, gate_up: Tensor | None) -> Tensor:
-        return F.silu(up) * gate_up if gate_up is not None else F.gelu(up)
-
     def forward(self, rows: Tensor, counts: Tensor) -> Tensor:
         """rows [N, D] grouped by expert, counts [E] int -> [N, D] expert outputs."""
-        if rows.shape[0] == 0:
-            return rows.new_zeros(0, self.dim)
-        w1s, w2s = self.w1.unbind(0), self.w2.unbind(0)
-        w3s = self.w3.unbind(0) if self.w3 is not None else [None] * self.num_experts
-        outs = []
-        for e, chunk in enumerate(rows.split(counts.tolist())):
-            if chunk.shape[0] == 0:
-                continue
-            gate_up = F.linear(chunk, w3s[e]) if w3s[e] is not None else None
-            outs.append(F.linear(self._hidden(F.linear(chunk, w1s[e]), gate_up), w2s[e]))
-        return torch.cat(outs)
+        return grouped_mlp(rows, counts, self.w1, self.w2, self.w3, self.activation, self.impl)
 
     def every_expert(self, x: Tensor, *weights: Tensor) -> Tensor:
         """All experts on all tokens: x [t, D] -> [t, E, D] (used by the ``dense`` estimator).
@@ -84,4 +364,4 @@ class Experts(nn.Module):
         w1, w2 = weights[0], weights[-1]
         up = torch.einsum("td,ehd->teh", x, w1)
         gate_up = torch.einsum("td,ehd->teh", x, weights[1]) if len(weights) == 3 else None
-        return torch.einsum("teh,edh->ted", self._hidden(up, gate_up), w2)
+        return torch.einsum("teh,edh->ted", _activate(up, gate_up), w2)

@@ -1,0 +1,340 @@
+"""Benchmark moegrad.MoE against the dense ideal and Hugging Face's Mixtral block.
+
+For each config (d, f, E, k, T) it times, interleaved over ``--repeats`` rounds (medians):
+
+* ``dense_ideal``: one SwiGLU MLP of the same size (d -> f -> d) on k*T rows, i.e. exactly the
+  useful expert FLOPs with no routing: the yardstick every ratio is taken against, same run;
+* ``moegrad/<impl>``: ``moegrad.MoE`` (topk estimator, no balance loss) for each ``--impls``;
+* ``hf/eager``, ``hf/grouped_mm``: transformers' ``MixtralSparseMoeBlock`` built from a tiny
+  random ``MixtralConfig`` with ``experts_implementation`` set (when transformers imports);
+* ``moegrad/compiled``: ``torch.compile`` of the ``auto`` layer (unless ``--no-compile``);
+* ``estimator/<name>``: the ``auto`` layer with each ``--estimators`` (overhead vs ``topk``);
+* ``router``: the router alone (gate, softmax, top-k, weights), its share of the layer time.
+
+Per case: forward+backward ms, forward-only ms (under no_grad), tokens/s (T / fwd+bwd time)
+and ``saved_mb``: the distinct tensor memory autograd keeps between forward and backward
+(parameters excluded), measured with saved-tensor hooks. CPU torch exposes no allocator peak,
+so this activation memory is what is compared across implementations.
+
+Example:
+    moegrad bench --quick --json bench.json
+    moegrad bench --configs 512,1024,8,2,4096 --impls auto,loop --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CONFIGS = ((512, 1024, 8, 2, 4096), (512, 512, 64, 8, 2048), (256, 256, 128, 8, 1024))
+QUICK_CONFIGS = ((256, 512, 8, 2, 1024), (128, 128, 64, 8, 512))
+DEFAULT_IMPLS = ("auto", "loop", "grouped_mm", "bmm")
+DEFAULT_ESTIMATORS = ("topk", "dense", "default_moe", "straight_through")
+
+
+@dataclass
+class Case:
+    """A timed case: ``step(backward)`` runs one forward (and backward) pass with fresh grads;
+    ``forward()`` returns the differentiable output (for :func:`saved_bytes`); ``params`` are
+    the tensors not counted as saved activations."""
+
+    name: str
+    kind: str
+    step: Callable[[bool], None]
+    forward: Callable[[], torch.Tensor]
+    params: tuple
+
+
+# ----------------------------------------------------------------------------- arguments
+def _config(text: str) -> tuple:
+    parts = text.split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 5 or min(values) < 1 or values[3] > values[2]:
+        raise argparse.ArgumentTypeError(
+            f"config {text!r} must be five positive ints d,f,E,k,T with k <= E, e.g. 512,1024,8,2,4096")
+    return values
+
+
+def _names(allowed: Optional[tuple]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        names = [n for n in text.split(",") if n]
+        bad = [n for n in names if allowed is not None and n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose a comma-separated subset of {list(allowed)}")
+        return names
+    return parse
+
+
+#: --backend name -> runner(config, args, progress) -> list of result dicts
+RUNNERS: dict = {}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moegrad import estimators
+    from moegrad.experts import IMPLS
+    parser.add_argument("--configs", type=_config, nargs="+", metavar="d,f,E,k,T", default=None,
+                        help="model dim, expert hidden dim, experts, top-k, tokens "
+                             f"(default: {' '.join(','.join(map(str, c)) for c in DEFAULT_CONFIGS)})")
+    parser.add_argument("--impls", type=_names(IMPLS), default=list(DEFAULT_IMPLS),
+                        help=f"moegrad expert backends to time (default: {','.join(DEFAULT_IMPLS)})")
+    parser.add_argument("--estimators", type=_names(tuple(estimators.available())),
+                        default=list(DEFAULT_ESTIMATORS),
+                        help="estimators for the overhead table, timed with impl=auto "
+                             f"(default: {','.join(DEFAULT_ESTIMATORS)}; topk is always added)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians reported (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small configs, 3 rounds, no torch.compile: a smoke run of a minute")
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Mixtral block")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile case")
+    parser.add_argument("--no-forward", action="store_true", help="skip the forward-only timings")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--backend", choices=sorted(RUNNERS), default="torch",
+                        help="where the layers run; only 'torch' (this process) is implemented")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON ('-' = stdout)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+# ----------------------------------------------------------------------------- measuring
+def saved_bytes(step: Callable[[], torch.Tensor], exclude: set) -> int:
+    """Distinct storage bytes autograd saves for backward during ``step()`` (the forward),
+    ignoring storages whose data pointer is in ``exclude`` (the parameters)."""
+    seen: dict = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step()
+    del out
+    return sum(seen.values())
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+# ----------------------------------------------------------------------------- cases
+def _dense_ideal(d, f, k, t, dtype, gen) -> Case:
+    """One SwiGLU MLP (three bias-free linears) on k*T rows."""
+    w1 = (torch.randn(f, d, generator=gen, dtype=dtype) / d ** 0.5).requires_grad_()
+    w3 = (torch.randn(f, d, generator=gen, dtype=dtype) / d ** 0.5).requires_grad_()
+    w2 = (torch.randn(d, f, generator=gen, dtype=dtype) / f ** 0.5).requires_grad_()
+    x = torch.randn(k * t, d, generator=gen, dtype=dtype).requires_grad_()
+    g = torch.randn(k * t, d, generator=gen, dtype=dtype)
+
+    def forward():
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+    def step(backward: bool):
+        for p in (x, w1, w2, w3):
+            p.grad = None
+        if backward:
+            forward().backward(g)
+        else:
+            with torch.no_grad():
+                forward()
+
+    return Case("dense_ideal", "dense", step, forward, (w1, w2, w3))
+
+
+def _layer_case(name, kind, module, x, g, unpack) -> Case:
+    params = tuple(module.parameters())
+
+    def forward():
+        return unpack(module(x))
+
+    def step(backward: bool):
+        for p in params:
+            p.grad = None
+        x.grad = None
+        if backward:
+            forward().backward(g)
+        else:
+            with torch.no_grad():
+                forward()
+
+    return Case(name, kind, step, forward, params)
+
+
+def _hf_block(d, f, e, k, impl, dtype, gen):
+    """A random MixtralSparseMoeBlock (no download), or None without transformers."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except Exception:  # pragma: no cover - transformers missing or broken
+        return None
+    # transformers reads config._experts_implementation at every experts call
+    config = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=e,
+                           num_experts_per_tok=k, experts_implementation=impl)
+    block = MixtralSparseMoeBlock(config).to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * config.initializer_range)
+    return block
+
+
+def build_cases(config: tuple, args) -> list:
+    """The cases for one config, in the order they are interleaved."""
+    import moegrad
+    d, f, e, k, t = config
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(t, d, generator=gen, dtype=dtype).requires_grad_()
+    g = torch.randn(t, d, generator=gen, dtype=dtype)
+    y_of = lambda out: out.y  # noqa: E731
+    cases = [_dense_ideal(d, f, k, t, dtype, gen)]
+
+    def layer(impl="auto", estimator="topk"):
+        torch.manual_seed(args.seed)
+        return moegrad.MoE(d, f, e, k, impl=impl, estimator=estimator, losses={}).to(dtype)
+
+    for impl in args.impls:
+        cases.append(_layer_case(f"moegrad/{impl}", "moegrad", layer(impl), x, g, y_of))
+    if not args.no_hf:
+        for impl in ("eager", "grouped_mm"):
+            block = _hf_block(d, f, e, k, impl, dtype, gen)
+            if block is not None:
+                x3, g3 = x.detach().view(1, t, d).requires_grad_(), g.view(1, t, d)
+                cases.append(_layer_case(f"hf/{impl}", "hf", block, x3, g3, lambda out: out))
+    if not args.no_compile:
+        compiled = torch.compile(layer("auto"))
+        cases.append(_layer_case("moegrad/compiled", "compiled", compiled, x, g, y_of))
+    estimators = ["topk"] + [n for n in args.estimators if n != "topk"]
+    for name in estimators:
+        cases.append(_layer_case(f"estimator/{name}", "estimator", layer("auto", name), x, g, y_of))
+    router = layer("auto").router
+    cases.append(_layer_case("router", "router", router, x, torch.randn(t, k, generator=gen),
+                             lambda r: r.weights))
+    return cases
+
+
+def run_torch(config: tuple, args, progress) -> list:
+    """The in-process PyTorch runner: every case, interleaved rounds, medians."""
+    cases = build_cases(config, args)
+    modes = [True] if args.no_forward else [True, False]
+    times = {(c.name, m): [] for c in cases for m in modes}
+    for round_ in range(args.warmup + args.repeats):
+        for case in cases:
+            for backward in modes:
+                ms = _timed(lambda: case.step(backward))
+                if round_ >= args.warmup:
+                    times[(case.name, backward)].append(ms)
+            progress.update(1)
+    rows = []
+    for case in cases:
+        exclude = {p.untyped_storage().data_ptr() for p in case.params}
+        fb = times[(case.name, True)]
+        fo = times.get((case.name, False), [])
+        rows.append({
+            "name": case.name, "kind": case.kind,
+            "fwd_bwd_ms": statistics.median(fb), "fwd_ms": statistics.median(fo) if fo else None,
+            "fwd_bwd_ms_all": fb, "fwd_ms_all": fo,
+            "tokens_per_s": config[4] / (statistics.median(fb) / 1e3),
+            "saved_mb": saved_bytes(case.forward, exclude) / 2 ** 20,
+        })
+    return rows
+
+
+RUNNERS["torch"] = run_torch
+
+
+def summarize(config: tuple, rows: list) -> dict:
+    """Ratios to the dense ideal (same run), estimator overhead vs topk, router share."""
+    by_name = {r["name"]: r for r in rows}
+    dense = by_name["dense_ideal"]
+    for r in rows:
+        r["ratio_fwd_bwd"] = r["fwd_bwd_ms"] / dense["fwd_bwd_ms"]
+        r["ratio_fwd"] = (r["fwd_ms"] / dense["fwd_ms"]) if r["fwd_ms"] and dense["fwd_ms"] else None
+    out = {"config": dict(zip(("d", "f", "E", "k", "T"), config)), "results": rows}
+    topk = by_name.get("estimator/topk")
+    if topk is not None:
+        out["estimator_overhead"] = {r["name"].split("/", 1)[1]: r["fwd_bwd_ms"] / topk["fwd_bwd_ms"]
+                                     for r in rows if r["kind"] == "estimator"}
+        if "router" in by_name:
+            out["router_share"] = by_name["router"]["fwd_bwd_ms"] / topk["fwd_bwd_ms"]
+    hf = by_name.get("hf/grouped_mm")
+    ours = by_name.get("moegrad/auto")
+    if hf is not None and ours is not None:
+        out["speedup_vs_hf_grouped_mm"] = hf["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+        out["saved_mb_vs_hf_grouped_mm"] = ours["saved_mb"] / hf["saved_mb"] if hf["saved_mb"] else None
+    if "moegrad/compiled" in by_name and ours is not None:
+        out["compiled_vs_eager"] = by_name["moegrad/compiled"]["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+    return out
+
+
+def format_table(summary: dict) -> str:
+    c = summary["config"]
+    lines = [f"config d={c['d']} f={c['f']} E={c['E']} k={c['k']} T={c['T']}",
+             f"  {'case':24s} {'fwd+bwd ms':>11s} {'x dense':>8s} {'fwd ms':>9s} {'x dense':>8s} "
+             f"{'tok/s':>9s} {'saved MB':>9s}"]
+    for r in summary["results"]:
+        fwd = f"{r['fwd_ms']:9.1f} {r['ratio_fwd']:7.2f}x" if r["fwd_ms"] else f"{'-':>9s} {'-':>8s}"
+        lines.append(f"  {r['name']:24s} {r['fwd_bwd_ms']:11.1f} {r['ratio_fwd_bwd']:7.2f}x {fwd} "
+                     f"{r['tokens_per_s']:9.0f} {r['saved_mb']:9.1f}")
+    for key in ("speedup_vs_hf_grouped_mm", "saved_mb_vs_hf_grouped_mm", "router_share", "compiled_vs_eager"):
+        if summary.get(key) is not None:
+            lines.append(f"  {key}: {summary[key]:.3f}")
+    if "estimator_overhead" in summary:
+        lines.append("  estimator time / topk: " + ", ".join(
+            f"{k}={v:.2f}x" for k, v in summary["estimator_overhead"].items()))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats={args.repeats} must be >= 1 and --warmup={args.warmup} >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads={args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
+    configs = args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
+    if args.quick:
+        args.repeats, args.no_compile = min(args.repeats, 3), True
+    runner = RUNNERS[args.backend]
+    from tqdm import tqdm
+    n_estimators = 1 + len([n for n in args.estimators if n != "topk"])
+    per_config = (args.warmup + args.repeats) * (2 + len(args.impls) + 2 * (not args.no_hf)
+                                                 + (not args.no_compile) + n_estimators)
+    summaries = []
+    with tqdm(total=per_config * len(configs), disable=args.no_progress, desc="bench",
+              unit="case", file=sys.stderr) as progress:
+        for config in configs:
+            summaries.append(summarize(config, runner(config, args, progress)))
+    try:
+        import transformers
+        hf_version = transformers.__version__
+    except Exception:  # pragma: no cover
+        hf_version = None
+    report = {"command": "moegrad bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+              "backend": args.backend, "torch": torch.__version__, "transformers": hf_version,
+              "threads": torch.get_num_threads(), "dtype": args.dtype, "repeats": args.repeats,
+              "platform": platform.platform(), "configs": summaries}
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    else:
+        print("\n\n".join(format_table(s) for s in summaries))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(report, fh, indent=1)
+    return 0
