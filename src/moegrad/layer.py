@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from moegrad._checks import check_float
-from moegrad.dispatch import combine_rows, expert_capacity, plan_dispatch
+from moegrad.dispatch import combine_rows, expert_capacity, gather_rows, plan_dispatch
 from moegrad.experts import Experts
 from moegrad.losses import balance_losses, check_losses
 from moegrad.routing import Router, Routing, flatten_tokens
@@ -78,6 +78,8 @@ class MoE(nn.Module):
         if capacity_factor is not None:
             check_float("capacity_factor", capacity_factor, low=0.0, low_open=True)
         self.capacity_factor = capacity_factor
+        #: expert-parallel process group (set by moegrad.distributed.expert_parallel), else None
+        self.process_group = None
 
     @property
     def dim(self) -> int:
@@ -106,14 +108,20 @@ class MoE(nn.Module):
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
         plan = plan_dispatch(routing.indices, routing.weights, self.num_experts, capacity)
-        rows = self.experts(flat[plan.tokens], plan.counts)  # [M, D]
+        rows = self.experts(gather_rows(flat, plan), plan.counts)  # [M, D]
         estimator = self.router.estimator
-        if self.training and estimator.observes_outputs and rows.shape[0]:
+        group = getattr(self, "process_group", None)  # set by moegrad.distributed.expert_parallel
+        if self.training and estimator.observes_outputs and (rows.shape[0] or group is not None):
             sums = rows.new_zeros(self.num_experts, self.dim, dtype=torch.float32)
             sums.index_add_(0, plan.experts, rows.detach().float())
-            estimator.observe(sums, plan.counts)
+            counts = plan.counts
+            if group is not None:  # every rank's statistics, so the buffers stay identical
+                from moegrad.distributed import reduce_observation
+
+                sums, counts = reduce_observation(sums, counts, group)
+            estimator.observe(sums, counts)
         y = combine_rows(rows, routing.weights, plan, num_tokens)
         y = estimator.mix(y, flat, routing, self.experts)
-        aux_loss, values = balance_losses(routing, self.losses)
+        aux_loss, values = balance_losses(routing, self.losses, group)
         stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped)
         return MoEOutput(y.view(x.shape), aux_loss, routing, stats, values)

@@ -1,0 +1,626 @@
+"""Expert parallelism over torch.distributed (gloo on CPU, NCCL on GPU).
+
+Shapes: W ranks in the process group, r this rank, E experts in the model, L = E / W experts
+on each rank, T tokens on this rank, D model dim, H hidden dim, K top-k, M (token, slot) rows
+this rank sends (its kept pairs), R rows it receives for its own experts.
+
+:func:`expert_parallel` turns a :class:`moegrad.MoE` built identically on every rank into its
+expert-parallel form. Every rank keeps its own tokens (data parallel over the batch), the
+router is replicated, and rank r holds experts [r L, (r + 1) L). One layer call does:
+
+    route locally -> plan_dispatch (rows sorted by expert, counts [E])
+    header exchange: all_to_all_single of [W, 3 + L] int64 (status, D, dtype, counts per expert)
+    dispatch:  all_to_all_single of the rows, uneven splits   M rows out, R rows in
+    regroup the R rows by local expert, run the L local experts
+    combine:   all_to_all_single back (the splits reversed)   R rows out, M rows in
+    combine_rows -> estimator.mix -> balance losses (global counts)
+
+Gradients flow back through both exchanges (:func:`all_to_all_rows`, its backward is the
+reverse exchange). Whenever grad mode is on, both exchanges are put in the autograd graph on
+every rank (a rank without tokens included), so every rank runs the same collectives in the
+same order in backward; call ``loss.backward()`` on every rank.
+
+What is exact, and what is global:
+
+* Outputs: rank r's output equals the single-process MoE applied to rank r's tokens (capacity,
+  when set, is applied per rank to its own T tokens, as in GShard/Switch).
+* Expert weights: their gradient is the sum over all ranks' tokens (the exchange sums them).
+* Router and input gradients: the local ones; replicated parameters need the usual data-parallel
+  reduction (DDP, which averages).
+* Balance losses use the counts of all ranks of this micro-batch (all-reduced, no gradient). Each
+  rank returns its share, scaled so that the mean over ranks of ``aux_loss`` is the loss of the
+  whole micro-batch computed on one process: no factor W, and DDP's averaging of the router
+  gradient gives exactly the global loss's gradient. With gradient accumulation, each
+  micro-batch's loss is global over the ranks for that micro-batch only; scale it like the task
+  loss (divide by the number of accumulation steps) and the result is the mean over micro-batches.
+* Expert weights are not replicated, so DDP must not touch them (:func:`ddp_ignore_experts`);
+  as they receive the *sum* over ranks while DDP *averages* the replicated gradients, call
+  :func:`average_expert_grads` after backward so both follow the same mean-over-ranks objective.
+
+Estimators: ``topk``, ``unweighted``, ``straight_through``, ``gumbel``, ``noisy_topk`` and
+``sparsemixer`` route each token on its own rank and need nothing more. Sampling ones draw
+from each rank's generator (or the global RNG): as every rank seeds identically to build the
+model, reseed per rank afterwards (e.g. ``torch.manual_seed(seed + rank)``) for independent noise. ``default_moe`` all-reduces its per-expert sums and counts before
+``observe`` so its default vectors stay identical on every rank (E * D fp32 per layer call in
+training). ``dense`` is implemented exactly (:class:`ExpertParallelDense`): its backward
+all-gathers (x, dL/dy) of every token, each rank evaluates its L experts on all W T tokens and
+returns the scores with an all-to-all; see ``benchmarks/expert_parallel.md`` for its cost.
+
+Saving and loading: ``module.state_dict()`` holds only the local slices (``experts.local.w1``
+[L, H, D] ...). :func:`full_state_dict` gathers them into the single-process layout
+(``experts.w1`` [E, H, D] ...) that a plain MoE loads; :func:`load_full_state_dict` loads such a
+state dict into an expert-parallel model, keeping each rank's slice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moegrad.estimators.base import Estimator
+from moegrad.estimators.dense import Dense, unselected_mask
+from moegrad.experts import Experts
+
+#: dtypes the exchange accepts, coded by their index in the header
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: estimators that route each token on its own rank and work unchanged under expert parallelism
+LOCAL_ESTIMATORS = ("default_moe", "gumbel", "noisy_topk", "sparsemixer", "straight_through", "topk",
+                    "unweighted")
+#: estimators replaced by an expert-parallel version
+CONVERTED_ESTIMATORS = ("dense",)
+
+
+def _dtype_code(dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+
+
+def group_size(group=None) -> int:
+    """Number of ranks in ``group`` (the default group when None)."""
+    return dist.get_world_size(group)
+
+
+def group_rank(group=None) -> int:
+    return dist.get_rank(group)
+
+
+# ---------------------------------------------------------------------------------------------
+# differentiable collectives
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """All-to-all of rows with uneven splits; backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(x, out_splits, in_splits, group, stats):
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, out_splits, in_splits, group, stats = inputs
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.stats = out_splits, in_splits, group, stats
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_in = grad_out.new_empty(sum(ctx.in_splits), *grad_out.shape[1:])
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.in_splits, ctx.out_splits,
+                               group=ctx.group)
+        if ctx.stats is not None:
+            ctx.stats.add_sent(grad_out, ctx.out_splits, ctx.group)
+        return grad_in, None, None, None, None
+
+
+def all_to_all_rows(x: Tensor, out_splits: list, in_splits: list, group=None, stats=None) -> Tensor:
+    """x [sum(in_splits), ...] -> [sum(out_splits), ...]: rows in_splits[q] go to rank q, rows
+    out_splits[q] come from rank q (``dist.all_to_all_single``). Differentiable: the gradient
+    travels back with the splits swapped. ``stats`` (:class:`ExchangeStats`) counts bytes."""
+    if stats is not None:
+        stats.add_sent(x, in_splits, group)
+    return _AllToAllRows.apply(x, list(out_splits), list(in_splits), group, stats)
+
+
+class _AllReduceShare(torch.autograd.Function):
+    """Sum over ranks; backward multiplies by W (see :func:`all_reduce_share`)."""
+
+    @staticmethod
+    def forward(x, group, world):
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.world = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.world, None, None
+
+
+def all_reduce_share(x: Tensor, group=None) -> Tensor:
+    """S = sum over ranks of x [any shape], for a loss l = f(S) that every rank computes alike.
+
+    The mean over ranks of l is then the global loss f(S). Backward returns W f'(S) dS/dx_r on
+    each rank, so the router gradients summed over ranks are those of sum_r l_r = W f(S), the
+    same convention as the per-rank shares of the other balance losses (DDP's average then gives
+    exactly grad f). No collective runs in backward; only valid when every rank computes the same
+    function of S, which holds for the balance losses.
+    """
+    return _AllReduceShare.apply(x, group, group_size(group))
+
+
+@torch.no_grad()
+def all_reduce_detached(x: Tensor, group=None) -> Tensor:
+    """Sum over ranks of a detached copy of x (counts, statistics: no gradient)."""
+    out = x.detach().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def reduce_observation(sums: Tensor, counts: Tensor, group=None) -> tuple:
+    """sums [E, D] fp32, counts [E] int -> the same over every rank's tokens (one all-reduce),
+    so ``default_moe`` sees global per-expert means and keeps identical buffers on every rank."""
+    packed = torch.cat([sums.float(), counts.to(sums.device, torch.float32)[:, None]], dim=1)
+    packed = all_reduce_detached(packed, group)
+    return packed[:, :-1], packed[:, -1].round().to(counts.dtype)
+
+
+class ExchangeStats:
+    """Bytes this rank sent to other ranks (forward and backward), for benchmarks."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.calls = 0
+
+    def add_sent(self, x: Tensor, splits: list, group) -> None:
+        rank = group_rank(group)
+        width = math.prod(x.shape[1:])
+        off_rank = sum(s for q, s in enumerate(splits) if q != rank)
+        self.bytes_sent += off_rank * width * x.element_size()
+        self.calls += 1
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes_sent += int(n)
+
+    def reset(self) -> int:
+        out, self.bytes_sent, self.calls = self.bytes_sent, 0, 0
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the expert-parallel experts
+
+
+class ExpertParallelExperts(nn.Module):
+    """Rank r's slice of the experts plus the token exchange.
+
+    ``forward(rows [M, D] sorted by expert, counts [E]) -> [M, D]``: the same contract as
+    :meth:`moegrad.Experts.forward` for all E experts, computed where the experts live.
+    Parameters: ``local.w1`` [L, H, D], ``local.w3`` [L, H, D] (SwiGLU), ``local.w2`` [L, D, H],
+    experts ``first .. first + L - 1`` of the model. ``stats`` counts the bytes sent.
+    """
+
+    def __init__(self, experts: Experts, group=None) -> None:
+        super().__init__()
+        world, rank = group_size(group), group_rank(group)
+        if experts.num_experts % world:
+            raise ValueError(
+                f"num_experts={experts.num_experts} is not divisible by the world size {world} of "
+                "the process group: expert parallelism gives every rank E / W experts; choose "
+                "num_experts a multiple of the number of ranks (or a smaller group)")
+        self.group, self.world, self.rank = group, world, rank
+        self.dim, self.hidden_dim = experts.dim, experts.hidden_dim
+        self.num_experts, self.activation = experts.num_experts, experts.activation
+        self.num_local = experts.num_experts // world
+        self.first = rank * self.num_local
+        self.local = Experts(experts.dim, experts.hidden_dim, self.num_local, experts.activation,
+                             experts.impl).to(device=experts.w1.device, dtype=experts.w1.dtype)
+        with torch.no_grad():
+            for name in ("w1", "w3", "w2"):
+                full = getattr(experts, name)
+                if full is not None:
+                    getattr(self.local, name).copy_(full[self.first:self.first + self.num_local])
+                    getattr(self.local, name).requires_grad_(full.requires_grad)
+        self.stats = ExchangeStats()
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, world={self.world}, rank={self.rank}, "
+                f"local_experts=[{self.first}, {self.first + self.num_local})")
+
+    @property
+    def impl(self) -> str:
+        return self.local.impl
+
+    def stacked_weights(self) -> tuple:
+        """The local slices (w1, w3, w2) or (w1, w2), each with L experts."""
+        return self.local.stacked_weights()
+
+    def every_expert(self, x: Tensor, *weights: Tensor) -> Tensor:
+        raise RuntimeError(
+            f"this rank holds only experts [{self.first}, {self.first + self.num_local}) of "
+            f"{self.num_experts} (expert parallelism), so it cannot evaluate every expert on its "
+            "tokens; gather the model with moegrad.distributed.full_state_dict and load it into a "
+            "plain moegrad.MoE for that")
+
+    def _header(self, rows, counts) -> tuple:
+        """[W, 3 + L] int64 header per destination, and a local error message (or None)."""
+        world, local = self.world, self.num_local
+        device = rows.device if isinstance(rows, Tensor) else torch.device("cpu")
+        header = torch.zeros(world, 3 + local, dtype=torch.int64, device=device)
+        problem = None
+        if not isinstance(rows, Tensor) or rows.dim() != 2:
+            problem = f"rows must be a 2-d tensor [M, D], got {getattr(rows, 'shape', type(rows))}"
+        elif not isinstance(counts, Tensor) or counts.shape != (self.num_experts,):
+            problem = (f"counts must be a tensor of shape [{self.num_experts}], got "
+                       f"{tuple(counts.shape) if isinstance(counts, Tensor) else type(counts)}")
+        elif counts.is_floating_point() or bool((counts < 0).any()) or int(counts.sum()) != rows.shape[0]:
+            problem = (f"counts must be non-negative integers summing to the {rows.shape[0]} rows, "
+                       f"got sum {counts.sum().item()}")
+        elif rows.shape[1] != self.dim:
+            problem = f"rows have feature size {rows.shape[1]} but the experts were built with dim={self.dim}"
+        elif _dtype_code(rows.dtype) < 0:
+            problem = f"rows dtype {rows.dtype} is not supported; use one of {list(_DTYPES)}"
+        if problem is None:
+            header[:, 1] = rows.shape[1]
+            header[:, 2] = _dtype_code(rows.dtype)
+            header[:, 3:] = counts.to(device=device, dtype=torch.int64).view(world, local)
+        else:
+            header[:, 0] = 1
+        return header, problem
+
+    def _check_headers(self, received: Tensor, problem: Optional[str]) -> None:
+        """Raise the same kind of error on every rank when any rank sent something wrong."""
+        status, dims, codes = received[:, 0].tolist(), received[:, 1].tolist(), received[:, 2].tolist()
+        bad = [q for q in range(self.world) if status[q]]
+        if not bad:
+            bad = [q for q in range(self.world) if dims[q] != self.dim]
+        if bad:
+            mine = f": {problem}" if problem else ""
+            raise ValueError(
+                f"expert-parallel exchange on rank {self.rank}: rank(s) {bad} of {self.world} sent "
+                f"invalid rows (wrong shape, counts or dtype){mine}. Every rank raises, so none "
+                "waits in the token exchange")
+        if len(set(codes)) > 1:
+            names = {q: str(_DTYPES[c]) for q, c in enumerate(codes)}
+            raise ValueError(f"expert-parallel exchange on rank {self.rank}: the ranks send rows of "
+                             f"different dtypes {names}; use one dtype on every rank")
+
+    def forward(self, rows: Tensor, counts: Tensor) -> Tensor:
+        """rows [M, D] grouped by expert, counts [E] -> [M, D] outputs of the owning experts."""
+        group, world, local = self.group, self.world, self.num_local
+        header, problem = self._header(rows, counts)
+        received = header.new_empty(world, 3 + local)
+        dist.all_to_all_single(received, header, group=group)
+        self.stats.add_bytes(header[0].numel() * 8 * (world - 1))
+        self._check_headers(received, problem)
+        recv_counts = received[:, 3:]  # [W, L]: rows rank q sends to each of my experts
+        send_splits = header[:, 3:].sum(1).tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+        if torch.is_grad_enabled() and not rows.requires_grad:
+            # keep both exchanges in the graph on every rank so backward runs the same collectives
+            rows = rows.detach().requires_grad_()
+        recv = all_to_all_rows(rows, recv_splits, send_splits, group, self.stats)  # [R, D]
+        expert_of = torch.arange(local, device=rows.device).repeat(world)
+        expert_of = expert_of.repeat_interleave(recv_counts.reshape(-1).to(rows.device))  # [R]
+        perm = torch.argsort(expert_of, stable=True)
+        grouped = recv[perm]
+        out = self.local(grouped, recv_counts.sum(0))
+        if grouped.requires_grad and not out.requires_grad:
+            out = out + grouped * 0  # no rows arrived: stay connected to the exchange
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        out = out[inverse]
+        return all_to_all_rows(out, send_splits, recv_splits, group, self.stats)  # [M, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# dense under expert parallelism
+
+
+def _all_gather_rows(x: Tensor, group, world: int) -> tuple:
+    """x [T, C] on every rank -> ([W, Tmax, C] zero-padded, [W] sizes)."""
+    size = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    most = max(sizes)
+    padded = x.new_zeros(most, x.shape[1])
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.stack(parts), sizes
+
+
+def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, experts: ExpertParallelExperts,
+                                 weights: tuple, scale: float, chunk_tokens: int,
+                                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """dL/ds [T, E] (``dtype``, the scores' dtype) for the unselected experts, c <g_t, E_i(x_t)>, with the experts sharded.
+
+    1. all-gather (x, g) of every rank: [W, Tmax, 2D] (zero-padded to the largest T);
+    2. this rank evaluates its L experts on all of them under no_grad, ``chunk_tokens`` at a
+       time: [W, Tmax, L] scores <g, E_i(x)>;
+    3. all-to-all returns each rank its tokens' scores from every rank: [W, Tmax, L] ->
+       [T, W L] = [T, E] (rank q's block holds experts q L .. q L + L - 1).
+    Bytes sent per rank: (W - 1) Tmax (2 D b + 4 L), b the element size of x.
+    """
+    group, world = experts.group, experts.world
+    weights = tuple(w.detach() for w in weights)
+    with torch.no_grad():
+        both = torch.cat([x, grad_y.to(x.dtype)], dim=1)  # [T, 2D]
+        gathered, sizes = _all_gather_rows(both, group, world)  # [W, Tmax, 2D]
+        experts.stats.add_bytes(both.shape[1] * gathered.shape[1] * both.element_size() * (world - 1))
+        most, dim = gathered.shape[1], x.shape[1]
+        flat = gathered.reshape(world * most, 2 * dim)
+        local = torch.zeros(world * most, experts.num_local, dtype=dtype, device=x.device)
+        for start in range(0, flat.shape[0], chunk_tokens):
+            part = flat[start:start + chunk_tokens]
+            every = experts.local.every_expert(part[:, :dim], *weights)  # [t, L, D]
+            local[start:start + chunk_tokens] = torch.einsum("tld,td->tl", every.to(dtype),
+                                                             part[:, dim:].to(dtype))
+        local = local.view(world, most, experts.num_local)
+        back = torch.empty_like(local)
+        dist.all_to_all_single(back, local.contiguous(), group=group)  # [W src, Tmax, L]
+        experts.stats.add_bytes(most * experts.num_local * local.element_size() * (world - 1))
+        out = back[:, :x.shape[0]].permute(1, 0, 2).reshape(x.shape[0], experts.num_experts)
+        out = out * unselected_mask(indices, experts.num_experts)
+        if scale != 1.0:
+            out = out * scale
+    return out
+
+
+class _DistributedDenseRouterGrad(torch.autograd.Function):
+    """Identity on y; backward adds the dense router gradient with the experts sharded."""
+
+    @staticmethod
+    def forward(y, scores, x, indices, scale, chunk_tokens, experts, *weights):
+        return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, scores, x, indices, scale, chunk_tokens, experts, *weights = inputs
+        ctx.save_for_backward(x, indices, *weights)
+        ctx.scores_dtype = scores.dtype
+        ctx.scale, ctx.chunk_tokens, ctx.experts = scale, chunk_tokens, experts
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, indices, *weights = ctx.saved_tensors
+        # always run the collectives: every rank takes part whatever it needs
+        grad_scores = distributed_dense_score_grad(grad_y, x, indices, ctx.experts, tuple(weights),
+                                                   ctx.scale, ctx.chunk_tokens, ctx.scores_dtype)
+        if not ctx.needs_input_grad[1]:
+            grad_scores = None
+        return (grad_y, grad_scores) + (None,) * (5 + len(weights))
+
+
+class ExpertParallelDense(Dense):
+    """``dense`` with sharded experts: same forward and same router gradient as :class:`Dense`.
+
+    Backward costs two collectives per layer (see :func:`distributed_dense_score_grad`): an
+    all-gather of every token's (x, dL/dy), 2 D values per token to each of the W - 1 other
+    ranks, and an all-to-all of the L scores per token and rank; each rank evaluates its L experts
+    on all W T tokens, the same expert work as single-process ``dense`` spread over the ranks.
+    """
+
+    def mix(self, y, x, routing, experts):
+        if not isinstance(experts, ExpertParallelExperts):
+            return super().mix(y, x, routing, experts)
+        if not (torch.is_grad_enabled() and routing.scores.requires_grad):
+            return y  # the same on every rank: the router is replicated
+        chunk = self.chunk_tokens
+        if chunk is None:
+            widest = max(experts.dim, experts.hidden_dim) * experts.num_local
+            chunk = max(1, (1 << 24) // widest)
+        return _DistributedDenseRouterGrad.apply(y, routing.scores, x, routing.indices,
+                                                 self.config.routed_scaling_factor, chunk, experts,
+                                                 *experts.stacked_weights())
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion
+
+
+def _check_inputs_across_ranks(moe, args, kwargs):
+    """Forward pre-hook: validate x (and mask) on every rank together, so that bad input on one
+    rank raises on all of them instead of leaving the others waiting in the exchange."""
+    from moegrad.routing import flatten_mask, flatten_tokens
+
+    group, world, rank = moe.process_group, moe.experts.world, moe.experts.rank
+    x = args[0] if args else kwargs.get("x")
+    mask = args[1] if len(args) > 1 else kwargs.get("mask")
+    problem = None
+    try:
+        flatten_tokens(x, moe.dim)
+        flatten_mask(mask, tuple(x.shape[:-1]))
+        if moe.router.config.check_finite and x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError("x holds NaN/Inf: fix the input, or build the MoE with "
+                             "check_finite=False to skip this check")
+    except (TypeError, ValueError) as err:
+        problem = err
+    flags = torch.zeros(world, 3, dtype=torch.int64, device=moe.router.gate.weight.device)
+    flags[rank, 0] = problem is not None
+    flags[rank, 1] = _dtype_code(x.dtype) if problem is None else -1
+    flags[rank, 2] = int(moe.training)
+    dist.all_reduce(flags, group=group)
+    bad = [q for q in range(world) if flags[q, 0]]
+    if bad:
+        note = (f"expert-parallel MoE: rank(s) {bad} of {world} got invalid input; every rank "
+                "raises so none waits in the token exchange")
+        if problem is not None:
+            raise type(problem)(f"{problem} ({note})") from problem
+        raise ValueError(f"{note} (see the error on rank {bad[0]})")
+    if len(set(flags[:, 1].tolist())) > 1:
+        raise ValueError(f"expert-parallel MoE: the ranks call the layer with different dtypes "
+                         f"{[str(_DTYPES[c]) for c in flags[:, 1].tolist()]}; use one dtype everywhere")
+    if len(set(flags[:, 2].tolist())) > 1:
+        raise ValueError("expert-parallel MoE: some ranks are in training mode and others in eval "
+                         "mode; call model.train() / model.eval() on every rank")
+
+
+def _check_identical(moe, group) -> None:
+    """Cheap fingerprint of the configuration and parameters, compared across ranks."""
+    c = moe.router.config
+    params = [p.detach().double() for p in moe.parameters()]
+    fingerprint = torch.tensor([c.dim, c.num_experts, c.top_k, moe.experts.hidden_dim,
+                                sum(float(p.sum()) for p in params),
+                                sum(float(p.abs().sum()) for p in params)], dtype=torch.float64,
+                               device=moe.router.gate.weight.device)
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if not torch.allclose(low, high, rtol=1e-9, atol=0.0):
+        raise ValueError("expert_parallel: the MoE differs across ranks (configuration or initial "
+                         "parameters); build it identically on every rank (same torch.manual_seed "
+                         "before construction) or broadcast rank 0's parameters first")
+
+
+def expert_parallel(moe, group=None):
+    """Convert ``moe`` (a :class:`moegrad.MoE` built identically on every rank) in place to
+    expert parallelism over ``group`` (default: the whole world); returns it.
+
+    Rank r keeps experts [r E/W, (r+1) E/W) (``moe.experts`` becomes an
+    :class:`ExpertParallelExperts`), the router stays replicated, the ``dense`` estimator becomes
+    :class:`ExpertParallelDense`, ``default_moe`` statistics and the balance losses use global
+    counts, and a forward pre-hook checks the inputs of all ranks together.
+    Call it on every rank of the group, in the same order for every layer.
+    """
+    from moegrad.layer import MoE
+
+    if not isinstance(moe, MoE):
+        raise TypeError(f"expert_parallel expects a moegrad.MoE, got {type(moe).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("expert_parallel needs torch.distributed: call "
+                           "torch.distributed.init_process_group (gloo on CPU, nccl on GPU) first, "
+                           "e.g. by launching with torchrun")
+    if isinstance(moe.experts, ExpertParallelExperts):
+        raise ValueError("this MoE is already expert-parallel")
+    if not isinstance(moe.experts, Experts):
+        raise TypeError(f"moe.experts must be a moegrad.Experts, got {type(moe.experts).__name__}")
+    estimator = moe.router.estimator
+    name = estimator.name
+    if name not in LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS:
+        raise ValueError(
+            f"estimator {name!r} is not known to work under expert parallelism (its mix step may "
+            f"need every expert on every rank); use one of {sorted(LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS)}")
+    if group is None:
+        group = dist.group.WORLD  # an explicit group: layer and losses test ``group is not None``
+    world = group_size(group)
+    if moe.num_experts % world:
+        raise ValueError(
+            f"num_experts={moe.num_experts} is not divisible by the world size {world}: expert "
+            "parallelism gives every rank num_experts / world_size experts; use a multiple of the "
+            "number of ranks (or a smaller process group)")
+    _check_identical(moe, group)
+    moe.experts = ExpertParallelExperts(moe.experts, group)
+    if name == "dense" and type(estimator) is Dense:
+        converted = ExpertParallelDense(estimator.config, **{k: getattr(estimator, k) for k in Dense.options})
+        converted.train(estimator.training)
+        moe.router.estimator = converted
+    moe.process_group = group
+    moe.router.process_group = group  # BiasBalancer all-reduces the loads of such routers
+    moe._ep_hook = moe.register_forward_pre_hook(_check_inputs_across_ranks, with_kwargs=True)
+    return moe
+
+
+# ---------------------------------------------------------------------------------------------
+# training helpers
+
+
+def expert_parallel_modules(module: nn.Module) -> list:
+    """(name, ExpertParallelExperts) pairs inside ``module``."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, ExpertParallelExperts)]
+
+
+def expert_parameter_names(module: nn.Module) -> list:
+    """Names (as in ``module.named_parameters()``) of the sharded expert parameters."""
+    ids = {id(p) for _, m in expert_parallel_modules(module) for p in m.parameters()}
+    return [n for n, p in module.named_parameters() if id(p) in ids]
+
+
+def ddp_ignore_experts(model: nn.Module) -> list:
+    """Tell DistributedDataParallel (call before wrapping) to leave the sharded expert parameters
+    alone: they differ per rank and get their gradient from the exchange. Returns their names."""
+    names = expert_parameter_names(model)
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
+
+
+@torch.no_grad()
+def average_expert_grads(module: nn.Module) -> None:
+    """Divide the expert gradients by W (after backward, before the optimizer step).
+
+    The exchange sums every rank's contribution into the expert gradients, while DDP averages the
+    replicated ones; this makes both the gradient of the mean over ranks of the per-rank losses.
+    """
+    for _, m in expert_parallel_modules(module):
+        for p in m.parameters():
+            if p.grad is not None:
+                p.grad.div_(m.world)
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """The state dict of ``module`` in the single-process layout (collective: call on every rank).
+
+    Each ``<prefix>local.w1`` [L, H, D] slice is all-gathered into ``<prefix>w1`` [E, H, D] (same
+    for w3, w2), so a plain model built without :func:`expert_parallel` loads it; typically
+    rank 0 saves it with ``torch.save``.
+    """
+    state = module.state_dict()
+    out = {}
+    ep = dict(expert_parallel_modules(module))
+    for key, value in state.items():
+        owner = next((p for p in ep if key.startswith(f"{p}.local." if p else "local.")), None)
+        if owner is None:
+            out[key] = value
+            continue
+        m, head = ep[owner], (f"{owner}." if owner else "")
+        parts = [torch.empty_like(value) for _ in range(m.world)]
+        dist.all_gather(parts, value.contiguous(), group=m.group)
+        out[head + key[len(head) + len("local."):]] = torch.cat(parts)
+    return out
+
+
+def load_full_state_dict(module: nn.Module, state: dict, strict: bool = True):
+    """Load a single-process state dict (experts [E, ...]) into an expert-parallel ``module``:
+    each rank keeps its slice. Returns ``module.load_state_dict``'s result."""
+    state = dict(state)
+    for prefix, m in expert_parallel_modules(module):
+        head = f"{prefix}." if prefix else ""
+        for name in ("w1", "w3", "w2"):
+            key = f"{head}{name}"
+            if key not in state:
+                continue
+            full = state.pop(key)
+            if full.shape[0] != m.num_experts:
+                raise ValueError(f"{key} has {full.shape[0]} experts, the model has {m.num_experts}")
+            state[f"{head}local.{name}"] = full[m.first:m.first + m.num_local]
+    return module.load_state_dict(state, strict=strict)
+
+
+def init_process_group_for_tests(rank: int, world: int, port: int, timeout_s: float = 60.0) -> None:
+    """gloo on loopback with a bounded timeout (tests, benchmarks)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+__all__ = ["expert_parallel", "ExpertParallelExperts", "ExpertParallelDense", "all_to_all_rows",
+           "all_reduce_share", "all_reduce_detached", "reduce_observation", "ExchangeStats",
+           "distributed_dense_score_grad", "expert_parameter_names", "ddp_ignore_experts",
+           "average_expert_grads", "full_state_dict", "load_full_state_dict", "group_size",
+           "group_rank", "LOCAL_ESTIMATORS", "CONVERTED_ESTIMATORS", "free_port",
+           "init_process_group_for_tests"]

@@ -1,0 +1,204 @@
+"""Expert-parallel throughput and communication: tokens/s and bytes exchanged per step.
+
+    python -m moegrad.distributed_bench --world-size 1 2 4
+    (the ``moegrad bench --world-size N`` runner)
+
+For each world size W, W gloo processes on this machine (loopback) each hold E/W experts of one
+:class:`moegrad.MoE` made expert-parallel, draw their own T tokens (weak scaling: the global
+batch is W T) and time forward + backward steps. Reported per W:
+
+* tokens/s: W T steps / wall time (every rank's tokens);
+* bytes/step/rank: what each rank sent to other ranks per training step (headers, the two token
+  exchanges in forward and their two reverses in backward; ``dense`` adds its backward gather),
+  measured by :class:`moegrad.distributed.ExchangeStats`;
+* model bytes: 4 K T D b (W - 1) / W for uniform routing (b bytes per element; see
+  ``benchmarks/expert_parallel.md``);
+* for W = 1, the plain (non-parallel) MoE as baseline, so the exchange overhead shows as a ratio.
+
+On a CPU box every process shares the same cores (one torch thread per process by default:
+several threads per process thrash on a loaded machine), so the numbers measure overhead and
+bytes, not a speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+#: defaults of the benchmark's layer
+DEFAULTS = dict(tokens=512, dim=64, hidden=128, experts=8, top_k=2, steps=10, warmup=2, estimator="topk")
+
+
+def model_bytes(tokens: int, dim: int, top_k: int, world: int, element_size: int = 4) -> float:
+    """Bytes one rank sends per training step with uniform routing and no drops:
+    4 exchanges (dispatch, combine, and their reverses in backward) of K T rows of D elements,
+    of which a fraction (W - 1) / W leaves the rank."""
+    return 4 * top_k * tokens * dim * element_size * (world - 1) / world
+
+
+def _step_time(moe, x, steps: int, warmup: int, sync) -> float:
+    for _ in range(warmup):
+        moe(x).y.square().mean().backward()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        moe(x).y.square().mean().backward()
+    sync()
+    return time.perf_counter() - start
+
+
+def _worker(rank: int, world: int, port: int, out_path: str, cfg: dict, timeout: float,
+            threads: int = 0) -> None:
+    import torch.distributed as dist
+
+    import moegrad
+    from moegrad.distributed import expert_parallel, init_process_group_for_tests
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
+    init_process_group_for_tests(rank, world, port, timeout)
+    try:
+        torch.manual_seed(0)
+        moe = moegrad.MoE(cfg["dim"], cfg["hidden"], cfg["experts"], cfg["top_k"],
+                          estimator=cfg["estimator"], losses={"switch": 1e-2})
+        x = torch.randn(cfg["tokens"], cfg["dim"], generator=torch.Generator().manual_seed(rank))
+        result = {"world_size": world}
+        if world == 1:
+            result["baseline_s"] = _step_time(moe, x, cfg["steps"], cfg["warmup"], lambda: None)
+        expert_parallel(moe)
+        barrier = lambda: dist.barrier()
+        elapsed = None
+        for _ in range(cfg["warmup"]):
+            moe(x).y.square().mean().backward()
+        moe.experts.stats.reset()
+        elapsed = _step_time(moe, x, cfg["steps"], 0, barrier)
+        sent = torch.tensor([moe.experts.stats.reset() / cfg["steps"]], dtype=torch.float64)
+        dist.all_reduce(sent)
+        result.update(elapsed_s=elapsed, bytes_per_step_per_rank=float(sent) / world)
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_expert_parallel(world_sizes=(1, 2, 4), *, tokens: int = DEFAULTS["tokens"],
+                          dim: int = DEFAULTS["dim"], hidden: int = DEFAULTS["hidden"],
+                          experts: int = DEFAULTS["experts"], top_k: int = DEFAULTS["top_k"],
+                          steps: int = DEFAULTS["steps"], warmup: int = DEFAULTS["warmup"],
+                          estimator: str = DEFAULTS["estimator"], threads: int = 1,
+                          timeout: float = 300.0, progress: bool = True) -> list:
+    """Run the benchmark for each world size; returns one dict per W with ``tokens_per_s``,
+    ``bytes_per_step_per_rank``, ``model_bytes_per_step_per_rank`` and, for W = 1,
+    ``baseline_tokens_per_s`` (plain MoE) and ``overhead`` (EP time / baseline time).
+    ``threads``: torch threads per process (default 1), 0 for cores // W."""
+    import torch.multiprocessing as mp
+
+    from moegrad._checks import check_int
+    from moegrad.distributed import free_port
+
+    for name, value in (("tokens", tokens), ("dim", dim), ("hidden", hidden), ("experts", experts),
+                        ("top_k", top_k), ("steps", steps)):
+        check_int(name, value, 1)
+    check_int("warmup", warmup, 0)
+    check_int("threads", threads, 0)
+    for w in world_sizes:
+        check_int("world_size", w, 1)
+        if experts % w:
+            raise ValueError(f"world_size={w} does not divide experts={experts}; expert parallelism "
+                             "needs experts to be a multiple of the world size")
+    cfg = dict(tokens=tokens, dim=dim, hidden=hidden, experts=experts, top_k=top_k, steps=steps,
+               warmup=warmup, estimator=estimator)
+    sizes = list(world_sizes)
+    if progress:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # tqdm is an optional dependency (the "study" extra)
+            tqdm = None
+        if tqdm is not None:
+            sizes = tqdm(sizes, desc="world sizes", unit="run")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in sizes:
+            out_path = os.path.join(tmp, f"w{world}.json")
+            ctx = mp.start_processes(_worker, args=(world, free_port(), out_path, cfg, timeout, threads),
+                                     nprocs=world, join=False, start_method="spawn")
+            deadline = time.monotonic() + timeout + 60
+            try:
+                while not ctx.join(timeout=1.0):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"world size {world} did not finish in {timeout + 60:.0f} s")
+            finally:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+            with open(out_path) as f:
+                r = json.load(f)
+            row = {"world_size": world,
+                   "tokens_per_s": world * tokens * steps / r["elapsed_s"],
+                   "bytes_per_step_per_rank": r["bytes_per_step_per_rank"],
+                   "model_bytes_per_step_per_rank": model_bytes(tokens, dim, top_k, world),
+                   "step_ms": 1e3 * r["elapsed_s"] / steps}
+            if "baseline_s" in r:
+                row["baseline_tokens_per_s"] = tokens * steps / r["baseline_s"]
+                row["overhead"] = r["elapsed_s"] / r["baseline_s"]
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list, cfg: dict) -> str:
+    """Markdown table of :func:`bench_expert_parallel`'s rows."""
+    lines = [f"T={cfg['tokens']} tokens per rank, D={cfg['dim']}, H={cfg['hidden']}, "
+             f"E={cfg['experts']}, K={cfg['top_k']}, estimator={cfg['estimator']}, fp32, "
+             f"{cfg['steps']} timed steps (forward + backward)", "",
+             "| W | tokens/s (all ranks) | step ms | bytes sent/step/rank (measured) | model 4KTDb(W-1)/W |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['world_size']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | "
+                     f"{r['bytes_per_step_per_rank']:.0f} | {r['model_bytes_per_step_per_rank']:.0f} |")
+    base = [r for r in rows if "baseline_tokens_per_s" in r]
+    if base:
+        lines += ["", f"W=1 plain MoE (no exchange): {base[0]['baseline_tokens_per_s']:.0f} tokens/s; "
+                      f"expert-parallel at W=1 takes {base[0]['overhead']:.2f}x its time"]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--world-size", type=int, nargs="+", default=[1, 2, 4],
+                        help="numbers of processes to run (default: 1 2 4)")
+    for key in ("tokens", "dim", "hidden", "experts", "top_k", "steps", "warmup"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=DEFAULTS[key],
+                            help=f"default: {DEFAULTS[key]}" + (" (tokens per rank)" if key == "tokens" else ""))
+    from moegrad.estimators import available
+
+    parser.add_argument("--estimator", default=DEFAULTS["estimator"], choices=available(),
+                        help="router gradient estimator (default: topk)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (default: 1; 0 = cores // world size)")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+
+
+def run(args) -> int:
+    cfg = {k: getattr(args, k) for k in DEFAULTS}
+    rows = bench_expert_parallel(tuple(args.world_size), threads=args.threads, **cfg)
+    print(format_table(rows, cfg))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": cfg, "rows": rows}, f, indent=2)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moegrad.distributed_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

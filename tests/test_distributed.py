@@ -1,0 +1,487 @@
+"""Expert parallelism (moegrad.distributed) against a single-process reference.
+
+One group of 2 and one group of 4 gloo processes (CPU, loopback, 20 s collective timeout, the
+spawn itself bounded) run every check once (module-scoped fixtures); each rank writes the
+largest differences it measured and the tests assert on them.
+
+Reference, computed on every rank from the same seeds: the plain MoE applied to each rank q's
+tokens x_q (same sampling generator seed, capacity per rank), with the total loss
+    sum_q <c_q, y_q> + W * sum_name coef * loss_name(all ranks' tokens concatenated),
+since each rank returns its share of the global balance loss (their mean is the global loss).
+Its gradients are then compared with the expert-parallel run: outputs y_r, input gradients
+dL/dx_r, the local slice of the expert gradients, and the router gradients summed over ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import pytest
+import torch
+
+import moegrad
+from moegrad.dispatch import expert_capacity, plan_dispatch
+from moegrad.losses import balance_losses
+from moegrad.routing import Routing
+
+TOL = 1e-5
+D, H, S = 8, 12, 5
+GROUP_TIMEOUT_S = 20.0
+SPAWN_TIMEOUT_S = 150.0
+
+#: name -> (estimator, options, losses, capacity_factor, activation, training)
+CASES = {
+    "topk": ("topk", {}, {"switch": 0.1, "z_loss": 0.01}, None, "swiglu", True),
+    "topk_normalize_gelu": ("topk", {"normalize": True}, {"switch": 0.1}, None, "gelu", True),
+    "topk_capacity": ("topk", {}, {"switch": 0.1}, 0.75, "swiglu", True),
+    "unweighted": ("unweighted", {}, {"switch": 0.1}, None, "swiglu", True),
+    "straight_through": ("straight_through", {}, {"seq_aux": 0.1}, None, "swiglu", True),
+    "dense": ("dense", {"chunk_tokens": 3}, {"switch": 0.1}, None, "swiglu", True),
+    "dense_capacity": ("dense", {}, {"switch": 0.1}, 1.0, "swiglu", True),
+    "default_moe": ("default_moe", {"beta": 0.5}, {"switch": 0.1}, None, "swiglu", True),
+    "default_moe_forward": ("default_moe", {"forward_defaults": True}, {"z_loss": 0.1}, None, "swiglu", True),
+    "gumbel": ("gumbel", {"tau": 0.7}, {"switch": 0.1}, None, "swiglu", True),
+    "noisy_topk": ("noisy_topk", {}, {"importance_load": 0.1, "switch": 0.1}, None, "swiglu", True),
+    "sparsemixer": ("sparsemixer", {}, {"z_loss": 0.1}, None, "swiglu", True),
+    "sparsemixer_eval": ("sparsemixer", {}, {"switch": 0.1}, None, "swiglu", False),
+}
+CASES4 = ("topk", "topk_capacity", "dense", "default_moe", "noisy_topk", "gumbel")
+SAMPLING = ("gumbel", "noisy_topk", "sparsemixer")
+
+
+def _num_experts(world):
+    return 8
+
+
+def _inputs(q, world, empty_rank=False):
+    """Rank q's tokens: B_q sequences of S tokens (B_q differs across ranks), a padding mask,
+    and the upstream weights c_q of the task loss <c_q, y_q>."""
+    g = torch.Generator().manual_seed(1000 + q)
+    b = 0 if (empty_rank and q == world - 1) else 1 + q % 2
+    x = torch.randn(b, S, D, generator=g)
+    mask = torch.rand(b, S, generator=g) > 0.2
+    c = torch.randn(b, S, D, generator=g)
+    return x, mask, c
+
+
+def _set_generator(moe, seed):
+    est = moe.router.estimator
+    if est.name in SAMPLING:
+        est.generator = torch.Generator().manual_seed(seed)
+
+
+def _concat(routings, seq_len):
+    """One Routing over every rank's tokens (for the global balance losses)."""
+    cat = lambda name: (None if getattr(routings[0], name) is None
+                        else torch.cat([getattr(r, name) for r in routings]))
+    num = sum(r.num_tokens for r in routings)
+    return Routing(logits=cat("logits"), scores=cat("scores"), indices=cat("indices"),
+                   weights=cat("weights"), shape=(num // seq_len, seq_len), mask=cat("mask"),
+                   load_probs=cat("load_probs"), noise_std=cat("noise_std"))
+
+
+def _grad(p):
+    return torch.zeros_like(p) if p.grad is None else p.grad
+
+
+def _maxdiff(a, b):
+    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+
+
+def _run_case(name, rank, world, same_inputs=False, empty_rank=False, skewed=False):
+    import torch.distributed as dist
+    from moegrad.distributed import expert_parallel
+
+    estimator, options, losses, capacity, activation, training = CASES[name]
+    options = dict(options)
+    normalize = options.pop("normalize", False)
+    num_experts = _num_experts(world)
+    torch.manual_seed(7)
+    moe = moegrad.MoE(D, H, num_experts, 2, estimator=estimator, normalize=normalize, losses=losses,
+                      capacity_factor=capacity, activation=activation, selection_bias=skewed,
+                      **options)
+    if skewed:  # every token picks rank 0's experts: the other ranks receive no rows at all
+        with torch.no_grad():
+            moe.router.bias[num_experts // world:] = -100.0
+    est = moe.router.estimator
+    if estimator == "default_moe":  # a non-trivial EMA state, identical on every rank
+        with torch.no_grad():
+            est.defaults.copy_(torch.randn(num_experts, D, generator=torch.Generator().manual_seed(3)))
+            est.seen[: num_experts // 2] = True
+    moe.train(training)
+    ref = copy.deepcopy(moe)
+    inputs = [_inputs(0 if same_inputs else q, world, empty_rank) for q in range(world)]
+
+    # --- reference on one process
+    ref_est = ref.router.estimator
+    old_defaults = ref_est.defaults.clone() if estimator == "default_moe" else None
+    if estimator == "default_moe" and training:
+        # the expert-parallel layer observes once with every rank's rows: do the same here
+        with torch.no_grad():
+            sums = torch.zeros(num_experts, D)
+            counts = torch.zeros(num_experts, dtype=torch.int64)
+            for q, (x, mask, _) in enumerate(inputs):
+                _set_generator(ref, 500 + q)
+                r = ref.router(x, mask)
+                flat = x.reshape(-1, D)
+                cap = None if capacity is None else expert_capacity(capacity, flat.shape[0], 2, num_experts)
+                plan = plan_dispatch(r.indices, r.weights, num_experts, cap)
+                every = ref.experts.every_expert(flat, *ref.experts.stacked_weights())  # [T, E, D]
+                sums.index_add_(0, plan.experts, every[plan.tokens, plan.experts])
+                counts += plan.counts
+            ref_est.observe(sums, counts)
+            ref_est.observe = lambda *a: None
+            expected_defaults = ref_est.defaults.clone()
+    xs_ref, outs_ref, total = [], [], torch.zeros(())
+    for q, (x, mask, c) in enumerate(inputs):
+        _set_generator(ref, 500 + q)
+        # an empty x does not require grad: dispatch.gather_rows' backward cannot reshape 0 tokens
+        xq = x.clone().requires_grad_(x.shape[0] > 0)
+        out = ref(xq, mask)
+        xs_ref.append(xq)
+        outs_ref.append(out)
+        total = total + (out.y * c).sum()
+    glob, glob_values = balance_losses(_concat([o.routing for o in outs_ref], S), ref.losses)
+    total = total + world * glob
+    total.backward()
+
+    # --- expert parallel
+    ep = expert_parallel(moe)
+    _set_generator(ep, 500 + rank)
+    x, mask, c = inputs[rank]
+    x = x.clone().requires_grad_(x.shape[0] > 0)
+    out = ep(x, mask)
+    ((out.y * c).sum() + out.aux_loss).backward()
+
+    res = {"y": _maxdiff(out.y, outs_ref[rank].y), "x_grad": _maxdiff(_grad(x), _grad(xs_ref[rank]))}
+    lo, hi = ep.experts.first, ep.experts.first + ep.experts.num_local
+    res["expert_grad"] = max(_maxdiff(_grad(getattr(ep.experts.local, n)), _grad(getattr(ref.experts, n))[lo:hi])
+                             for n in ("w1", "w3", "w2") if getattr(ref.experts, n) is not None)
+    res["expert_grad_norm"] = float(sum(_grad(p).norm() for p in ep.experts.parameters()))
+    router_diff = 0.0
+    for (n, p), (_, p_ref) in zip(ep.router.named_parameters(), ref.router.named_parameters()):
+        g = _grad(p).clone()
+        dist.all_reduce(g)
+        router_diff = max(router_diff, _maxdiff(g, _grad(p_ref)))
+    res["router_grad"] = router_diff
+    res["router_grad_norm"] = float(_grad(ref.router.gate.weight).norm())
+    aux = out.aux_loss.detach().clone()
+    dist.all_reduce(aux)
+    res["aux_mean"] = float(aux) / world
+    res["aux_ref"] = float(glob.detach())
+    res["aux_local"] = float(out.aux_loss.detach())
+    res["losses"] = {}
+    for key, value in out.losses.items():
+        v = value.detach().clone()
+        dist.all_reduce(v)
+        res["losses"][key] = [float(v) / world, float(glob_values[key].detach())]
+    if estimator == "default_moe":
+        d = ep.router.estimator.defaults
+        spread = d.clone()
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+        low = d.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        res["defaults_spread"] = _maxdiff(spread, low)
+        if training:
+            res["defaults"] = _maxdiff(d, expected_defaults)
+            res["defaults_moved"] = _maxdiff(d, old_defaults)
+    res["stats_tokens"] = [int(v) for v in out.stats.tokens_per_expert]
+    res["dropped"] = int(out.stats.dropped)
+    return res
+
+
+def _bad_input_checks(rank, world):
+    """One rank sends something wrong; every rank must raise (and nobody hangs)."""
+    from moegrad.distributed import expert_parallel
+
+    torch.manual_seed(7)
+    ep = expert_parallel(moegrad.MoE(D, H, _num_experts(world), 2))
+    res = {}
+    # 1) the exchange itself: rank 1 sends rows with the wrong feature size
+    counts = torch.zeros(ep.num_experts, dtype=torch.int64)
+    counts[0] = 3
+    rows = torch.randn(3, D + 1 if rank == 1 else D)
+    try:
+        ep.experts(rows, counts)
+        res["rows_dim"] = None
+    except ValueError as err:
+        res["rows_dim"] = str(err)
+    # 2) rank 0's counts do not add up to its rows
+    bad = counts.clone()
+    bad[1] = 5 if rank == 0 else 0
+    try:
+        ep.experts(torch.randn(3, D), bad)
+        res["counts"] = None
+    except ValueError as err:
+        res["counts"] = str(err)
+    # 3) the layer: the last rank calls it with the wrong feature size
+    x = torch.randn(4, D + 2 if rank == world - 1 else D)
+    try:
+        ep(x)
+        res["layer"] = None
+    except ValueError as err:
+        res["layer"] = str(err)
+    # 4) the group still works afterwards
+    out = ep(torch.randn(4, D, generator=torch.Generator().manual_seed(rank)))
+    res["after"] = list(out.y.shape)
+    return res
+
+
+def _misc_checks(rank, world):
+    import torch.distributed as dist
+    from moegrad.distributed import (ExpertParallelExperts, average_expert_grads, expert_parallel,
+                                     expert_parameter_names, full_state_dict, load_full_state_dict)
+    from moegrad.estimators.weighted import TopK
+
+    res = {}
+    # E not divisible by W
+    try:
+        expert_parallel(moegrad.MoE(D, H, world + 1, 1))
+        res["divisible"] = None
+    except ValueError as err:
+        res["divisible"] = str(err)
+    # an estimator nobody checked under expert parallelism is refused
+    class Custom(TopK):
+        name = "custom"
+
+    torch.manual_seed(7)
+    moe = moegrad.MoE(D, H, _num_experts(world), 2)
+    moe.router.estimator = Custom(moe.router.config)
+    try:
+        expert_parallel(moe)
+        res["estimator"] = None
+    except ValueError as err:
+        res["estimator"] = str(err)
+    # different parameters on the ranks
+    torch.manual_seed(7 + rank)
+    try:
+        expert_parallel(moegrad.MoE(D, H, _num_experts(world), 2))
+        res["identical"] = None
+    except ValueError as err:
+        res["identical"] = str(err)
+    # save/load: gather to the single-process layout and back
+    torch.manual_seed(7)
+    moe = moegrad.MoE(D, H, _num_experts(world), 2)
+    plain = copy.deepcopy(moe)
+    ep = expert_parallel(moe)
+    full = full_state_dict(ep)
+    ref_state = plain.state_dict()
+    res["state_keys"] = sorted(full) == sorted(ref_state)
+    res["state_diff"] = max(_maxdiff(full[k].float(), ref_state[k].float()) for k in ref_state)
+    res["expert_names"] = expert_parameter_names(ep)
+    torch.manual_seed(11)
+    fresh_ep = expert_parallel(moegrad.MoE(D, H, _num_experts(world), 2))
+    load_full_state_dict(fresh_ep, plain.state_dict())
+    lo, hi = fresh_ep.experts.first, fresh_ep.experts.first + fresh_ep.experts.num_local
+    res["load_diff"] = max(_maxdiff(fresh_ep.experts.local.w1, plain.experts.w1[lo:hi]),
+                           _maxdiff(fresh_ep.router.gate.weight, plain.router.gate.weight))
+    # average_expert_grads divides the summed expert gradient by W
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(rank))
+    ep.zero_grad()
+    ep(x).y.sum().backward()
+    before = ep.experts.local.w1.grad.clone()
+    average_expert_grads(ep)
+    res["average"] = _maxdiff(ep.experts.local.w1.grad * world, before)
+    # bytes counted by ExchangeStats: one header, then 2 row exchanges forward and 2 backward
+    ep.zero_grad()
+    ep.experts.stats.reset()
+    out = ep(x)
+    out.y.sum().backward()
+    counts = out.stats.tokens_per_expert.clone()
+    lo, hi = ep.experts.first, ep.experts.first + ep.experts.num_local
+    glob = counts.clone()
+    dist.all_reduce(glob)
+    sent = int(counts.sum() - counts[lo:hi].sum())  # my rows for other ranks' experts
+    returned = int(glob[lo:hi].sum() - counts[lo:hi].sum())  # other ranks' rows I compute
+    expected = (world - 1) * (3 + hi - lo) * 8 + 2 * (sent + returned) * D * 4
+    res["bytes"] = [ep.experts.stats.reset(), expected, sent + returned]
+    # auxiliary-loss-free balancing: every rank applies the update from the global loads
+    torch.manual_seed(7)
+    moe = moegrad.MoE(D, H, _num_experts(world), 2, selection_bias=True)
+    ep = expert_parallel(moe)
+    balancer = moegrad.BiasBalancer(ep, gamma=0.1)
+    ep(torch.randn(5 + 3 * rank, D, generator=torch.Generator().manual_seed(rank)))
+    glob = ep.router.load_counts.clone()
+    dist.all_reduce(glob)
+    balancer.step()
+    expected = 0.1 * torch.sign(glob.float().mean() - glob.float())
+    res["bias"] = _maxdiff(ep.router.bias, expected)
+    return res
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    from moegrad.distributed import init_process_group_for_tests
+    import torch.distributed as dist
+
+    init_process_group_for_tests(rank, world, port, GROUP_TIMEOUT_S)
+    results = {}
+    try:
+        names = CASES if world == 2 else CASES4
+        for name in names:
+            results[name] = _run_case(name, rank, world)
+        results["same_inputs"] = _run_case("topk", rank, world, same_inputs=True)
+        results["empty_rank"] = _run_case("topk", rank, world, empty_rank=True)
+        results["empty_rank_dense"] = _run_case("dense", rank, world, empty_rank=True)
+        results["skewed"] = _run_case("topk", rank, world, skewed=True)
+        results["bad"] = _bad_input_checks(rank, world)
+        results["misc"] = _misc_checks(rank, world)
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _run_group(world, tmp_path_factory):
+    import torch.multiprocessing as mp
+    from moegrad.distributed import free_port
+
+    out_dir = str(tmp_path_factory.mktemp(f"ep{world}"))
+    ctx = mp.start_processes(_worker, args=(world, free_port(), out_dir), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world}-process group did not finish in {SPAWN_TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    out = []
+    for rank in range(world):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            out.append(json.load(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ep2(tmp_path_factory):
+    return _run_group(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ep4(tmp_path_factory):
+    return _run_group(4, tmp_path_factory)
+
+
+def _assert_case(results, name):
+    for rank, res in enumerate(results):
+        r = res[name]
+        for key in ("y", "x_grad", "expert_grad", "router_grad"):
+            assert r[key] < TOL, f"{name} rank {rank}: {key} differs by {r[key]:.3g}"
+        assert abs(r["aux_mean"] - r["aux_ref"]) < TOL, (name, rank, r["aux_mean"], r["aux_ref"])
+        for key, (mean, ref) in r["losses"].items():
+            assert abs(mean - ref) < TOL, (name, rank, key, mean, ref)
+        assert r["router_grad_norm"] > 1e-3  # the comparison is not vacuous
+    assert sum(res[name]["expert_grad_norm"] for res in results) > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_two_ranks_match_single_process(ep2, name):
+    _assert_case(ep2, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CASES4)
+def test_four_ranks_match_single_process(ep4, name):
+    _assert_case(ep4, name)
+
+
+@pytest.mark.parametrize("name", ["empty_rank", "empty_rank_dense", "skewed"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_rank_without_tokens(ep2, ep4, name, world):
+    results = ep2 if world == 2 else ep4
+    _assert_case(results, name)
+    if name == "skewed":  # nothing routed to the experts of ranks 1..W-1
+        assert all(sum(res[name]["stats_tokens"][8 // world:]) == 0 for res in results)
+    else:
+        assert sum(results[-1][name]["stats_tokens"]) == 0
+
+
+def test_capacity_drops_per_rank(ep2):
+    assert sum(res["topk_capacity"]["dropped"] for res in ep2) > 0
+    assert sum(res["dense_capacity"]["dropped"] for res in ep2) > 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_balance_loss_has_no_world_size_factor(ep2, ep4, world):
+    """Every rank sees the same tokens: each rank's aux loss must equal the single-process one
+    (not W times it), and so must the mean over ranks."""
+    results = ep2 if world == 2 else ep4
+    for res in results:
+        r = res["same_inputs"]
+        assert abs(r["aux_local"] - r["aux_ref"]) < TOL, (world, r["aux_local"], r["aux_ref"])
+        assert r["aux_ref"] > 0.1
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_default_moe_buffers_identical_and_global(ep2, ep4, world):
+    results = ep2 if world == 2 else ep4
+    for res in results:
+        r = res["default_moe"]
+        assert r["defaults_spread"] == 0.0
+        assert r["defaults"] < TOL
+        assert r["defaults_moved"] > 1e-3
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bad_shape_raises_on_every_rank(ep2, ep4, world):
+    results = ep2 if world == 2 else ep4
+    for rank, res in enumerate(results):
+        b = res["bad"]
+        assert b["rows_dim"] is not None and "rank(s) [1]" in b["rows_dim"], (rank, b["rows_dim"])
+        assert b["counts"] is not None and "rank(s) [0]" in b["counts"], (rank, b["counts"])
+        assert b["layer"] is not None and f"rank(s) [{world - 1}]" in b["layer"], (rank, b["layer"])
+        assert b["after"] == [4, D]
+    assert "feature size 10" in results[-1]["bad"]["layer"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_conversion_errors_and_state_dicts(ep2, ep4, world):
+    results = ep2 if world == 2 else ep4
+    for res in results:
+        m = res["misc"]
+        assert m["divisible"] is not None and f"num_experts={world + 1}" in m["divisible"]
+        assert m["estimator"] is not None and "'custom'" in m["estimator"]
+        assert m["identical"] is not None and "differs across ranks" in m["identical"]
+        assert m["state_keys"] and m["state_diff"] == 0.0
+        assert m["load_diff"] == 0.0
+        assert m["expert_names"] == ["experts.local.w1", "experts.local.w3", "experts.local.w2"]
+        assert m["average"] < 1e-6
+        assert m["bias"] < 1e-7
+        measured, expected, rows = m["bytes"]
+        assert rows > 0 and measured == expected
+
+
+def test_bench_model_and_validation():
+    from moegrad.distributed_bench import bench_expert_parallel, format_table, model_bytes
+
+    # 4 exchanges of K T rows of D fp32 values, (W - 1) / W of them off-rank
+    assert model_bytes(512, 64, 2, 1) == 0
+    assert model_bytes(512, 64, 2, 2) == 4 * 2 * 512 * 64 * 4 / 2
+    assert model_bytes(100, 10, 1, 4, element_size=2) == 4 * 100 * 10 * 2 * 3 / 4
+    with pytest.raises(ValueError, match="world_size=3 does not divide experts=8"):
+        bench_expert_parallel((3,), experts=8, progress=False)
+    with pytest.raises(ValueError, match="tokens=0"):
+        bench_expert_parallel((1,), tokens=0, progress=False)
+    table = format_table([{"world_size": 2, "tokens_per_s": 1000.0, "step_ms": 5.0,
+                           "bytes_per_step_per_rank": 10.0, "model_bytes_per_step_per_rank": 12.0}],
+                         dict(tokens=4, dim=2, hidden=3, experts=2, top_k=1, steps=1, estimator="topk"))
+    assert "| 2 | 1000 | 5.0 | 10 | 12 |" in table
+
+
+def test_expert_parallel_needs_an_initialised_group():
+    import torch.distributed as dist
+    from moegrad.distributed import expert_parallel
+
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        expert_parallel(moegrad.MoE(D, H, 4, 2))
+    with pytest.raises(TypeError, match="moegrad.MoE"):
+        expert_parallel(torch.nn.Linear(2, 2))
