@@ -1,0 +1,136 @@
+"""``charlm``: a tiny character-level transformer LM whose FFNs are :class:`moegrad.MoE`.
+
+The text is the help topics that ship with CPython (``pydoc_data.topics``), so nothing is
+downloaded; the last 10% of the characters are the validation split. Shapes: B batch,
+S context, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import moegrad
+from moegrad.study.tasks import TASKS, Task
+
+
+def load_text() -> str:
+    """The pydoc help topics as one string (about 0.5M characters, CPython's own docs)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)); x + MoE(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, moe: moegrad.MoE) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.moe = moe
+
+    def forward(self, x: Tensor) -> tuple[Tensor, moegrad.MoEOutput]:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, d // self.heads).unbind(2)
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, s, d))
+        out = self.moe(self.ln2(x))
+        return x + out.y, out
+
+
+class CharModel(nn.Module):
+    """Token + position embeddings, ``layers`` blocks, LN and a tied output head."""
+
+    def __init__(self, vocab: int, context: int, dim: int, heads: int, layers: int, make_moe) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(context, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, make_moe()) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, idx: Tensor) -> tuple[Tensor, list]:
+        """idx [B, S] int64 -> logits [B, S, V], [MoEOutput per layer]."""
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        outs = []
+        for block in self.blocks:
+            x, out = block(x)
+            outs.append(out)
+        return self.ln(x) @ self.tok.weight.T, outs
+
+
+class CharLM(Task):
+    """Next-character prediction on CPython's help topics; scored by validation loss (nats)
+    and bits per character (= loss / ln 2). No ground-truth routing: purity is not defined and
+    the exact expected gradient is not enumerable (tokens interact through attention), so the
+    gradient diagnostics are reported for ``clusters`` only."""
+
+    name = "charlm"
+    description = "tiny char-level transformer LM on pydoc_data.topics"
+    quick = (100, 1)
+    full = (800, 2)
+
+    def __init__(self, seed: int = 0, *, dim: int = 48, heads: int = 4, layers: int = 2,
+                 context: int = 32, num_experts: int = 8, top_k: int = 2, hidden_dim: int = 48,
+                 batch_size: int = 16, lr: float = 3e-3, val_batches: int = 8) -> None:
+        text = load_text()
+        chars = sorted(set(text))
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        data = torch.tensor([self.stoi[c] for c in text], dtype=torch.int64)
+        split = int(0.9 * len(data))
+        self.train_data, self.val_data = data[:split], data[split:]
+        self.vocab = len(chars)
+        self.dim, self.heads, self.layers, self.context = dim, heads, layers, context
+        self.num_experts, self.top_k, self.hidden_dim = num_experts, top_k, hidden_dim
+        self.batch_size, self.lr, self.seed = batch_size, lr, seed
+        self.reset()
+        vg = torch.Generator().manual_seed(40_000)
+        self.val = [self._window(self.val_data, batch_size, vg) for _ in range(val_batches)]
+
+    def reset(self) -> None:
+        self._g = torch.Generator().manual_seed(30_000 + self.seed)
+
+    def config(self) -> dict:
+        return {k: getattr(self, k) for k in ("vocab", "dim", "heads", "layers", "context",
+                                               "num_experts", "top_k", "hidden_dim",
+                                               "batch_size", "lr")}
+
+    def _window(self, data: Tensor, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        start = torch.randint(len(data) - self.context - 1, (n,), generator=g)
+        rows = torch.stack([data[s:s + self.context + 1] for s in start.tolist()])
+        return rows[:, :-1], rows[:, 1:]
+
+    def build(self, estimator, options, losses, seed):
+        torch.manual_seed(seed)
+        make = lambda: moegrad.MoE(self.dim, self.hidden_dim, self.num_experts, self.top_k,  # noqa: E731
+                                   estimator=estimator, losses=losses, impl=self.impl,
+                                   **options)
+        return CharModel(self.vocab, self.context, self.dim, self.heads, self.layers, make)
+
+    def batch(self, step):
+        return self._window(self.train_data, self.batch_size, self._g)
+
+    def loss(self, model, batch):
+        idx, target = batch
+        logits, outs = model(idx)
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab), target.reshape(-1))
+        return loss, sum(o.aux_loss for o in outs), outs
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        was = model.training
+        model.eval()
+        total = sum(float(self.loss(model, b)[0]) for b in self.val) / len(self.val)
+        model.train(was)
+        return {"val_loss": total, "bits_per_char": total / math.log(2)}
+
+
+TASKS["charlm"] = CharLM
