@@ -1,0 +1,500 @@
+"""Hugging Face transformers integration: new router gradients for pretrained MoE models.
+
+    import moegrad.hf
+    model = AutoModelForCausalLM.from_pretrained(...)
+    moegrad.hf.patch(model, estimator="dense")      # in place; returns the model
+    out = model(input_ids, labels=labels)            # same forward as before (topk/dense/...)
+    loss = out.loss + moegrad.hf.aux_loss(model)     # optional moegrad balance losses
+    moegrad.hf.unpatch(model)                        # original forward back
+
+    # DeepSeek-V3: train e_score_correction_bias (HF keeps it frozen) after each optimizer step
+    balancer = moegrad.BiasBalancer(model, gamma=1e-3)  # a patched DeepSeek-V3 model
+    ...; optimizer.step(); balancer.step()
+
+Shapes: B batch, S sequence, T = B*S tokens, D hidden size, H expert intermediate size,
+E routed experts, K experts per token, M = T*K routed rows.
+
+Every supported sparse MoE block keeps its modules and parameters; only its ``forward`` is
+replaced, and one helper module ``moegrad_router`` (a :class:`moegrad.Router` subclass with no
+persistent state: ``state_dict`` keys are unchanged, except ``noisy_topk``'s learned noise
+weight ``...moegrad_router.estimator.w_noise``) is attached to the block. The patched forward:
+
+    z = gate(x)[0]                    [T, E]  the HF gate module is still called (its hooks and
+                                              ``output_router_logits`` recording keep working)
+    s = softmax(z) | sigmoid(z)       [T, E]  fp32, as the HF family does
+    S, w = estimator.route(...)       [T, K]  with the family's selection (DeepSeek-V3:
+                                              group-limited top-k on s + e_score_correction_bias)
+                                              and weights (renormalise if the family does,
+                                              DeepSeek-V3: / (sum + 1e-20) * routed_scaling_factor)
+    y = combine(experts(dispatch(x)))  [T, D] moegrad's sorted dispatch + grouped SwiGLU over
+                                              the HF expert weights (gate_up_proj [E, 2H, D] is
+                                              read as w1 = gate rows, w3 = up rows; down_proj
+                                              [E, D, H] as w2)
+    y = estimator.mix(y, ...)                 dense / default_moe router-gradient hooks
+    y += shared experts                       Qwen2-MoE: sigmoid(shared_expert_gate(x)) *
+                                              shared_expert(x); DeepSeek-V3: shared_experts(x)
+
+Families (see :data:`FAMILIES`): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS (its own
+expert layout with biases and clamped GLU, computed per expert), DeepSeek-V3 (any deterministic
+estimator; sampling ones are refused there), and PhiMoE, whose router is SparseMixer: only
+``estimator="sparsemixer"`` keeps its forward (``jitter_eps`` defaults to the config's
+``router_jitter_noise``), so the others are refused.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moegrad import experts as _experts
+from moegrad.dispatch import combine_rows, plan_dispatch
+from moegrad.estimators import available as available_estimators
+from moegrad.estimators import build_estimator, get as get_estimator
+from moegrad.losses import balance_losses, check_losses
+from moegrad.routing import Router, RouterConfig, Routing, flatten_mask, flatten_tokens
+
+#: expert compute choices: None (= "auto") or a :data:`moegrad.experts.IMPLS` name run moegrad's
+#: grouped expert compute; "hf" calls the block's own experts module (so transformers'
+#: ``experts_implementation`` applies)
+IMPLS = (None, "hf") + tuple(getattr(_experts, "IMPLS", ("auto", "loop")))
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers MoE block routes. ``module``/``block`` name the HF block class."""
+
+    name: str
+    module: str
+    block: str
+    score: str  # "softmax" or "sigmoid"
+    gate: str = "gate"  # attribute of the block holding the router module (weight [E, D])
+    shared: Optional[str] = None  # None, "gated" (Qwen2-MoE) or "plain" (DeepSeek-V3)
+    jitter: Optional[str] = None  # block attribute of a multiplicative input jitter (training)
+    correction_bias: bool = False  # DeepSeek-V3's e_score_correction_bias + group-limited top-k
+    #: the only estimators that keep this family's forward (None: any)
+    estimators: Optional[tuple] = None
+    #: expert layout: "fused" (gate_up_proj [E, 2H, D] = [gate; up], SwiGLU) or "gpt_oss"
+    #: (gate_up_proj [E, D, 2H] interleaved, biases, clamped GLU)
+    experts: str = "fused"
+    #: the block returns (hidden_states, combine weights [T, K]) (GPT-OSS)
+    returns_weights: bool = False
+
+    def block_class(self):
+        """The HF block class, or None if its module is not loaded (then no model holds one)."""
+        module = sys.modules.get(self.module)
+        return getattr(module, self.block, None) if module is not None else None
+
+    def router_config(self, block: nn.Module) -> RouterConfig:
+        """The :class:`RouterConfig` equal to the HF gate's routing rule."""
+        gate, experts = getattr(block, self.gate), block.experts
+        dim, num_experts = gate.weight.shape[1], gate.weight.shape[0]
+        if experts.gate_up_proj.shape[0] != num_experts or experts.down_proj.shape[0] != num_experts:
+            raise ValueError(f"{type(block).__name__}: gate has {num_experts} experts but experts "
+                             f"hold {experts.gate_up_proj.shape[0]}")
+        top_k, normalize, scale, groups = int(gate.top_k), False, 1.0, (None, None)
+        if self.name in ("mixtral", "gpt_oss"):  # GPT-OSS: softmax of the K top logits, the same
+            normalize = True
+        elif self.name == "phimoe":
+            top_k = 2  # transformers' PhiMoE sparsemixer always makes two picks
+        elif self.correction_bias:
+            normalize, scale = bool(gate.norm_topk_prob), float(gate.routed_scaling_factor)
+            groups = (int(gate.num_group), int(gate.topk_group))
+        else:
+            normalize = bool(gate.norm_topk_prob)
+        return RouterConfig(dim, num_experts, top_k, score=self.score, normalize=normalize,
+                            routed_scaling_factor=scale, n_group=groups[0], topk_group=groups[1],
+                            selection_bias=self.correction_bias, check_finite=False)
+
+    def default_options(self, block: nn.Module, estimator: str) -> dict:
+        """Estimator options taken from the HF config (PhiMoE: jitter_eps)."""
+        if self.name == "phimoe" and estimator == "sparsemixer":
+            return {"jitter_eps": float(getattr(block, self.gate).router_jitter_noise)}
+        return {}
+
+
+_M = "transformers.models.{0}.modeling_{0}"
+#: supported families by name
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("mixtral", _M.format("mixtral"), "MixtralSparseMoeBlock", "softmax", jitter="jitter_noise"),
+    Family("qwen2_moe", _M.format("qwen2_moe"), "Qwen2MoeSparseMoeBlock", "softmax", shared="gated"),
+    Family("qwen3_moe", _M.format("qwen3_moe"), "Qwen3MoeSparseMoeBlock", "softmax"),
+    Family("olmoe", _M.format("olmoe"), "OlmoeSparseMoeBlock", "softmax"),
+    Family("deepseek_v3", _M.format("deepseek_v3"), "DeepseekV3MoE", "sigmoid", shared="plain",
+           correction_bias=True),
+    Family("phimoe", _M.format("phimoe"), "PhimoeSparseMoeBlock", "softmax", gate="router",
+           jitter="input_jitter_noise", estimators=("sparsemixer",)),
+    Family("gpt_oss", _M.format("gpt_oss"), "GptOssMLP", "softmax", gate="router",
+           experts="gpt_oss", returns_weights=True),
+)}
+
+
+def supported() -> list[str]:
+    """'family (BlockClass)' for every supported family."""
+    return [f"{f.name} ({f.block})" for f in FAMILIES.values()]
+
+
+# ----------------------------------------------------------------------------- expert compute
+def _expert_loop(rows: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor,
+                 act: Callable) -> Tensor:
+    """Fallback grouped SwiGLU: rows [M, D] grouped by expert, counts [E] -> [M, D].
+
+    gate_up [E, 2H, D] (gate rows first, then up rows, as HF stores them), down [E, D, H]:
+    E_e(x) = down_e (act(gate_e x) * (up_e x)). Weight views are taken once with unbind(0) so
+    backward accumulates one stacked gradient.
+    """
+    if rows.shape[0] == 0:
+        return rows.new_zeros(0, down.shape[1])
+    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
+    outs = []
+    for e, chunk in enumerate(rows.split(counts.tolist())):
+        if chunk.shape[0]:
+            g, u = F.linear(chunk, gate_ups[e]).chunk(2, dim=-1)
+            outs.append(F.linear(act(g) * u, downs[e]))
+    return torch.cat(outs)
+
+
+def _is_silu(act: Callable) -> bool:
+    """True when ``act`` computes silu (transformers' SiLUActivation, nn.SiLU, F.silu, ...)."""
+    if isinstance(act, nn.SiLU) or act is F.silu:
+        return True
+    probe = torch.linspace(-8.0, 8.0, 129)
+    try:
+        with torch.no_grad():
+            return bool(torch.allclose(act(probe), F.silu(probe), rtol=1e-6, atol=1e-7))
+    except Exception:  # an activation that cannot run on a CPU probe: use the generic loop
+        return False
+
+
+class HFExperts:
+    """A view of an HF experts module with the interface moegrad's estimators use.
+
+    ``stacked_weights()`` -> (w1 [E, H, D] gate, w3 [E, H, D] up, w2 [E, D, H] down), views of
+    ``gate_up_proj`` / ``down_proj`` (no copies); ``every_expert(x [t, D], *weights)`` ->
+    [t, E, D]; ``forward(rows [M, D], counts [E])`` -> [M, D]. Holds no state of its own.
+    """
+
+    def __init__(self, module: nn.Module, impl: Optional[str]) -> None:
+        self.module = module
+        self.impl = "auto" if impl is None else impl
+        self.num_experts, two_h, self.dim = module.gate_up_proj.shape
+        self.hidden_dim = two_h // 2
+        self.act = module.act_fn
+        self.silu = _is_silu(self.act)
+
+    def stacked_weights(self) -> tuple:
+        """unbind of a [E, 2, H, D] view rather than two slices: backward stacks the two
+        gradients into one [E, 2H, D] tensor instead of zero-filling one per slice."""
+        gu = self.module.gate_up_proj
+        w1, w3 = gu.view(self.num_experts, 2, self.hidden_dim, self.dim).unbind(1)
+        return w1, w3, self.module.down_proj
+
+    def every_expert(self, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+        up = torch.einsum("td,ehd->teh", x, w1)
+        gate_up = torch.einsum("td,ehd->teh", x, w3)
+        return torch.einsum("teh,edh->ted", self.act(up) * gate_up, w2)
+
+    def __call__(self, rows: Tensor, counts: Tensor) -> Tensor:
+        grouped = getattr(_experts, "grouped_mlp", None)
+        if grouped is not None and self.silu:  # otherwise the HF activation in a loop
+            w1, w3, w2 = self.stacked_weights()
+            return grouped(rows, counts, w1, w2, w3, activation="swiglu", impl=self.impl)
+        return _expert_loop(rows, counts, self.module.gate_up_proj, self.module.down_proj, self.act)
+
+
+class GptOssExpertsView:
+    """:class:`HFExperts` for GPT-OSS: gate_up_proj [E, D, 2H] (gate = even, up = odd columns),
+    gate_up_proj_bias [E, 2H], down_proj [E, H, D], down_proj_bias [E, D];
+    E_e(x) = (HF ``_apply_gate``(x gate_up_e + b_e)) down_e + c_e, where the gate is
+    (clamp(up, -l, l) + 1) * g sigmoid(alpha g), g = clamp(gate, max=l). The expert compute is
+    a per-expert loop (moegrad's grouped_mlp has no biases or clamped GLU); ``impl="hf"`` uses
+    transformers' grouped_mm instead.
+    """
+
+    def __init__(self, module: nn.Module, impl: Optional[str]) -> None:
+        self.module = module
+        self.impl = impl
+        self.num_experts, self.dim, two_h = module.gate_up_proj.shape
+        self.hidden_dim = two_h // 2
+        self.silu = False
+
+    def stacked_weights(self) -> tuple:
+        m = self.module
+        return m.gate_up_proj, m.gate_up_proj_bias, m.down_proj, m.down_proj_bias
+
+    def every_expert(self, x: Tensor, gu: Tensor, gub: Tensor, dn: Tensor, dnb: Tensor) -> Tensor:
+        h = self.module._apply_gate(torch.einsum("td,edh->teh", x, gu) + gub)  # [t, E, H]
+        return torch.einsum("teh,ehd->ted", h, dn) + dnb
+
+    def __call__(self, rows: Tensor, counts: Tensor) -> Tensor:
+        if rows.shape[0] == 0:
+            return rows.new_zeros(0, self.dim)
+        gus, gubs, dns, dnbs = (w.unbind(0) for w in self.stacked_weights())
+        outs = []
+        for e, chunk in enumerate(rows.split(counts.tolist())):
+            if chunk.shape[0]:
+                h = self.module._apply_gate(chunk @ gus[e] + gubs[e])
+                outs.append(h @ dns[e] + dnbs[e])
+        return torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------- the router view
+class HFRouter(Router):
+    """moegrad's router view of an HF MoE block (attached as ``block.moegrad_router``).
+
+    It owns no parameters of the HF model and adds no persistent state: the HF gate is read
+    through a plain reference, the estimator's buffers (e.g. ``default_moe``'s ``defaults``) and
+    ``load_counts`` are non-persistent. ``bias`` is the HF ``e_score_correction_bias`` buffer
+    itself for DeepSeek-V3 (None otherwise), so :class:`moegrad.BiasBalancer` trains it in place
+    and ``save_pretrained`` saves it under its own name.
+
+    After each forward of the block: ``last_routing`` (:class:`Routing`, detached),
+    ``last_aux_loss`` (scalar with gradient, the weighted sum of the configured moegrad losses;
+    None when none are configured) and ``last_losses`` ({name: value}). The HF block is not
+    given the attention mask, so padding tokens count in these losses (as in HF's own aux loss
+    without ``attention_mask``).
+    """
+
+    def __init__(self, block: nn.Module, family: Family, estimator: str, losses: dict,
+                 impl: Optional[str], options: dict) -> None:
+        nn.Module.__init__(self)
+        self.family = family
+        self.config = family.router_config(block)
+        object.__setattr__(self, "_hf_gate", getattr(block, family.gate))  # not a submodule
+        view = GptOssExpertsView if family.experts == "gpt_oss" else HFExperts
+        object.__setattr__(self, "hf_experts", view(block.experts, impl))
+        self.impl = impl
+        self.losses = losses
+        self.register_buffer("load_counts", torch.zeros(self.config.num_experts, dtype=torch.int64,
+                                                        device=self._hf_gate.weight.device),
+                             persistent=False)
+        self.estimator = build_estimator(estimator, self.config, **options)
+        self.estimator.to(self._hf_gate.weight.device)
+        for module in self.estimator.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None:
+                    module.register_buffer(name, buf, persistent=False)
+        self.last_routing: Optional[Routing] = None
+        self.last_aux_loss: Optional[Tensor] = None
+        self.last_losses: dict = {}
+
+    @property
+    def gate(self) -> nn.Module:
+        """The HF gate module (its ``weight`` [E, D] is the router weight)."""
+        return self._hf_gate
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """[E] selection-only bias: DeepSeek-V3's ``e_score_correction_bias``, else None."""
+        return self._hf_gate.e_score_correction_bias if self.family.correction_bias else None
+
+    @bias.setter
+    def bias(self, value: Tensor) -> None:
+        current = self.bias
+        if current is None:
+            raise ValueError(f"the {self.family.name} router has no selection bias to set")
+        if value is not current:
+            with torch.no_grad():
+                current.copy_(value)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "bias":  # the HF buffer is an nn.Buffer: keep nn.Module from re-registering it
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        return f"family={self.family.name}, {super().extra_repr()}, impl={self.impl}, losses={self.losses}"
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None,
+                shape: Optional[tuple] = None) -> Routing:
+        """x [T, D] or [B, S, D]; mask: optional bool of the leading shape (True = real token,
+        padding is left out of ``load_counts`` and the balance losses); ``shape``: the leading
+        shape when x is already flat (the patched block passes [T, D] and (B, S)).
+        -> :class:`Routing` (the :class:`moegrad.Router` contract)."""
+        flat = flatten_tokens(x, self.config.dim)
+        shape = tuple(shape) if shape is not None else tuple(x.shape[:-1])
+        token_mask = flatten_mask(mask, shape)
+        # through the HF module, so its hooks and output_router_logits recording fire. (PhiMoE's
+        # router multiplies ``flat`` in place by its input jitter in training, as HF's block sees.)
+        logits = self._hf_gate(flat)[0]
+        z = logits.float()
+        scores = torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
+        picked = self.estimator.route(flat.float(), z, scores, self)
+        if self.training and picked.indices.numel():
+            rows = picked.indices if token_mask is None else picked.indices[token_mask]
+            self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.config.num_experts)
+        return Routing(logits=z, scores=scores, indices=picked.indices, weights=picked.weights,
+                       shape=shape, mask=token_mask, load_probs=picked.load_probs,
+                       noise_std=picked.noise_std)
+
+    def experts_forward(self, flat: Tensor, routing: Routing) -> Tensor:
+        """flat [T, D] -> [T, D]: dispatch, experts, combine, estimator hook."""
+        experts, estimator = self.hf_experts, self.estimator
+        num_tokens = flat.shape[0]
+        if self.impl == "hf":
+            y = experts.module(flat, routing.indices, routing.weights.to(flat.dtype))
+        else:
+            plan = plan_dispatch(routing.indices, routing.weights, self.config.num_experts)
+            rows = experts(flat[plan.tokens], plan.counts)  # [M, D]
+            if self.training and estimator.observes_outputs and rows.shape[0]:
+                sums = rows.new_zeros(self.config.num_experts, self.config.dim, dtype=torch.float32)
+                sums.index_add_(0, plan.experts, rows.detach().float())
+                estimator.observe(sums, plan.counts)
+            y = combine_rows(rows, routing.weights, plan, num_tokens)
+        return estimator.mix(y, flat, routing, experts)
+
+
+# ----------------------------------------------------------------------------- patched forward
+def _moe_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    """The patched block forward: hidden_states [B, S, D] -> [B, S, D]
+    (GPT-OSS: and the combine weights [T, K], as its block returns)."""
+    router: HFRouter = self.moegrad_router
+    family = router.family
+    shape = hidden_states.shape
+    jitter = getattr(self, family.jitter) if family.jitter else 0.0
+    if self.training and jitter > 0:
+        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
+    flat = hidden_states.reshape(-1, shape[-1])
+    routing = router(flat, shape=tuple(shape[:-1]))
+    y = router.experts_forward(flat, routing)
+    if family.shared == "gated":
+        y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+    elif family.shared == "plain":
+        y = y + self.shared_experts(flat)
+    if router.losses:
+        router.last_aux_loss, router.last_losses = balance_losses(routing, router.losses)
+    router.last_routing = _detached(routing)
+    if family.returns_weights:
+        return y.reshape(shape), routing.weights.to(y.dtype)
+    return y.reshape(shape)
+
+
+def _detached(r: Routing) -> Routing:
+    """A copy of ``r`` without autograd history (kept on the router for inspection)."""
+    d = lambda t: t.detach() if t is not None else None  # noqa: E731
+    return Routing(d(r.logits), d(r.scores), r.indices, d(r.weights), r.shape, r.mask,
+                   d(r.load_probs), d(r.noise_std))
+
+
+def _family_of(block: nn.Module) -> Optional[Family]:
+    for family in FAMILIES.values():
+        cls = family.block_class()
+        if cls is not None and isinstance(block, cls):
+            return family
+    return None
+
+
+def _check_estimator(family: Family, estimator: str, model_name: str) -> None:
+    cls = get_estimator(estimator)  # ValueError listing the names for unknown ones
+    if family.estimators is not None and estimator not in family.estimators:
+        raise ValueError(
+            f"estimator={estimator!r} would change the forward of {family.name} in {model_name}: "
+            f"it routes with SparseMixer (masked softmax, two picks); use one of "
+            f"{list(family.estimators)}")
+    if family.correction_bias and cls.samples:
+        allowed = [n for n in available_estimators() if not get_estimator(n).samples]
+        raise ValueError(
+            f"estimator={estimator!r} samples its expert selection, which cannot honour "
+            f"{family.name}'s group-limited top-k and e_score_correction_bias in {model_name}; "
+            f"use one of {allowed}")
+
+
+def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = None,
+          impl: Optional[str] = None, **estimator_options) -> nn.Module:
+    """Patch, in place, every supported sparse MoE block of ``model``; returns ``model``.
+
+    Args:
+        model: a transformers model (or any module) holding blocks of :data:`FAMILIES`.
+        estimator: a name from :func:`moegrad.estimators.available`; extra keyword arguments
+            are its options (e.g. ``beta`` for ``default_moe``).
+        losses: optional moegrad balance losses ``{name: coefficient}`` computed per block; read
+            their sum after a forward with :func:`aux_loss` (HF's own ``output_router_logits``
+            aux loss is unaffected). Default: none.
+        impl: expert compute: None (= "auto") or a :data:`moegrad.experts.IMPLS` name
+            (moegrad's grouped compute, :func:`moegrad.experts.grouped_mlp`), or "hf" (the
+            block's own experts module and transformers' ``experts_implementation``).
+
+    Raises ValueError when the model has no supported block (naming the model class and the
+    supported ones), when it is already patched, or when the estimator cannot honour the
+    family's routing (a sampling estimator with DeepSeek-V3's group-limited, biased top-k).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not supported; choose one of {list(IMPLS)}")
+    get_estimator(estimator)
+    coefficients = check_losses(losses, estimator)
+    name = type(model).__name__
+    blocks = [(m, f) for m in model.modules() if (f := _family_of(m)) is not None]
+    if not blocks:
+        raise ValueError(f"{name} holds no supported sparse MoE block; supported: "
+                         f"{', '.join(supported())}")
+    if any(hasattr(m, "moegrad_router") for m, _ in blocks):
+        raise ValueError(f"{name} is already patched by moegrad.hf.patch; call "
+                         "moegrad.hf.unpatch(model) first to patch it again")
+    if get_estimator(estimator).observes_outputs and impl == "hf":
+        raise ValueError(f"estimator={estimator!r} observes per-expert outputs, which impl='hf' "
+                         "does not expose; use impl=None")
+    for family in {f for _, f in blocks}:
+        _check_estimator(family, estimator, name)
+        if family.experts != "fused" and impl not in (None, "auto", "loop", "hf"):
+            raise ValueError(f"impl={impl!r} is not available for {family.name} experts (biases, "
+                             "clamped GLU); use impl=None (a per-expert loop) or 'hf'")
+    routers = [HFRouter(m, f, estimator, coefficients, impl,
+                        {**f.default_options(m, estimator), **estimator_options}) for m, f in blocks]
+    for (block, _), router in zip(blocks, routers):
+        router.train(block.training)
+        block.moegrad_router = router
+        block.forward = types.MethodType(_moe_forward, block)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original forward of every block patched by :func:`patch`; returns ``model``.
+
+    Raises ValueError if nothing in ``model`` is patched.
+    """
+    found = False
+    for module in model.modules():
+        if "moegrad_router" in module._modules:
+            del module.moegrad_router
+            module.__dict__.pop("forward", None)
+            found = True
+    if not found:
+        raise ValueError(f"{type(model).__name__} is not patched by moegrad.hf.patch")
+    return model
+
+
+def routers(model: nn.Module) -> list[HFRouter]:
+    """The :class:`HFRouter` of every patched block, in module order."""
+    return [m for m in model.modules() if isinstance(m, HFRouter)]
+
+
+def aux_loss(model: nn.Module, clear: bool = True) -> Tensor:
+    """Sum over patched blocks of the moegrad balance losses of the last forward (scalar fp32).
+
+    0 when ``patch(..., losses=...)`` configured none. ``clear`` drops the stored values so the
+    graph is not kept alive past the step.
+    """
+    found = routers(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} is not patched by moegrad.hf.patch")
+    total = None
+    for router in found:
+        if router.last_aux_loss is not None:
+            total = router.last_aux_loss if total is None else total + router.last_aux_loss.to(total.device)
+        if clear:
+            router.last_aux_loss, router.last_losses = None, {}
+    if total is None:
+        return torch.zeros((), device=found[0].load_counts.device)
+    return total
+
+
+__all__ = ["patch", "unpatch", "routers", "aux_loss", "supported", "FAMILIES", "Family", "HFRouter",
+           "HFExperts", "IMPLS"]
