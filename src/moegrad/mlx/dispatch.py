@@ -1,0 +1,82 @@
+"""Dispatch (token, slot) pairs to experts and combine the results, in MLX.
+
+Shapes: T tokens, K top-k, E experts, N = T*K pairs, M <= N kept pairs, D model dim.
+Pair p = t*K + j is token t's j-th choice. As in mlx-lm's ``SwitchGLU``, the pairs are put in
+expert order with one (stable) ``argsort`` of the flat expert ids, so each expert's rows are
+contiguous and ``mx.gather_mm(..., sorted_indices=True)`` reads each expert's weights once;
+the inverse permutation puts the rows back. Same plan as :func:`moegrad.dispatch.plan_dispatch`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+from moegrad.mlx.ops import counts as histogram
+
+
+@dataclass
+class DispatchPlan:
+    """pairs [M] kept pair ids sorted by expert (uint32); tokens [M] their token ids; experts [M]
+    their expert ids; counts [E] kept rows per expert; routed [E] pairs assigned per expert
+    (before capacity); dropped: 0-d int64; ``dropless``: every pair kept (pairs a permutation)."""
+
+    pairs: mx.array
+    tokens: mx.array
+    experts: mx.array
+    counts: mx.array
+    routed: mx.array
+    dropped: mx.array
+    dropless: bool
+
+
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """ceil(capacity_factor * T * K / E)."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def plan_dispatch(indices: mx.array, weights: mx.array, num_experts: int,
+                  capacity: Optional[int] = None) -> DispatchPlan:
+    """indices [T, K], weights [T, K] -> :class:`DispatchPlan`.
+
+    With ``capacity``, each expert keeps its ``capacity`` pairs of highest weight (ties: the
+    earlier pair); the rest are dropped and counted.
+    """
+    top_k = indices.shape[1]
+    flat = mx.stop_gradient(indices).reshape(-1).astype(mx.uint32)
+    routed = histogram(flat, num_experts)
+    if capacity is None:
+        pairs = mx.argsort(flat)  # stable: pairs of one expert keep token order
+        kept = routed
+    else:
+        by_weight = mx.argsort(-mx.stop_gradient(weights).reshape(-1))
+        pairs = by_weight[mx.argsort(flat[by_weight])]
+        starts = mx.cumsum(routed) - routed
+        rank = mx.arange(flat.size) - starts[flat[pairs]]
+        keep = rank < capacity
+        kept = mx.minimum(routed, capacity)
+        num_kept = int(kept.sum())
+        pairs = pairs[mx.argsort((~keep).astype(mx.uint32))[:num_kept]]  # kept ones, in order
+    dropped = routed.sum() - kept.sum()
+    pairs = pairs.astype(mx.uint32)
+    return DispatchPlan(pairs, pairs // top_k, flat[pairs], kept, routed, dropped,
+                        capacity is None)
+
+
+def combine_rows(rows: mx.array, weights: mx.array, plan: DispatchPlan, num_tokens: int) -> mx.array:
+    """y[t] = sum_j w[t, j] out[t, j]: rows [M, D] expert outputs in plan order, weights [T, K]
+    -> [T, D]. Dropped pairs contribute zero. Rows go back to their pair slots (the inverse
+    permutation when dropless, a scatter otherwise) and are summed over K."""
+    top_k = weights.shape[1]
+    dim = rows.shape[1]
+    if rows.shape[0] == 0:  # no tokens, or every pair dropped
+        return mx.zeros((num_tokens, dim), dtype=rows.dtype)
+    if plan.dropless:
+        slots = rows[mx.argsort(plan.pairs)]  # [N, D] in pair order
+    else:
+        slots = mx.zeros((num_tokens * top_k, dim), dtype=rows.dtype).at[plan.pairs].add(rows)
+    out = slots.reshape(num_tokens, top_k, dim)
+    return (out * weights[..., None].astype(rows.dtype)).sum(axis=1)

@@ -1,0 +1,111 @@
+"""The MLX MoE layer: router -> dispatch -> experts (gather_mm) -> combine -> estimator hook
+-> balance losses. The twin of :class:`moegrad.MoE`.
+
+Shapes: T tokens, D model dim, H hidden dim, E experts, K top-k, M kept (token, slot) rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from moegrad._checks import check_float
+from moegrad.mlx.dispatch import combine_rows, expert_capacity, plan_dispatch
+from moegrad.mlx.experts import Experts
+from moegrad.mlx.losses import balance_losses, check_losses
+from moegrad.mlx.routing import Router, Routing, flatten_tokens
+
+
+@dataclass
+class MoEStats:
+    """tokens_per_expert [E] int64: (token, slot) pairs assigned per expert; dropped: 0-d int64."""
+
+    tokens_per_expert: mx.array
+    dropped: mx.array
+
+
+@dataclass
+class MoEOutput:
+    """y: same shape and dtype as the input; aux_loss: scalar fp32 weighted sum of the balance
+    losses; routing: :class:`Routing`; stats: :class:`MoEStats`; losses: each loss by name."""
+
+    y: mx.array
+    aux_loss: mx.array
+    routing: Routing
+    stats: MoEStats
+    losses: dict = field(default_factory=dict)
+
+
+class MoE(nn.Module):
+    """A sparse Mixture-of-Experts feed-forward layer in MLX (arguments as :class:`moegrad.MoE`,
+    without ``impl``: the experts always run through ``mx.gather_mm`` on expert-sorted rows).
+
+    ``__call__(x [T, D] or [B, S, D], mask=None) -> MoEOutput``.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *,
+                 estimator: str = "topk", score: str = "softmax", normalize: bool = False,
+                 activation: str = "swiglu", losses: Optional[dict] = None,
+                 capacity_factor: Optional[float] = None, temperature: float = 1.0,
+                 routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
+                 topk_group: Optional[int] = None, selection_bias: bool = False,
+                 check_finite: bool = True, **estimator_options) -> None:
+        super().__init__()
+        self.router = Router(dim, num_experts, top_k, score=score, normalize=normalize,
+                             estimator=estimator, temperature=temperature,
+                             routed_scaling_factor=routed_scaling_factor, n_group=n_group,
+                             topk_group=topk_group, selection_bias=selection_bias,
+                             check_finite=check_finite, **estimator_options)
+        self.experts = Experts(dim, hidden_dim, num_experts, activation)
+        # a tuple of pairs, not a dict: MLX modules would treat a dict attribute as a subtree
+        self._losses = tuple(check_losses({"switch": 1e-2} if losses is None else losses,
+                                          estimator).items())
+        if capacity_factor is not None:
+            check_float("capacity_factor", capacity_factor, low=0.0, low_open=True)
+        self.capacity_factor = capacity_factor
+
+    @property
+    def losses(self) -> dict:
+        return dict(self._losses)
+
+    @property
+    def dim(self) -> int:
+        return self.router.config.dim
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.config.top_k
+
+    @property
+    def estimator(self):
+        return self.router.estimator
+
+    def _extra_repr(self) -> str:
+        return f"losses={self.losses}, capacity_factor={self.capacity_factor}"
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array] = None) -> MoEOutput:
+        flat = flatten_tokens(x, self.dim)
+        routing = self.router(x, mask)
+        num_tokens = flat.shape[0]
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
+        plan = plan_dispatch(routing.indices, routing.weights, self.num_experts, capacity)
+        rows = self.experts(flat[plan.tokens], plan.experts)  # [M, D]
+        estimator = self.router.estimator
+        if self.training and estimator.observes_outputs and rows.shape[0]:
+            sums = mx.zeros((self.num_experts, self.dim), dtype=mx.float32)
+            sums = sums.at[plan.experts].add(mx.stop_gradient(rows).astype(mx.float32))
+            estimator.observe(sums, plan.counts)
+        y = combine_rows(rows, routing.weights, plan, num_tokens)
+        y = estimator.mix(y, flat, routing, self.experts)
+        aux_loss, values = balance_losses(routing, self.losses)
+        stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped)
+        return MoEOutput(y.reshape(x.shape).astype(x.dtype), aux_loss, routing, stats, values)

@@ -1,0 +1,165 @@
+"""Balance losses and auxiliary-loss-free balancing in MLX (the maths of :mod:`moegrad.losses`).
+
+Shapes: T tokens, E experts, K top-k. Every loss takes one layer call's
+:class:`~moegrad.mlx.routing.Routing` and returns a scalar fp32 array; padding tokens
+(``routing.mask`` False) are left out; a call without real tokens gives 0.
+
+=================== ===================================================================
+``switch``          E * sum_i f_i P_i, f_i = (pairs routed to i) / T, P_i = mean_t s'_ti
+``z_loss``          mean_t logsumexp(z_t)^2
+``importance_load`` CV^2(importance) + CV^2(smooth load)   (needs ``noisy_topk``)
+``seq_aux``         mean over sequences of sum_i f_i P_i, f_i = E/(K S) count_i (DeepSeek-V3)
+=================== ===================================================================
+
+s' are the scores normalised to sum to 1 over experts; CV^2(v) = Var(v) / mean(v)^2.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from moegrad._checks import check_float
+from moegrad.mlx.ops import one_hot, selected_mask
+from moegrad.mlx.routing import Router, Routing
+
+
+def _real(routing: Routing) -> mx.array:
+    """[T] float32: 1 for real tokens, 0 for padding."""
+    if routing.mask is None:
+        return mx.ones((routing.num_tokens,), dtype=mx.float32)
+    return routing.mask.astype(mx.float32)
+
+
+def _normalized_scores(routing: Routing) -> mx.array:
+    s = routing.scores
+    return s / (s.sum(-1, keepdims=True) + 1e-20)
+
+
+def switch_loss(routing: Routing) -> mx.array:
+    """E * sum_i f_i P_i (equals K at perfect balance)."""
+    real = _real(routing)
+    n = real.sum()
+    if float(n) == 0:
+        return mx.array(0.0)
+    f = (selected_mask(routing.indices, routing.logits.shape[1]) * real[:, None]).sum(0) / n
+    p = (_normalized_scores(routing) * real[:, None]).sum(0) / n
+    return routing.logits.shape[1] * (f * p).sum()
+
+
+def z_loss(routing: Routing) -> mx.array:
+    """mean_t logsumexp(z_t)^2 over real tokens."""
+    real = _real(routing)
+    n = real.sum()
+    if float(n) == 0:
+        return mx.array(0.0)
+    return (mx.square(mx.logsumexp(routing.logits, axis=-1)) * real).sum() / n
+
+
+def cv_squared(v: mx.array) -> mx.array:
+    """Var(v) / mean(v)^2 (population variance); 0 for a single element."""
+    if v.size <= 1:
+        return mx.array(0.0)
+    return mx.var(v) / (mx.square(v.mean()) + 1e-10)
+
+
+def importance_load_loss(routing: Routing) -> mx.array:
+    """CV^2(importance) + CV^2(smooth load) (Shazeer 2017, appendix A)."""
+    if routing.load_probs is None:
+        raise ValueError("the importance_load loss needs the smooth load of estimator='noisy_topk'; "
+                         "use noisy_topk or choose another loss (switch, z_loss, seq_aux)")
+    real = _real(routing)[:, None]
+    hot = one_hot(routing.indices, routing.logits.shape[1])  # [T, K, E]
+    gates = (hot * routing.weights[..., None]).sum(1)  # [T, E]
+    importance = (gates * real).sum(0)
+    load = (routing.load_probs * real).sum(0)
+    return cv_squared(importance) + cv_squared(load)
+
+
+def seq_aux_loss(routing: Routing) -> mx.array:
+    """DeepSeek-V3 sequence-wise balance loss (without alpha, which is the coefficient)."""
+    num_experts, top_k = routing.logits.shape[1], routing.indices.shape[1]
+    seqs = routing.shape[0] if len(routing.shape) == 2 else 1
+    real = _real(routing).reshape(seqs, -1)  # [B, S]
+    n = real.sum(1)  # [B]
+    assigned = selected_mask(routing.indices, num_experts).reshape(seqs, -1, num_experts)
+    cnt = (assigned * real[..., None]).sum(1)  # [B, E]
+    probs = (_normalized_scores(routing).reshape(seqs, -1, num_experts) * real[..., None]).sum(1)
+    has = n > 0
+    num_seqs = int(has.sum())
+    if num_seqs == 0:
+        return mx.array(0.0)
+    safe = mx.maximum(n, 1.0)[:, None]
+    per_seq = ((cnt * num_experts / (top_k * safe)) * (probs / safe)).sum(1)  # [B]
+    return mx.where(has, per_seq, 0.0).sum() / num_seqs
+
+
+LOSSES: dict[str, Callable[[Routing], mx.array]] = {
+    "switch": switch_loss,
+    "z_loss": z_loss,
+    "importance_load": importance_load_loss,
+    "seq_aux": seq_aux_loss,
+}
+
+
+def available() -> list[str]:
+    """Sorted names of the balance losses."""
+    return sorted(LOSSES)
+
+
+def check_losses(losses, estimator: str) -> dict[str, float]:
+    """Validate ``{name: coefficient}`` for a layer using ``estimator``."""
+    if losses is None:
+        return {}
+    if not isinstance(losses, dict):
+        raise TypeError(f"losses must be a dict {{name: coefficient}}, got {type(losses).__name__}; "
+                        f"names: {available()}")
+    out = {}
+    for name, coef in losses.items():
+        if name not in LOSSES:
+            raise ValueError(f"loss {name!r} is unknown; choose from {available()}")
+        check_float(f"losses[{name!r}]", coef, low=0.0)
+        out[name] = float(coef)
+    if "importance_load" in out and estimator != "noisy_topk":
+        raise ValueError(f"the importance_load loss needs estimator='noisy_topk' (its smooth load), "
+                         f"got estimator={estimator!r}")
+    return out
+
+
+def balance_losses(routing: Routing, coefficients: dict) -> tuple:
+    """-> (sum_name coef * loss, {name: loss}) for one layer call."""
+    values = {name: LOSSES[name](routing) for name in coefficients}
+    total = mx.array(0.0)
+    for name, value in values.items():
+        total = total + coefficients[name] * value
+    return total, values
+
+
+class BiasBalancer:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean_load - load_i).
+
+    ``module``: a Router, an MoE or a whole model; every :class:`~moegrad.mlx.Router` in it built
+    with ``selection_bias=True`` is balanced from its ``load_counts``. Call :meth:`step` after
+    the optimizer update.
+    """
+
+    def __init__(self, module: nn.Module, gamma: float = 1e-3) -> None:
+        check_float("gamma", gamma, low=0.0)
+        self.gamma = float(gamma)
+        self.routers = [m for m in module.modules()
+                        if isinstance(m, Router) and m.config.selection_bias]
+        if not self.routers:
+            raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
+                             "build it with selection_bias=True")
+
+    def step(self) -> list:
+        """Update every bias from its counts, reset the counts; returns the loads used."""
+        loads = []
+        for router in self.routers:
+            load = router.reset_load_counts().astype(mx.float32)
+            if float(load.sum()) > 0:
+                router.bias = router.bias + self.gamma * mx.sign(load.mean() - load)
+            loads.append(load)
+        return loads

@@ -1,0 +1,241 @@
+"""The MLX router: gate logits -> scores -> top-k selection -> combine weights.
+
+Shapes: T tokens, D model dim, E experts, K top-k. Same maths as :mod:`moegrad.routing`:
+
+    z = x W_g^T                 [T, E]  fp32 gate logits (``Routing.logits``)
+    s = score(z / temperature)  [T, E]  softmax or sigmoid (``Routing.scores``)
+    S = TopK(s + b)             [T, K]  selection; b the optional selection-only bias, and
+                                        group-limited top-k may mask whole expert groups first
+    w_i = c * s_i / (sum_S s)   [T, K]  (``normalize=True``; c = routed_scaling_factor)
+
+Indices are uint32 arrays already under ``mx.stop_gradient``: no user code needs one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from moegrad._checks import check_choice, check_float, check_int
+from moegrad.mlx.ops import counts, topk_indices
+
+SCORES = ("sigmoid", "softmax")
+
+
+@dataclass
+class RouterConfig:
+    """Validated router settings (see :class:`Router`); the same fields as the PyTorch side."""
+
+    dim: int
+    num_experts: int
+    top_k: int
+    score: str = "softmax"
+    normalize: bool = False
+    temperature: float = 1.0
+    routed_scaling_factor: float = 1.0
+    n_group: Optional[int] = None
+    topk_group: Optional[int] = None
+    selection_bias: bool = False
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("dim", self.dim, 1)
+        check_int("num_experts", self.num_experts, 1)
+        check_int("top_k", self.top_k, 1, self.num_experts)
+        check_choice("score", self.score, SCORES)
+        check_float("temperature", self.temperature, low=0.0, low_open=True)
+        check_float("routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError(
+                f"n_group={self.n_group!r} and topk_group={self.topk_group!r}: group-limited "
+                "top-k needs both (or neither)")
+        if self.n_group is not None:
+            check_int("n_group", self.n_group, 1, self.num_experts)
+            if self.num_experts % self.n_group:
+                raise ValueError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
+            check_int("topk_group", self.topk_group, 1, self.n_group)
+            reachable = self.topk_group * (self.num_experts // self.n_group)
+            if self.top_k > reachable:
+                raise ValueError(
+                    f"top_k={self.top_k} is more than the {reachable} experts in topk_group="
+                    f"{self.topk_group} groups of {self.num_experts // self.n_group}")
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_group is not None
+
+
+@dataclass
+class Routing:
+    """What a router decided for T tokens (fields as :class:`moegrad.Routing`).
+
+    logits [T, E] fp32; scores [T, E] fp32; indices [T, K] uint32 (no gradient); weights
+    [T, K] fp32 (differentiable as the estimator defines); ``shape`` the input's leading shape;
+    ``mask`` [T] bool real tokens or None; ``load_probs``/``noise_std`` [T, E] (``noisy_topk``).
+    """
+
+    logits: mx.array
+    scores: mx.array
+    indices: mx.array
+    weights: mx.array
+    shape: tuple
+    mask: Optional[mx.array] = None
+    load_probs: Optional[mx.array] = None
+    noise_std: Optional[mx.array] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logits.shape[0]
+
+
+def flatten_tokens(x, dim: int, name: str = "x") -> mx.array:
+    """[T, D] or [B, S, D] -> [T, D], validating type, dtype and feature size."""
+    if not isinstance(x, mx.array):
+        raise TypeError(f"{name} must be an mlx.core.array, got {type(x).__name__}")
+    if not mx.issubdtype(x.dtype, mx.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"{name} must have shape [T, D] or [B, S, D], got {tuple(x.shape)}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"{name} has feature size {x.shape[-1]} but the module was built with dim={dim}")
+    return x.reshape(-1, dim)
+
+
+def flatten_mask(mask, shape: tuple) -> Optional[mx.array]:
+    """Padding mask of the input's leading shape -> [T] bool (True = real token)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, mx.array):
+        raise TypeError(f"mask must be an mlx.core.array of shape {tuple(shape)}, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; it must match the input's leading "
+                         f"shape {tuple(shape)} (True marks real tokens, False padding)")
+    if mask.dtype != mx.bool_:
+        if mx.issubdtype(mask.dtype, mx.inexact) or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must be bool (or integer 0/1): True/1 marks real tokens")
+        mask = mask.astype(mx.bool_)
+    return mask.reshape(-1)
+
+
+class Router(nn.Module):
+    """Top-k router with a pluggable gradient estimator (MLX twin of :class:`moegrad.Router`).
+
+    Same arguments as the PyTorch router: dim, num_experts, top_k, score, normalize, estimator
+    (a name from :func:`moegrad.mlx.estimators.available`, extra keywords are its options),
+    temperature, routed_scaling_factor, n_group/topk_group, selection_bias, check_finite.
+
+    Arrays: ``gate.weight`` [E, D] (trainable); frozen state (saved with the weights, never
+    trained): ``bias`` [E] fp32 when ``selection_bias``, ``load_counts`` [E] int64 counts of
+    (token, slot) pairs routed in training mode since :meth:`reset_load_counts`.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, *, score: str = "softmax",
+                 normalize: bool = False, estimator: str = "topk", temperature: float = 1.0,
+                 routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
+                 topk_group: Optional[int] = None, selection_bias: bool = False,
+                 check_finite: bool = True, **estimator_options) -> None:
+        super().__init__()
+        from moegrad.mlx.estimators import build_estimator
+
+        self.config = RouterConfig(dim, num_experts, top_k, score, bool(normalize), temperature,
+                                   routed_scaling_factor, n_group, topk_group,
+                                   bool(selection_bias), bool(check_finite))
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        frozen = ["load_counts"]
+        if self.config.selection_bias:
+            self.bias = mx.zeros((num_experts,), dtype=mx.float32)
+            frozen.append("bias")
+        self.load_counts = mx.zeros((num_experts,), dtype=mx.int64)
+        self.freeze(keys=frozen, recurse=False)
+        self.estimator = build_estimator(estimator, self.config, **estimator_options)
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
+
+    @property
+    def selection_bias(self) -> Optional[mx.array]:
+        return self.get("bias") if self.config.selection_bias else None
+
+    def _extra_repr(self) -> str:
+        c = self.config
+        return (f"dim={c.dim}, num_experts={c.num_experts}, top_k={c.top_k}, score={c.score}, "
+                f"normalize={c.normalize}, estimator={self.estimator.name}")
+
+    def gate_logits(self, flat: mx.array) -> mx.array:
+        """[T, D] -> [T, E] fp32 logits x W_g^T."""
+        return flat.astype(mx.float32) @ self.gate.weight.astype(mx.float32).T
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array] = None) -> Routing:
+        """x: [T, D] or [B, S, D]; mask: optional bool of x's leading shape -> :class:`Routing`."""
+        flat = flatten_tokens(x, self.config.dim)
+        return self.route(flat, self.gate_logits(flat), tuple(x.shape[:-1]), mask)
+
+    def route(self, flat: mx.array, logits: mx.array, shape: tuple,
+              mask: Optional[mx.array] = None) -> Routing:
+        """flat [T, D] tokens, logits [T, E] fp32 -> :class:`Routing` (the steps after the gate)."""
+        token_mask = flatten_mask(mask, shape)
+        if self.config.check_finite and logits.size and not bool(mx.isfinite(logits).all()):
+            bad = int((~mx.isfinite(logits)).any(-1).sum())
+            raise ValueError(
+                f"router logits are not finite for {bad} of {logits.shape[0]} tokens: the input "
+                "(or the gate weight) holds NaN/Inf. Fix the input, or pass check_finite=False to "
+                "skip this check")
+        z = logits / self.config.temperature if self.config.temperature != 1.0 else logits
+        scores = self.score(z)
+        picked = self.estimator.route(flat.astype(mx.float32), z, scores, self)
+        if self.training and picked.indices.size:
+            rows = picked.indices
+            if token_mask is not None:  # padding rows go to an extra bin that is dropped
+                rows = mx.where(token_mask[:, None], rows, self.num_experts)
+            self.load_counts = self.load_counts + counts(rows, self.num_experts + 1)[:-1]
+        return Routing(logits=logits, scores=scores, indices=picked.indices, weights=picked.weights,
+                       shape=shape, mask=token_mask, load_probs=picked.load_probs,
+                       noise_std=picked.noise_std)
+
+    # -- shared rules the estimators build on
+    def score(self, z: mx.array) -> mx.array:
+        """[T, E] tempered logits -> [T, E] scores."""
+        return mx.sigmoid(z) if self.config.score == "sigmoid" else mx.softmax(z, axis=-1, precise=True)
+
+    def select_topk(self, scores: mx.array) -> mx.array:
+        """Deterministic selection: [T, E] scores -> [T, K] uint32 indices (descending score).
+
+        Adds the selection-only bias, applies group-limited top-k, then takes the top-k.
+        """
+        c = self.config
+        choice = mx.stop_gradient(scores)
+        bias = self.selection_bias
+        if bias is not None:
+            choice = choice + bias
+        if c.grouped and choice.shape[0]:
+            t = choice.shape[0]
+            per_group = c.num_experts // c.n_group
+            grouped = choice.reshape(t, c.n_group, per_group)
+            best = mx.topk(grouped, min(2, per_group), axis=-1).sum(-1)  # [T, n_group]
+            keep_groups = topk_indices(best, c.topk_group)  # [T, topk_group]
+            keep = (keep_groups[..., None] == mx.arange(c.n_group)).any(-2)  # [T, n_group]
+            choice = mx.where(keep[..., None], grouped, -mx.inf).reshape(t, c.num_experts)
+        return topk_indices(choice, c.top_k)
+
+    def combine_weights(self, scores: mx.array, indices: mx.array) -> mx.array:
+        """[T, E] scores, [T, K] indices -> [T, K] weights w = c * s_S (/ sum s_S if normalize)."""
+        w = mx.take_along_axis(scores, indices, axis=-1)
+        if self.config.normalize:
+            w = w / (w.sum(-1, keepdims=True) + 1e-20)
+        if self.config.routed_scaling_factor != 1.0:
+            w = w * self.config.routed_scaling_factor
+        return w
+
+    def reset_load_counts(self) -> mx.array:
+        """Return the counts gathered since the last reset and zero them."""
+        out = self.load_counts
+        self.load_counts = mx.zeros_like(out)
+        return out
