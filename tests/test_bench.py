@@ -62,9 +62,42 @@ def test_saved_bytes_counts_activations_once():
 @pytest.mark.parametrize("argv,message", [
     (["--configs", "32,64,4,5,48"], "k <= E"),
     (["--impls", "fast"], "comma-separated subset"),
-    (["--backend", "mlx"], "invalid choice"),
+    (["--backend", "jax"], "invalid choice"),
 ])
 def test_bench_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(["bench"] + argv)
     assert message in capsys.readouterr().err
+
+
+def test_bench_mlx_backend_tiny(tmp_path):
+    pytest.importorskip("mlx.core", reason="MLX is not installed")
+    path = tmp_path / "mlx.json"
+    rc = main(["bench", "--backend", "mlx", "--configs", "16,32,4,2,24", "--estimators", "topk",
+               "--repeats", "2", "--warmup", "0", "--no-progress", "--json", str(path)])
+    assert rc == 0
+    report = json.loads(path.read_text())
+    assert report["backend"] == "mlx"
+    rows = {r["name"]: r for r in report["configs"][0]["results"]}
+    assert {"dense_ideal", "estimator/topk"} <= set(rows)
+    for r in rows.values():
+        assert r["fwd_bwd_ms"] > 0
+        assert r["ratio_fwd_bwd"] == pytest.approx(r["fwd_bwd_ms"] / rows["dense_ideal"]["fwd_bwd_ms"])
+
+
+def test_bench_world_sizes_reports_bytes_exchanged(tmp_path, capsys):
+    path = tmp_path / "ep.json"
+    rc = main(["bench", "--world-size", "1", "2", "--estimators", "topk", "--no-progress",
+               "--json", str(path)])
+    assert rc == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["world_size"] for r in rows] == [1, 2]
+    assert rows[0]["bytes_per_step_per_rank"] == 0
+    # measured bytes follow the model 4*K*T*D*b*(W-1)/W within the routing imbalance
+    assert rows[1]["bytes_per_step_per_rank"] == pytest.approx(rows[1]["model_bytes_per_step_per_rank"], rel=0.2)
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_bench_world_sizes_refuses_several_estimators():
+    with pytest.raises(ValueError, match="one estimator per run"):
+        main(["bench", "--world-size", "1", "--estimators", "topk,dense", "--no-progress"])

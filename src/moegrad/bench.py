@@ -103,7 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--backend", choices=sorted(RUNNERS), default="torch",
-                        help="where the layers run; only 'torch' (this process) is implemented")
+                        help="where the layers run: 'torch' (this process, default) or 'mlx' "
+                             "(MLX on its default device; --impls, HF and compile cases are torch-only)")
+    parser.add_argument("--world-size", type=int, nargs="+", default=None, metavar="W",
+                        help="instead: expert-parallel tokens/s and bytes exchanged per step with W "
+                             "gloo processes each (e.g. --world-size 1 2 4; --estimators NAME "
+                             "picks one estimator, default topk); see "
+                             "python -m moegrad.distributed_bench --help for its shape options")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON ('-' = stdout)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -258,6 +264,18 @@ def run_torch(config: tuple, args, progress) -> list:
 RUNNERS["torch"] = run_torch
 
 
+def run_mlx(config: tuple, args, progress) -> list:
+    """``--backend mlx``: the same cases on MLX (:func:`moegrad.mlx.bench.run_mlx`)."""
+    try:
+        from moegrad.mlx.bench import run_mlx as runner
+    except ImportError as err:  # pragma: no cover - depends on the machine
+        raise ValueError(f"--backend mlx needs MLX ({err}); install it with pip install 'moegrad[mlx]'") from err
+    return runner(config, args, progress)
+
+
+RUNNERS["mlx"] = run_mlx
+
+
 def summarize(config: tuple, rows: list) -> dict:
     """Ratios to the dense ideal (same run), estimator overhead vs topk, router share."""
     by_name = {r["name"]: r for r in rows}
@@ -300,7 +318,29 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def run_world_sizes(args) -> int:
+    """``--world-size``: :func:`moegrad.distributed_bench.bench_expert_parallel` at its default shape."""
+    from moegrad.distributed_bench import DEFAULTS, bench_expert_parallel
+    from moegrad.distributed_bench import format_table as ep_table
+
+    cfg = dict(DEFAULTS)
+    names = sorted(set(args.estimators))
+    if len(names) > 1 and args.estimators != list(DEFAULT_ESTIMATORS):
+        raise ValueError(f"--world-size times one estimator per run, got --estimators "
+                         f"{','.join(names)}; pass a single name (e.g. --estimators dense)")
+    cfg["estimator"] = names[0] if len(names) == 1 else "topk"
+    rows = bench_expert_parallel(tuple(args.world_size), threads=args.threads or 1,
+                                 progress=not args.no_progress, **cfg)
+    print(ep_table(rows, cfg))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"config": cfg, "rows": rows}, fh, indent=1)
+    return 0
+
+
 def run(args) -> int:
+    if args.world_size:
+        return run_world_sizes(args)
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats={args.repeats} must be >= 1 and --warmup={args.warmup} >= 0")
     if args.threads is not None:
