@@ -35,3 +35,11 @@ def test_train_tiny_example_runs_and_loss_falls(capsys):
     first = float(lines[0].split("relative mse")[1].split()[0])
     last = float(lines[-1].split("relative mse")[1].split()[0])
     assert last < 0.8 * first
+
+
+def test_readme_main_job_is_the_quick_study():
+    blocks = _bash_blocks((ROOT / "README.md").read_text())
+    main_job = [b for b in blocks if "pytest" not in b]
+    assert any(b.rstrip().endswith("moegrad study --quick") and "-c constraints.txt" in b
+               for b in main_job), main_job
+    assert (ROOT / "docs" / "img" / "study-clusters-purity.png").stat().st_size > 1000

@@ -17,20 +17,42 @@ def _by_estimator(runs: list[dict]) -> dict:
     return out
 
 
+_STYLES = ("-", "--", ":", "-.")
+
+
+def _mean_band(mine: list[dict], xkey: str, ykey: str):
+    """Seeds of one estimator -> (x mean, y mean, y min, y max), over the evaluations every seed
+    reached (a run stopped by the clock has fewer); points without a value are skipped."""
+    import numpy as np
+
+    series = []
+    for r in mine:
+        h = r["history"]
+        series.append([(x, y) for x, y in zip(h[xkey], h[ykey]) if y is not None])
+    n = min(len(s) for s in series)
+    if n == 0:
+        return (), (), (), ()
+    xs = np.array([[p[0] for p in s[:n]] for s in series], dtype=float)
+    ys = np.array([[p[1] for p in s[:n]] for s in series], dtype=float)
+    return xs.mean(0), ys.mean(0), ys.min(0), ys.max(0)
+
+
 def _curves(ax, runs: list[dict], xkey: str, ykey: str, xlabel: str, ylabel: str, log=False) -> None:
+    """One line per estimator (mean over seeds) with a band from the best to the worst seed.
+    Colours and dash styles both vary, so estimators whose curves coincide stay visible."""
     cmap = plt.get_cmap("tab10")
     for i, (name, mine) in enumerate(sorted(_by_estimator(runs).items())):
-        for j, r in enumerate(mine):
-            h = r["history"]
-            xs, ys = zip(*[(x, y) for x, y in zip(h[xkey], h[ykey]) if y is not None]) if any(
-                y is not None for y in h[ykey]) else ((), ())
-            ax.plot(xs, ys, color=cmap(i % 10), alpha=0.85, lw=1.3, label=name if j == 0 else None)
+        xs, mean, low, high = _mean_band(mine, xkey, ykey)
+        color = cmap(i % 10)
+        ax.plot(xs, mean, color=color, ls=_STYLES[i % len(_STYLES)], lw=1.6, label=name)
+        if len(mine) > 1:
+            ax.fill_between(xs, low, high, color=color, alpha=0.12, lw=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 def write_plots(runs: list[dict], doc: dict, out: Path) -> list[str]:
@@ -45,9 +67,9 @@ def write_plots(runs: list[dict], doc: dict, out: Path) -> list[str]:
 
     for xkey, name, label in (("eval_step", "loss_vs_step.png", "step"),
                               ("eval_time", "loss_vs_time.png", "training time (s)")):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
         _curves(ax, runs, xkey, "val_loss", label, "validation loss", log=True)
-        ax.set_title(f"{doc['task']}: validation loss (each line one seed)")
+        ax.set_title(f"{doc['task']}: validation loss (mean over seeds, band: min-max)")
         save(fig, name)
 
     groups = sorted(_by_estimator(runs).items())
@@ -87,10 +109,10 @@ def write_plots(runs: list[dict], doc: dict, out: Path) -> list[str]:
         save(fig, "grad_cosine.png")
 
     if doc.get("chance_purity") is not None:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
         _curves(ax, runs, "eval_step", "purity", "step", "purity")
-        ax.axhline(doc["chance_purity"], color="k", ls="--", lw=0.8)
+        ax.axhline(doc["chance_purity"], color="k", lw=0.8)
         ax.set_ylim(0, 1.02)
-        ax.set_title("routing purity (dashed: chance)")
+        ax.set_title("routing purity, mean over seeds (black line: chance)")
         save(fig, "purity.png")
     return written
