@@ -90,6 +90,41 @@ def test_zero_tokens_give_an_empty_output_of_the_right_shape():
     assert out3.y.shape == (2, 0, 6)
 
 
+@pytest.mark.parametrize("shape", [(0, 6), (0, 3, 6), (2, 0, 6)])
+@pytest.mark.parametrize("estimator", ["topk", "dense", "default_moe", "noisy_topk"])
+def test_zero_tokens_with_every_loss(shape, estimator):
+    losses = {"switch": 1.0, "z_loss": 1.0, "seq_aux": 1.0}
+    if estimator == "noisy_topk":
+        losses["importance_load"] = 1.0
+    moe = _moe(estimator=estimator, losses=losses).train()
+    x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    out = moe(x)
+    assert out.y.shape == shape and float(out.aux_loss.detach()) == 0.0
+    (out.y.sum() + out.aux_loss).backward()
+    assert x.grad.shape == shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("estimator", ["topk", "straight_through", "dense", "default_moe", "gumbel",
+                                       "noisy_topk", "sparsemixer", "unweighted"])
+def test_low_precision_training_step_with_every_estimator(dtype, estimator):
+    moe = _moe(estimator=estimator, dtype=dtype).train()
+    x = torch.randn(2, 5, 6).to(dtype).requires_grad_()
+    for _ in range(2):  # the second step reads default_moe's buffers written by the first
+        out = moe(x)
+        (out.y.float().square().sum() + out.aux_loss).backward()
+    assert out.y.dtype == dtype and x.grad.dtype == dtype
+    gate_grad = moe.router.gate.weight.grad
+    if estimator == "unweighted":  # the control: no router task gradient at all
+        assert gate_grad is None
+    else:  # (sparsemixer's mask keeps only the pick at this init: its gradient may be 0)
+        assert torch.isfinite(gate_grad).all()
+        assert estimator == "sparsemixer" or gate_grad.abs().sum() > 0
+    if estimator == "default_moe":
+        assert moe.router.estimator.defaults.dtype == dtype
+        assert bool(moe.router.estimator.seen.any())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_input_keeps_its_dtype_with_fp32_routing(dtype):
     moe = _moe(dtype=dtype)

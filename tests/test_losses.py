@@ -152,3 +152,28 @@ def test_bias_balancer_moves_bias_towards_balance_and_keeps_weights():
 def test_bias_balancer_needs_a_biased_router():
     with pytest.raises(ValueError, match="selection_bias=True"):
         moegrad.BiasBalancer(moegrad.MoE(4, 8, 4, 1))
+
+
+def _routing_of(logits, indices, shape, noisy):
+    """A Routing whose every differentiable field is a smooth function of ``logits`` (the
+    selection ``indices`` and the noisy logits ``noisy`` held fixed: both are piecewise
+    constant or sampled)."""
+    from moegrad.estimators.noisy import smooth_load
+    from moegrad.routing import Routing
+
+    scores = torch.softmax(logits, -1)
+    sigma = torch.nn.functional.softplus(logits) + 0.1
+    return Routing(logits=logits, scores=scores, indices=indices,
+                   weights=scores.gather(1, indices), shape=shape,
+                   load_probs=smooth_load(logits, noisy, sigma, indices.shape[1]),
+                   noise_std=sigma)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_every_loss_passes_gradcheck_in_float64(name):
+    torch.manual_seed(11)
+    logits = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    noisy = logits.detach() + torch.randn(8, 5, dtype=torch.float64) * 0.3
+    indices = noisy.topk(2, -1).indices
+    fn = losses.LOSSES[name]
+    assert torch.autograd.gradcheck(lambda z: fn(_routing_of(z, indices, (2, 4), noisy)), (logits,))

@@ -169,3 +169,14 @@ def test_bad_inputs():
         router(torch.randn(3, 8), mask=torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool"):
         router(torch.randn(3, 8), mask=torch.tensor([0.5, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(normalize="false"), "normalize must be True or False"),
+    (dict(selection_bias="yes"), "selection_bias must be True or False"),
+    (dict(estimator="gumbel", hard="false"), "hard must be True or False"),
+    (dict(estimator="default_moe", forward_defaults="no"), "forward_defaults must be True or False"),
+])
+def test_flags_must_be_bools_not_truthy_strings(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        moegrad.Router(3, 4, 2, **kwargs)

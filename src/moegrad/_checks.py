@@ -13,6 +13,15 @@ def check_choice(name: str, value, allowed: Iterable) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
 
 
+def check_bool(name: str, value) -> bool:
+    """A real bool (or 0/1 int): a string such as "false" is refused, not read as True."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r})")
+
+
 def check_int(name: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")

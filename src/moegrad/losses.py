@@ -122,11 +122,11 @@ def seq_aux_loss(routing: Routing, group=None) -> Tensor:
     The input's leading shape (B, S) gives the sequences; a [T, D] input is one sequence.
     """
     num_experts, top_k = routing.logits.shape[1], routing.indices.shape[1]
-    seqs = routing.shape[0] if len(routing.shape) == 2 else 1
-    real = _real(routing).view(seqs, -1)  # [B, S]
+    seqs, length = routing.shape if len(routing.shape) == 2 else (1, routing.num_tokens)
+    real = _real(routing).view(seqs, length)  # [B, S]
     n = real.sum(1)  # [B]
-    counts = (_assigned(routing).view(seqs, -1, num_experts) * real[..., None]).sum(1)  # [B, E]
-    probs = (_normalized_scores(routing).view(seqs, -1, num_experts) * real[..., None]).sum(1)
+    counts = (_assigned(routing).view(seqs, length, num_experts) * real[..., None]).sum(1)  # [B, E]
+    probs = (_normalized_scores(routing).view(seqs, length, num_experts) * real[..., None]).sum(1)
     has = n > 0
     (num_seqs,), share = _global(group, has.sum())
     if int(num_seqs) == 0:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moegrad._checks import check_choice, check_float, check_int
+from moegrad._checks import check_bool, check_choice, check_float, check_int
 
 SCORES = ("sigmoid", "softmax")
 
@@ -44,6 +44,8 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         check_int("dim", self.dim, 1)
+        for name in ("normalize", "selection_bias", "check_finite"):
+            setattr(self, name, check_bool(name, getattr(self, name)))
         check_int("num_experts", self.num_experts, 1)
         check_int("top_k", self.top_k, 1, self.num_experts)
         check_choice("score", self.score, SCORES)
@@ -154,9 +156,9 @@ class Router(nn.Module):
         super().__init__()
         from moegrad.estimators import build_estimator
 
-        self.config = RouterConfig(dim, num_experts, top_k, score, bool(normalize), temperature,
+        self.config = RouterConfig(dim, num_experts, top_k, score, normalize, temperature,
                                    routed_scaling_factor, n_group, topk_group,
-                                   bool(selection_bias), bool(check_finite))
+                                   selection_bias, check_finite)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         if self.config.selection_bias:
             self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))

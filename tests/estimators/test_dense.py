@@ -68,13 +68,17 @@ def test_dense_k1_equals_topk_kE_under_a_linear_loss():
     torch.testing.assert_close(gd["router.gate.weight"], gf["router.gate.weight"])
 
 
-def test_dense_in_eval_or_no_grad_costs_nothing_extra():
+def test_dense_in_eval_or_no_grad_costs_nothing_extra(monkeypatch):
     moe = _pair("dense")
+    calls = []
+    evaluate = moe.experts.every_expert
+    monkeypatch.setattr(moe.experts, "every_expert", lambda *a: calls.append(1) or evaluate(*a))
     x = torch.randn(4, 6, dtype=torch.float64)
     with torch.no_grad():
         y = moe(x).y
-    assert y.grad_fn is None
     torch.testing.assert_close(y, _pair("topk")(x).y)
+    moe(x).y.sum().backward()  # with grad: the unselected experts are evaluated in backward
+    assert len(calls) == 1
 
 
 def test_default_moe_ema_update_matches_hand_computation():

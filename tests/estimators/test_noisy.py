@@ -62,3 +62,45 @@ def test_eval_has_no_noise_and_is_deterministic():
     assert torch.equal(a.indices, a.logits.topk(2, -1).indices)
     assert torch.equal(a.weights, b.weights)
     torch.testing.assert_close(a.weights, torch.softmax(a.logits.gather(1, a.indices), -1))
+
+
+def test_router_gradient_matches_hand_derived_chain_rule():
+    """dL/dW_gate and dL/dW_noise for L = sum_t <c_t, w_t>, w_t = softmax(H_t[S_t]),
+    H = z + eps * sigma, sigma = softplus(x W_noise^T) + 1e-2, derived by hand per token."""
+    router = _router(seed=3, k=3, experts=6)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    router.double()
+    c = torch.randn(7, 3, dtype=torch.float64)
+    r = router(x)
+    (r.weights * c).sum().backward()
+
+    wg = router.gate.weight.detach()
+    wn = router.estimator.w_noise.detach()
+    eps = torch.randn((7, 6), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grad_wg = torch.zeros_like(wg)
+    grad_wn = torch.zeros_like(wn)
+    for t in range(7):
+        z = wg @ x[t]
+        a = wn @ x[t]
+        sigma = torch.log1p(torch.exp(a)) + 1e-2
+        h = z + eps[t] * sigma
+        order = sorted(range(6), key=lambda i: -float(h[i]))[:3]
+        assert order == r.indices[t].tolist()
+        p = torch.exp(h[order] - h[order].max())
+        p = p / p.sum()
+        dh_kept = p * (c[t] - (p * c[t]).sum())  # softmax Jacobian^T c
+        dh = torch.zeros(6, dtype=torch.float64)
+        dh[order] = dh_kept
+        grad_wg += torch.outer(dh, x[t])  # dH/dz = 1
+        dsigma = dh * eps[t]
+        grad_wn += torch.outer(dsigma * torch.sigmoid(a), x[t])  # softplus' = sigmoid
+    torch.testing.assert_close(router.gate.weight.grad, grad_wg)
+    torch.testing.assert_close(router.estimator.w_noise.grad, grad_wn)
+
+
+def test_smooth_load_gradcheck_float64():
+    torch.manual_seed(4)
+    clean = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    sigma = (torch.rand(5, 6, dtype=torch.float64) + 0.5).requires_grad_()
+    noisy = (clean.detach() + torch.randn(5, 6, dtype=torch.float64) * sigma.detach()).requires_grad_()
+    assert torch.autograd.gradcheck(lambda c, n, s: smooth_load(c, n, s, 2), (clean, noisy, sigma))

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from moegrad._checks import check_float, check_int
+from moegrad._checks import check_bool, check_float, check_int
 from moegrad.estimators.base import Estimator, Picked
 
 
@@ -140,7 +140,7 @@ class DefaultMoE(Estimator):
     def __init__(self, config, **options) -> None:
         super().__init__(config, **options)
         check_float("beta", self.beta, low=0.0, high=1.0, high_open=True)
-        self.forward_defaults = bool(self.forward_defaults)
+        self.forward_defaults = check_bool("forward_defaults", self.forward_defaults)
         self.register_buffer("defaults", torch.zeros(config.num_experts, config.dim))
         self.register_buffer("seen", torch.zeros(config.num_experts, dtype=torch.bool))
 
@@ -149,8 +149,9 @@ class DefaultMoE(Estimator):
         return Picked(indices, router.combine_weights(scores, indices))
 
     def mix(self, y, x, routing, experts):
-        if y.shape[0] == 0:
-            return y
+        wants_grad = torch.is_grad_enabled() and routing.scores.requires_grad
+        if y.shape[0] == 0 or not (self.forward_defaults or wants_grad):
+            return y  # the straight-through term is exactly 0 and nothing asks for its gradient
         coef = routing.scores * unselected_mask(routing.indices, self.config.num_experts)
         m = (coef * self.config.routed_scaling_factor) @ self.defaults.to(coef.dtype)  # [T, D]
         if not self.forward_defaults:
@@ -163,8 +164,8 @@ class DefaultMoE(Estimator):
         if not bool(hit.any()):
             return
         mean = sums.float()[hit] / counts[hit, None].float()
-        old = self.defaults[hit]
+        old = self.defaults[hit].float()
         fresh = ~self.seen[hit]
         blended = self.beta * old + (1.0 - self.beta) * mean
-        self.defaults[hit] = torch.where(fresh[:, None], mean, blended)
+        self.defaults[hit] = torch.where(fresh[:, None], mean, blended).to(self.defaults.dtype)
         self.seen[hit] = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moegrad._checks import check_float
+from moegrad._checks import check_bool, check_float
 from moegrad.estimators.base import Estimator, Picked
 
 
@@ -30,7 +30,7 @@ class Gumbel(Estimator):
     def __init__(self, config, **options) -> None:
         super().__init__(config, **options)
         check_float("tau", self.tau, low=0.0, low_open=True)
-        self.hard = bool(self.hard)
+        self.hard = check_bool("hard", self.hard)
 
     def route(self, x, z, scores, router) -> Picked:
         perturbed = z + self._gumbel(z) if self.training else z
