@@ -4,15 +4,36 @@
     moe = moegrad.MoE(dim=64, hidden_dim=128, num_experts=8, top_k=2, estimator="dense")
     out = moe(x)                     # out.y, out.aux_loss, out.routing, out.stats
     moegrad.estimators.available()   # the estimator catalogue
+
+The PyTorch names below are imported on first use, so ``import moegrad.mlx`` (the MLX backend)
+loads only MLX, never torch.
 """
 
-from moegrad import estimators, losses
-from moegrad.experts import Experts
-from moegrad.layer import MoE, MoEOutput, MoEStats
-from moegrad.losses import BiasBalancer
-from moegrad.routing import Router, RouterConfig, Routing
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "MoEOutput", "MoEStats", "Router", "RouterConfig", "Routing", "Experts",
-           "BiasBalancer", "estimators", "losses", "__version__"]
+#: public name -> the module that defines it (a module name itself for subpackages)
+_EXPORTS = {
+    "MoE": "moegrad.layer", "MoEOutput": "moegrad.layer", "MoEStats": "moegrad.layer",
+    "Router": "moegrad.routing", "RouterConfig": "moegrad.routing", "Routing": "moegrad.routing",
+    "Experts": "moegrad.experts", "BiasBalancer": "moegrad.losses",
+    "estimators": "moegrad.estimators", "losses": "moegrad.losses",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moegrad' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if module.__name__ == f"moegrad.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -95,8 +95,16 @@ def test_bfloat16_weights_keep_their_dtype():
     assert y.dtype == mx.bfloat16
     assert max_diff(y, tm(x).y) < 3e-2
     back = mgx.to_torch(mm)
-    assert back.experts.w1.dtype == torch.bfloat16
+    assert back.experts.w1.dtype == torch.bfloat16 and back.router.gate.weight.dtype == torch.bfloat16
     assert torch.equal(back.experts.w1, tm.experts.w1)
+    assert torch.equal(back.router.gate.weight, tm.router.gate.weight)
+
+
+def test_float16_router_round_trip_keeps_its_dtype():
+    tr = moegrad.Router(8, 4, 2).to(torch.float16)
+    back = mgx.to_torch(mgx.from_torch(tr))
+    assert back.gate.weight.dtype == torch.float16
+    assert torch.equal(back.gate.weight, tr.gate.weight)
 
 
 def test_wrong_types_are_refused():
@@ -107,24 +115,30 @@ def test_wrong_types_are_refused():
 
 
 def test_moegrad_mlx_imports_without_torch():
-    """Import moegrad.mlx with torch blocked (moegrad's own __init__, which imports torch, is
-    bypassed: only the mlx subpackage and the pure-Python _checks are loaded)."""
-    src = Path(moegrad.__file__).resolve().parent
-    code = textwrap.dedent(f"""
-        import sys, types
+    """A plain ``import moegrad.mlx`` with torch (and numpy) blocked: the top-level package
+    imports its PyTorch names lazily, so an MLX user never loads torch."""
+    code = textwrap.dedent("""
+        import sys
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked")
+                if name.split(".")[0] in ("torch", "numpy"):
+                    raise ImportError(name + " is blocked")
         sys.meta_path.insert(0, Block())
-        pkg = types.ModuleType("moegrad"); pkg.__path__ = [{str(src)!r}]
-        sys.modules["moegrad"] = pkg
         import mlx.core as mx
         import moegrad.mlx as mgx
         moe = mgx.MoE(8, 12, 4, 2, estimator="dense")
         out = moe(mx.ones((3, 8)))
-        print(out.y.shape, "torch" in sys.modules)
+        print(out.y.shape, "torch" in sys.modules, "numpy" in sys.modules)
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["(3,", "8)", "False"]
+    assert res.stdout.split() == ["(3,", "8)", "False", "False"]
+
+
+def test_torch_names_load_on_first_use():
+    code = ("import sys, moegrad; a = 'torch' in sys.modules; moegrad.MoE; "
+            "print(a, 'torch' in sys.modules, moegrad.estimators.available()[0], "
+            "sorted(moegrad.__all__) == sorted(n for n in moegrad.__all__ if hasattr(moegrad, n)))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "True", "default_moe", "True"]

@@ -14,7 +14,6 @@ torch is imported inside these functions only.
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 
 from moegrad.mlx.layer import MoE
 from moegrad.mlx.routing import Router
@@ -40,6 +39,7 @@ def _to_mx(t) -> mx.array:
 
 def _to_torch(a: mx.array, like):
     """MLX array -> torch tensor with the dtype and device of ``like``."""
+    import numpy as np
     import torch
 
     if a.dtype in (mx.bfloat16, mx.float16):
@@ -115,6 +115,16 @@ def _copy_router_to_torch(src: Router, dst) -> None:
             est.seen.copy_(_to_torch(src.estimator.seen, est.seen))
 
 
+def _restore_low_precision(torch_module, mx_dtype) -> None:
+    """Cast ``torch_module`` to bf16/fp16 when its MLX source had that dtype (the copy went
+    through float32)."""
+    import torch
+
+    low = {mx.bfloat16: torch.bfloat16, mx.float16: torch.float16}
+    if mx_dtype in low:
+        torch_module.to(low[mx_dtype])
+
+
 def to_torch(module):
     """A :class:`moegrad.mlx.MoE` or :class:`moegrad.mlx.Router` -> its PyTorch twin (CPU)."""
     import torch
@@ -135,15 +145,15 @@ def to_torch(module):
                 target = getattr(out.experts, name)
                 if target is not None:
                     target.copy_(_to_torch(getattr(ex, name), target))
-        dtype = ex.w1.dtype
-        if dtype in (mx.bfloat16, mx.float16):
-            out.experts.to({mx.bfloat16: torch.bfloat16, mx.float16: torch.float16}[dtype])
+        _restore_low_precision(out.experts, ex.w1.dtype)
+        _restore_low_precision(out.router.gate, r.gate.weight.dtype)
     elif isinstance(module, Router):
         opts = _options(module.estimator, drop="seed", add="generator")
         c = module.config
         out = moegrad.Router(c.dim, c.num_experts, c.top_k, estimator=module.estimator.name,
                              **_router_kwargs(c), **opts)
         _copy_router_to_torch(module, out)
+        _restore_low_precision(out.gate, module.gate.weight.dtype)
     else:
         raise TypeError(f"to_torch expects a moegrad.mlx.MoE or moegrad.mlx.Router, got {type(module).__name__}")
     out.train(module.training)
