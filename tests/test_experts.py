@@ -188,3 +188,21 @@ def test_bad_arguments():
     # auto falls back where grouped_mm cannot run (fp64 here)
     out = grouped_mlp(rows, counts, w1, w2, w3, impl="auto")
     torch.testing.assert_close(out, _mlp_ref(rows, counts, w1, w2, w3, "swiglu"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("t,e,k", [(11, 5, 2), (1, 4, 1), (6, 3, 3), (0, 4, 2)])
+def test_unselected_inner_products_match_every_expert_reference(impl, activation, t, e, k):
+    """The dense estimator's backward product <g_t, E_i(x_t)> for i not selected, 0 otherwise."""
+    from tests.conftest import every_expert_ref
+
+    dtype = _dtype(impl)
+    moe = moegrad.MoE(8, 16, e, k, activation=activation, impl=impl).to(dtype)
+    x, g = torch.randn(t, 8, dtype=dtype), torch.randn(t, 8, dtype=dtype)
+    indices = torch.rand(t, e).topk(k, -1).indices
+    got = moe.experts.unselected_inner_products(x, g, indices, *moe.experts.stacked_weights())
+    want = torch.einsum("ted,td->te", every_expert_ref(x, moe), g)
+    want = want.scatter(1, indices, 0.0)
+    torch.testing.assert_close(got, want.detach(), **_tol(dtype))
+    assert got.shape == (t, e) and not got.requires_grad

@@ -311,6 +311,41 @@ def _apply_mlp(rows, counts, impl, w1, w2, w3):
     return out
 
 
+@torch.no_grad()
+def unselected_inner_products(x: Tensor, grad_y: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
+                              w3: Optional[Tensor] = None, impl: str = "auto") -> Tensor:
+    """<g_t, E_i(x_t)> [t, E] for every expert i not in indices[t], 0 for the selected ones.
+
+    x, grad_y [t, D], indices [t, K]. Only the t*(E-K) unselected (token, expert) pairs are
+    evaluated, grouped by expert through the same backends as :func:`grouped_mlp`, and the
+    down-projection is folded into the inner product: <g, w2_i a_i> = <w2_i^T g, a_i> with
+    a_i = act(w1_i x, w3_i x) [H] (SwiGLU with w3, GELU without), so no [t, E, D] tensor is
+    formed. No gradient (used by the ``dense`` estimator's backward).
+    """
+    num_tokens, num_experts = x.shape[0], w1.shape[0]
+    unselected = torch.ones(num_tokens, num_experts, dtype=torch.bool, device=x.device)
+    unselected.scatter_(1, indices, False)
+    experts, tokens = unselected.t().nonzero().unbind(1)  # [P] pairs sorted by expert
+    out = torch.zeros(num_tokens, num_experts, dtype=x.dtype, device=x.device)
+    if tokens.numel() == 0:
+        return out
+    counts = torch.bincount(experts, minlength=num_experts)
+    rows = x.index_select(0, tokens)
+    if impl in ("auto", "grouped_mm") and grouped_mm_applicable(rows, w1, w2, w3) is not None:
+        impl = "loop" if impl == "auto" else impl
+    if impl == "auto":
+        impl = choose_impl(rows.shape[0], num_experts, int(counts.max()), rows.dtype, True)
+    if impl == "grouped_mm":
+        w1, w2 = _aligned(w1, rows), _aligned(w2, rows)
+        w3 = _aligned(w3, rows) if w3 is not None else None
+    ops = _BACKENDS[impl](counts, rows.shape[0])
+    xs = ops.enter(rows)
+    act = _activate(ops.linear(xs, w1), ops.linear(xs, w3) if w3 is not None else None)
+    act.mul_(ops.matmul(ops.enter(grad_y.index_select(0, tokens).to(x.dtype)), w2))  # u_i * a_i
+    out[tokens, experts] = ops.exit(act.sum(-1, keepdim=True)).squeeze(1)
+    return out
+
+
 def _aligned(w: Tensor, rows: Tensor) -> Tensor:
     return w if grouped_mm_applicable(rows, w) is None else w.contiguous()
 
@@ -355,6 +390,14 @@ class Experts(nn.Module):
     def forward(self, rows: Tensor, counts: Tensor) -> Tensor:
         """rows [N, D] grouped by expert, counts [E] int -> [N, D] expert outputs."""
         return grouped_mlp(rows, counts, self.w1, self.w2, self.w3, self.activation, self.impl)
+
+    def unselected_inner_products(self, x: Tensor, grad_y: Tensor, indices: Tensor,
+                                  *weights: Tensor) -> Tensor:
+        """[t, E] <g_t, E_i(x_t)> for the unselected experts (see :func:`unselected_inner_products`);
+        ``weights`` are this module's :meth:`stacked_weights` (possibly detached)."""
+        w1, w2 = weights[0], weights[-1]
+        w3 = weights[1] if len(weights) == 3 else None
+        return unselected_inner_products(x, grad_y, indices, w1, w2, w3, self.impl)
 
     def every_expert(self, x: Tensor, *weights: Tensor) -> Tensor:
         """All experts on all tokens: x [t, D] -> [t, E, D] (used by the ``dense`` estimator).

@@ -71,8 +71,8 @@ def test_dense_k1_equals_topk_kE_under_a_linear_loss():
 def test_dense_in_eval_or_no_grad_costs_nothing_extra(monkeypatch):
     moe = _pair("dense")
     calls = []
-    evaluate = moe.experts.every_expert
-    monkeypatch.setattr(moe.experts, "every_expert", lambda *a: calls.append(1) or evaluate(*a))
+    evaluate = moe.experts.unselected_inner_products
+    monkeypatch.setattr(moe.experts, "unselected_inner_products", lambda *a: calls.append(1) or evaluate(*a))
     x = torch.randn(4, 6, dtype=torch.float64)
     with torch.no_grad():
         y = moe(x).y

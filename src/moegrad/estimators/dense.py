@@ -25,12 +25,16 @@ def unselected_mask(indices: Tensor, num_experts: int) -> Tensor:
 
 def dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, expert_fn: Callable,
                      weights: tuple, scale: float, chunk_tokens: int,
-                     dtype: torch.dtype = torch.float32) -> Tensor:
+                     dtype: torch.dtype = torch.float32, inner_fn: Optional[Callable] = None) -> Tensor:
     """dL/ds [T, E] (``dtype``, the scores' dtype) for the unselected experts: c * <g_t, E_i(x_t)>, 0 for i in S.
 
-    grad_y [T, D], x [T, D], indices [T, K]; ``expert_fn(x [t, D], *weights) -> [t, E, D]``
-    is evaluated under no_grad on detached weights, ``chunk_tokens`` tokens at a time, so the
-    extra memory is chunk_tokens * E * max(D, H) and no gradient reaches the expert weights.
+    grad_y [T, D], x [T, D], indices [T, K]. Evaluated under no_grad on detached weights,
+    ``chunk_tokens`` tokens at a time, so the extra memory is about chunk_tokens * E * max(D, H)
+    and no gradient reaches the expert weights. ``inner_fn(x [t, D], g [t, D], indices [t, K],
+    *weights) -> [t, E]``, when given, computes the unselected inner products directly (moegrad's
+    :meth:`~moegrad.experts.Experts.unselected_inner_products`: only the T*(E-K) unselected pairs);
+    otherwise ``expert_fn(x [t, D], *weights) -> [t, E, D]`` evaluates every expert and the
+    selected ones are masked out.
     """
     num_tokens = x.shape[0]
     weights = tuple(w.detach() for w in weights)
@@ -38,10 +42,14 @@ def dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, expert_fn: Call
     out = torch.zeros(num_tokens, num_experts, dtype=dtype, device=x.device)
     with torch.no_grad():
         for start in range(0, num_tokens, chunk_tokens):
-            stop = min(start + chunk_tokens, num_tokens)
-            every = expert_fn(x[start:stop], *weights)  # [t, E, D]
-            out[start:stop] = torch.einsum("ted,td->te", every.to(dtype), grad_y[start:stop].to(dtype))
-        out.mul_(unselected_mask(indices, num_experts))
+            part = slice(start, min(start + chunk_tokens, num_tokens))
+            if inner_fn is not None:
+                out[part] = inner_fn(x[part], grad_y[part], indices[part], *weights).to(dtype)
+            else:
+                every = expert_fn(x[part], *weights)  # [t, E, D]
+                out[part] = torch.einsum("ted,td->te", every.to(dtype), grad_y[part].to(dtype))
+        if inner_fn is None:
+            out.mul_(unselected_mask(indices, num_experts))
         if scale != 1.0:
             out.mul_(scale)
     return out
@@ -51,15 +59,16 @@ class _DenseRouterGrad(torch.autograd.Function):
     """Identity on y; backward adds dL/ds_i = c <g, E_i(x)> for unselected i (see dense_score_grad)."""
 
     @staticmethod
-    def forward(y, scores, x, indices, scale, chunk_tokens, expert_fn, *weights):
+    def forward(y, scores, x, indices, scale, chunk_tokens, expert_fn, inner_fn, *weights):
         return y.view_as(y)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, scores, x, indices, scale, chunk_tokens, expert_fn, *weights = inputs
+        _, scores, x, indices, scale, chunk_tokens, expert_fn, inner_fn, *weights = inputs
         ctx.save_for_backward(x, indices, *weights)
         ctx.scores_dtype = scores.dtype
-        ctx.scale, ctx.chunk_tokens, ctx.expert_fn = scale, chunk_tokens, expert_fn
+        ctx.scale, ctx.chunk_tokens = scale, chunk_tokens
+        ctx.expert_fn, ctx.inner_fn = expert_fn, inner_fn
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -67,17 +76,20 @@ class _DenseRouterGrad(torch.autograd.Function):
         grad_scores = None
         if ctx.needs_input_grad[1]:
             grad_scores = dense_score_grad(grad_y, x, indices, ctx.expert_fn, tuple(weights),
-                                           ctx.scale, ctx.chunk_tokens, ctx.scores_dtype)
-        return (grad_y, grad_scores) + (None,) * (5 + len(weights))
+                                           ctx.scale, ctx.chunk_tokens, ctx.scores_dtype,
+                                           ctx.inner_fn)
+        return (grad_y, grad_scores) + (None,) * (6 + len(weights))
 
 
 def dense_router_grad(y: Tensor, scores: Tensor, x: Tensor, indices: Tensor, expert_fn: Callable,
-                      weights: tuple, scale: float = 1.0, chunk_tokens: int = 1024) -> Tensor:
+                      weights: tuple, scale: float = 1.0, chunk_tokens: int = 1024,
+                      inner_fn: Optional[Callable] = None) -> Tensor:
     """Return y unchanged; in backward, send c <g, E_i(x)> to scores[:, i] for unselected i.
 
     y [T, D], scores [T, E] fp32, x [T, D], indices [T, K]; see :func:`dense_score_grad`.
     """
-    return _DenseRouterGrad.apply(y, scores, x, indices, scale, chunk_tokens, expert_fn, *weights)
+    return _DenseRouterGrad.apply(y, scores, x, indices, scale, chunk_tokens, expert_fn, inner_fn,
+                                  *weights)
 
 
 class Dense(Estimator):
@@ -87,7 +99,9 @@ class Dense(Estimator):
     for i not in S, dL/ds_i = c * <g, E_i(x)> as if y also held c * s_i E_i(x). The unselected
     E_i(x) are evaluated in backward under no_grad, ``chunk_tokens`` tokens at a time (default:
     enough for about 16M elements of [t, E, max(D, H)]), so expert weights and the input get
-    gradient only from the selected (token, expert) pairs.
+    gradient only from the selected (token, expert) pairs. With moegrad's own experts only the
+    T*(E-K) unselected pairs are computed, as <w2_i^T g, a_i(x)> (no down-projection); other
+    expert modules (HF) evaluate every expert through their ``every_expert``.
 
     Options: ``chunk_tokens`` (int >= 1 or None for automatic).
     """
@@ -113,7 +127,8 @@ class Dense(Estimator):
             widest = max(experts.dim, experts.hidden_dim) * experts.num_experts
             chunk = max(1, (1 << 24) // widest)
         return dense_router_grad(y, routing.scores, x, routing.indices, experts.every_expert,
-                                 weights, self.config.routed_scaling_factor, chunk)
+                                 weights, self.config.routed_scaling_factor, chunk,
+                                 getattr(experts, "unselected_inner_products", None))
 
 
 class DefaultMoE(Estimator):
