@@ -229,3 +229,23 @@ def test_layer_gradcheck_float64(estimator, opts):
     with torch.no_grad():
         gate.copy_(w)
     torch.testing.assert_close(gate.grad, num, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("estimator", ["topk", "dense", "default_moe", "noisy_topk", "sparsemixer"])
+def test_autocast_bfloat16_trains_with_fp32_routing(estimator):
+    """Under torch.autocast the experts run in bf16, the router stays fp32, and backward works
+    (the hand-written expert backward sees one dtype)."""
+    moe = _moe(estimator=estimator, dtype=torch.float32).train()
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    ref = _moe(estimator=estimator, dtype=torch.float32).train()
+    ref.load_state_dict(moe.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x)
+    assert out.routing.logits.dtype == torch.float32 and out.routing.weights.dtype == torch.float32
+    assert out.y.dtype == torch.bfloat16
+    out.y.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and moe.experts.w1.grad.dtype == torch.float32
+    want = ref(x.detach().clone()).y
+    if estimator not in STOCHASTIC:  # same routing: the bf16 output is close to the fp32 one
+        assert torch.equal(out.routing.indices, ref(x.detach()).routing.indices)
+        torch.testing.assert_close(out.y.float(), want, rtol=5e-2, atol=5e-2)

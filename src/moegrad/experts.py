@@ -287,8 +287,17 @@ def grouped_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Option
     ``activation``: "swiglu" (w2 (silu(w1 x) * w3 x), needs w3) or "gelu" (w2 gelu(w1 x)).
     ``impl``: one of :data:`IMPLS`; "grouped_mm" raises ValueError where it cannot run
     (dtype, 16-byte strides), "auto" falls back. Differentiable in rows and all weights
-    (first order); deterministic.
+    (first order); deterministic. Under ``torch.autocast`` rows and weights are cast to the
+    autocast dtype (the output has that dtype, gradients flow back to the original dtypes).
     """
+    device = rows.device.type if isinstance(rows, Tensor) else "cpu"
+    if isinstance(rows, Tensor) and torch.is_autocast_enabled(device):
+        # torch.autocast: run the whole MLP in the autocast dtype with explicit casts (the
+        # hand-written backward then sees one dtype), autocast itself off inside
+        low = torch.get_autocast_dtype(device)
+        w3 = w3.to(low) if isinstance(w3, Tensor) else w3
+        with torch.autocast(device, enabled=False):
+            return grouped_mlp(rows.to(low), counts, w1.to(low), w2.to(low), w3, activation, impl)
     _check_mlp(rows, counts, w1, w2, w3, activation, impl)
     why_not = grouped_mm_applicable(rows, w1, w2, w3) if impl in ("auto", "grouped_mm") else None
     if impl == "grouped_mm" and why_not is not None:

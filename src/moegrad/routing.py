@@ -188,6 +188,10 @@ class Router(nn.Module):
         token_mask = flatten_mask(mask, shape)
         compute = torch.promote_types(flat.dtype, torch.float32)  # fp32, or fp64 for fp64 input
         flat = flat.to(compute)
+        with torch.autocast(flat.device.type, enabled=False):  # fp32 routing, even under autocast
+            return self._route(flat, shape, token_mask, compute)
+
+    def _route(self, flat: Tensor, shape: tuple, token_mask: Optional[Tensor], compute) -> Routing:
         logits = F.linear(flat, self.gate.weight.to(compute))  # [T, E]
         if self.config.check_finite and logits.numel() and not bool(torch.isfinite(logits).all()):
             bad = int((~torch.isfinite(logits)).any(-1).sum())
