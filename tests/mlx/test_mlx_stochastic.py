@@ -1,7 +1,9 @@
 """The sampling estimators (gumbel, noisy_topk, sparsemixer) on MLX: identical results to the
-PyTorch side in eval mode, and training-mode samples with the same statistics (selection
+PyTorch side in eval mode, training-mode samples with the same statistics (selection
 frequencies against the exact probabilities and against torch's samples, within 5 standard
-errors; both generators are seeded, so the test is deterministic)."""
+errors; both generators are seeded, so the test is deterministic), and training-mode router
+gradients equal to an independent float64 reference of DESIGN section 4's formulas, evaluated
+on the noise the estimator drew (replayed from its seed)."""
 
 from __future__ import annotations
 
@@ -150,3 +152,158 @@ def test_seed_option_reproduces_and_rejects_generator():
         mgx.Router(6, 6, 2, estimator="gumbel", generator=None)
     with pytest.raises(ValueError, match="selection_bias"):
         mgx.Router(6, 6, 2, estimator="sparsemixer", selection_bias=True)
+
+
+# -- training-mode router gradients against the formulas (DESIGN section 4), replaying the noise.
+# The estimator draws from a private key when given ``seed``: key = mx.random.key(seed), split on
+# every draw (moegrad.mlx.ops.Noise). gumbel draws one Gumbel [T, E]; noisy_topk one normal
+# [T, E]; sparsemixer per pick a Gumbel [T, E], then a uniform [T, 1]. The references below
+# redo each estimator in float64 numpy from the replayed draws and the formulas only, with the
+# task gradient <g, e_i> taken from a dense evaluation of every expert; loss L = sum(y * R).
+
+F32 = np.finfo(np.float32)
+SEED = 11
+GRAD_CASES = [
+    ("gumbel", dict(tau=0.7)),
+    ("gumbel", dict(tau=0.5, normalize=True, temperature=1.5, routed_scaling_factor=2.0)),
+    ("gumbel", dict(tau=0.5, hard=True)),
+    ("gumbel", dict(tau=0.8, hard=True, normalize=True)),
+    ("noisy_topk", dict(noise_epsilon=0.1)),
+    ("noisy_topk", dict(noise_epsilon=0.5, temperature=2.0, routed_scaling_factor=1.5)),
+    ("sparsemixer", dict(jitter_eps=0.3)),
+    ("sparsemixer", dict(jitter_eps=0.4, top_k=3, temperature=0.8, routed_scaling_factor=2.0)),
+]
+
+
+def replay(seed: int, draws: list) -> list:
+    """The estimator's draws, in order: ("uniform" | "gumbel" | "normal", shape) -> float64."""
+    key, out = mx.random.key(seed), []
+    for kind, shape in draws:
+        key, sub = mx.random.split(key)
+        if kind == "normal":
+            out.append(np.array(mx.random.normal(shape=shape, dtype=mx.float32, key=sub), np.float64))
+            continue
+        u = np.array(mx.random.uniform(shape=shape, dtype=mx.float32, key=sub), np.float64)
+        u = np.clip(u, F32.tiny, 1.0 - F32.eps)
+        out.append(u if kind == "uniform" else -np.log(-np.log(u)))
+    return out
+
+
+def np_softmax(a: np.ndarray) -> np.ndarray:
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def every_expert_np(moe, x: np.ndarray) -> np.ndarray:
+    """SwiGLU experts on every token: x [T, D] -> [T, E, D] (float64)."""
+    w1, w3, w2 = (np.array(w, np.float64) for w in (moe.experts.w1, moe.experts.w3, moe.experts.w2))
+    up = np.einsum("td,ehd->teh", x, w1)
+    h = up / (1.0 + np.exp(-up)) * np.einsum("td,ehd->teh", x, w3)
+    return np.einsum("teh,edh->ted", h, w2)
+
+
+def gumbel_reference(z, u, G, k, tau, hard, normalize, c):
+    """-> (indices [T, K], weights [T, K], dL/dz [T, E]); u [T, E] = <g, e_i>."""
+    p = np_softmax((z + G) / tau)
+    idx = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+    p_s, u_s = np.take_along_axis(p, idx, -1), np.take_along_axis(u, idx, -1)
+    total = p_s.sum(-1, keepdims=True)
+    w = c * (p_s / total if normalize else p_s)
+    if hard:
+        w = np.full_like(w, c)  # w = c (1 + w_soft - sg(w_soft)): the soft gradient below
+    if normalize:  # w_i = c p_i / P, P = sum_S p: dL/dp_j = c (u_j - sum_S u p / P) / P
+        dp_s = c * (u_s - (u_s * p_s).sum(-1, keepdims=True) / total) / total
+    else:
+        dp_s = c * u_s
+    dp = np.zeros_like(p)
+    np.put_along_axis(dp, idx, dp_s, -1)
+    da = p * (dp - (dp * p).sum(-1, keepdims=True))  # softmax Jacobian
+    return idx, w, da / tau
+
+
+def noisy_reference(z, u, eps, x, w_noise, k, noise_epsilon, c):
+    """-> (indices, weights, dL/dz, dL/dW_noise [E, D])."""
+    pre = x @ w_noise.T
+    sigma = np.logaddexp(0.0, pre) + noise_epsilon  # softplus
+    H = z + eps * sigma
+    idx = np.argsort(-H, axis=-1, kind="stable")[:, :k]
+    q = np_softmax(np.take_along_axis(H, idx, -1))
+    u_s = np.take_along_axis(u, idx, -1)
+    dH_s = c * q * (u_s - (u_s * q).sum(-1, keepdims=True))
+    dH = np.zeros_like(H)
+    np.put_along_axis(dH, idx, dH_s, -1)
+    d_pre = dH * eps / (1.0 + np.exp(-pre))  # dH/dsigma = eps, softplus' = sigmoid
+    return idx, c * q, dH, d_pre.T @ x
+
+
+def sparsemixer_reference(z, u, draws, k, jitter_eps, c):
+    """-> (indices, weights, dL/dz, multipliers m [T, K]); draws: per pick (Gumbel, uniform)."""
+    num_tokens, num_experts = z.shape
+    idx, w, m = (np.zeros((num_tokens, k)) for _ in range(3))
+    dz = np.zeros_like(z)
+    for t in range(num_tokens):
+        current = z[t].copy()
+        for j in range(k):
+            G, U = draws[2 * j][t], draws[2 * j + 1][t, 0]
+            best, top = current.max(), int(np.argmax(current))
+            drop = (best - z[t]) / np.maximum(np.abs(z[t]), best) > 2 * jitter_eps
+            masked = np.where(drop, -np.inf, current)
+            p = np_softmax(masked)
+            d = int(np.argmax(masked + G))
+            m[t, j] = 1.0 if (d == top or U < 0.25) else 1.0 / 3.0
+            idx[t, j], w[t, j] = d, c * m[t, j] * p[d]
+            # gradient of h = p_D e_D alone: c <g, e_D> p_D (delta_iD - p_i)
+            dz[t] += c * u[t, d] * p[d] * (np.eye(num_experts)[d] - p)
+            current[d] = -np.inf
+    return idx.astype(np.int64), w, dz, m
+
+
+@pytest.mark.parametrize("estimator,kwargs", GRAD_CASES, ids=lambda v: str(v))
+def test_training_gradient_matches_the_formula_with_replayed_noise(estimator, kwargs):
+    kwargs = dict(kwargs)
+    top_k = kwargs.pop("top_k", 2)
+    temperature = kwargs.get("temperature", 1.0)
+    c = kwargs.get("routed_scaling_factor", 1.0)
+    num_tokens, dim, num_experts = 12, 8, 6
+    mx.random.seed(5)
+    moe = mgx.MoE(dim, 12, num_experts, top_k, estimator=estimator, losses={}, seed=SEED, **kwargs)
+    moe.router.gate.weight = 1.5 * mx.random.normal((num_experts, dim))  # spread-out logits
+    if estimator == "noisy_topk":
+        moe.router.estimator.w_noise = 0.5 * mx.random.normal((num_experts, dim))
+    x, R = mx.random.normal((num_tokens, dim)), mx.random.normal((num_tokens, dim))
+    assert moe.training
+    got = mlx_grads(moe, x, R)  # one training forward: the estimator's first draws from SEED
+
+    xn, Rn = np.array(x, np.float64), np.array(R, np.float64)
+    z = xn @ np.array(moe.router.gate.weight, np.float64).T / temperature
+    u = np.einsum("ted,td->te", every_expert_np(moe, xn), Rn)  # <g, e_i>, g = R
+    shape = (num_tokens, num_experts)
+    if estimator == "gumbel":
+        (G,) = replay(SEED, [("gumbel", shape)])
+        idx, w, dz = gumbel_reference(z, u, G, top_k, kwargs["tau"], kwargs.get("hard", False),
+                                      kwargs.get("normalize", False), c)
+        clean = np.argsort(-z, axis=-1, kind="stable")[:, :top_k]
+    elif estimator == "noisy_topk":
+        (eps,) = replay(SEED, [("normal", shape)])
+        wn = np.array(moe.router.estimator.w_noise, np.float64)
+        idx, w, dz, dwn = noisy_reference(z, u, eps, xn, wn, top_k, kwargs["noise_epsilon"], c)
+        clean = np.argsort(-z, axis=-1, kind="stable")[:, :top_k]
+        assert max_diff(got["router.estimator.w_noise"], dwn) < 1e-5 * max(1.0, np.abs(dwn).max())
+        assert np.abs(dwn).max() > 1e-3
+    else:
+        draws = replay(SEED, [(kind, s) for _ in range(top_k)
+                              for kind, s in (("gumbel", shape), ("uniform", (num_tokens, 1)))])
+        idx, w, dz, m = sparsemixer_reference(z, u, draws, top_k, kwargs["jitter_eps"], c)
+        clean = np.argsort(-z, axis=-1, kind="stable")[:, :top_k]
+        assert (m == 1 / 3).any() and (m == 1).any()  # both Heun multipliers occur
+        best = z.max(-1, keepdims=True)
+        dropped = (best - z) / np.maximum(np.abs(z), best) > 2 * kwargs["jitter_eps"]
+        assert dropped.any() and ((~dropped).sum(-1) > 1).any()  # the first pick's mask matters
+
+    routing = got["out"].routing
+    assert np.array_equal(np.array(routing.indices).astype(np.int64), idx)
+    assert not np.array_equal(idx, clean)  # the noise changed the selection somewhere
+    assert max_diff(routing.weights, w) < 1e-5 * c
+    g_ref = dz.T @ xn / temperature  # z = x W^T / temperature
+    assert np.abs(g_ref).max() > 1e-2
+    assert max_diff(got["router.gate.weight"], g_ref) < 1e-5 * max(1.0, np.abs(g_ref).max())

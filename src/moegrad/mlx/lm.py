@@ -19,9 +19,22 @@ family             scores and weights (identical to the stock block's in value)
 =================  ==========================================================================
 
 The router runs in float32 whatever the model dtype. mlx-lm itself is never imported: blocks
-are recognised by class name. The patched block adds frozen state (``load_counts``, and the
-estimator's arrays) to ``model.parameters()``; :func:`unpatch` before saving a checkpoint that
-stock mlx-lm must load strictly.
+are recognised by class name.
+
+Quantized models (``nn.quantize`` / ``mlx_lm.convert -q``: ``QuantizedLinear`` gates and
+``QuantizedSwitchLinear`` experts, the usual case for fine-tuning) and adapter-wrapped layers
+(mlx-lm's LoRA/DoRA, applied before or after :func:`patch`) run through the layers' own calls,
+so a patched block computes exactly what the stock block computes: the gate logits are
+``gate(x)`` on float32 activations, and the ``dense`` estimator evaluates the unselected experts
+by calling ``switch_mlp`` on every (token, expert) pair (``gather_qmm`` for quantized experts; no
+dequantized copy of the weights is made). Only plain ``nn.Linear`` gates and ``SwitchLinear``
+experts are read as float weights. Quantized layers are frozen: what changes is the gradient
+they pass on (to the block's input and to trainable layers such as LoRA adapters or an
+unquantized gate). Other gate or expert layer types are refused at patch time.
+
+The patched block adds frozen state (``load_counts``, and the estimator's arrays) to
+``model.parameters()``; :func:`unpatch` before saving a checkpoint that stock mlx-lm must load
+strictly.
 Shapes: T tokens, D model dim, H hidden dim, E experts, K top-k.
 """
 
@@ -40,23 +53,66 @@ from moegrad.mlx.routing import Router
 FAMILIES = {"MixtralSparseMoeBlock": "mixtral", "Qwen3MoeSparseMoeBlock": "qwen3_moe"}
 
 
+#: expert projection layers (mlx-lm ``switch_layers``), recognised by class name
+SWITCH_LINEARS = ("SwitchLinear", "QuantizedSwitchLinear")
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    """The layer an adapter wraps (mlx-lm's LoRA/DoRA keep it as ``.linear``), else the layer."""
+    while isinstance(layer.get("linear"), nn.Module):
+        layer = layer["linear"]
+    return layer
+
+
+def _gate_dims(gate: nn.Module, where: str) -> tuple:
+    """(num_experts, dim) of a block's gate: an nn.Linear or nn.QuantizedLinear (packed weight),
+    possibly wrapped by an adapter."""
+    base = _base(gate)
+    if isinstance(base, nn.QuantizedLinear):
+        dims = (base.weight.shape[0], base.scales.shape[-1] * base.group_size)
+    elif isinstance(base, nn.Linear):
+        dims = tuple(base.weight.shape)
+    else:
+        raise ValueError(
+            f"{where}: its gate is a {type(gate).__name__}; supported gates are nn.Linear and "
+            "nn.QuantizedLinear (also wrapped by mlx-lm's LoRA/DoRA layers)")
+    if "bias" in base:
+        raise ValueError(f"{where}: its gate has a bias; Mixtral / Qwen3-MoE gates are bias-free "
+                         "and a gate bias is not supported")
+    return dims
+
+
 class SwitchExperts:
     """The experts of an mlx-lm ``SwitchGLU`` seen through moegrad's Experts interface
     (``dim``, ``hidden_dim``, ``num_experts``, ``stacked_weights``, ``every_expert``) for the
-    estimators' :meth:`mix`. E_i(x) = down_i (silu(gate_i x) * (up_i x))."""
+    estimators' :meth:`mix`. E_i(x) = down_i (silu(gate_i x) * (up_i x)).
+
+    When the projections are not all plain ``SwitchLinear`` (quantized, or wrapped by LoRA)
+    there are no float weights to stack: :meth:`stacked_weights` is empty and
+    :meth:`every_expert` runs the SwitchGLU itself on every (token, expert) pair, exactly the
+    forward's computation."""
 
     def __init__(self, switch_mlp) -> None:
         self.mlp = switch_mlp
-        self.num_experts, self.hidden_dim, self.dim = switch_mlp.gate_proj.weight.shape
+        projections = (switch_mlp.gate_proj, switch_mlp.up_proj, switch_mlp.down_proj)
+        self.plain = all(type(p).__name__ == "SwitchLinear" for p in projections)
+        proj = _base(switch_mlp.gate_proj)
+        self.num_experts, self.hidden_dim, self.dim = proj.num_experts, proj.output_dims, proj.input_dims
 
     def stacked_weights(self) -> tuple:
+        if not self.plain:
+            return ()
         m = self.mlp
         return (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
 
     def every_expert(self, x: mx.array, *weights: mx.array) -> mx.array:
         """x [t, D] -> [t, E, D]."""
-        w1, w3, w2 = weights or self.stacked_weights()
         x = x.astype(mx.float32)
+        if not self.plain:
+            every = mx.broadcast_to(mx.arange(self.num_experts, dtype=mx.uint32),
+                                    (x.shape[0], self.num_experts))  # [t, E]
+            return self.mlp(x, every).astype(mx.float32)
+        w1, w3, w2 = weights or self.stacked_weights()
         h = nn.silu(x[None] @ w1.astype(mx.float32).swapaxes(-1, -2)) * (
             x[None] @ w3.astype(mx.float32).swapaxes(-1, -2))
         return (h @ w2.astype(mx.float32).swapaxes(-1, -2)).swapaxes(0, 1)
@@ -64,7 +120,8 @@ class SwitchExperts:
 
 class MoEBlock(Router):
     """A patched mlx-lm MoE block: a :class:`moegrad.mlx.Router` holding the block's ``gate``
-    (nn.Linear D -> E) and ``switch_mlp`` (SwitchGLU). ``__call__(x [..., D]) -> [..., D]``."""
+    (D -> E: nn.Linear or nn.QuantizedLinear, possibly LoRA-wrapped) and ``switch_mlp``
+    (SwitchGLU). ``__call__(x [..., D]) -> [..., D]``."""
 
     def __init__(self, block: nn.Module, estimator: str = "dense", losses: Optional[dict] = None,
                  **options) -> None:
@@ -73,11 +130,17 @@ class MoEBlock(Router):
             raise TypeError(f"cannot patch {type(block).__name__}; supported blocks: {sorted(FAMILIES)}")
         if getattr(block, "sharding_group", None) is not None:
             raise ValueError("sharded (distributed) mlx-lm MoE blocks are not supported")
+        where = f"cannot patch {type(block).__name__}"
         mlp = block.switch_mlp
-        if type(mlp.activation).__name__ != "SwiGLU" or any("bias" in p for p in
-                                                            (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
-            raise ValueError("only bias-free SwitchGLU experts with the SwiGLU activation are supported")
-        num_experts, dim = block.gate.weight.shape
+        projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if type(mlp.activation).__name__ != "SwiGLU" or any("bias" in _base(p) for p in projections):
+            raise ValueError(f"{where}: only bias-free SwitchGLU experts with the SwiGLU activation "
+                             "are supported")
+        odd = sorted({type(_base(p)).__name__ for p in projections} - set(SWITCH_LINEARS))
+        if odd:
+            raise ValueError(f"{where}: its experts hold {odd} layers; supported expert layers are "
+                             f"{list(SWITCH_LINEARS)} (also wrapped by mlx-lm's LoRA layers)")
+        num_experts, dim = _gate_dims(block.gate, where)
         if family == "mixtral":
             top_k, normalize = block.num_experts_per_tok, True
         else:
@@ -90,6 +153,13 @@ class MoEBlock(Router):
         self._family = family
         self._losses = tuple(check_losses(losses or {}, estimator).items())
         self._aux = None
+
+    def gate_logits(self, flat: mx.array) -> mx.array:
+        """[T, D] -> [T, E] fp32 logits: x W^T in fp32 for a plain nn.Linear gate, else the
+        gate's own call on fp32 activations (quantized matmul, LoRA adapter, ...)."""
+        if type(self.gate) is nn.Linear:
+            return super().gate_logits(flat)
+        return self.gate(flat.astype(mx.float32)).astype(mx.float32)
 
     @property
     def family(self) -> str:
@@ -145,7 +215,9 @@ def patch(model: nn.Module, estimator: str = "dense", losses: Optional[dict] = N
     Blocks already patched are re-patched from their original."""
     count = 0
     for parent, key, block in _moe_blocks(model, MoEBlock):
-        _replace(parent, key, MoEBlock(block._original, estimator, losses, **options))
+        original = block._original
+        original.gate, original.switch_mlp = block.gate, block.switch_mlp
+        _replace(parent, key, MoEBlock(original, estimator, losses, **options))
         count += 1
     for parent, key, block in _moe_blocks(model, nn.Module):
         if type(block).__name__ in FAMILIES:
@@ -157,10 +229,13 @@ def patch(model: nn.Module, estimator: str = "dense", losses: Optional[dict] = N
 
 
 def unpatch(model: nn.Module) -> int:
-    """Put the stock mlx-lm blocks back (sharing the current weights); returns how many."""
+    """Put the stock mlx-lm blocks back, holding the patched blocks' current ``gate`` and
+    ``switch_mlp`` (their weights, and any adapter added after patching); returns how many."""
     found = _moe_blocks(model, MoEBlock)
     for parent, key, block in found:
-        _replace(parent, key, block._original)
+        original = block._original
+        original.gate, original.switch_mlp = block.gate, block.switch_mlp  # e.g. LoRA added since
+        _replace(parent, key, original)
     return len(found)
 
 
