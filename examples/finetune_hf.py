@@ -3,7 +3,8 @@
 No download: the model is built from a config and the text is the Python documentation topics
 shipped with Python (``pydoc_data.topics``), tokenised as bytes (vocabulary 256). Each estimator
 starts from the same weights and sees the same batches; ``moegrad.hf.patch`` changes only how the
-router learns (the forward of ``topk``, ``dense`` and ``default_moe`` is the same).
+router learns (the forward of ``topk``, ``dense`` and ``default_moe`` is the same; the model is
+random-init, so estimators that change the forward are allowed with ``allow_forward_change``).
 
     python examples/finetune_hf.py --steps 300 --out finetune_hf.png
     python examples/finetune_hf.py --steps 5 --estimators topk,dense   # a quick check
@@ -55,7 +56,9 @@ def train_one(estimator: str, args, data_train, data_val) -> dict:
     from tqdm import tqdm
 
     model = build_model(args)
-    moegrad.hf.patch(model, estimator)
+    # random init: there is no pretrained forward to keep, so estimators whose forward differs
+    # from Qwen3-MoE's (unweighted, sparsemixer, ... with K > 1) are accepted too
+    moegrad.hf.patch(model, estimator, allow_forward_change=True)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     losses = []

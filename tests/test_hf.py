@@ -91,6 +91,39 @@ def tiny(family: str, **over):
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss"]
 #: the estimator that keeps each family's own routing
 SAME = {f: "sparsemixer" if f == "phimoe" else "topk" for f in FAMILIES}
+#: an estimator with another router gradient that keeps each family's forward
+OTHER = {f: "sparsemixer" if f == "phimoe" else "dense" for f in FAMILIES}
+#: families whose weights are renormalised with K=1 (switch or always): top-1 gives w = c
+TOP1 = [f for f in FAMILIES if f != "phimoe"]
+NO_TOP1 = "PhiMoE's SparseMixer always makes two picks (no top-1 configuration)"
+
+
+def test_families_cover_moegrad_hf():
+    assert sorted(FAMILIES) == sorted(mh.FAMILIES)
+
+
+def tiny_top1(family: str):
+    """``tiny(family)`` with K=1 and renormalised weights (norm_topk_prob where the family
+    has the switch; Mixtral and GPT-OSS always renormalise)."""
+    over = {"num_experts_per_tok": 1}
+    if family in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"):
+        over["norm_topk_prob"] = True
+    model = tiny(family, **over)
+    assert all(m.top_k == 1 for m in model.modules() if type(m).__name__.endswith("Router"))
+    return model
+
+
+def maxabs(t) -> float:
+    return float(t.detach().abs().max())
+
+
+def router_weight_grads(model, family):
+    """The HF router weight gradients [E, D] of every MoE block, stacked (zeros if None)."""
+    attr = mh.FAMILIES[family].gate
+    cls = mh.FAMILIES[family].block_class()
+    gates = [getattr(m, attr).weight for m in model.modules() if isinstance(m, cls)]
+    assert gates
+    return torch.stack([w.grad if w.grad is not None else torch.zeros_like(w) for w in gates])
 
 
 def ids(seed=1, batch=2, seq=7):
@@ -135,17 +168,34 @@ def test_topk_logits_grads_and_keys_match_unpatched(family):
         assert all(float(r.abs().sum()) > 0 for r in router_grads)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=pytest.mark.skip(reason="transformers' DeepSeek-V3 has no router aux "
+                                           "loss (it balances with e_score_correction_bias)"))
+    if f == "deepseek_v3" else f for f in FAMILIES])
 def test_hf_aux_loss_unchanged(family):
+    """output_router_logits=True: HF's aux loss, the total loss and every gradient (the aux
+    loss reaches the router through the gate module the patched block still calls) match."""
     model = tiny(family, router_aux_loss_coef=0.3).train()
     x = ids(2)
     ref = model(x, labels=x, output_router_logits=True)
-    mh.patch(model, "dense")
-    out = model(x, labels=x, output_router_logits=True)
+    ref.loss.backward()
+    g_ref = grads(model)
+    model.zero_grad()
     assert ref.aux_loss is not None and float(ref.aux_loss.detach()) > 0
+    mh.patch(model, SAME[family])
+    out = model(x, labels=x, output_router_logits=True)
+    out.loss.backward()
     torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
     assert len(out.router_logits) == model.config.num_hidden_layers
+    for name, value in grads(model).items():
+        torch.testing.assert_close(value, g_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    if OTHER[family] != SAME[family]:  # another router gradient: the same HF aux loss
+        mh.unpatch(model)
+        mh.patch(model, OTHER[family])
+        out = model(x, labels=x, output_router_logits=True)
+        torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
 
 
 def test_mixtral_jitter_in_training_matches():
@@ -165,49 +215,51 @@ def test_mixtral_jitter_in_training_matches():
     assert float((other - ref).abs().max().detach()) > 1e-4  # the jitter is really applied
 
 
-def test_top1_renormalised_router_learns_only_with_dense_estimators():
-    """K=1 with norm_topk_prob: the combine weight is the constant 1, topk gives the router 0."""
+@pytest.mark.parametrize("family", TOP1 + [pytest.param("phimoe", marks=pytest.mark.skip(
+    reason=NO_TOP1))])
+def test_top1_renormalised_router_learns_only_with_dense_estimators(family):
+    """K=1 with renormalised weights: the combine weight is the constant c, so HF's own model
+    and topk give the router 0 task gradient; dense estimators give it one, same logits."""
     x = ids(4)
 
-    def router_grad(name):
-        model = tiny("qwen3_moe", num_experts_per_tok=1, norm_topk_prob=True).train()
-        for m in model.modules():  # HF reads K from its router module
-            if hasattr(m, "top_k"):
-                m.top_k = 1
-        mh.patch(model, name)
+    def run(name):
+        model = tiny_top1(family).train()
+        if name is not None:
+            mh.patch(model, name)
         if name == "default_moe":  # one step to fill the default outputs
             model(x)
         model.zero_grad()
         out = model(x, labels=x)
         out.loss.backward()
-        gates = [p.grad for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
-        return out.logits.detach(), torch.stack([g if g is not None else torch.zeros(1) for g in gates])
+        return out.logits.detach(), router_weight_grads(model, family)
 
-    logits_topk, g_topk = router_grad("topk")
-    # topk: d(s/s)/ds is 0 up to rounding; the estimators give a real gradient
-    assert float(g_topk.abs().max()) < 1e-9
+    logits_hf, g_hf = run(None)
+    logits_topk, g_topk = run("topk")
+    # d(s/s)/ds is 0 up to rounding (DeepSeek-V3: s/(s + 1e-20), as small)
+    assert maxabs(g_hf) < 1e-9 and maxabs(g_topk) < 1e-9
+    torch.testing.assert_close(logits_topk, logits_hf, atol=1e-5, rtol=0)
     for estimator in ("dense", "default_moe", "straight_through"):
-        logits_est, g_est = router_grad(estimator)
-        assert float(g_est.abs().max()) > 1e-4, estimator
-        torch.testing.assert_close(logits_est, logits_topk, atol=1e-5, rtol=0, msg=estimator)
+        logits_est, g_est = run(estimator)
+        assert maxabs(g_est) > 1e-4, estimator
+        # every patched block's router learns, not only the last one
+        assert all(maxabs(g) > 1e-6 for g in g_est), estimator
+        torch.testing.assert_close(logits_est, logits_hf, atol=1e-5, rtol=0, msg=estimator)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", TOP1 + [pytest.param("phimoe", marks=pytest.mark.skip(
+    reason="dense changes PhiMoE's SparseMixer forward; HF's weights are no topk reference"))])
 def test_dense_router_gradient_matches_independent_reference(family):
     """One block: dense's router gradient equals autograd of HF's own sparse output plus
     sum_{i not in S} c (s_i - sg(s_i)) E_i(x), with E_i(x) from HF's experts module."""
     model = tiny(family).train()
-    block = next(m for m in model.modules() if type(m).__name__ in
-                 ("Qwen3MoeSparseMoeBlock", "DeepseekV3MoE", "GptOssMLP"))
-    gate = block.router if family == "gpt_oss" else block.gate
+    block = next(m for m in model.modules() if isinstance(m, mh.FAMILIES[family].block_class()))
+    gate = getattr(block, mh.FAMILIES[family].gate)
     x = torch.randn(2, 5, 32)
     g = torch.randn(2, 5, 32)
     mh.patch(model, "dense")
     out = block(x)
     out = out[0] if isinstance(out, tuple) else out
-    if family == "deepseek_v3":
-        out = out - block.shared_experts(x)
-    (out * g).sum().backward()
+    (out * g).sum().backward()  # shared experts (Qwen2-MoE, DeepSeek-V3) do not reach the gate
     got = gate.weight.grad.clone()
     gate.weight.grad = None
     mh.unpatch(model)
@@ -228,6 +280,126 @@ def test_dense_router_gradient_matches_independent_reference(family):
     (y.view_as(x) * g).sum().backward()
     assert float(got.abs().sum()) > 0
     torch.testing.assert_close(got, gate.weight.grad, atol=1e-6, rtol=1e-4)
+
+
+#: estimator variants whose eval-mode forward the policy judges
+VARIANTS = [("topk", {}), ("dense", {}), ("default_moe", {}),
+            ("default_moe", {"forward_defaults": True}), ("unweighted", {}),
+            ("straight_through", {}), ("gumbel", {}), ("gumbel", {"tau": 0.5}),
+            ("gumbel", {"hard": True}), ("noisy_topk", {}), ("sparsemixer", {}),
+            ("sparsemixer", {"jitter_eps": 0.5})]
+
+
+@pytest.mark.parametrize("top1", [False, True], ids=["k2", "top1"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_policy_matches_the_logits(family, top1):
+    """patch refuses an estimator exactly when it changes the eval logits: every refused
+    variant, patched with allow_forward_change=True, moves them by > 1e-4, every accepted one
+    by < 1e-5 (after a training forward, so default_moe's defaults are filled)."""
+    if top1 and family == "phimoe":
+        pytest.skip(NO_TOP1)
+    model = tiny_top1(family) if top1 else tiny(family)
+    if family == "phimoe":  # a real SparseMixer mask: several candidates per pick
+        for m in model.modules():
+            if hasattr(m, "router_jitter_noise"):
+                m.router_jitter_noise = 0.2
+    x = ids(5)
+    with torch.no_grad():
+        ref = model(x).logits
+    outcome = {}
+    for name, opts in VARIANTS:
+        label = name + "".join(f",{k}={v}" for k, v in opts.items())
+        if family == "deepseek_v3" and moegrad.estimators.get(name).samples:
+            with pytest.raises(ValueError, match=f"estimator='{name}' samples"):
+                mh.patch(model, name, allow_forward_change=True, **opts)
+            continue
+        try:
+            mh.patch(model, name, **opts)
+        except ValueError as e:
+            assert f"estimator='{name}' would change the forward of {family}" in str(e)
+            assert "allow_forward_change=True" in str(e)
+            refused = True
+        else:
+            refused = False
+            mh.unpatch(model)
+        mh.patch(model, name, allow_forward_change=True, **opts)
+        with torch.no_grad():
+            model.train()
+            model(x)
+            model.eval()
+            diff = maxabs(model(x).logits - ref)
+        mh.unpatch(model)
+        outcome[label] = (refused, diff)
+    # sparsemixer at jitter 0.01 with K=1 renormalised equals the family where its mask leaves
+    # one candidate, which on these logits is every token: refused (it differs in general) but
+    # not measurable here
+    if top1:
+        outcome.pop("sparsemixer", None)
+    wrong = {k: v for k, v in outcome.items() if (v[1] > 1e-4) != v[0] or (not v[0] and v[1] > 1e-5)}
+    assert not wrong, wrong
+    kept = sorted(k for k, (refused, _) in outcome.items() if not refused)
+    expect_kept = {  # the docstring's table
+        "phimoe": ["sparsemixer"],
+        "deepseek_v3": ["default_moe", "dense", "topk"] + (["straight_through"] if top1 else []),
+    }.get(family, ["default_moe", "dense", "gumbel", "topk"]
+          + (["noisy_topk"] if family in ("mixtral", "qwen3_moe", "gpt_oss") or top1 else [])
+          + (["gumbel,hard=True", "gumbel,tau=0.5", "straight_through", "unweighted"]
+             if top1 else []))
+    assert kept == sorted(expect_kept)
+
+
+def test_forward_change_refused_with_reason_and_opt_in():
+    model = tiny("qwen3_moe")
+    x = ids(5)
+    ref = model(x).logits.detach()
+    with pytest.raises(ValueError, match=r"estimator='unweighted' would change the forward of "
+                       r"qwen3_moe in Qwen3MoeForCausalLM: it mixes the selected experts with "
+                       r"unit weights.*keep it: \['default_moe', 'dense', 'gumbel', 'noisy_topk', "
+                       r"'topk'\]\. Pass allow_forward_change=True"):
+        mh.patch(model, "unweighted")
+    with pytest.raises(ValueError, match=r"estimator='gumbel'.*tau=0.5, not softmax\(z\)"):
+        mh.patch(model, "gumbel", tau=0.5)
+    with pytest.raises(ValueError, match=r"estimator='default_moe'.*forward_defaults=True"):
+        mh.patch(model, "default_moe", forward_defaults=True)
+    olmoe = tiny("olmoe")  # norm_topk_prob=False: noisy_topk's softmax over the kept logits
+    with pytest.raises(ValueError, match=r"estimator='noisy_topk'.*olmoe.*not renormalised"):
+        mh.patch(olmoe, "noisy_topk")
+    phimoe = tiny("phimoe")
+    with pytest.raises(ValueError, match=r"estimator='sparsemixer'.*jitter_eps.*router_jitter_noise"):
+        mh.patch(phimoe, "sparsemixer", jitter_eps=0.3)
+    assert not moe_blocks(model) and not moe_blocks(olmoe) and not moe_blocks(phimoe)
+    with pytest.raises(TypeError, match="allow_forward_change must be True or False"):
+        mh.patch(model, "unweighted", allow_forward_change="yes")
+    mh.patch(model, "unweighted", allow_forward_change=True)
+    assert maxabs(model(x).logits - ref) > 1e-3  # unit weights: a different model
+    model.train()
+    out = model(x, labels=x)
+    out.loss.backward()  # unweighted: no router task gradient, as documented
+    assert all(p.grad is None or maxabs(p.grad) == 0
+               for n, p in model.named_parameters() if n.endswith("mlp.gate.weight"))
+
+
+def test_sampling_estimators_keep_the_eval_forward_and_sample_in_training():
+    """The decision for sampling estimators: accepted where their eval forward is the family's,
+    while their training forward samples (differs from the clean top-k, varies with the seed)."""
+    model = tiny("mixtral").train()
+    x = ids(6)
+    with torch.no_grad():
+        ref = model(x).logits
+        for name in ("gumbel", "noisy_topk"):
+            mh.patch(model, name)  # accepted without allow_forward_change
+            if name == "noisy_topk":  # the paper's zero init gives sigma = noise_epsilon only
+                for r in mh.routers(model):
+                    r.estimator.w_noise.fill_(0.5)
+            torch.manual_seed(1)
+            a = model(x).logits
+            torch.manual_seed(2)
+            b = model(x).logits
+            assert maxabs(a - ref) > 1e-4 and maxabs(a - b) > 1e-4, name
+            model.eval()
+            torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=0, msg=name)
+            model.train()
+            mh.unpatch(model)
 
 
 def test_other_estimators_keep_forward_in_eval():
@@ -336,32 +508,48 @@ def test_deepseek_selection_matches_group_limited_reference():
     torch.testing.assert_close(r.last_routing.weights.sort(-1).values, w.sort(-1).values)
 
 
-def test_save_pretrained_round_trip(tmp_path):
-    estimator = "default_moe"  # has estimator state: non-persistent, not saved
-    model = tiny("qwen2_moe").train()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_round_trip(family, tmp_path):
+    """A patched model saves the HF keys only and reloads to the same logits; estimator state
+    (default_moe's EMA) is non-persistent and starts from zero after the reload."""
+    estimator = "sparsemixer" if family == "phimoe" else "default_moe"
+    model = tiny(family).train()
+    keys = set(model.state_dict())
     mh.patch(model, estimator)
     x = ids(10)
     model(x)  # default_moe fills its (non-persistent) defaults
     model.eval()
-    patched = model(x).logits
+    patched = model(x).logits.detach()
     model.save_pretrained(tmp_path)
     fresh = type(model).from_pretrained(tmp_path).float().eval()
     torch.testing.assert_close(fresh(x).logits, patched, atol=1e-5, rtol=0)
     sd_a, sd_b = model.state_dict(), fresh.state_dict()
-    assert set(sd_a) == set(sd_b)
+    assert set(sd_a) == set(sd_b) == keys
     for k in sd_a:
         torch.testing.assert_close(sd_a[k], sd_b[k], atol=0, rtol=0, msg=k)
     mh.patch(fresh, estimator)
     torch.testing.assert_close(fresh(x).logits, patched, atol=1e-5, rtol=0)
+    if estimator == "default_moe":
+        assert all(bool(r.estimator.seen.any()) for r in mh.routers(model))
+        for r in mh.routers(fresh):  # reset by the reload, as documented
+            assert not bool(r.estimator.seen.any()) and float(r.estimator.defaults.abs().sum()) == 0
 
 
-def test_patch_unpatch_restores_original():
-    model = tiny("olmoe")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_unpatch_restores_original(family):
+    model = tiny(family)
     x = ids(11)
-    ref = model(x).logits
-    assert mh.patch(model, "dense") is model
+    ref = model(x).logits.detach()
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    cls = mh.FAMILIES[family].block_class()
+    count = sum(isinstance(m, cls) for m in model.modules())
+    assert count == (1 if family == "deepseek_v3" else 2)  # DeepSeek-V3: first layer dense
+    assert mh.patch(model, OTHER[family]) is model
     blocks = moe_blocks(model)
-    assert len(blocks) == 2 and all("forward" in b.__dict__ for b in blocks)
+    assert len(blocks) == count and all(isinstance(b, cls) for b in blocks)
+    assert all("forward" in b.__dict__ for b in blocks)
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
+    torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=0)
     mh.unpatch(model)
     assert not moe_blocks(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
@@ -369,6 +557,82 @@ def test_patch_unpatch_restores_original():
     torch.testing.assert_close(model(x).logits, ref, atol=0, rtol=0)
     with pytest.raises(ValueError, match="not patched"):
         mh.unpatch(model)
+    mh.patch(model, SAME[family])  # patchable again after unpatch
+    torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=0)
+
+
+def _step(estimator, checkpoint=None, losses=None, **options):
+    """One training forward + backward of a tiny Qwen3-MoE patched with ``estimator``;
+    ``checkpoint``: None, "reentrant" or "non_reentrant" activation checkpointing."""
+    model = tiny("qwen3_moe").train()
+    if checkpoint is not None:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": checkpoint == "reentrant"})
+    mh.patch(model, estimator, losses=losses, **options)
+    x = ids(17)
+    torch.manual_seed(3)  # the sampling estimators draw from the global RNG
+    out = model(x, labels=x, use_cache=False)
+    loss = out.loss + mh.aux_loss(model) if losses else out.loss
+    loss.backward()
+    return model, loss.detach(), grads(model)
+
+
+@pytest.mark.parametrize("checkpoint", ["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("estimator", ["default_moe", "gumbel", "noisy_topk", "dense"])
+def test_activation_checkpointing_changes_nothing(estimator, checkpoint):
+    """The recomputation in backward repeats the forward's samples (global RNG, restored by
+    checkpointing) and skips its side effects: loss, every gradient, load_counts and
+    default_moe's EMA equal a step without checkpointing."""
+    ref_model, ref_loss, g_ref = _step(estimator)
+    model, loss, g = _step(estimator, checkpoint)
+    assert len(model.model.layers) == 2 and all(l.gradient_checkpointing for l in model.model.layers)
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    assert set(g) == set(g_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5, msg=name)
+    for r, r_ref in zip(mh.routers(model), mh.routers(ref_model)):
+        assert int(r.load_counts.sum()) == ids(17).numel() * 2  # counted once, not twice
+        assert torch.equal(r.load_counts, r_ref.load_counts)
+        assert torch.equal(r.last_routing.indices, r_ref.last_routing.indices)
+        if estimator == "default_moe":  # one EMA update, not two
+            assert bool(r.estimator.seen.any())
+            torch.testing.assert_close(r.estimator.defaults, r_ref.estimator.defaults, atol=0, rtol=0)
+
+
+def test_activation_checkpointing_with_moegrad_losses():
+    """Non-reentrant (transformers' default): the moegrad losses train as without checkpointing.
+    Reentrant runs the forward under no_grad: aux_loss refuses the gradient-less losses."""
+    losses = {"switch": 0.5, "z_loss": 0.1}
+    _, ref_loss, g_ref = _step("default_moe", losses=losses)
+    _, loss, g = _step("default_moe", "non_reentrant", losses=losses)
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(RuntimeError, match="carry no gradient.*use_reentrant=False"):
+        _step("default_moe", "reentrant", losses=losses)
+
+
+def test_generator_sampling_refused_with_activation_checkpointing():
+    """A generator= is not restored by checkpointing: refused at patch time, or in backward
+    when checkpointing was enabled after patch."""
+    model = tiny("qwen3_moe").train()
+    model.activation_checkpointing_enable()
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"generator=.*gradient checkpointing enabled.*"
+                       r"estimator='gumbel'"):
+        mh.patch(model, "gumbel", generator=gen)
+    assert not moe_blocks(model)
+    mh.patch(model, "gumbel")  # the global RNG is fine (restored by checkpointing)
+
+    model = tiny("qwen3_moe").train()
+    mh.patch(model, "noisy_topk", generator=gen)
+    x = ids(18)
+    model(x, labels=x).loss.backward()  # no checkpointing: fine
+    model.activation_checkpointing_enable()
+    out = model(x, labels=x, use_cache=False)
+    with pytest.raises(RuntimeError, match="estimator='noisy_topk' with generator= cannot run "
+                       "under activation checkpointing"):
+        out.loss.backward()
 
 
 def test_deepcopy_of_patched_model_is_independent():
@@ -418,6 +682,8 @@ def test_bad_input():
         mh.patch(model, "topk", losses={"importance_load": 1.0})
     with pytest.raises(ValueError, match="impl='hf'"):
         mh.patch(model, "default_moe", impl="hf")
+    with pytest.raises(TypeError, match="allow_forward_change must be True or False, got str"):
+        mh.patch(model, allow_forward_change="false")
     assert not moe_blocks(model)  # failed patches leave nothing behind
     mh.patch(model)
     with pytest.raises(ValueError, match="already patched"):

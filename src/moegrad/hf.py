@@ -35,10 +35,57 @@ weight ``...moegrad_router.estimator.w_noise``) is attached to the block. The pa
                                               shared_expert(x); DeepSeek-V3: shared_experts(x)
 
 Families (see :data:`FAMILIES`): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS (its own
-expert layout with biases and clamped GLU, computed per expert), DeepSeek-V3 (any deterministic
-estimator; sampling ones are refused there), and PhiMoE, whose router is SparseMixer: only
-``estimator="sparsemixer"`` keeps its forward (``jitter_eps`` defaults to the config's
-``router_jitter_noise``), so the others are refused.
+expert layout with biases and clamped GLU, computed per expert), DeepSeek-V3 (sampling
+estimators cannot honour its group-limited, biased top-k and are refused there, opt-in or not),
+and PhiMoE, whose router is SparseMixer (``jitter_eps`` defaults to the config's
+``router_jitter_noise``).
+
+Forward policy: ``patch`` keeps what a loaded model computes. An estimator whose eval-mode
+forward differs from the family's own routing raises a ValueError that names the estimator, the
+family and the reason, unless ``patch(..., allow_forward_change=True)`` (e.g. training from
+random init). The rule, per block (s scores, S the top-k, c = routed_scaling_factor), checked
+against the logits for every family in tests/test_hf.py:
+
+    keep                    topk, dense, default_moe (any family but PhiMoE)
+    keep if softmax         gumbel with tau=1, hard=False (eval weights softmax(z)_S = s_S)
+    keep if renormalised    noisy_topk (eval weights softmax(z_S) = s_S / sum_S s): Mixtral,
+                            GPT-OSS, norm_topk_prob=True; sigmoid scores only with K=1
+    keep if K=1 and         straight_through, gumbel (any tau, hard), unweighted (if c=1):
+      renormalised          the family's weight is then the constant c
+    change                  otherwise: unit weights (unweighted, straight_through, gumbel
+                            hard=True), gumbel tau!=1, noisy_topk without renormalisation,
+                            sparsemixer (masked-softmax weights; equal only for tokens whose
+                            mask leaves one candidate), default_moe forward_defaults=True
+                            (adds sum_{i not in S} s_i ebar_i)
+    PhiMoE                  keep only sparsemixer with jitter_eps = router_jitter_noise
+
+Sampling estimators (gumbel, noisy_topk, sparsemixer) draw their selection at random in
+training mode only, as Mixtral's input jitter and PhiMoE's own SparseMixer do: that randomness
+is the method, not a change of the model, so they follow the same rule, judged on the eval-mode
+forward (noise off), which equals the family's exactly where the table says so.
+
+Caveats:
+
+* HF's own aux loss (``output_router_logits=True``, ``router_aux_loss_coef``) is computed by
+  transformers from the recorded gate logits with a clean top-k: with a sampling estimator it
+  counts the clean top-k experts, not the sampled experts the tokens were sent to. moegrad's
+  ``losses=`` (read with :func:`aux_loss`) use the experts actually chosen.
+* Estimator state is not saved: ``default_moe``'s EMA buffers (``defaults``, ``seen``) and
+  ``load_counts`` are non-persistent, so after ``save_pretrained`` / ``from_pretrained`` and a
+  new ``patch`` they start from zero (the first training forward fills them again).
+* Activation (gradient) checkpointing re-runs the block forward in backward. The patched block
+  detects that recomputation (a forward running inside autograd's backward pass, which is how
+  both reentrant and non-reentrant ``torch.utils.checkpoint`` recompute) and skips its side
+  effects there: ``load_counts``, ``default_moe``'s EMA and ``last_routing`` /
+  ``last_aux_loss`` are updated once per training forward, as without checkpointing, and the
+  recomputed output (and so the gradient) is the forward's. Sampling estimators draw from the
+  global RNG, which checkpointing saves and restores, so the recomputation repeats the same
+  samples. A ``generator=`` option is not restored by checkpointing: with checkpointing that
+  combination is refused (ValueError from ``patch`` when the model already checkpoints,
+  RuntimeError from backward when checkpointing was enabled after ``patch``). Reentrant
+  checkpointing (``use_reentrant=True``) runs the forward under no_grad, so moegrad losses read
+  from it carry no gradient: :func:`aux_loss` refuses them (non-reentrant, transformers'
+  default, works; HF's own aux loss has the same limitation under reentrant checkpointing).
 """
 
 from __future__ import annotations
@@ -53,6 +100,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moegrad import experts as _experts
+from moegrad._checks import check_bool
 from moegrad.dispatch import combine_rows, plan_dispatch
 from moegrad.estimators import available as available_estimators
 from moegrad.estimators import build_estimator, get as get_estimator
@@ -253,7 +301,8 @@ class HFRouter(Router):
     itself for DeepSeek-V3 (None otherwise), so :class:`moegrad.BiasBalancer` trains it in place
     and ``save_pretrained`` saves it under its own name.
 
-    After each forward of the block: ``last_routing`` (:class:`Routing`, detached),
+    After each forward of the block (not after checkpointing's recomputation in backward):
+    ``last_routing`` (:class:`Routing`, detached),
     ``last_aux_loss`` (scalar with gradient, the weighted sum of the configured moegrad losses;
     None when none are configured) and ``last_losses`` ({name: value}). The HF block is not
     given the attention mask, so padding tokens count in these losses (as in HF's own aux loss
@@ -322,11 +371,18 @@ class HFRouter(Router):
         token_mask = flatten_mask(mask, shape)
         # through the HF module, so its hooks and output_router_logits recording fire. (PhiMoE's
         # router multiplies ``flat`` in place by its input jitter in training, as HF's block sees.)
+        recomputing = self.training and _recomputing()
+        if recomputing and getattr(self.estimator, "generator", None) is not None:
+            raise RuntimeError(
+                f"estimator={self.estimator.name!r} with generator= cannot run under activation "
+                "checkpointing: the recomputation in backward would draw new samples from the "
+                "generator (checkpointing restores the global RNG only); drop generator= (seed "
+                "with torch.manual_seed) or disable checkpointing")
         logits = self._hf_gate(flat)[0]
         z = logits.float()
         scores = torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
         picked = self.estimator.route(flat.float(), z, scores, self)
-        if self.training and picked.indices.numel():
+        if self.training and not recomputing and picked.indices.numel():
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
             self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.config.num_experts)
         return Routing(logits=z, scores=scores, indices=picked.indices, weights=picked.weights,
@@ -342,7 +398,8 @@ class HFRouter(Router):
         else:
             plan = plan_dispatch(routing.indices, routing.weights, self.config.num_experts)
             rows = experts(flat[plan.tokens], plan.counts)  # [M, D]
-            if self.training and estimator.observes_outputs and rows.shape[0]:
+            observe = self.training and estimator.observes_outputs and rows.shape[0]
+            if observe and not _recomputing():  # once per step under activation checkpointing
                 sums = rows.new_zeros(self.config.num_experts, self.config.dim, dtype=torch.float32)
                 sums.index_add_(0, plan.experts, rows.detach().float())
                 estimator.observe(sums, plan.counts)
@@ -367,9 +424,15 @@ def _moe_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
         y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
     elif family.shared == "plain":
         y = y + self.shared_experts(flat)
+    # under activation checkpointing the recomputation must save the same tensors as the
+    # forward (so the losses are computed again) but keeps the forward's stored values
+    keep = not (self.training and _recomputing())
     if router.losses:
-        router.last_aux_loss, router.last_losses = balance_losses(routing, router.losses)
-    router.last_routing = _detached(routing)
+        losses = balance_losses(routing, router.losses)
+        if keep:
+            router.last_aux_loss, router.last_losses = losses
+    if keep:
+        router.last_routing = _detached(routing)
     if family.returns_weights:
         return y.reshape(shape), routing.weights.to(y.dtype)
     return y.reshape(shape)
@@ -390,23 +453,96 @@ def _family_of(block: nn.Module) -> Optional[Family]:
     return None
 
 
-def _check_estimator(family: Family, estimator: str, model_name: str) -> None:
-    cls = get_estimator(estimator)  # ValueError listing the names for unknown ones
-    if family.estimators is not None and estimator not in family.estimators:
-        raise ValueError(
-            f"estimator={estimator!r} would change the forward of {family.name} in {model_name}: "
-            f"it routes with SparseMixer (masked softmax, two picks); use one of "
-            f"{list(family.estimators)}")
-    if family.correction_bias and cls.samples:
+def _check_sampling(family: Family, estimator: str, model_name: str) -> None:
+    """A sampling estimator cannot honour DeepSeek-V3's group-limited, biased top-k."""
+    if family.correction_bias and get_estimator(estimator).samples:
         allowed = [n for n in available_estimators() if not get_estimator(n).samples]
         raise ValueError(
             f"estimator={estimator!r} samples its expert selection, which cannot honour "
             f"{family.name}'s group-limited top-k and e_score_correction_bias in {model_name}; "
-            f"use one of {allowed}")
+            f"use a deterministic estimator: {allowed}")
+
+
+def _forward_change(family: Family, config: RouterConfig, estimator,
+                    default: dict) -> Optional[str]:
+    """Why the built ``estimator`` gives another eval-mode forward than ``family``'s own routing
+    under ``config`` (None: the same). ``default``: the family's default options (PhiMoE's
+    jitter_eps). The rule is the table of the module docstring."""
+    name = estimator.name
+    if family.estimators is not None:  # PhiMoE: SparseMixer at the config's jitter
+        if name not in family.estimators:
+            return (f"{family.name} routes with SparseMixer (a masked softmax per pick, two "
+                    f"picks), which only {list(family.estimators)} reproduces")
+        for key, value in default.items():  # jitter_eps from the config's router_jitter_noise
+            if getattr(estimator, key) != value:
+                return (f"{key}={getattr(estimator, key)!r} differs from the config's "
+                        f"router_jitter_noise={value!r}, which sets the SparseMixer mask")
+        return None
+    # K=1 with renormalised weights: every family weight is the constant c, only S matters
+    top1 = config.normalize and config.top_k == 1
+    unit = "it mixes the selected experts with unit weights, not the gate's scores"
+    if name in ("topk", "dense"):
+        return None
+    if name == "default_moe":
+        return ("forward_defaults=True adds sum_{i not in S} s_i * ebar_i to the output"
+                if estimator.forward_defaults else None)
+    if name == "unweighted":
+        return None if top1 and config.routed_scaling_factor == 1.0 else unit
+    if name == "straight_through":
+        return None if top1 else unit
+    if name == "gumbel":
+        if top1:
+            return None
+        if estimator.hard:
+            return "hard=True: " + unit
+        if config.score != "softmax":
+            return f"its weights are softmax(z / tau), not the family's {config.score} scores"
+        if estimator.tau != 1.0:
+            return f"its weights are softmax(z / tau) with tau={estimator.tau}, not softmax(z)"
+        return None
+    if name == "noisy_topk":
+        if config.normalize and (config.score == "softmax" or config.top_k == 1):
+            return None
+        how = "renormalised" if config.normalize else "not renormalised"
+        return (f"its weights are a softmax over the K kept logits, while {family.name} uses "
+                f"{config.score} scores, {how} over the top-k")
+    if name == "sparsemixer":
+        return ("its weight for each pick is a softmax over the experts left by its mask, not "
+                "the family's score")
+    return "moegrad.hf does not know whether it keeps the family's forward"
+
+
+def _keeping(family: Family, block: nn.Module, config: RouterConfig) -> list[str]:
+    """The estimator names that keep ``family``'s forward with their default options."""
+    keep = []
+    for name in available_estimators():
+        if family.correction_bias and get_estimator(name).samples:
+            continue
+        default = family.default_options(block, name)
+        built = build_estimator(name, config, **default)
+        if _forward_change(family, config, built, default) is None:
+            keep.append(name)
+    return keep
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """True when a module of ``model`` has transformers' gradient checkpointing switched on."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass. A block forward then is activation
+    checkpointing's recomputation (reentrant and non-reentrant ``torch.utils.checkpoint`` both
+    re-run the forward inside backward)."""
+    return _graph_task_id is not None and _graph_task_id() != -1
 
 
 def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = None,
-          impl: Optional[str] = None, **estimator_options) -> nn.Module:
+          impl: Optional[str] = None, *, allow_forward_change: bool = False,
+          **estimator_options) -> nn.Module:
     """Patch, in place, every supported sparse MoE block of ``model``; returns ``model``.
 
     Args:
@@ -419,16 +555,21 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
         impl: expert compute: None (= "auto") or a :data:`moegrad.experts.IMPLS` name
             (moegrad's grouped compute, :func:`moegrad.experts.grouped_mlp`), or "hf" (the
             block's own experts module and transformers' ``experts_implementation``).
+        allow_forward_change: accept an estimator whose eval-mode forward differs from the
+            family's (see the module docstring); default False refuses it.
 
     Raises ValueError when the model has no supported block (naming the model class and the
-    supported ones), when it is already patched, or when the estimator cannot honour the
-    family's routing (a sampling estimator with DeepSeek-V3's group-limited, biased top-k).
+    supported ones), when it is already patched, when the estimator cannot honour the family's
+    routing (a sampling estimator with DeepSeek-V3's group-limited, biased top-k), when it
+    would change the forward and ``allow_forward_change`` is False, or when a sampling
+    estimator's ``generator`` meets gradient checkpointing.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not supported; choose one of {list(IMPLS)}")
     get_estimator(estimator)
+    allow_forward_change = check_bool("allow_forward_change", allow_forward_change)
     coefficients = check_losses(losses, estimator)
     name = type(model).__name__
     blocks = [(m, f) for m in model.modules() if (f := _family_of(m)) is not None]
@@ -441,13 +582,31 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
     if get_estimator(estimator).observes_outputs and impl == "hf":
         raise ValueError(f"estimator={estimator!r} observes per-expert outputs, which impl='hf' "
                          "does not expose; use impl=None")
+    sampler = get_estimator(estimator).samples
+    if sampler and estimator_options.get("generator") is not None and _checkpointing(model):
+        raise ValueError(
+            f"generator={estimator_options['generator']!r} cannot be used on {name}, which has "
+            "gradient checkpointing enabled: the recomputation in backward would draw new "
+            f"samples for estimator={estimator!r} (checkpointing restores the global RNG only); "
+            "drop generator= (seed with torch.manual_seed) or disable checkpointing first")
     for family in {f for _, f in blocks}:
-        _check_estimator(family, estimator, name)
+        _check_sampling(family, estimator, name)
         if family.experts != "fused" and impl not in (None, "auto", "loop", "hf"):
             raise ValueError(f"impl={impl!r} is not available for {family.name} experts (biases, "
                              "clamped GLU); use impl=None (a per-expert loop) or 'hf'")
     routers = [HFRouter(m, f, estimator, coefficients, impl,
                         {**f.default_options(m, estimator), **estimator_options}) for m, f in blocks]
+    if not allow_forward_change:
+        for (block, family), router in zip(blocks, routers):
+            why = _forward_change(family, router.config, router.estimator,
+                                  family.default_options(block, estimator))
+            if why is not None:
+                keep = _keeping(family, block, router.config)
+                raise ValueError(
+                    f"estimator={estimator!r} would change the forward of {family.name} in "
+                    f"{name}: {why}. Estimators that keep it: {keep}. Pass "
+                    "allow_forward_change=True to patch() to accept different outputs (e.g. "
+                    "training from random init)")
     for (block, _), router in zip(blocks, routers):
         router.train(block.training)
         block.moegrad_router = router
@@ -480,13 +639,23 @@ def aux_loss(model: nn.Module, clear: bool = True) -> Tensor:
     """Sum over patched blocks of the moegrad balance losses of the last forward (scalar fp32).
 
     0 when ``patch(..., losses=...)`` configured none. ``clear`` drops the stored values so the
-    graph is not kept alive past the step.
+    graph is not kept alive past the step. Raises RuntimeError when, with gradients enabled, a
+    training router's stored loss has no gradient although its gate is trainable: the forward
+    ran under no_grad, as reentrant activation checkpointing (``use_reentrant=True``) does, and
+    adding the loss would silently train nothing.
     """
     found = routers(model)
     if not found:
         raise ValueError(f"{type(model).__name__} is not patched by moegrad.hf.patch")
     total = None
     for router in found:
+        lost = router.last_aux_loss is not None and not router.last_aux_loss.requires_grad
+        if lost and torch.is_grad_enabled() and router.training and router.gate.weight.requires_grad:
+            raise RuntimeError(
+                "moegrad.hf.aux_loss: the balance losses of the last training forward carry no "
+                "gradient: the blocks ran under torch.no_grad, as reentrant activation "
+                "checkpointing (use_reentrant=True) runs them; use use_reentrant=False "
+                "(transformers' default) to train with patch(..., losses=...)")
         if router.last_aux_loss is not None:
             total = router.last_aux_loss if total is None else total + router.last_aux_loss.to(total.device)
         if clear:
