@@ -8,7 +8,7 @@ import torch
 
 from moegrad import estimators
 from moegrad.cli import build_parser, main
-from moegrad.study.report import FIELDS
+from moegrad.study.report import FIELDS, aggregate, conclusions, write_report
 from moegrad.study.tasks import Clusters, get_task
 from moegrad.study.train import train_run
 
@@ -64,6 +64,78 @@ def test_help_explains_every_option(capsys):
     assert len(estimators.available()) == 8
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--tau", "0"], "argument --tau: expected a finite number > 0, got 0"),
+    (["--tau", "inf"], "argument --tau: expected a finite number > 0, got inf"),
+    (["--time-budget", "-5"], "argument --time-budget: expected a finite number > 0, got -5"),
+    (["--time-budget", "soon"], "argument --time-budget: expected a number > 0, got 'soon'"),
+    (["--diag-every", "-1"], "argument --diag-every: expected an integer >= 0, got -1"),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+])
+def test_cli_refuses_bad_numbers_with_a_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["study", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    args = build_parser().parse_args(["study", "--tau", "0.5", "--time-budget", "30",
+                                      "--diag-every", "0"])
+    assert (args.tau, args.time_budget, args.diag_every) == (0.5, 30.0, 0)
+
+
+def test_train_run_records_per_sample_cosines_and_the_reference():
+    """Sampling estimators: cos_exact_sample (mean cosine of single samples, what a training
+    step uses) differs from cos_exact (cosine of the mean of diag_samples samples); for a
+    deterministic estimator they are equal."""
+    task = Clusters(0, batch_size=64, val_size=256)
+    runs = {name: train_run(task, name, 0, steps=4, time_budget=60, eval_every=2, diag_every=2,
+                            diag_samples=4)
+            for name in ("topk", "straight_through", "gumbel")}
+    for name, run in runs.items():
+        h = run["history"]
+        assert h["diag_step"] == [0, 2, 4] and len(h["cos_exact_sample"]) == 3, name
+    topk, gumbel = runs["topk"]["history"], runs["gumbel"]["history"]
+    assert topk["cos_exact_sample"] == pytest.approx(topk["cos_exact"], abs=1e-12)
+    assert max(topk["cos_exact"]) > 0.1
+    assert all(s < m - 0.02 for s, m in zip(gumbel["cos_exact_sample"], gumbel["cos_exact"]))
+    assert runs["topk"]["reference"] == "softmax weights"
+    assert runs["gumbel"]["reference"] == "softmax weights"
+    assert runs["straight_through"]["reference"] == "unit weights"
+    doc = aggregate(list(runs.values()), task, {"seeds": 1, "diag_samples": 4})
+    g = doc["estimators"]["gumbel"]
+    assert g["cos_exact_sample"]["mean"] == pytest.approx(sum(gumbel["cos_exact_sample"]) / 3)
+    assert g["sampling"] and not doc["estimators"]["topk"]["sampling"]
+    assert doc["estimators"]["straight_through"]["reference"] == "unit weights"
+
+
+def _stat(v):
+    return {"mean": v, "std": 0.0, "values": [v]}
+
+
+def test_most_faithful_conclusion_uses_the_per_sample_cosine(tmp_path):
+    """A sampling estimator whose mean of 8 samples looks best (0.60) but whose single samples
+    do not (0.20) loses to a deterministic one at 0.45; the table shows both figures."""
+    per = {}
+    rows = (("gumbel", 0.60, 0.20, True, "softmax weights"),
+            ("dense", 0.45, 0.45, False, "softmax weights"),
+            ("straight_through", 0.30, 0.30, False, "unit weights"))
+    for name, mean_cos, sample_cos, sampling, ref in rows:
+        per[name] = {k: _stat(None) for k in FIELDS}
+        per[name].update(final_loss=_stat(0.1), bits_per_char=_stat(None), cos_exact=_stat(mean_cos),
+                         cos_exact_sample=_stat(sample_cos), cos_dense=_stat(0.3),
+                         ms_per_step=_stat(1.0), reference=ref, sampling=sampling)
+    doc = {"task": "clusters", "task_config": {}, "equal_time_seconds": 1.0, "target_loss": 0.1,
+           "chance_purity": None, "estimators": per,
+           "args": {"seeds": 2, "diag_samples": 8, "steps": 10, "time_budget": 60.0,
+                    "losses": {}, "tau": 1.0}}
+    text = " ".join(conclusions(doc))
+    assert "Most faithful router gradient" in text and "`dense` (0.450)" in text
+    assert "`gumbel` 0.20 vs 0.60" in text
+    write_report(doc, tmp_path, "moegrad study")
+    report = (tmp_path / "report.md").read_text()
+    assert "cos exact (per sample) | cos exact (mean grad) | cos dense" in report
+    assert "| 0.20 | 0.60 | 0.30 |" in report and "| unit weights |" in report
+
+
 @pytest.mark.slow
 def test_study_quick_tells_estimators_apart(tmp_path):
     out = tmp_path / "study"
@@ -83,6 +155,8 @@ def test_study_quick_tells_estimators_apart(tmp_path):
     assert dense["purity"]["mean"] >= 0.9
     assert unweighted["purity"]["mean"] <= 0.25 + 0.1
     assert dense["cos_exact"]["mean"] > 0.1 and unweighted["cos_exact"]["mean"] == 0.0
+    assert dense["cos_exact_sample"]["mean"] == pytest.approx(dense["cos_exact"]["mean"], abs=1e-12)
+    assert (dense["reference"], unweighted["reference"]) == ("softmax weights", "unit weights")
     assert dense["final_loss"]["mean"] < unweighted["final_loss"]["mean"]
     report = (out / "report.md").read_text()
     assert "| `dense` |" in report and "## Conclusions" in report and "Purity >= 0.9" in report

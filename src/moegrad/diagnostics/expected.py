@@ -6,10 +6,17 @@ The policy draws K experts without replacement from p = softmax(z / tau) (Placke
 law of Gumbel-top-k): an ordered draw (i_1, ..., i_K) has probability
 prod_j p_{i_j} / (1 - sum_{l<j} p_{i_l}), and a set S the sum over its K! orders.
 
-Given S, the layer output is y_S = sum_{i in S} w_i e_i with the router's own combine weights
-w_i = c * s_i (``normalize=False``) or c * s_i / sum_{j in S} s_j (``normalize=True``), where
-s = softmax(z) or sigmoid(z) are the scores and c the routed scaling factor, i.e. exactly the
-weights of the ``topk`` estimator on the subset S. The objective is
+Given S, the layer output is y_S = sum_{i in S} w_i e_i under one of two forward weight rules
+(``weights``), chosen to match the estimator being measured:
+
+* ``"score"``: w_i = c * s_i (``normalize=False``) or c * s_i / sum_{j in S} s_j
+  (``normalize=True``), where s = softmax(z) or sigmoid(z) are the scores and c the routed
+  scaling factor, i.e. exactly the weights of the ``topk`` estimator on the subset S;
+* ``"unit"``: w_i = c, the forward of ``straight_through``, ``unweighted`` (c = 1) and
+  ``gumbel`` with ``hard=True``. y_S does not depend on z, so the gradient flows only through
+  the subset probabilities P(S; z) (the score-function term).
+
+The objective is
 
     J(z) = mean_t sum_S P_t(S; z) L_t(y_{t,S}(z))
 
@@ -30,6 +37,9 @@ from moegrad._checks import check_choice, check_float, check_int
 
 #: refuse enumerations larger than this many ordered draws (E! / (E-K)!)
 MAX_ORDERED = 20_000
+
+#: forward weight rules of the enumerated layer output y_S (see the module docstring)
+WEIGHT_RULES = ("score", "unit")
 
 
 def subsets(num_experts: int, top_k: int) -> Tensor:
@@ -68,8 +78,16 @@ def subset_probabilities(a: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     return sets, probs
 
 
-def subset_weights(scores: Tensor, sets: Tensor, normalize: bool, scale: float = 1.0) -> Tensor:
-    """scores [T, E], sets [M, K] -> [T, M, K] combine weights of each subset (topk's rule)."""
+def subset_weights(scores: Tensor, sets: Tensor, normalize: bool, scale: float = 1.0,
+                   weights: str = "score") -> Tensor:
+    """scores [T, E], sets [M, K] -> [T, M, K] combine weights of each subset.
+
+    ``weights="score"``: w = c * s_S (/ sum s_S if ``normalize``), topk's rule;
+    ``weights="unit"``: w = c for every selected expert (``normalize`` does not apply).
+    """
+    check_choice("weights", weights, WEIGHT_RULES)
+    if weights == "unit":
+        return scores.new_full((scores.shape[0], *sets.shape), float(scale))
     w = scores[:, sets]  # [T, M, K]
     if normalize:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
@@ -83,19 +101,22 @@ def _score(z: Tensor, score: str) -> Tensor:
 
 def expected_loss(z: Tensor, expert_outputs: Tensor, loss_fn: Callable[[Tensor], Tensor],
                   top_k: int, *, tau: float = 1.0, score: str = "softmax",
-                  normalize: bool = False, scale: float = 1.0) -> Tensor:
+                  normalize: bool = False, scale: float = 1.0, weights: str = "score") -> Tensor:
     """J(z) = mean_t E_{S ~ PL(softmax(z_t / tau))} L_t(sum_{i in S} w_i(z_t) e_{t,i}).
 
     z [T, E] router logits (after the router temperature), expert_outputs e [T, E, D],
-    ``loss_fn(y [T, D]) -> [T]`` per-token losses. Returns a scalar; differentiable in z (and
-    in e). Every subset is evaluated, so the cost is C(E, K) calls of ``loss_fn``.
+    ``loss_fn(y [T, D]) -> [T]`` per-token losses; ``weights`` the forward weight rule
+    ("score": w_i = c * s_i, renormalised over S if ``normalize``; "unit": w_i = c).
+    Returns a scalar; differentiable in z (and in e). Every subset is evaluated, so the cost
+    is C(E, K) calls of ``loss_fn``.
     """
     check_float("tau", tau, low=0.0, low_open=True)
+    check_choice("weights", weights, WEIGHT_RULES)
     if z.dim() != 2 or expert_outputs.dim() != 3 or expert_outputs.shape[:2] != z.shape:
         raise ValueError(f"z must be [T, E] and expert_outputs [T, E, D]; got {tuple(z.shape)} "
                          f"and {tuple(expert_outputs.shape)}")
     sets, probs = subset_probabilities(z / tau, top_k)
-    w = subset_weights(_score(z, score), sets, normalize, scale)  # [T, M, K]
+    w = subset_weights(_score(z, score), sets, normalize, scale, weights)  # [T, M, K]
     total = z.new_zeros(z.shape[0])
     for m in range(sets.shape[0]):
         y = torch.einsum("tk,tkd->td", w[:, m], expert_outputs[:, sets[m]])

@@ -4,15 +4,18 @@ equal step and wall-clock budgets, and write a report that says which estimator 
 Output directory (``--out``, default ``study-<task>``):
   report.md      tables (mean ± std over seeds) and conclusions computed from the numbers
   metrics.json   per estimator: final loss, purity, dead experts, load CV, max violation,
-                 router entropy, gradient cosines (vs the exact expected-loss gradient and the
-                 dense-mixture gradient), gradient variance, median time per step, loss at equal
-                 wall-clock time, steps to a target loss; plus every run's full history
+                 router entropy, gradient cosines (vs the exact expected-loss gradient under the
+                 estimator's own forward weights, per sample and of the mean of --diag-samples
+                 samples, and vs the dense-mixture gradient), gradient variance, median time per
+                 step, loss at equal wall-clock time, steps to a target loss; plus every run's
+                 full history
   *.png          loss vs step and vs training time, load per expert, gradient cosine, purity
 
 Tasks: ``clusters`` (default; C Gaussian clusters with one teacher map each, ground-truth
 routing known, top-1 routing) and ``charlm`` (a tiny character-level transformer LM trained
 on CPython's pydoc help topics; validation loss and bits per character). Nothing is
-downloaded. ``--quick`` takes about 1-2 minutes on 2 CPU cores; the default run about 10.
+downloaded. ``--quick`` (8 estimators x 2 seeds x 800 steps) takes under a minute on 2 CPU
+cores; the default run (3 seeds x 3000 steps) took about 6 minutes on the same machine.
 
 examples:
   moegrad study --quick
@@ -23,6 +26,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -61,10 +65,31 @@ def _losses(text: str) -> dict:
     return out
 
 
+def _int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return _int(text, 1)
+
+
+def _nonnegative_int(text: str) -> int:
+    return _int(text, 0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
@@ -84,23 +109,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="step budget per run (default: the task's, see --quick)")
     parser.add_argument("--seeds", type=_positive_int, default=None,
                         help="number of seeds per estimator, 0..N-1 (default: the task's)")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
                         help="wall-clock budget per run in seconds of training time; a run stops "
-                             "at --steps or at this time, whichever comes first (default: 300, "
-                             "or 60 with --quick)")
+                             "at --steps or at this time, whichever comes first; > 0 (default: "
+                             "300, or 60 with --quick)")
     parser.add_argument("--losses", type=_losses, default={}, metavar="NAME=COEF,...",
                         help="balance losses added to every run, e.g. switch=0.01,z_loss=0.001 "
                              "(default: none, so only the task gradient trains the router)")
     parser.add_argument("--eval-every", type=_positive_int, default=None,
                         help="evaluate every N steps (default: steps / 20)")
-    parser.add_argument("--diag-every", type=int, default=None,
+    parser.add_argument("--diag-every", type=_nonnegative_int, default=None,
                         help="gradient diagnostics every N steps, 0 to skip (default: steps / 5; "
                              "only tasks with an enumerable exact gradient, i.e. clusters)")
     parser.add_argument("--diag-samples", type=_positive_int, default=8,
                         help="gradient samples per diagnostic for stochastic estimators (default 8)")
-    parser.add_argument("--tau", type=float, default=1.0,
+    parser.add_argument("--tau", type=_positive_float, default=1.0,
                         help="temperature of the sampled top-k policy whose expected loss defines "
-                             "the exact reference gradient (default 1.0)")
+                             "the exact reference gradient; > 0 (default 1.0)")
     parser.add_argument("--impl", default="auto", choices=list(IMPLS),
                         help="expert compute backend of every MoE layer (moegrad.experts.IMPLS; "
                              "default auto). It changes speed, not the maths")
@@ -140,6 +165,9 @@ def run_study(task_name: str = "clusters", estimators: Optional[list] = None, *,
         raise ValueError(f"impl={impl!r} is not supported; choose one of {list(IMPLS)}")
     if diag_every < 0:
         raise ValueError(f"diag_every={diag_every} must be >= 0 (0 skips the diagnostics)")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau={tau} must be a finite number > 0 (the temperature of the sampled "
+                         "top-k policy of the exact reference)")
     out = Path(out or f"study-{task_name}")
     out.mkdir(parents=True, exist_ok=True)
     losses = dict(losses or {})

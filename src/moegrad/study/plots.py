@@ -94,18 +94,23 @@ def write_plots(runs: list[dict], doc: dict, out: Path) -> list[str]:
     per = doc["estimators"]
     names = [n for n in sorted(per) if per[n]["cos_exact"]["mean"] is not None]
     if names:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, ax = plt.subplots(figsize=(9, 3.8))
         xs = range(len(names))
-        for off, key, label in ((-0.2, "cos_exact", "vs exact expected-loss gradient"),
-                                (0.2, "cos_dense", "vs dense-mixture gradient")):
-            ax.bar([x + off for x in xs], [per[n][key]["mean"] for n in names], width=0.4,
+        r = doc["args"].get("diag_samples")
+        bars = (("cos_exact_sample", "vs exact gradient, per sample (one training step)"),
+                ("cos_exact", f"vs exact gradient, mean of {r} samples"),
+                ("cos_dense", "vs dense-mixture gradient"))
+        width = 0.8 / len(bars)
+        for j, (key, label) in enumerate(bars):
+            off = (j - (len(bars) - 1) / 2) * width
+            ax.bar([x + off for x in xs], [per[n][key]["mean"] for n in names], width=width,
                    yerr=[per[n][key]["std"] for n in names], label=label, capsize=2)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_ylabel("cosine (mean over training)")
-        ax.legend(fontsize=7)
-        ax.set_title("router-gradient fidelity")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.set_title("router-gradient fidelity (exact: each estimator's own forward weights)")
         save(fig, "grad_cosine.png")
 
     if doc.get("chance_purity") is not None:

@@ -12,10 +12,15 @@ from pathlib import Path
 from statistics import mean, pstdev
 from typing import Optional
 
-#: metrics.json fields of every estimator (each {"mean", "std", "values"} unless noted)
+from moegrad import estimators as registry
+
+#: metrics.json fields of every estimator, each {"mean", "std", "values"}; cos_exact is the cosine
+#: of the mean of diag_samples sampled gradients to the exact one, cos_exact_sample the mean
+#: per-sample cosine (equal for deterministic estimators). Each estimator also has "reference"
+#: (the exact reference's forward weight rule), "sampling" (bool) and "seeds".
 FIELDS = ("final_loss", "purity", "dead_experts", "load_cv", "max_violation", "entropy",
-          "cos_exact", "cos_dense", "rel_err_exact", "grad_variance", "ms_per_step", "steps",
-          "loss_at_equal_time", "steps_to_target")
+          "cos_exact", "cos_exact_sample", "cos_dense", "rel_err_exact", "grad_variance",
+          "ms_per_step", "steps", "loss_at_equal_time", "steps_to_target")
 
 
 def _stat(values: list) -> dict:
@@ -74,6 +79,7 @@ def aggregate(runs: list[dict], task, args: dict) -> dict:
             "max_violation": _stat([h["max_violation"][-1] for h in hs]),
             "entropy": _stat([_last(h["entropy"]) for h in hs]),
             "cos_exact": _stat([_avg(h["cos_exact"]) for h in hs]),
+            "cos_exact_sample": _stat([_avg(h["cos_exact_sample"]) for h in hs]),
             "cos_dense": _stat([_avg(h["cos_dense"]) for h in hs]),
             "cos_exact_initial": _stat([h["cos_exact"][0] if h["cos_exact"] else None for h in hs]),
             "rel_err_exact": _stat([_avg(h["rel_err_exact"]) for h in hs]),
@@ -83,6 +89,8 @@ def aggregate(runs: list[dict], task, args: dict) -> dict:
             "loss_at_equal_time": _stat([loss_at_time(r, equal_time) for r in mine]),
             "steps_to_target": _stat([steps_to(r, target) for r in mine]),
             "seeds": [r["seed"] for r in mine],
+            "reference": _last([r.get("reference") for r in mine]),
+            "sampling": bool(registry.get(name).samples),
         }
     return {"task": task.name, "task_config": task.config(), "args": args,
             "equal_time_seconds": equal_time, "target_loss": target,
@@ -137,11 +145,19 @@ def conclusions(doc: dict) -> list[str]:
     if zero:
         out.append("Router task gradient identically zero (cosine 0 with the exact gradient): "
                    + ", ".join(f"`{n}`" for n in zero) + ".")
-    cos = [n for n in per if per[n]["cos_exact"]["mean"] is not None]
+    cos = [n for n in per if per[n]["cos_exact_sample"]["mean"] is not None]
     if cos:
-        top = max(cos, key=lambda n: per[n]["cos_exact"]["mean"])
-        out.append(f"Most faithful router gradient (mean cosine to the exact expected-loss "
-                   f"gradient over training): `{top}` ({fmt(per[top]['cos_exact'])}).")
+        top = max(cos, key=lambda n: per[n]["cos_exact_sample"]["mean"])
+        out.append(f"Most faithful router gradient (mean cosine of a single step's gradient to the "
+                   f"exact expected-loss gradient of its own forward, over training): `{top}` "
+                   f"({fmt(per[top]['cos_exact_sample'])}).")
+        sampled = [n for n in cos if per[n]["sampling"]]
+        if sampled:
+            r = doc["args"].get("diag_samples")
+            out.append(f"Sampling estimators train on one sample per step; cosine per sample vs "
+                       f"cosine of the mean of {r} samples: "
+                       + ", ".join(f"`{n}` {per[n]['cos_exact_sample']['mean']:.2f} vs "
+                                   f"{per[n]['cos_exact']['mean']:.2f}" for n in sampled) + ".")
     dead = [n for n in per if (per[n]["dead_experts"]["mean"] or 0) >= 1]
     if dead:
         cfg = doc.get("task_config", {})
@@ -176,7 +192,8 @@ def write_report(doc: dict, out: Path, command: str) -> None:
         head.append("purity")
     head += ["dead", "load CV", "max vio", "entropy"]
     if has_cos:
-        head += ["cos exact", "cos dense", "grad var"]
+        head += ["cos exact (per sample)", "cos exact (mean grad)", "cos dense", "grad var",
+                 "exact reference"]
     head.append("ms/step")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in sorted(per, key=lambda n: per[n]["final_loss"]["mean"]):
@@ -190,17 +207,24 @@ def write_report(doc: dict, out: Path, command: str) -> None:
         row += [fmt(m["dead_experts"], 1), fmt(m["load_cv"], 2), fmt(m["max_violation"], 2),
                 fmt(m["entropy"], 2)]
         if has_cos:
-            row += [fmt(m["cos_exact"], 2), fmt(m["cos_dense"], 2), fmt(m["grad_variance"], 2)]
+            row += [fmt(m["cos_exact_sample"], 2), fmt(m["cos_exact"], 2), fmt(m["cos_dense"], 2),
+                    fmt(m["grad_variance"], 2), m["reference"] or "n/a"]
         row.append(fmt(m["ms_per_step"], 1))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Columns: *val loss @ equal time* is the validation loss after the training time "
               "of the shortest run; *steps to loss* the first evaluated step at or below the "
               "median final loss (n/a: never); *dead* experts without a token over the last "
               "window of steps; *load CV* std/mean of the per-expert load; *max vio* max load / "
-              "mean load - 1; *entropy* of the router's scores (1 = uniform); *cos exact* / *cos "
-              "dense* the cosine of the router gradient to the exact expected-loss gradient "
-              f"(top-k sampled from softmax(z / {a['tau']})) and to the dense-mixture gradient, "
-              "averaged over training; *grad var* the variance of sampled gradients relative to "
+              "mean load - 1; *entropy* of the router's scores (1 = uniform); *cos exact* the cosine of "
+              "the router gradient to the exact gradient of the expected loss of top-k sampled "
+              f"from softmax(z / {a['tau']}), every subset enumerated, with the forward weights "
+              "named in *exact reference* (each estimator is compared with the model its own "
+              "forward computes: softmax weights w = s_i for topk/dense/default_moe, unit weights "
+              "for straight_through/unweighted/hard gumbel), averaged over training: *per sample* "
+              "is the mean cosine of single sampled gradients (what one training step uses), "
+              f"*mean grad* the cosine of the mean of {a.get('diag_samples')} samples (equal for "
+              "deterministic estimators); *cos dense* the cosine of the mean gradient to the "
+              "dense-mixture gradient; *grad var* the variance of sampled gradients relative to "
               "the exact gradient's squared norm (0 for deterministic estimators).", "",
               "## Conclusions", ""]
     lines += [f"- {c}" for c in conclusions(doc)]
@@ -208,7 +232,8 @@ def write_report(doc: dict, out: Path, command: str) -> None:
     for png, what in (("loss_vs_step.png", "validation loss vs step"),
                       ("loss_vs_time.png", "validation loss vs training time"),
                       ("load.png", "load per expert over training (first seed, first layer)"),
-                      ("grad_cosine.png", "router-gradient cosine per estimator"),
+                      ("grad_cosine.png", "router-gradient cosine per estimator (exact: per sample "
+                                       "and mean of samples; dense mixture)"),
                       ("purity.png", "routing purity vs step")):
         if (out / png).exists():
             lines.append(f"- [{png}]({png}): {what}")

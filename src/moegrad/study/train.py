@@ -4,7 +4,11 @@ Every run uses Adam at the task's learning rate and stops at ``steps`` steps or 
 training time (evaluation and diagnostics excluded) passes ``time_budget`` seconds, whichever
 comes first. Every ``eval_every`` steps it records the validation metrics, the routing health
 of the first MoE layer over the last window, and, every ``diag_every`` steps on tasks with a
-probe, the estimator's gradient fidelity (:mod:`moegrad.diagnostics`).
+probe, the estimator's gradient fidelity (:mod:`moegrad.diagnostics`): ``cos_exact`` is the
+cosine of the mean of ``diag_samples`` sampled gradients to the exact gradient,
+``cos_exact_sample`` the mean cosine of single samples (what one training step uses; equal to
+``cos_exact`` for deterministic estimators), and ``reference`` names the forward weight rule of
+the exact reference the estimator was compared with.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
     optimizer = torch.optim.Adam(model.parameters(), lr=task.lr)
     hist = {k: [] for k in ("step", "time", "train_loss", "eval_step", "eval_time", "val_loss",
                             "purity", "bits_per_char", "load", "load_cv", "max_violation",
-                            "entropy", "dead", "diag_step", "cos_exact", "cos_dense",
-                            "rel_err_exact", "variance")}
+                            "entropy", "dead", "diag_step", "cos_exact", "cos_exact_sample",
+                            "cos_dense", "rel_err_exact", "variance")}
     elapsed, step, last_routing, durations = 0.0, 0, None, []
+    reference = None  # the forward weight rule of the exact reference (diagnostics only)
 
     def record_eval() -> None:
         metrics = task.evaluate(model)
@@ -65,6 +70,7 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
                                sum(router_entropy(r.scores) for r in last_routing) / len(last_routing))
 
     def record_diag() -> None:
+        nonlocal reference
         probe = task.probe(model)
         if probe is None:
             return
@@ -75,6 +81,8 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
         hist["diag_step"].append(step)
         for key in ("cos_exact", "cos_dense", "rel_err_exact", "variance"):
             hist[key].append(getattr(fid, key))
+        hist["cos_exact_sample"].append(fid.sample_cos_exact)
+        reference = fid.reference
 
     record_eval()
     if diag_every:
@@ -108,4 +116,5 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
     return {"estimator": estimator, "seed": seed, "steps": step, "train_time": elapsed,
             "ms_per_step": 1000 * statistics.median(durations) if durations else 0.0,
             "ms_per_step_mean": 1000 * elapsed / max(step, 1),
-            "stopped_by": "steps" if step >= steps else "time", "history": hist}
+            "stopped_by": "steps" if step >= steps else "time", "reference": reference,
+            "history": hist}
