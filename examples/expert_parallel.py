@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=2 examples/expert_parallel.py
     torchrun --nproc_per_node=4 examples/expert_parallel.py --estimator dense --steps 100
+    torchrun --nproc_per_node=2 examples/expert_parallel.py --micro-batches 4
 
 Backend: NCCL when CUDA is present (one GPU per process), gloo on the CPU otherwise. Every rank
 draws its own batch (data parallel over tokens); rank r holds experts [r E/W, (r+1) E/W) of each
@@ -14,6 +15,13 @@ MoE layer and the routers and other weights are replicated:
   is averaged with ``average_expert_grads`` so every parameter follows the same objective (the
   mean over ranks of the per-rank losses). The balance losses use global counts: their mean over
   ranks is the loss of the whole global batch, with no factor W;
+* ``--micro-batches M`` accumulates gradients over M micro-batches per optimizer step (DDP's
+  ``no_sync`` until the last one). A ``moegrad.losses.BalanceWindow`` makes the switch loss's
+  expert fractions f count every micro-batch of the step on every rank (the global batch, as in
+  Qwen's global-batch balancing), each micro-batch's loss is divided by M like the task loss, and
+  ``window.reset()`` follows ``optimizer.step()``;
+* the model is built from ``--seed`` on every rank (identical), then each rank reseeds with
+  seed + rank so that sampling estimators (gumbel, noisy_topk, sparsemixer) draw independent noise;
 * at the end the sharded model is gathered into the single-process layout
   (``full_state_dict``), loaded into a plain model, and checked to give the same outputs;
   ``--save PATH`` writes that state dict from rank 0.
@@ -25,6 +33,7 @@ ranks of the relative mean squared error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import inspect
 import os
@@ -70,7 +79,12 @@ def parse_args(argv=None):
                         help="experts per layer, a multiple of the number of processes (default: 8)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
     parser.add_argument("--dim", type=int, default=32, help="model dimension (default: 32)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per rank and step (default: 8)")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="sequences per rank and micro-batch (default: 8)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches accumulated per optimizer step (default: 1)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="model seed; rank r then reseeds with seed + r (default: 0)")
     parser.add_argument("--seq", type=int, default=16, help="tokens per sequence (default: 16)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
     parser.add_argument("--capacity-factor", type=float, default=None,
@@ -79,8 +93,9 @@ def parse_args(argv=None):
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds before a stuck collective fails (default: 120)")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    for name in ("steps", "micro_batches", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
@@ -99,7 +114,7 @@ def main(argv=None) -> float:
     # the token exchange gets its own communicator, so it never interleaves with DDP's all-reduces
     ep_group = dist.new_group(list(range(world)))
 
-    torch.manual_seed(0)  # identical construction on every rank
+    torch.manual_seed(args.seed)  # identical construction on every rank
     options = dict(estimator=args.estimator, capacity_factor=args.capacity_factor,
                    losses={"switch": 1e-2, **({"importance_load": 1e-2} if args.estimator == "noisy_topk" else {})})
     teacher = Model(args.dim, 2 * args.dim, args.experts, args.top_k, 2).to(device).eval()
@@ -115,24 +130,34 @@ def main(argv=None) -> float:
                else {"broadcast_buffers": False})
     ddp = DDP(model, **no_sync)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    # switch-loss counts over every micro-batch of a step, all ranks (registered buffers)
+    window = moegrad.losses.BalanceWindow(model) if args.micro_batches > 1 else None
+    torch.manual_seed(args.seed + rank)  # the model is built: independent sampling noise per rank
     if rank == 0:
         print(f"{world} processes ({'nccl' if cuda else 'gloo'}), {args.experts} experts per layer, "
               f"{args.experts // world} per rank; {len(ignored)} expert tensors kept out of DDP; "
-              f"estimator={args.estimator!r}", flush=True)
+              f"estimator={args.estimator!r}, {args.micro_batches} micro-batch(es) per step", flush=True)
 
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank draws its own batches
     start, first, loss_value = time.perf_counter(), None, None
+    micro = args.micro_batches
     for step in range(1, args.steps + 1):
-        x = torch.randn(args.batch, args.seq, args.dim, generator=gen).to(device)
-        with torch.no_grad():
-            target = teacher(x)[0]
-        y, aux = ddp(x)
-        loss = F.mse_loss(y, target) / target.var()
         opt.zero_grad(set_to_none=True)
-        (loss + aux).backward()
+        report = torch.zeros(2, device=device)
+        for m in range(micro):
+            x = torch.randn(args.batch, args.seq, args.dim, generator=gen).to(device)
+            with torch.no_grad():
+                target = teacher(x)[0]
+            # DDP all-reduces the replicated gradients once, after the last micro-batch
+            with ddp.no_sync() if m < micro - 1 else contextlib.nullcontext():
+                y, aux = ddp(x)
+                loss = F.mse_loss(y, target) / target.var()
+                ((loss + aux) / micro).backward()  # aux scaled like the task loss: no factor W or M
+            report += torch.stack([loss.detach(), aux.detach()]) / micro
         average_expert_grads(model)
         opt.step()
-        report = torch.stack([loss.detach(), aux.detach()])
+        if window is not None:
+            window.reset()
         dist.all_reduce(report)
         report /= world
         loss_value = float(report[0])

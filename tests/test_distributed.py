@@ -10,10 +10,15 @@ tokens x_q (same sampling generator seed, capacity per rank), with the total los
 since each rank returns its share of the global balance loss (their mean is the global loss).
 Its gradients are then compared with the expert-parallel run: outputs y_r, input gradients
 dL/dx_r, the local slice of the expert gradients, and the router gradients summed over ranks.
+The same groups check that bad input (shape, dtype, grad mode) raises on every rank, and the
+switch loss with a BalanceWindow over 2 micro-batches. ``moegrad bench --world-size`` option
+mapping is tested with the benchmark replaced by a stub, plus one tiny real bf16 run.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import json
 import os
@@ -48,7 +53,8 @@ CASES = {
     "sparsemixer": ("sparsemixer", {}, {"z_loss": 0.1}, None, "swiglu", True),
     "sparsemixer_eval": ("sparsemixer", {}, {"switch": 0.1}, None, "swiglu", False),
 }
-CASES4 = ("topk", "topk_capacity", "dense", "default_moe", "noisy_topk", "gumbel")
+CASES4 = ("topk", "topk_capacity", "unweighted", "straight_through", "dense", "default_moe",
+          "default_moe_forward", "noisy_topk", "gumbel", "sparsemixer")
 SAMPLING = ("gumbel", "noisy_topk", "sparsemixer")
 
 
@@ -224,7 +230,24 @@ def _bad_input_checks(rank, world):
         res["layer"] = None
     except ValueError as err:
         res["layer"] = str(err)
-    # 4) the group still works afterwards
+    # 4) rank 0 calls the layer under no_grad, the others with grad enabled: without the check
+    #    the forward passes, then only the grad ranks run the backward exchanges and wait
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(rank))
+    try:
+        with torch.no_grad() if rank == 0 else contextlib.nullcontext():
+            ep(x)
+        res["grad_mode"] = None
+    except ValueError as err:
+        res["grad_mode"] = str(err)
+    # 5) the last rank froze its router copy (and x does not require grad): its scores need no grad
+    ep.router.gate.weight.requires_grad_(rank != world - 1)
+    try:
+        ep(x)
+        res["scores_grad"] = None
+    except ValueError as err:
+        res["scores_grad"] = str(err)
+    ep.router.gate.weight.requires_grad_(True)
+    # 6) the group still works afterwards
     out = ep(torch.randn(4, D, generator=torch.Generator().manual_seed(rank)))
     res["after"] = list(out.y.shape)
     return res
@@ -312,6 +335,70 @@ def _misc_checks(rank, world):
     return res
 
 
+def _window_inputs(q, m):
+    """Rank q's micro-batch m: [T, D] tokens (T differs across ranks and micro-batches), a mask."""
+    g = torch.Generator().manual_seed(3000 + 10 * m + q)
+    x = torch.randn(4 + 3 * q + m, D, generator=g)
+    return x, torch.rand(x.shape[0], generator=g) > 0.2
+
+
+def _window_checks(rank, world, micro=2):
+    """Gradient accumulation with a BalanceWindow: ``micro`` micro-batches per rank, against a
+    reference on one process from every rank's tokens: at micro-batch m,
+        switch = E * sum_i f_i P_i,  f from all W x (m + 1) shards so far, P from micro-batch m."""
+    import torch.distributed as dist
+    from moegrad.distributed import expert_parallel
+    from moegrad.losses import BalanceWindow
+
+    num_experts = _num_experts(world)
+    torch.manual_seed(7)
+    moe = moegrad.MoE(D, H, num_experts, 2, losses={"switch": 1.0})
+    ref = copy.deepcopy(moe)
+    ep = expert_parallel(moe)
+    window = BalanceWindow(ep)
+    shards = [[_window_inputs(q, m) for q in range(world)] for m in range(micro)]
+    res = {"aux_mean": [], "aux_ref": [], "aux_local": [], "share_ref": [], "no_window": [],
+           "router_grad": [], "router_grad_norm": []}
+    for m in range(micro):
+        x, mask = shards[m][rank]
+        ep.zero_grad()
+        out = ep(x, mask)
+        out.aux_loss.backward()
+        aux = out.aux_loss.detach().clone()
+        dist.all_reduce(aux)
+        grad = ep.router.gate.weight.grad.clone()
+        dist.all_reduce(grad)
+        # reference on one process: f from every shard of micro-batches 0..m, P from micro-batch m
+        ref.zero_grad()
+        routed = [[ref.router(xq, mq) for xq, mq in shards[j]] for j in range(m + 1)]
+        assigned = lambda rs, ms: torch.cat([torch.nn.functional.one_hot(r.indices, num_experts).sum(1)[mq]
+                                             for r, mq in zip(rs, ms)]).float()  # [real tokens, E]
+        every = assigned([r for rs in routed for r in rs], [mq for sh in shards[:m + 1] for _, mq in sh])
+        f = every.sum(0) / every.shape[0]
+        last_masks = [mq for _, mq in shards[m]]
+        norm = [(r.scores / r.scores.sum(-1, keepdim=True))[mq] for r, mq in zip(routed[m], last_masks)]
+        n_last = sum(int(mq.sum()) for mq in last_masks)
+        p = torch.cat(norm).sum(0) / n_last
+        loss_ref = num_experts * (f * p).sum()
+        loss_ref.backward()
+        # this rank's share: the global P is W x the mean of the ranks' shares, so no factor W
+        share = num_experts * (f.detach() * world * norm[rank].detach().sum(0) / n_last).sum()
+        f_now = assigned(routed[m], last_masks)
+        res["no_window"].append(float(num_experts * (f_now.sum(0) / f_now.shape[0] * p.detach()).sum()))
+        res["aux_mean"].append(float(aux) / world)
+        res["aux_ref"].append(float(loss_ref.detach()))
+        res["aux_local"].append(float(out.aux_loss.detach()))
+        res["share_ref"].append(float(share))
+        res["router_grad"].append(_maxdiff(grad / world, ref.router.gate.weight.grad))
+        res["router_grad_norm"].append(float(ref.router.gate.weight.grad.norm()))
+    res["fractions"] = _maxdiff(window.fractions()[0], f.double())
+    res["window_tokens"] = [int(ep.balance_window[-1]),
+                            sum(int(mq.sum()) for sh in shards for _, mq in sh)]
+    res["finished"] = _maxdiff(window.reset()[0], f.double())
+    res["after_reset"] = int(ep.balance_window.abs().sum())
+    return res
+
+
 def _worker(rank, world, port, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -329,6 +416,7 @@ def _worker(rank, world, port, out_dir):
         results["empty_rank_dense"] = _run_case("dense", rank, world, empty_rank=True)
         results["skewed"] = _run_case("topk", rank, world, skewed=True)
         results["bad"] = _bad_input_checks(rank, world)
+        results["window"] = _window_checks(rank, world)
         results["misc"] = _misc_checks(rank, world)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -437,6 +525,10 @@ def test_bad_shape_raises_on_every_rank(ep2, ep4, world):
         assert b["rows_dim"] is not None and "rank(s) [1]" in b["rows_dim"], (rank, b["rows_dim"])
         assert b["counts"] is not None and "rank(s) [0]" in b["counts"], (rank, b["counts"])
         assert b["layer"] is not None and f"rank(s) [{world - 1}]" in b["layer"], (rank, b["layer"])
+        assert b["grad_mode"] is not None and "rank(s) [0]" in b["grad_mode"], (rank, b["grad_mode"])
+        assert "torch.no_grad()" in b["grad_mode"] and "same grad mode" in b["grad_mode"]
+        assert b["scores_grad"] is not None and f"rank(s) [{world - 1}]" in b["scores_grad"], b["scores_grad"]
+        assert "freeze it" in b["scores_grad"]
         assert b["after"] == [4, D]
     assert "feature size 10" in results[-1]["bad"]["layer"]
 
@@ -458,6 +550,112 @@ def test_conversion_errors_and_state_dicts(ep2, ep4, world):
         assert rows > 0 and measured == expected
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_balance_window_accumulates_counts_over_ranks_and_micro_batches(ep2, ep4, world):
+    """At micro-batch m each rank's switch loss is its share of E sum_i f_i P_i with f over all
+    W x (m + 1) shards (at the last one: the whole window) and P over micro-batch m: the mean over
+    ranks equals the one-process reference (no factor W), so does the router gradient."""
+    results = ep2 if world == 2 else ep4
+    for rank, res in enumerate(results):
+        w = res["window"]
+        for m in range(2):
+            assert abs(w["aux_mean"][m] - w["aux_ref"][m]) < TOL, (rank, m, w["aux_mean"], w["aux_ref"])
+            assert abs(w["aux_local"][m] - w["share_ref"][m]) < TOL, (rank, m, w["aux_local"], w["share_ref"])
+            assert w["router_grad"][m] < TOL and w["router_grad_norm"][m] > 1e-3
+            assert w["aux_ref"][m] > 0.5  # about K = 2: a factor W would show
+        # micro-batch 1 alone would give another f: the window changes the value
+        assert abs(w["aux_ref"][1] - w["no_window"][1]) > 1e-4
+        assert abs(w["aux_ref"][0] - w["no_window"][0]) < TOL  # first micro-batch: nothing earlier
+        assert w["fractions"] < 1e-7 and w["finished"] < 1e-7
+        assert w["window_tokens"][0] == w["window_tokens"][1] > 0
+        assert w["after_reset"] == 0
+
+
+def _bench_args(*argv):
+    from moegrad import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(["--no-progress", *argv])
+
+
+def _fake_rows(calls):
+    def fake(world_sizes, **kwargs):
+        calls.append((tuple(world_sizes), kwargs))
+        return [{"world_size": w, "tokens_per_s": 1.0, "step_ms": 1.0, "bytes_per_step_per_rank": 0.0,
+                 "model_bytes_per_step_per_rank": 0.0} for w in world_sizes]
+    return fake
+
+
+def test_bench_world_sizes_maps_the_bench_options(monkeypatch, capsys, tmp_path):
+    from moegrad import bench, distributed_bench
+
+    calls = []
+    monkeypatch.setattr(distributed_bench, "bench_expert_parallel", _fake_rows(calls))
+    monkeypatch.chdir(tmp_path)
+    args = _bench_args("--world-size", "1", "2", "--configs", "16,24,4,2,32", "8,8,2,1,10",
+                       "--repeats", "3", "--warmup", "0", "--dtype", "bfloat16", "--seed", "5",
+                       "--estimators", "gumbel", "--impls", "loop", "--threads", "2", "--json", "-")
+    assert bench.run_world_sizes(args) == 0
+    report = json.loads(capsys.readouterr().out)  # stdout holds only the JSON
+    assert not (tmp_path / "-").exists()
+    assert [c[0] for c in calls] == [(1, 2), (1, 2)]
+    keys = ("dim", "hidden", "experts", "top_k", "tokens", "steps", "warmup", "dtype", "seed",
+            "estimator", "impl", "threads")
+    assert [tuple(kw[k] for k in keys) for _, kw in calls] == [
+        (16, 24, 4, 2, 32, 3, 0, "bfloat16", 5, "gumbel", "loop", 2),
+        (8, 8, 2, 1, 10, 3, 0, "bfloat16", 5, "gumbel", "loop", 2)]
+    assert [r["config"]["tokens"] for r in report] == [32, 10]
+    assert [[row["world_size"] for row in r["rows"]] for r in report] == [[1, 2], [1, 2]]
+    # defaults: the distributed benchmark's shape, --repeats as steps, --quick caps them at 3
+    calls.clear()
+    path = tmp_path / "one.json"
+    assert bench.run_world_sizes(_bench_args("--world-size", "2", "--quick", "--json", str(path))) == 0
+    kw = calls[0][1]
+    d = distributed_bench.DEFAULTS
+    assert (kw["dim"], kw["hidden"], kw["experts"], kw["top_k"], kw["tokens"]) == (
+        d["dim"], d["hidden"], d["experts"], d["top_k"], d["tokens"])
+    assert (kw["steps"], kw["warmup"], kw["dtype"], kw["seed"], kw["impl"], kw["estimator"]) == (
+        3, 1, "float32", 0, "auto", "topk")
+    assert json.loads(path.read_text())["config"]["steps"] == 3
+    assert "all-to-all bytes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--backend", "mlx"), "--backend 'mlx' is not supported"),
+    (("--impls", "loop,bmm"), "one expert backend per run"),
+    (("--estimators", "topk,dense"), "one estimator per run"),
+    (("--repeats", "0"), "--repeats=0"),
+])
+def test_bench_world_sizes_refuses_what_it_cannot_map(monkeypatch, argv, message):
+    from moegrad import bench, distributed_bench
+
+    calls = []
+    monkeypatch.setattr(distributed_bench, "bench_expert_parallel", _fake_rows(calls))
+    with pytest.raises(ValueError, match=message):
+        bench.run_world_sizes(_bench_args("--world-size", "1", *argv))
+    assert calls == []
+
+
+def test_bench_world_sizes_runs_bfloat16_and_prints_json(capsys):
+    """A real 2-process run of a tiny config in bf16, JSON on stdout."""
+    from moegrad import bench
+
+    args = _bench_args("--world-size", "2", "--configs", "8,16,4,2,24", "--repeats", "1", "--warmup", "0",
+                       "--dtype", "bfloat16", "--seed", "3", "--json", "-")
+    assert bench.run_world_sizes(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["dtype"] == "bfloat16" and report["config"]["seed"] == 3
+    (row,) = report["rows"]
+    assert row["world_size"] == 2 and row["tokens_per_s"] > 0
+    assert row["model_bytes_per_step_per_rank"] == 4 * 2 * 24 * 8 * 2 / 2  # b = 2 bytes
+    # the mean over ranks of: one header of (3 + E/W) int64, then 4 exchanges of D bf16 values
+    # per off-rank row (16 bytes); fp32 rows would double the model's value
+    rows_bytes = row["bytes_per_step_per_rank"] - (3 + 2) * 8
+    assert (2 * rows_bytes) % 16 == 0
+    assert 0.5 * row["model_bytes_per_step_per_rank"] < rows_bytes < 1.5 * row["model_bytes_per_step_per_rank"]
+
+
 def test_bench_model_and_validation():
     from moegrad.distributed_bench import bench_expert_parallel, format_table, model_bytes
 
@@ -469,10 +667,15 @@ def test_bench_model_and_validation():
         bench_expert_parallel((3,), experts=8, progress=False)
     with pytest.raises(ValueError, match="tokens=0"):
         bench_expert_parallel((1,), tokens=0, progress=False)
+    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
+        bench_expert_parallel((1,), dtype="float16", progress=False)
+    with pytest.raises(ValueError, match="impl='fast' is unknown"):
+        bench_expert_parallel((1,), impl="fast", progress=False)
     table = format_table([{"world_size": 2, "tokens_per_s": 1000.0, "step_ms": 5.0,
                            "bytes_per_step_per_rank": 10.0, "model_bytes_per_step_per_rank": 12.0}],
                          dict(tokens=4, dim=2, hidden=3, experts=2, top_k=1, steps=1, estimator="topk"))
     assert "| 2 | 1000 | 5.0 | 10 | 12 |" in table
+    assert "all-to-all bytes sent/step/rank" in table
 
 
 def test_expert_parallel_needs_an_initialised_group():

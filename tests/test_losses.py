@@ -177,3 +177,77 @@ def test_every_loss_passes_gradcheck_in_float64(name):
     indices = noisy.topk(2, -1).indices
     fn = losses.LOSSES[name]
     assert torch.autograd.gradcheck(lambda z: fn(_routing_of(z, indices, (2, 4), noisy)), (logits,))
+
+
+def _window_reference(indices, masks, scores, num_experts):
+    """E * sum_i f_i P_i with f from every micro-batch so far (``indices``/``masks`` lists) and
+    P from the last one (``scores`` [T, E] of the last micro-batch), written out."""
+    idx = torch.cat(indices)  # [sum T, K]
+    real = torch.cat(masks)  # [sum T]
+    onehot = torch.nn.functional.one_hot(idx, num_experts).sum(1).float()  # [sum T, E]
+    f = onehot[real].sum(0) / real.sum()
+    last = masks[-1]
+    p = (scores / scores.sum(-1, keepdim=True))[last].mean(0)
+    return num_experts * (f * p).sum(), f
+
+
+def test_balance_window_accumulates_f_over_micro_batches():
+    torch.manual_seed(3)
+    e = 6
+    moe = moegrad.MoE(5, 8, e, 2, losses={"switch": 1.0, "z_loss": 0.5})
+    window = losses.BalanceWindow(moe)
+    gen = torch.Generator().manual_seed(0)
+    indices, masks = [], []
+    for m, tokens in enumerate((7, 4, 9)):  # micro-batches of different sizes, with padding
+        x = torch.randn(tokens, 5, generator=gen)
+        mask = torch.rand(tokens, generator=gen) > 0.25
+        out = moe(x, mask)
+        indices.append(out.routing.indices)
+        masks.append(mask)
+        expected, f = _window_reference(indices, masks, out.routing.scores, e)
+        torch.testing.assert_close(out.losses["switch"], expected)
+        torch.testing.assert_close(out.aux_loss, expected + 0.5 * losses.z_loss(out.routing))
+        torch.testing.assert_close(window.fractions()[0], f.double())
+        # f has no gradient: the router gradient is E * sum_i f_i dP_i, as in the reference
+        got = torch.autograd.grad(out.losses["switch"], moe.router.gate.weight, retain_graph=True)[0]
+        want = torch.autograd.grad(expected, moe.router.gate.weight)[0]
+        torch.testing.assert_close(got, want)
+        if m > 0:  # not the per-micro-batch value any more
+            assert abs(float(out.losses["switch"].detach() - losses.switch_loss(out.routing).detach())) > 1e-4
+    # the last micro-batch's f is the whole window's: every real token of the 3 micro-batches
+    assert int(moe.balance_window[-1]) == int(sum(mk.sum() for mk in masks))
+    assert int(moe.balance_window[:-1].sum()) == 2 * int(moe.balance_window[-1])
+    finished = window.reset()
+    torch.testing.assert_close(finished[0], f.double())
+    assert int(moe.balance_window.abs().sum()) == 0
+    # after reset: a single micro-batch window is the plain switch loss
+    out = moe(torch.randn(5, 5, generator=gen))
+    torch.testing.assert_close(out.losses["switch"], losses.switch_loss(out.routing))
+
+
+def test_balance_window_eval_state_dict_and_errors():
+    torch.manual_seed(3)
+    moe = moegrad.MoE(5, 8, 4, 2)
+    state = moe.state_dict()
+    window = losses.BalanceWindow(moe)
+    assert set(moe.state_dict()) == set(state)  # the buffer is not persistent
+    moe.eval()
+    out = moe(torch.randn(6, 5))
+    assert int(moe.balance_window.abs().sum()) == 0  # eval neither reads nor adds
+    torch.testing.assert_close(out.losses["switch"], losses.switch_loss(out.routing))
+    moe.train()
+    moe(torch.randn(6, 5))
+    assert int(moe.balance_window[-1]) == 6
+    with pytest.raises(ValueError, match="already belong to a BalanceWindow"):
+        losses.BalanceWindow(moe)
+    window.remove()
+    assert not hasattr(moe, "balance_window")
+    with pytest.raises(ValueError, match="no moegrad.MoE with the switch loss"):
+        losses.BalanceWindow(moegrad.MoE(5, 8, 4, 2, losses={"z_loss": 1.0}))
+    with pytest.raises(TypeError, match="nn.Module"):
+        losses.BalanceWindow([moe])
+    _, r = _routing()
+    with pytest.raises(ValueError, match=r"window must be an int64 tensor of shape \[7\]"):
+        losses.switch_loss(r, window=torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="only used by the switch loss"):
+        losses.balance_losses(r, {"z_loss": 1.0}, window=torch.zeros(7, dtype=torch.int64))

@@ -30,9 +30,13 @@ What is exact, and what is global:
 * Balance losses use the counts of all ranks of this micro-batch (all-reduced, no gradient). Each
   rank returns its share, scaled so that the mean over ranks of ``aux_loss`` is the loss of the
   whole micro-batch computed on one process: no factor W, and DDP's averaging of the router
-  gradient gives exactly the global loss's gradient. With gradient accumulation, each
-  micro-batch's loss is global over the ranks for that micro-batch only; scale it like the task
-  loss (divide by the number of accumulation steps) and the result is the mean over micro-batches.
+  gradient gives exactly the global loss's gradient.
+* Gradient accumulation: with :class:`moegrad.losses.BalanceWindow` the ``switch`` loss's f
+  comes from the counts of every rank and every micro-batch since the window's last ``reset()``
+  (this one included), P from this micro-batch; at the last micro-batch f is the whole global
+  batch's (all W ranks x M micro-batches). Divide each micro-batch's ``aux_loss`` by M like the
+  task loss, call ``window.reset()`` after ``optimizer.step()``. Without a window each
+  micro-batch's loss is global over the ranks for that micro-batch only.
 * Expert weights are not replicated, so DDP must not touch them (:func:`ddp_ignore_experts`);
   as they receive the *sum* over ranks while DDP *averages* the replicated gradients, call
   :func:`average_expert_grads` after backward so both follow the same mean-over-ranks objective.
@@ -428,7 +432,13 @@ class ExpertParallelDense(Dense):
 
 def _check_inputs_across_ranks(moe, args, kwargs):
     """Forward pre-hook: validate x (and mask) on every rank together, so that bad input on one
-    rank raises on all of them instead of leaving the others waiting in the exchange."""
+    rank raises on all of them instead of leaving the others waiting in the exchange.
+
+    Flags exchanged per rank (one [W, 5] int64 all-reduce): problem, dtype code, training mode,
+    grad mode (``torch.is_grad_enabled()``) and whether the router scores will require grad. Grad
+    mode decides whether the exchanges enter the autograd graph (and ``dense`` adds backward
+    collectives when the scores require grad): a mismatch would leave one side waiting in backward
+    until the process-group timeout, so every rank raises instead."""
     from moegrad.routing import flatten_mask, flatten_tokens
 
     group, world, rank = moe.process_group, moe.experts.world, moe.experts.rank
@@ -443,10 +453,16 @@ def _check_inputs_across_ranks(moe, args, kwargs):
                              "check_finite=False to skip this check")
     except (TypeError, ValueError) as err:
         problem = err
-    flags = torch.zeros(world, 3, dtype=torch.int64, device=moe.router.gate.weight.device)
+    grad = torch.is_grad_enabled()
+    # the scores are softmax/sigmoid of x W_g^T: they require grad iff x or the gate does
+    scores_grad = grad and (moe.router.gate.weight.requires_grad
+                            or (isinstance(x, Tensor) and x.requires_grad))
+    flags = torch.zeros(world, 5, dtype=torch.int64, device=moe.router.gate.weight.device)
     flags[rank, 0] = problem is not None
     flags[rank, 1] = _dtype_code(x.dtype) if problem is None else -1
     flags[rank, 2] = int(moe.training)
+    flags[rank, 3] = int(grad)
+    flags[rank, 4] = int(scores_grad)
     dist.all_reduce(flags, group=group)
     bad = [q for q in range(world) if flags[q, 0]]
     if bad:
@@ -461,6 +477,20 @@ def _check_inputs_across_ranks(moe, args, kwargs):
     if len(set(flags[:, 2].tolist())) > 1:
         raise ValueError("expert-parallel MoE: some ranks are in training mode and others in eval "
                          "mode; call model.train() / model.eval() on every rank")
+    if len(set(flags[:, 3].tolist())) > 1:
+        off = [q for q in range(world) if not flags[q, 3]]
+        on = [q for q in range(world) if flags[q, 3]]
+        raise ValueError(
+            f"expert-parallel MoE: rank(s) {off} of {world} run under torch.no_grad() / "
+            f"inference_mode and rank(s) {on} with grad enabled (this is rank {rank}); only one side "
+            "would run the backward exchanges and the other would wait until the process-group "
+            "timeout. Use the same grad mode on every rank")
+    if len(set(flags[:, 4].tolist())) > 1:
+        off = [q for q in range(world) if not flags[q, 4]]
+        raise ValueError(
+            f"expert-parallel MoE: the router scores require grad on some ranks but not on rank(s) "
+            f"{off} of {world} (this is rank {rank}): neither x nor router.gate.weight requires grad "
+            "there. The router is replicated: freeze it (requires_grad_(False)) on every rank or none")
 
 
 def _check_identical(moe, group) -> None:

@@ -8,9 +8,12 @@ For each world size W, W gloo processes on this machine (loopback) each hold E/W
 batch is W T) and time forward + backward steps. Reported per W:
 
 * tokens/s: W T steps / wall time (every rank's tokens);
-* bytes/step/rank: what each rank sent to other ranks per training step (headers, the two token
-  exchanges in forward and their two reverses in backward; ``dense`` adds its backward gather),
-  measured by :class:`moegrad.distributed.ExchangeStats`;
+* all-to-all bytes/step/rank: what each rank sent to other ranks per training step through the
+  all-to-alls (headers, the two token exchanges in forward and their two reverses in backward;
+  ``dense`` adds its backward all-gather and score all-to-all), measured by
+  :class:`moegrad.distributed.ExchangeStats`. The small all-reduces are not counted: the input
+  check (5 W int64 per layer call), the balance-loss counts (E + 1 fp64) and, for
+  ``default_moe`` in training, E (D + 1) fp32; they do not grow with T;
 * model bytes: 4 K T D b (W - 1) / W for uniform routing (b bytes per element; see
   ``benchmarks/expert_parallel.md``);
 * for W = 1, the plain (non-parallel) MoE as baseline, so the exchange overhead shows as a ratio.
@@ -31,7 +34,10 @@ import time
 import torch
 
 #: defaults of the benchmark's layer
-DEFAULTS = dict(tokens=512, dim=64, hidden=128, experts=8, top_k=2, steps=10, warmup=2, estimator="topk")
+DEFAULTS = dict(tokens=512, dim=64, hidden=128, experts=8, top_k=2, steps=10, warmup=2, estimator="topk",
+                dtype="float32", seed=0, impl="auto")
+#: --dtype names -> torch dtypes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def model_bytes(tokens: int, dim: int, top_k: int, world: int, element_size: int = 4) -> float:
@@ -63,10 +69,13 @@ def _worker(rank: int, world: int, port: int, out_path: str, cfg: dict, timeout:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     init_process_group_for_tests(rank, world, port, timeout)
     try:
-        torch.manual_seed(0)
-        moe = moegrad.MoE(cfg["dim"], cfg["hidden"], cfg["experts"], cfg["top_k"],
-                          estimator=cfg["estimator"], losses={"switch": 1e-2})
-        x = torch.randn(cfg["tokens"], cfg["dim"], generator=torch.Generator().manual_seed(rank))
+        dtype = DTYPES[cfg["dtype"]]
+        torch.manual_seed(cfg["seed"])  # the same model on every rank
+        moe = moegrad.MoE(cfg["dim"], cfg["hidden"], cfg["experts"], cfg["top_k"], impl=cfg["impl"],
+                          estimator=cfg["estimator"], losses={"switch": 1e-2}).to(dtype)
+        torch.manual_seed(cfg["seed"] * 65536 + rank)  # each rank's own sampling noise
+        gen = torch.Generator().manual_seed(cfg["seed"] * 65536 + rank)
+        x = torch.randn(cfg["tokens"], cfg["dim"], generator=gen).to(dtype)
         result = {"world_size": world}
         if world == 1:
             result["baseline_s"] = _step_time(moe, x, cfg["steps"], cfg["warmup"], lambda: None)
@@ -91,12 +100,16 @@ def bench_expert_parallel(world_sizes=(1, 2, 4), *, tokens: int = DEFAULTS["toke
                           dim: int = DEFAULTS["dim"], hidden: int = DEFAULTS["hidden"],
                           experts: int = DEFAULTS["experts"], top_k: int = DEFAULTS["top_k"],
                           steps: int = DEFAULTS["steps"], warmup: int = DEFAULTS["warmup"],
-                          estimator: str = DEFAULTS["estimator"], threads: int = 1,
+                          estimator: str = DEFAULTS["estimator"], dtype: str = DEFAULTS["dtype"],
+                          seed: int = DEFAULTS["seed"], impl: str = DEFAULTS["impl"], threads: int = 1,
                           timeout: float = 300.0, progress: bool = True) -> list:
     """Run the benchmark for each world size; returns one dict per W with ``tokens_per_s``,
-    ``bytes_per_step_per_rank``, ``model_bytes_per_step_per_rank`` and, for W = 1,
-    ``baseline_tokens_per_s`` (plain MoE) and ``overhead`` (EP time / baseline time).
-    ``threads``: torch threads per process (default 1), 0 for cores // W."""
+    ``bytes_per_step_per_rank`` (all-to-all bytes, see the module docstring),
+    ``model_bytes_per_step_per_rank`` and, for W = 1, ``baseline_tokens_per_s`` (plain MoE) and
+    ``overhead`` (EP time / baseline time). ``dtype``: "float32" or "bfloat16" (model and tokens);
+    ``seed``: model seed (rank r's tokens and noise use seed * 65536 + r); ``impl``: the experts'
+    backend (:data:`moegrad.experts.IMPLS`); ``threads``: torch threads per process (default 1),
+    0 for cores // W."""
     import torch.multiprocessing as mp
 
     from moegrad._checks import check_int
@@ -107,13 +120,20 @@ def bench_expert_parallel(world_sizes=(1, 2, 4), *, tokens: int = DEFAULTS["toke
         check_int(name, value, 1)
     check_int("warmup", warmup, 0)
     check_int("threads", threads, 0)
+    check_int("seed", seed, 0)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    from moegrad.experts import IMPLS
+
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is unknown; choose one of {list(IMPLS)}")
     for w in world_sizes:
         check_int("world_size", w, 1)
         if experts % w:
             raise ValueError(f"world_size={w} does not divide experts={experts}; expert parallelism "
                              "needs experts to be a multiple of the world size")
     cfg = dict(tokens=tokens, dim=dim, hidden=hidden, experts=experts, top_k=top_k, steps=steps,
-               warmup=warmup, estimator=estimator)
+               warmup=warmup, estimator=estimator, dtype=dtype, seed=seed, impl=impl)
     sizes = list(world_sizes)
     if progress:
         try:
@@ -142,7 +162,8 @@ def bench_expert_parallel(world_sizes=(1, 2, 4), *, tokens: int = DEFAULTS["toke
             row = {"world_size": world,
                    "tokens_per_s": world * tokens * steps / r["elapsed_s"],
                    "bytes_per_step_per_rank": r["bytes_per_step_per_rank"],
-                   "model_bytes_per_step_per_rank": model_bytes(tokens, dim, top_k, world),
+                   "model_bytes_per_step_per_rank": model_bytes(tokens, dim, top_k, world,
+                                                                DTYPES[dtype].itemsize),
                    "step_ms": 1e3 * r["elapsed_s"] / steps}
             if "baseline_s" in r:
                 row["baseline_tokens_per_s"] = tokens * steps / r["baseline_s"]
@@ -154,9 +175,10 @@ def bench_expert_parallel(world_sizes=(1, 2, 4), *, tokens: int = DEFAULTS["toke
 def format_table(rows: list, cfg: dict) -> str:
     """Markdown table of :func:`bench_expert_parallel`'s rows."""
     lines = [f"T={cfg['tokens']} tokens per rank, D={cfg['dim']}, H={cfg['hidden']}, "
-             f"E={cfg['experts']}, K={cfg['top_k']}, estimator={cfg['estimator']}, fp32, "
-             f"{cfg['steps']} timed steps (forward + backward)", "",
-             "| W | tokens/s (all ranks) | step ms | bytes sent/step/rank (measured) | model 4KTDb(W-1)/W |",
+             f"E={cfg['experts']}, K={cfg['top_k']}, estimator={cfg['estimator']}, "
+             f"{cfg.get('dtype', 'float32')}, {cfg['steps']} timed steps (forward + backward)", "",
+             "| W | tokens/s (all ranks) | step ms | all-to-all bytes sent/step/rank (measured) "
+             "| model 4KTDb(W-1)/W |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['world_size']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | "
@@ -171,21 +193,31 @@ def format_table(rows: list, cfg: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=int, nargs="+", default=[1, 2, 4],
                         help="numbers of processes to run (default: 1 2 4)")
-    for key in ("tokens", "dim", "hidden", "experts", "top_k", "steps", "warmup"):
+    for key in ("tokens", "dim", "hidden", "experts", "top_k", "steps", "warmup", "seed"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=DEFAULTS[key],
                             help=f"default: {DEFAULTS[key]}" + (" (tokens per rank)" if key == "tokens" else ""))
     from moegrad.estimators import available
 
     parser.add_argument("--estimator", default=DEFAULTS["estimator"], choices=available(),
                         help="router gradient estimator (default: topk)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULTS["dtype"],
+                        help="model and token dtype (default: float32)")
+    from moegrad.experts import IMPLS
+
+    parser.add_argument("--impl", choices=list(IMPLS), default=DEFAULTS["impl"],
+                        help="grouped expert backend (default: auto)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process (default: 1; 0 = cores // world size)")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    parser.add_argument("--json", default=None,
+                        help="also write the rows as JSON to this path ('-': print only the JSON)")
 
 
 def run(args) -> int:
     cfg = {k: getattr(args, k) for k in DEFAULTS}
     rows = bench_expert_parallel(tuple(args.world_size), threads=args.threads, **cfg)
+    if args.json == "-":
+        print(json.dumps({"config": cfg, "rows": rows}, indent=2))
+        return 0
     print(format_table(rows, cfg))
     if args.json:
         with open(args.json, "w") as f:

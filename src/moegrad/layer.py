@@ -122,6 +122,8 @@ class MoE(nn.Module):
             estimator.observe(sums, counts)
         y = combine_rows(rows, routing.weights, plan, num_tokens)
         y = estimator.mix(y, flat, routing, self.experts)
-        aux_loss, values = balance_losses(routing, self.losses, group)
+        # moegrad.losses.BalanceWindow's counts over the micro-batches since its reset (training only)
+        window = getattr(self, "balance_window", None) if self.training else None
+        aux_loss, values = balance_losses(routing, self.losses, group, window)
         stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped)
         return MoEOutput(y.view(x.shape), aux_loss, routing, stats, values)

@@ -23,6 +23,10 @@ share of the loss of the whole micro-batch, scaled so that the mean over ranks e
 one process would compute on every rank's tokens (no factor W); ``importance_load`` sums its
 importance and load over the ranks with :func:`moegrad.distributed.all_reduce_share`. With
 ``group=None`` (the default) nothing changes.
+
+Gradient accumulation (:class:`BalanceWindow`, opt-in): the ``switch`` loss takes f from the
+counts of every micro-batch since the window was last reset (all ranks, this micro-batch
+included) instead of this micro-batch alone; P stays this micro-batch's.
 """
 
 from __future__ import annotations
@@ -66,17 +70,31 @@ def _global(group, *values: Tensor) -> tuple:
     return tuple(parts), group_size(group)
 
 
-def switch_loss(routing: Routing, group=None) -> Tensor:
+def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
     """E * sum_i f_i P_i; f sums to K over experts, so the loss is K at perfect balance.
 
-    With ``group``: f from the counts of all ranks, this rank's share W * sum_{t here} s'_t / N."""
+    With ``group``: f from the counts of all ranks, this rank's share W * sum_{t here} s'_t / N.
+    With ``window`` (int64 [E + 1], :class:`BalanceWindow`'s buffer: counts C per expert, then the
+    real-token count N): this call's (global) counts are added to it first, then
+    f_i = C_i / N over every micro-batch of the window so far; P is still this call's."""
     real = _real(routing)
     n = real.sum()
     counts = (_assigned(routing) * real[:, None]).sum(0)
     (counts, n), share = _global(group, counts, n)
+    if window is not None:
+        num_experts = routing.logits.shape[1]
+        if not isinstance(window, Tensor) or window.dtype != torch.int64 or window.shape != (num_experts + 1,):
+            raise ValueError(f"window must be an int64 tensor of shape [{num_experts + 1}] (counts per "
+                             f"expert, then tokens), got {getattr(window, 'dtype', type(window))} "
+                             f"{tuple(getattr(window, 'shape', ()))}")
+        with torch.no_grad():
+            window += torch.cat([counts, n.reshape(1)]).round().to(window)
     if float(n) == 0:
         return routing.logits.new_zeros(())
-    f = counts / n
+    if window is None:
+        f = counts / n
+    else:
+        f = (window[:-1].double() / window[-1].double()).to(counts)
     p = (_normalized_scores(routing) * real[:, None]).sum(0) / n
     if share != 1:
         p = p * share
@@ -172,15 +190,105 @@ def check_losses(losses, estimator: str) -> dict[str, float]:
 
 
 def balance_losses(routing: Routing, coefficients: dict[str, float],
-                   group=None) -> tuple[Tensor, dict[str, Tensor]]:
+                   group=None, window=None) -> tuple[Tensor, dict[str, Tensor]]:
     """-> (sum_name coef * loss, {name: loss}) for one layer call (``group``: expert parallelism,
-    see the module docstring)."""
-    values = {name: (LOSSES[name](routing) if group is None else LOSSES[name](routing, group=group))
-              for name in coefficients}
+    see the module docstring; ``window``: the ``switch`` loss's accumulation buffer, see
+    :class:`BalanceWindow`)."""
+    if window is not None and "switch" not in coefficients:
+        raise ValueError(f"window is only used by the switch loss, which is not among the losses "
+                         f"{sorted(coefficients)}")
+
+    def one(name):
+        options = {} if group is None else {"group": group}
+        if name == "switch" and window is not None:
+            options["window"] = window
+        return LOSSES[name](routing, **options)
+
+    values = {name: one(name) for name in coefficients}
     total = routing.logits.new_zeros(())
     for name, value in values.items():
         total = total + coefficients[name] * value
     return total, values
+
+
+class BalanceWindow:
+    """Global-batch ``switch`` loss under gradient accumulation (Qiu et al. 2025, "Demons in the
+    Detail", arXiv 2501.11873: balance over the global batch, not each micro-batch).
+
+    ``BalanceWindow(module)`` gives every :class:`moegrad.MoE` inside ``module`` whose losses
+    include ``switch`` an int64 buffer ``balance_window`` [E + 1] (non-persistent: not in the state
+    dict): the (token, slot) counts per expert and the number of real tokens of every micro-batch
+    since the last :meth:`reset`, summed over the ranks under expert parallelism. In training
+    mode, micro-batch m = 1..M of the window computes
+
+        f_i = C_i(1..m) / N(1..m)    counts of micro-batches 1..m, this one included (no gradient)
+        P_i = P_i(m)                 this micro-batch's mean normalised score (as without a window)
+        switch = E * sum_i f_i P_i   (with expert parallelism each rank returns its share, as usual)
+
+    so at the last micro-batch f is exactly the whole window's f (every micro-batch of every
+    rank). Earlier micro-batches use the counts seen so far: future counts are not known yet. Eval
+    mode neither reads nor adds to the window; the other losses are unchanged (``z_loss`` has no
+    counts, ``seq_aux`` is per sequence by definition, ``importance_load`` is differentiable in
+    its load). A forward recomputed by activation checkpointing counts twice.
+
+    Scaling: divide each micro-batch's ``aux_loss`` by the number M of micro-batches, like a
+    mean-reduced task loss: ``((task_loss + out.aux_loss) / M).backward()``. The accumulated
+    gradient is then that of (1/M) sum_m E sum_i f_i(1..m) P_i(m); with equal micro-batches and
+    every f replaced by the window's, this is exactly E sum_i f_i P_i over the global batch. No
+    factor W: with expert parallelism the mean over ranks of ``aux_loss`` is the global value and
+    DDP averages the router gradients. Call :meth:`reset` after ``optimizer.step()``::
+
+        window = BalanceWindow(model)
+        for batch in loader:
+            for x in batch.split(M):
+                y, aux = model(x)
+                ((task_loss(y) + aux) / M).backward()
+            optimizer.step(); optimizer.zero_grad()
+            window.reset()
+    """
+
+    BUFFER = "balance_window"
+
+    def __init__(self, module: nn.Module) -> None:
+        from moegrad.layer import MoE
+
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"BalanceWindow expects an nn.Module holding moegrad.MoE layers, got "
+                            f"{type(module).__name__}")
+        self.layers = [m for m in module.modules() if isinstance(m, MoE) and "switch" in m.losses]
+        if not self.layers:
+            raise ValueError(f"{type(module).__name__} holds no moegrad.MoE with the switch loss; the "
+                             "window accumulates its counts: build the layers with losses={'switch': c}")
+        taken = [m for m in self.layers if self.BUFFER in m._buffers]
+        if taken:
+            raise ValueError(f"{len(taken)} of the {len(self.layers)} MoE layers already belong to a "
+                             "BalanceWindow; reuse it (one window per model)")
+        for m in self.layers:
+            m.register_buffer(self.BUFFER, torch.zeros(m.num_experts + 1, dtype=torch.int64,
+                                                       device=m.router.gate.weight.device),
+                              persistent=False)
+
+    def fractions(self) -> list[Tensor]:
+        """f [E] fp64 of each layer over the window so far (zeros before any real token)."""
+        out = []
+        for m in self.layers:
+            w = getattr(m, self.BUFFER).double()
+            out.append(w[:-1] / w[-1] if w[-1] > 0 else torch.zeros_like(w[:-1]))
+        return out
+
+    @torch.no_grad()
+    def reset(self) -> list[Tensor]:
+        """Start a new window (call after ``optimizer.step()``); returns the finished window's f."""
+        out = self.fractions()
+        for m in self.layers:
+            getattr(m, self.BUFFER).zero_()
+        return out
+
+    def remove(self) -> None:
+        """Detach the window: the layers go back to per-micro-batch counts."""
+        for m in self.layers:
+            del m._buffers[self.BUFFER]
+        self.layers = []
 
 
 class BiasBalancer:
@@ -219,4 +327,4 @@ class BiasBalancer:
 
 
 __all__ = ["LOSSES", "available", "switch_loss", "z_loss", "importance_load_loss", "seq_aux_loss",
-           "cv_squared", "balance_losses", "check_losses", "BiasBalancer"]
+           "cv_squared", "balance_losses", "check_losses", "BalanceWindow", "BiasBalancer"]
