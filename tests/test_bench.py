@@ -36,6 +36,7 @@ def test_bench_cli_tiny(tmp_path, capsys):
         assert r["ratio_fwd"] == pytest.approx(r["fwd_ms"] / dense["fwd_ms"])
         assert r["tokens_per_s"] == pytest.approx(48 / (r["fwd_bwd_ms"] / 1e3))
         assert r["saved_mb"] >= 0
+        assert r["peak_mb"] >= r["saved_mb"] or r["name"] == "router"
     assert rows["moegrad/auto"]["saved_mb"] > 0 and dense["saved_mb"] > 0
     assert cfg["estimator_overhead"]["topk"] == 1.0
     assert cfg["estimator_overhead"]["dense"] == pytest.approx(
@@ -44,6 +45,21 @@ def test_bench_cli_tiny(tmp_path, capsys):
     if "hf/grouped_mm" in rows:
         assert cfg["speedup_vs_hf_grouped_mm"] == pytest.approx(
             rows["hf/grouped_mm"]["fwd_bwd_ms"] / rows["moegrad/auto"]["fwd_bwd_ms"])
+
+
+def test_peak_bytes_sees_transient_buffers():
+    import torch
+
+    from moegrad.bench import peak_bytes
+
+    def step():
+        a = torch.ones(1024, 1024)  # 4 MiB, freed before b is made
+        del a
+        b = torch.ones(512, 1024)  # 2 MiB
+        c = torch.ones(512, 1024)  # 2 MiB more while b lives
+        del b, c
+
+    assert peak_bytes(step) == 4 * 2 ** 20
 
 
 def test_saved_bytes_counts_activations_once():

@@ -12,9 +12,10 @@ For each config (d, f, E, k, T) it times, interleaved over ``--repeats`` rounds 
 * ``router``: the router alone (gate, softmax, top-k, weights), its share of the layer time.
 
 Per case: forward+backward ms, forward-only ms (under no_grad), tokens/s (T / fwd+bwd time)
-and ``saved_mb``: the distinct tensor memory autograd keeps between forward and backward
-(parameters excluded), measured with saved-tensor hooks. CPU torch exposes no allocator peak,
-so this activation memory is what is compared across implementations.
+``peak_mb``: the peak of the bytes allocated during one forward+backward above the level at its
+start (CPU torch has no allocator peak counter, so it is rebuilt from ``torch.profiler``'s
+allocation/free events), and ``saved_mb``: the distinct tensor memory autograd keeps between
+forward and backward (parameters excluded), measured with saved-tensor hooks.
 
 Example:
     moegrad bench --quick --json bench.json
@@ -131,6 +132,36 @@ def saved_bytes(step: Callable[[], torch.Tensor], exclude: set) -> int:
         out = step()
     del out
     return sum(seen.values())
+
+
+def peak_bytes(step: Callable[[], None]) -> int:
+    """Peak of the bytes allocated on the CPU during ``step()``, above the level at its start.
+
+    CPU torch has no allocator peak counter, so this replays the allocation and free events that
+    ``torch.profiler`` records with ``profile_memory=True`` in time order and takes the running
+    maximum: every transient buffer (backward temporaries, padding, chunks) counts, not only what
+    autograd saves. Run separately from the timed rounds (profiling slows a step)."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.stderr.flush()
+    saved_fd = os.dup(2)  # kineto prints "profiler_start/stop" lines to fd 2: keep the bar clean
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step()
+    finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+              and e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -257,6 +288,7 @@ def run_torch(config: tuple, args, progress) -> list:
             "fwd_bwd_ms_all": fb, "fwd_ms_all": fo,
             "tokens_per_s": config[4] / (statistics.median(fb) / 1e3),
             "saved_mb": saved_bytes(case.forward, exclude) / 2 ** 20,
+            "peak_mb": peak_bytes(lambda: case.step(True)) / 2 ** 20,
         })
     return rows
 
@@ -295,46 +327,90 @@ def summarize(config: tuple, rows: list) -> dict:
     if hf is not None and ours is not None:
         out["speedup_vs_hf_grouped_mm"] = hf["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
         out["saved_mb_vs_hf_grouped_mm"] = ours["saved_mb"] / hf["saved_mb"] if hf["saved_mb"] else None
+        out["peak_mb_vs_hf_grouped_mm"] = ours["peak_mb"] / hf["peak_mb"] if hf["peak_mb"] else None
     if "moegrad/compiled" in by_name and ours is not None:
         out["compiled_vs_eager"] = by_name["moegrad/compiled"]["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
     return out
+
+
+def _mb(value: Optional[float]) -> str:
+    return f"{'-':>9s}" if value is None else f"{value:9.1f}"
 
 
 def format_table(summary: dict) -> str:
     c = summary["config"]
     lines = [f"config d={c['d']} f={c['f']} E={c['E']} k={c['k']} T={c['T']}",
              f"  {'case':24s} {'fwd+bwd ms':>11s} {'x dense':>8s} {'fwd ms':>9s} {'x dense':>8s} "
-             f"{'tok/s':>9s} {'saved MB':>9s}"]
+             f"{'tok/s':>9s} {'saved MB':>9s} {'peak MB':>9s}"]
     for r in summary["results"]:
         fwd = f"{r['fwd_ms']:9.1f} {r['ratio_fwd']:7.2f}x" if r["fwd_ms"] else f"{'-':>9s} {'-':>8s}"
         lines.append(f"  {r['name']:24s} {r['fwd_bwd_ms']:11.1f} {r['ratio_fwd_bwd']:7.2f}x {fwd} "
-                     f"{r['tokens_per_s']:9.0f} {r['saved_mb']:9.1f}")
-    for key in ("speedup_vs_hf_grouped_mm", "saved_mb_vs_hf_grouped_mm", "router_share", "compiled_vs_eager"):
+                     f"{r['tokens_per_s']:9.0f} {_mb(r['saved_mb'])} {_mb(r['peak_mb'])}")
+    for key in ("speedup_vs_hf_grouped_mm", "saved_mb_vs_hf_grouped_mm", "peak_mb_vs_hf_grouped_mm",
+                "router_share", "compiled_vs_eager"):
         if summary.get(key) is not None:
             lines.append(f"  {key}: {summary[key]:.3f}")
     if "estimator_overhead" in summary:
         lines.append("  estimator time / topk: " + ", ".join(
             f"{k}={v:.2f}x" for k, v in summary["estimator_overhead"].items()))
+    if "torch" in summary:
+        lines.append("  the same cases in PyTorch (this process, impl auto):")
+        lines += ["  " + line for line in format_table(summary["torch"]).splitlines()[2:]]
+        lines.append("  fwd+bwd time MLX / PyTorch: " + ", ".join(
+            f"{k}={v:.2f}x" for k, v in summary["mlx_vs_torch"].items()))
     return "\n".join(lines)
 
 
 def run_world_sizes(args) -> int:
-    """``--world-size``: :func:`moegrad.distributed_bench.bench_expert_parallel` at its default shape."""
+    """``--world-size``: :func:`moegrad.distributed_bench.bench_expert_parallel` for each config.
+
+    Mapped options: ``--configs d,f,E,k,T`` -> dim, hidden, experts, top_k, tokens (per rank; one
+    run of every world size per config, default: the distributed benchmark's shape);
+    ``--repeats`` -> timed steps (``--quick``: at most 3); ``--warmup`` -> untimed steps;
+    ``--dtype``, ``--seed``, ``--threads`` (default 1 per process); ``--estimators`` -> one
+    estimator; ``--impls`` -> one expert backend. JSON (``--json PATH``, or ``-`` to print only
+    the JSON to stdout): ``{"config", "rows"}``, a list of them for several configs. Refused:
+    ``--backend mlx``; ``--no-hf/--no-compile/--no-forward`` have nothing to skip here.
+    """
     from moegrad.distributed_bench import DEFAULTS, bench_expert_parallel
     from moegrad.distributed_bench import format_table as ep_table
 
-    cfg = dict(DEFAULTS)
+    if args.backend != "torch":
+        raise ValueError(f"--world-size runs torch.distributed (gloo) processes; --backend "
+                         f"{args.backend!r} is not supported with it (use --backend torch)")
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats={args.repeats} (timed steps) must be >= 1 and "
+                         f"--warmup={args.warmup} >= 0")
+    if args.threads is not None and args.threads < 0:
+        raise ValueError(f"--threads={args.threads} must be >= 0 (0 = cores // world size)")
     names = sorted(set(args.estimators))
     if len(names) > 1 and args.estimators != list(DEFAULT_ESTIMATORS):
         raise ValueError(f"--world-size times one estimator per run, got --estimators "
                          f"{','.join(names)}; pass a single name (e.g. --estimators dense)")
-    cfg["estimator"] = names[0] if len(names) == 1 else "topk"
-    rows = bench_expert_parallel(tuple(args.world_size), threads=args.threads or 1,
-                                 progress=not args.no_progress, **cfg)
-    print(ep_table(rows, cfg))
+    impls = sorted(set(args.impls))
+    if len(impls) > 1 and args.impls != list(DEFAULT_IMPLS):
+        raise ValueError(f"--world-size times one expert backend per run, got --impls "
+                         f"{','.join(impls)}; pass a single name (e.g. --impls loop)")
+    base = dict(DEFAULTS)
+    base.update(estimator=names[0] if len(names) == 1 else "topk",
+                impl=impls[0] if len(impls) == 1 else "auto",
+                steps=min(args.repeats, 3) if args.quick else args.repeats,
+                warmup=args.warmup, dtype=args.dtype, seed=args.seed)
+    default_shape = tuple(DEFAULTS[k] for k in ("dim", "hidden", "experts", "top_k", "tokens"))
+    results = []
+    for d, f, e, k, t in args.configs or [default_shape]:
+        cfg = dict(base, dim=d, hidden=f, experts=e, top_k=k, tokens=t)
+        rows = bench_expert_parallel(tuple(args.world_size), threads=1 if args.threads is None else args.threads,
+                                     progress=not args.no_progress, **cfg)
+        results.append({"config": cfg, "rows": rows})
+    if args.json == "-":
+        json.dump(results[0] if len(results) == 1 else results, sys.stdout, indent=1)
+        print()
+        return 0
+    print("\n\n".join(ep_table(r["rows"], r["config"]) for r in results))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"config": cfg, "rows": rows}, fh, indent=1)
+            json.dump(results[0] if len(results) == 1 else results, fh, indent=1)
     return 0
 
 
@@ -353,13 +429,25 @@ def run(args) -> int:
     runner = RUNNERS[args.backend]
     from tqdm import tqdm
     n_estimators = 1 + len([n for n in args.estimators if n != "topk"])
-    per_config = (args.warmup + args.repeats) * (2 + len(args.impls) + 2 * (not args.no_hf)
-                                                 + (not args.no_compile) + n_estimators)
+    if args.backend == "mlx":  # the MLX cases, then the same layers in PyTorch (impl auto) beside them
+        torch_args = argparse.Namespace(**{**vars(args), "impls": ["auto"], "no_hf": True,
+                                           "no_compile": True})
+        per_config = (args.warmup + args.repeats) * (3 + n_estimators + 3 + n_estimators)
+    else:
+        per_config = (args.warmup + args.repeats) * (2 + len(args.impls) + 2 * (not args.no_hf)
+                                                     + (not args.no_compile) + n_estimators)
     summaries = []
     with tqdm(total=per_config * len(configs), disable=args.no_progress, desc="bench",
               unit="case", file=sys.stderr) as progress:
         for config in configs:
-            summaries.append(summarize(config, runner(config, args, progress)))
+            summary = summarize(config, runner(config, args, progress))
+            if args.backend == "mlx":
+                beside = summarize(config, run_torch(config, torch_args, progress))
+                summary["torch"] = beside
+                torch_ms = {r["name"]: r["fwd_bwd_ms"] for r in beside["results"]}
+                summary["mlx_vs_torch"] = {r["name"]: r["fwd_bwd_ms"] / torch_ms[r["name"]]
+                                           for r in summary["results"] if r["name"] in torch_ms}
+            summaries.append(summary)
     try:
         import transformers
         hf_version = transformers.__version__

@@ -9,8 +9,9 @@ Cases, timed in the same run with repetitions interleaved (medians reported):
 * ``router``: the router alone (gate, scores, top-k, weights).
 
 MLX is lazy, so every timed call ends with ``mx.eval`` of all it produced (the output; or the
-loss and every gradient). ``saved_mb`` is MLX's peak memory during the case's forward+backward
-(``mx.get_peak_memory``), the closest MLX has to autograd's saved tensors.
+loss and every gradient). ``peak_mb`` is MLX's peak memory during the case's forward+backward
+(``mx.get_peak_memory``); ``saved_mb`` (autograd's saved tensors on the PyTorch side) has no MLX
+counterpart and is None.
 
     python -m moegrad.mlx.bench --configs 512,1024,8,2,4096 --repeats 5
 """
@@ -136,7 +137,7 @@ def run_cases(config: tuple, cases: list, repeats: int = 5, warmup: int = 1, for
                     "fwd_bwd_ms": statistics.median(fb), "fwd_ms": statistics.median(fo) if fo else None,
                     "fwd_bwd_ms_all": fb, "fwd_ms_all": fo,
                     "tokens_per_s": config[4] / (statistics.median(fb) / 1e3),
-                    "saved_mb": _peak_mb(fwd_bwd)})
+                    "saved_mb": None, "peak_mb": _peak_mb(fwd_bwd)})
     return out
 
 
@@ -169,7 +170,7 @@ def run_config(dim: int, hidden: int, experts: int, top_k: int, tokens: int, rep
             "forward_ratio": layer["fwd_ms"] / ideal["fwd_ms"],
             "fwd_bwd_ratio": layer["fwd_bwd_ms"] / ideal["fwd_bwd_ms"],
             "tokens_per_s": layer["tokens_per_s"], "router_fwd_bwd_ms": rows["router"]["fwd_bwd_ms"],
-            "peak_mb": layer["saved_mb"], "dim": dim, "hidden": hidden, "experts": experts,
+            "peak_mb": layer["peak_mb"], "dim": dim, "hidden": hidden, "experts": experts,
             "top_k": top_k, "tokens": tokens, "estimator": estimator, "repeats": repeats,
             "dtype": dtype, "backend": "mlx", "device": str(mx.default_device())}
 
