@@ -8,10 +8,12 @@ HF "up"), w2 [E, D, H] (HF "down").
     swiglu: E_i(x) = w2_i (silu(w1_i x) * (w3_i x))
     gelu:   E_i(x) = w2_i gelu(w1_i x)
 
-:func:`grouped_mlp` runs expert e on its ``counts[e]`` consecutive rows with a hand-written
-backward (one autograd node for the whole MLP; saves only the rows and the two pre-activations
-h1 = w1 x, h3 = w3 x and recomputes the activation in backward). The matrix products go through
-one of the backends in :data:`IMPLS`:
+:func:`grouped_mlp` runs expert e on its ``counts[e]`` consecutive rows with hand-written
+backwards in two autograd nodes: the up-projection (saves the rows) and the activation +
+down-projection (saves the pre-activations h1 = w1 x, h3 = w3 x and recomputes the activation
+in backward). Two nodes rather than one let autograd free h1, h3 and the incoming gradient
+before the up-projection's weight gradients are made (peak memory). The matrix products go
+through one of the backends in :data:`IMPLS`:
 
 * ``loop``: one ``torch.mm`` per non-empty expert on row slices (no copies, no padding);
 * ``grouped_mm``: ``torch.nn.functional.grouped_mm`` with int32 offsets (fp32/bf16/fp16 only;
@@ -122,6 +124,12 @@ class _Loop:
             torch.mm(dy[a:b], w[e], out=out[a:b])
         return out
 
+    def matmul_add(self, dy: Tensor, w: Tensor, out: Tensor) -> Tensor:
+        """out += dy_e w_e in place (no [R, in] temporary); returns out."""
+        for e, a, b in self.groups:
+            torch.addmm(out[a:b], dy[a:b], w[e], out=out[a:b])
+        return out
+
     def wgrad(self, dy: Tensor, x: Tensor) -> Tensor:
         """dy [R, out], x [R, in] -> [E, out, in]: dy_e^T x_e (zeros for empty experts)."""
         if len(self.groups) < self.num_experts:
@@ -145,6 +153,9 @@ class _GroupedMM(_Loop):
 
     def matmul(self, dy, w):
         return F.grouped_mm(dy, w, offs=self.offs)
+
+    def matmul_add(self, dy, w, out):
+        return out.add_(self.matmul(dy, w))
 
     def wgrad(self, dy, x):
         return F.grouped_mm(dy.t(), x, offs=self.offs)
@@ -178,6 +189,12 @@ class _Padded(_Loop):
         e, c = self.num_experts, self.cap
         return torch.bmm(dy.view(e, c, dy.shape[1]), w).view(e * c, w.shape[2])
 
+    def matmul_add(self, dy, w, out):
+        e, c = self.num_experts, self.cap
+        view = out.view(e, c, out.shape[1])
+        torch.baddbmm(view, dy.view(e, c, dy.shape[1]), w, out=view)
+        return out
+
     def wgrad(self, dy, x):
         e, c = self.num_experts, self.cap
         return torch.bmm(dy.view(e, c, dy.shape[1]).transpose(1, 2), x.view(e, c, x.shape[1]))
@@ -188,59 +205,87 @@ _BACKENDS = {"loop": _Loop, "grouped_mm": _GroupedMM, "bmm": _Padded}
 
 # ----------------------------------------------------------------------------- the MLP
 def _activate(h1: Tensor, h3: Optional[Tensor]) -> Tensor:
-    return F.silu(h1) * h3 if h3 is not None else F.gelu(h1)
+    """silu(h1) * h3 (one new [R, H] buffer), or gelu(h1) without h3."""
+    return F.silu(h1).mul_(h3) if h3 is not None else F.gelu(h1)
 
 
-class _GroupedMLP(torch.autograd.Function):
-    """out = w2 act(w1 x, w3 x) per group; saves x, h1, h3 and recomputes act in backward."""
+class _UpProjection(torch.autograd.Function):
+    """(h1, h3) = (w1 x, w3 x) per group, in the backend's row layout (h3 None for GELU)."""
 
     @staticmethod
-    def forward(rows, counts, impl, w1, w2, w3):
+    def forward(rows, counts, impl, w1, w3):
         ops = _BACKENDS[impl](counts, rows.shape[0])
         x = ops.enter(rows)
-        h1 = ops.linear(x, w1)
-        h3 = ops.linear(x, w3) if w3 is not None else None
-        return ops.exit(ops.linear(_activate(h1, h3), w2)), h1, h3
+        return ops.linear(x, w1), (ops.linear(x, w3) if w3 is not None else None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        rows, counts, impl, w1, w2, w3 = inputs
-        _, h1, h3 = output
+        rows, counts, impl, w1, w3 = inputs
         ctx.impl = impl
-        ctx.has_w3 = w3 is not None
-        ctx.save_for_backward(rows, counts, w1, w2, w3, h1, h3)
-        ctx.mark_non_differentiable(h1, *((h3,) if h3 is not None else ()))
+        ctx.save_for_backward(rows, counts, w1, w3)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _g1, _g3):
-        rows, counts, w1, w2, w3, h1, h3 = ctx.saved_tensors
-        need_x, _, _, need_w1, need_w2, need_w3 = ctx.needs_input_grad
+    def backward(ctx, dh1, dh3):
+        rows, counts, w1, w3 = ctx.saved_tensors
+        need_x, _, _, need_w1, need_w3 = ctx.needs_input_grad
         ops = _BACKENDS[ctx.impl](counts, rows.shape[0])
-        g = ops.enter(grad_out.contiguous())  # grouped_mm's products need a dense gradient
         x = ops.enter(rows)
-        s = F.silu(h1) if h3 is not None else None  # computed once, for act and dh3
-        act = s * h3 if s is not None else F.gelu(h1)
-        dw2 = ops.wgrad(g, act) if need_w2 else None
-        del act
-        da = ops.matmul(g, w2)  # [R, H]
-        if h3 is not None:
-            dh3 = da * s
-            del s
-            dh1 = torch.ops.aten.silu_backward(da.mul_(h3), h1)
-        else:
-            dh3 = None
-            dh1 = torch.ops.aten.gelu_backward(da, h1)
-        del da
-        dw1 = ops.wgrad(dh1, x) if need_w1 else None
-        dw3 = ops.wgrad(dh3, x) if need_w3 else None
-        dx = None
+        dx = None  # first, so a backend's temporary is gone before the [E, H, D] weight gradients
         if need_x:
-            dx = ops.matmul(dh1, w1)
-            if dh3 is not None:
-                dx += ops.matmul(dh3, w3)
-            dx = ops.exit(dx)
-        return dx, None, None, dw1, dw2, dw3
+            for dh, w in ((dh1, w1), (dh3, w3)):
+                if dh is not None:
+                    dx = ops.matmul(dh, w) if dx is None else ops.matmul_add(dh, w, dx)
+            dx = ops.exit(dx) if dx is not None else None
+        dw1 = ops.wgrad(dh1, x) if need_w1 and dh1 is not None else None
+        dw3 = ops.wgrad(dh3, x) if need_w3 and dh3 is not None else None
+        return dx, None, None, dw1, dw3
+
+
+class _DownProjection(torch.autograd.Function):
+    """out = w2 act(h1, h3) per group, back in row order; saves h1, h3 and recomputes act."""
+
+    @staticmethod
+    def forward(h1, h3, counts, impl, w2, num_rows):
+        ops = _BACKENDS[impl](counts, num_rows)
+        return ops.exit(ops.linear(_activate(h1, h3), w2))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h1, h3, counts, impl, w2, num_rows = inputs
+        ctx.impl, ctx.num_rows = impl, num_rows
+        ctx.save_for_backward(h1, h3, counts, w2)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        h1, h3, counts, w2 = ctx.saved_tensors
+        need_h1, need_h3, _, _, need_w2, _ = ctx.needs_input_grad
+        if grad_out is None:  # the output was not used
+            return None, None, None, None, None, None
+        ops = _BACKENDS[ctx.impl](counts, ctx.num_rows)
+        g = ops.enter(grad_out.contiguous())  # grouped_mm's products need a dense gradient
+        # at most two new [R, H] buffers live at a time (peak memory): s becomes dh3 and da
+        # becomes dh1 in place
+        s = F.silu(h1) if h3 is not None else None  # computed once, for act and dh3
+        dw2 = None
+        if need_w2:
+            act = s * h3 if s is not None else F.gelu(h1)
+            dw2 = ops.wgrad(g, act)
+            del act
+        da = ops.matmul(g, w2)  # [R, H]
+        del g
+        dh3 = s.mul_(da) if h3 is not None and need_h3 else None  # da * silu(h1)
+        del s
+        dh1 = None
+        if need_h1:
+            if h3 is not None:
+                dh1 = torch.ops.aten.silu_backward.grad_input(da.mul_(h3), h1, grad_input=da)
+            else:
+                dh1 = torch.ops.aten.gelu_backward.grad_input(da, h1, grad_input=da)
+        return dh1, dh3, None, None, dw2, None
 
 
 def _check_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor],
@@ -316,8 +361,8 @@ def grouped_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Option
 def _apply_mlp(rows, counts, impl, w1, w2, w3):
     """Runs eagerly under torch.compile: the groups are data-dependent, and grouped_mm's fake
     (meta) kernel accepts only bf16 in torch 2.13, so Dynamo cannot trace the fp32 CPU path."""
-    out, _, _ = _GroupedMLP.apply(rows, counts, impl, w1, w2, w3)
-    return out
+    h1, h3 = _UpProjection.apply(rows, counts, impl, w1, w3)
+    return _DownProjection.apply(h1, h3, counts, impl, w2, rows.shape[0])
 
 
 @torch.no_grad()
