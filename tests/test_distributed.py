@@ -133,8 +133,9 @@ def _run_case(name, rank, world, same_inputs=False, empty_rank=False, skewed=Fal
                 _set_generator(ref, 500 + q)
                 r = ref.router(x, mask)
                 flat = x.reshape(-1, D)
-                cap = None if capacity is None else expert_capacity(capacity, flat.shape[0], 2, num_experts)
-                plan = plan_dispatch(r.indices, r.weights, num_experts, cap)
+                real = int(r.mask.sum()) if r.mask is not None else flat.shape[0]
+                cap = None if capacity is None else expert_capacity(capacity, real, 2, num_experts)
+                plan = plan_dispatch(r.indices, r.weights, num_experts, cap, keep=r.mask)  # padding left out
                 every = ref.experts.every_expert(flat, *ref.experts.stacked_weights())  # [T, E, D]
                 sums.index_add_(0, plan.experts, every[plan.tokens, plan.experts])
                 counts += plan.counts

@@ -249,3 +249,30 @@ def test_autocast_bfloat16_trains_with_fp32_routing(estimator):
     if estimator not in STOCHASTIC:  # same routing: the bf16 output is close to the fp32 one
         assert torch.equal(out.routing.indices, ref(x.detach()).routing.indices)
         torch.testing.assert_close(out.y.float(), want, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+@pytest.mark.parametrize("estimator", ["topk", "dense", "default_moe"])
+def test_padding_is_not_dispatched_and_matches_the_real_tokens_alone(estimator, capacity_factor):
+    """With a mask, the real tokens get exactly what a call on the real tokens alone gives
+    (outputs, stats, capacity, gradients); padding outputs 0 and takes no capacity."""
+    mask = torch.tensor([[True, True, True, False, False], [True, True, False, False, False]])
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    padded = _moe(estimator, losses={"switch": 0.1}, capacity_factor=capacity_factor).train()
+    alone = _moe(estimator, losses={"switch": 0.1}, capacity_factor=capacity_factor).train()
+    xp, xa = x.clone().requires_grad_(), x[mask].clone().requires_grad_()
+    out_p, out_a = padded(xp, mask=mask), alone(xa)
+    torch.testing.assert_close(out_p.y[mask], out_a.y)
+    assert torch.equal(out_p.y[~mask], torch.zeros_like(out_p.y[~mask]))
+    assert torch.equal(out_p.stats.tokens_per_expert, out_a.stats.tokens_per_expert)
+    assert int(out_p.stats.tokens_per_expert.sum()) == 5 * 2  # real tokens x K
+    assert int(out_p.stats.dropped) == int(out_a.stats.dropped)
+    if capacity_factor is not None:
+        assert int(out_a.stats.dropped) > 0
+    torch.testing.assert_close(out_p.aux_loss, out_a.aux_loss)
+    ((out_p.y[mask] * out_a.y.detach()).sum() + out_p.aux_loss).backward()
+    ((out_a.y * out_a.y.detach()).sum() + out_a.aux_loss).backward()
+    torch.testing.assert_close(xp.grad[mask], xa.grad)
+    assert torch.equal(xp.grad[~mask], torch.zeros_like(xp.grad[~mask]))
+    for (name, p), q in zip(padded.named_parameters(), alone.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -51,12 +51,14 @@ def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_exp
 
 
 def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,
-                  capacity: Optional[int] = None) -> DispatchPlan:
+                  capacity: Optional[int] = None, keep: Optional[Tensor] = None) -> DispatchPlan:
     """indices [T, K] int64, weights [T, K] -> :class:`DispatchPlan`.
 
     Dropless: one stable argsort of the N expert ids. With ``capacity``, each expert keeps its
     ``capacity`` pairs of highest weight (ties: the earlier pair) and the rest are dropped and
-    counted (a second stable sort, by weight, comes first).
+    counted (a second stable sort, by weight, comes first). ``keep`` [T] bool (a padding mask,
+    True = real token): the pairs of the other tokens are left out altogether: they get no row
+    (slot -1, zero output), take no capacity and are neither routed nor dropped in the counts.
     """
     if indices.dim() != 2 or indices.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"indices must be an int64 tensor [T, K], got {indices.dtype} of shape "
@@ -73,16 +75,27 @@ def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,
     if n and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
         raise ValueError(f"indices must lie in 0..{num_experts - 1} (num_experts={num_experts}), "
                          f"got values in {int(flat.min())}..{int(flat.max())}")
-    routed = torch.bincount(flat, minlength=num_experts)
+    real = None
+    if keep is not None:
+        if keep.shape != indices.shape[:1] or keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool tensor [T={indices.shape[0]}], got {keep.dtype} "
+                             f"of shape {tuple(keep.shape)}")
+        real = keep.repeat_interleave(top_k)  # [N]
+    routed = torch.bincount(flat if real is None else flat[real], minlength=num_experts)
     arange = torch.arange(n, device=flat.device)
     if capacity is None:
-        pairs = torch.argsort(flat, stable=True)
+        if real is None:
+            pairs = torch.argsort(flat, stable=True)
+        else:  # padding pairs sort after every expert and are cut off
+            pairs = torch.argsort(torch.where(real, flat, num_experts), stable=True)[: int(real.sum())]
         counts = routed
     else:
         by_weight = torch.argsort(weights.detach().reshape(-1), descending=True, stable=True)
+        if real is not None:
+            by_weight = by_weight[real[by_weight]]
         pairs = by_weight[torch.argsort(flat[by_weight], stable=True)]
         starts = torch.cumsum(routed, 0) - routed
-        rank = arange - starts[flat[pairs]]
+        rank = arange[: pairs.shape[0]] - starts[flat[pairs]]
         kept = rank < capacity
         counts = routed.clamp(max=capacity)
         # restore pair order inside each expert (the rows of a token stay in slot order)
@@ -160,6 +173,7 @@ class _Combine(torch.autograd.Function):
         rows, weights, tokens, slots, pairs = inputs
         _, gathered = output
         ctx.mark_non_differentiable(gathered)
+        ctx.set_materialize_grads(False)  # no [T, K, D] zero gradient for the saved-only output
         ctx.need_w = weights.requires_grad
         ctx.w_dtype = weights.dtype
         ctx.save_for_backward(weights, tokens, slots, pairs, gathered if ctx.need_w else None)
@@ -169,6 +183,8 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad_y, _unused):
         weights, tokens, slots, pairs, gathered = ctx.saved_tensors
         grad_rows = grad_w = None
+        if grad_y is None:  # y was not used
+            return None, None, None, None, None
         g = grad_y.contiguous()
         if ctx.needs_input_grad[0]:
             w_sorted = weights.reshape(-1).index_select(0, pairs).to(g.dtype)  # [M]

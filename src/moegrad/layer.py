@@ -57,7 +57,9 @@ class MoE(nn.Module):
             ceil(c * T * K / E) highest-weight pairs; the rest contribute zero and are counted.
 
     ``forward(x [T, D] or [B, S, D], mask=None) -> MoEOutput``; ``mask`` (bool, x's leading
-    shape, True = real token) keeps padding out of the balance losses and load counts.
+    shape, True = real token) keeps padding out of everything: padding tokens are not sent to
+    any expert (their sparse output is 0), take no capacity, and are left out of the balance
+    losses, the load counts and ``stats``.
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *,
@@ -105,9 +107,11 @@ class MoE(nn.Module):
         routing = self.router(x, mask)
         num_tokens = flat.shape[0]
         capacity = None
-        if self.capacity_factor is not None:
-            capacity = expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
-        plan = plan_dispatch(routing.indices, routing.weights, self.num_experts, capacity)
+        if self.capacity_factor is not None:  # sized by the real tokens: padding takes no capacity
+            real = num_tokens if routing.mask is None else int(routing.mask.sum())
+            capacity = expert_capacity(self.capacity_factor, real, self.top_k, self.num_experts)
+        plan = plan_dispatch(routing.indices, routing.weights, self.num_experts, capacity,
+                             keep=routing.mask)
         rows = self.experts(gather_rows(flat, plan), plan.counts)  # [M, D]
         estimator = self.router.estimator
         group = getattr(self, "process_group", None)  # set by moegrad.distributed.expert_parallel

@@ -39,31 +39,38 @@ def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_exp
 
 
 def plan_dispatch(indices: mx.array, weights: mx.array, num_experts: int,
-                  capacity: Optional[int] = None) -> DispatchPlan:
+                  capacity: Optional[int] = None, keep: Optional[mx.array] = None) -> DispatchPlan:
     """indices [T, K], weights [T, K] -> :class:`DispatchPlan`.
 
     With ``capacity``, each expert keeps its ``capacity`` pairs of highest weight (ties: the
-    earlier pair); the rest are dropped and counted.
+    earlier pair); the rest are dropped and counted. ``keep`` [T] bool (padding mask, True =
+    real token): the other tokens' pairs are left out (no row, no capacity, not counted).
     """
     top_k = indices.shape[1]
     flat = mx.stop_gradient(indices).reshape(-1).astype(mx.uint32)
-    routed = histogram(flat, num_experts)
+    real = None if keep is None else mx.repeat(keep.astype(mx.bool_), top_k)  # [N]
+    # padding pairs get the key E: they sort after every expert and are cut off
+    key = flat if real is None else mx.where(real, flat, num_experts).astype(mx.uint32)
+    routed = histogram(key, num_experts + 1)[:num_experts]
+    num_real = flat.size if real is None else int(real.sum())
     if capacity is None:
-        pairs = mx.argsort(flat)  # stable: pairs of one expert keep token order
+        pairs = mx.argsort(key)[:num_real]  # stable: pairs of one expert keep token order
         kept = routed
     else:
         by_weight = mx.argsort(-mx.stop_gradient(weights).reshape(-1))
-        pairs = by_weight[mx.argsort(flat[by_weight])]
-        starts = mx.cumsum(routed) - routed
-        rank = mx.arange(flat.size) - starts[flat[pairs]]
-        keep = rank < capacity
+        pairs = by_weight[mx.argsort(key[by_weight])]
+        starts = mx.concatenate([mx.cumsum(routed) - routed, mx.array([num_real])])
+        rank = mx.arange(flat.size) - starts[key[pairs]]
+        fits = rank < capacity
+        if real is not None:
+            fits = fits & real[pairs]
         kept = mx.minimum(routed, capacity)
         num_kept = int(kept.sum())
-        pairs = pairs[mx.argsort((~keep).astype(mx.uint32))[:num_kept]]  # kept ones, in order
+        pairs = pairs[mx.argsort((~fits).astype(mx.uint32))[:num_kept]]  # kept ones, in order
     dropped = routed.sum() - kept.sum()
     pairs = pairs.astype(mx.uint32)
     return DispatchPlan(pairs, pairs // top_k, flat[pairs], kept, routed, dropped,
-                        capacity is None)
+                        capacity is None and num_real == flat.size)
 
 
 def combine_rows(rows: mx.array, weights: mx.array, plan: DispatchPlan, num_tokens: int) -> mx.array:

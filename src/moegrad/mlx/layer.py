@@ -43,7 +43,9 @@ class MoE(nn.Module):
     """A sparse Mixture-of-Experts feed-forward layer in MLX (arguments as :class:`moegrad.MoE`,
     without ``impl``: the experts always run through ``mx.gather_mm`` on expert-sorted rows).
 
-    ``__call__(x [T, D] or [B, S, D], mask=None) -> MoEOutput``.
+    ``__call__(x [T, D] or [B, S, D], mask=None) -> MoEOutput``; as in PyTorch, padding tokens
+    (``mask`` False) are not sent to any expert, take no capacity and are left out of the losses,
+    load counts and ``stats``.
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *,
@@ -95,9 +97,11 @@ class MoE(nn.Module):
         routing = self.router(x, mask)
         num_tokens = flat.shape[0]
         capacity = None
-        if self.capacity_factor is not None:
-            capacity = expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
-        plan = plan_dispatch(routing.indices, routing.weights, self.num_experts, capacity)
+        if self.capacity_factor is not None:  # sized by the real tokens: padding takes no capacity
+            real = num_tokens if routing.mask is None else int(routing.mask.sum())
+            capacity = expert_capacity(self.capacity_factor, real, self.top_k, self.num_experts)
+        plan = plan_dispatch(routing.indices, routing.weights, self.num_experts, capacity,
+                             keep=routing.mask)
         rows = self.experts(flat[plan.tokens], plan.experts)  # [M, D]
         estimator = self.router.estimator
         if self.training and estimator.observes_outputs and rows.shape[0]:
