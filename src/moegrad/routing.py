@@ -126,6 +126,18 @@ def flatten_mask(mask: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
     return mask.reshape(-1)
 
 
+@torch.compiler.disable
+def _check_finite_logits(logits: Tensor) -> None:
+    """Raise if the [T, E] logits hold NaN/Inf (runs eagerly under torch.compile: reading the
+    answer on the host is a graph break, taken here on purpose rather than with a warning)."""
+    if logits.numel() and not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).any(-1).sum())
+        raise ValueError(
+            f"router logits are not finite for {bad} of {logits.shape[0]} tokens: the input "
+            "(or the gate weight) holds NaN/Inf. Fix the input, or pass check_finite=False to "
+            "skip this check")
+
+
 class Router(nn.Module):
     """Top-k router with a pluggable gradient estimator.
 
@@ -193,12 +205,8 @@ class Router(nn.Module):
 
     def _route(self, flat: Tensor, shape: tuple, token_mask: Optional[Tensor], compute) -> Routing:
         logits = F.linear(flat, self.gate.weight.to(compute))  # [T, E]
-        if self.config.check_finite and logits.numel() and not bool(torch.isfinite(logits).all()):
-            bad = int((~torch.isfinite(logits)).any(-1).sum())
-            raise ValueError(
-                f"router logits are not finite for {bad} of {logits.shape[0]} tokens: the input "
-                "(or the gate weight) holds NaN/Inf. Fix the input, or pass check_finite=False to "
-                "skip this check")
+        if self.config.check_finite:
+            _check_finite_logits(logits)
         z = logits / self.config.temperature if self.config.temperature != 1.0 else logits
         scores = self.score(z)
         picked = self.estimator.route(flat, z, scores, self)
