@@ -9,9 +9,11 @@ import moegrad
 
 
 @pytest.mark.slow
-def test_compiled_moe_matches_eager():
+def test_compiled_moe_matches_eager(tmp_path, monkeypatch):
     """One case keeps the compile time bounded (~30-40 s on 2 cores): capacity mode on, and 48
-    rows per expert so ``auto`` takes the grouped_mm backend (fp32)."""
+    rows per expert so ``auto`` takes the grouped_mm backend (fp32). A private inductor cache:
+    a stale one left on the machine by an older checkout can fail torch's cache lookup."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     torch.manual_seed(0)
     moe = moegrad.MoE(16, 32, 4, 2, impl="auto", capacity_factor=1.0)
