@@ -240,9 +240,9 @@ class BalanceWindow:
 
         window = BalanceWindow(model)
         for batch in loader:
-            for x in batch.split(M):
-                y, aux = model(x)
-                ((task_loss(y) + aux) / M).backward()
+            for x in batch.chunk(M):
+                out = model(x)        # model: a moegrad.MoE (sum every layer's aux_loss in a network)
+                ((task_loss(out.y) + out.aux_loss) / M).backward()
             optimizer.step(); optimizer.zero_grad()
             window.reset()
     """
