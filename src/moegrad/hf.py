@@ -242,6 +242,20 @@ class HFExperts:
         w1, w3 = gu.view(self.num_experts, 2, self.hidden_dim, self.dim).unbind(1)
         return w1, w3, self.module.down_proj
 
+    @property
+    def unselected_inner_products(self) -> Optional[Callable]:
+        """For SiLU (SwiGLU) experts, the ``dense`` estimator's fast path
+        (:func:`moegrad.experts.unselected_inner_products`: only the unselected pairs, grouped by
+        expert); None for other activations, which then go through :meth:`every_expert`."""
+        if not self.silu:
+            return None
+        impl = "auto" if self.impl == "hf" else self.impl
+
+        def inner(x: Tensor, grad_y: Tensor, indices: Tensor, w1: Tensor, w3: Tensor,
+                  w2: Tensor) -> Tensor:
+            return _experts.unselected_inner_products(x, grad_y, indices, w1, w2, w3, impl)
+        return inner
+
     def every_expert(self, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
         up = torch.einsum("td,ehd->teh", x, w1)
         gate_up = torch.einsum("td,ehd->teh", x, w3)
