@@ -689,3 +689,24 @@ def test_expert_parallel_needs_an_initialised_group():
         expert_parallel(moegrad.MoE(D, H, 4, 2))
     with pytest.raises(TypeError, match="moegrad.MoE"):
         expert_parallel(torch.nn.Linear(2, 2))
+
+
+def test_example_runs_under_torchrun_launcher():
+    """examples/expert_parallel.py as the README launches it (2 gloo processes), briefly."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moegrad.distributed import free_port
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "expert_parallel.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(example), "--steps", "8", "--micro-batches", "2",
+           "--timeout", "60"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    first, last, diff = re.search(r"relative mse ([\d.]+) -> ([\d.]+); gathered model vs "
+                                  r"expert-parallel model max \|diff\| ([\d.e+-]+)", res.stdout).groups()
+    assert float(last) < float(first)
+    assert float(diff) < 1e-5
