@@ -36,3 +36,17 @@ def moe_loop_ref(x, moe, routing):
             acc = acc + routing.weights[t, j].to(flat.dtype) * expert_ref(flat[t:t + 1], moe, e)[0]
         rows.append(acc)
     return torch.stack(rows).view(x.shape) if rows else torch.zeros_like(x)
+
+
+def capacity_keep_ref(indices, weights, num_experts, capacity):
+    """[T, K] bool: each expert keeps its ``capacity`` highest-weight (token, slot) pairs, ties
+    to the earlier pair; written as a sort per expert, without moegrad's dispatch."""
+    t, k = indices.shape
+    w = weights.detach()
+    keep = torch.zeros(t, k, dtype=torch.bool)
+    for e in range(num_experts):
+        pairs = [(float(w[i, j]), -(i * k + j), i, j) for i in range(t) for j in range(k)
+                 if int(indices[i, j]) == e]
+        for _, _, i, j in sorted(pairs, reverse=True)[:capacity]:
+            keep[i, j] = True
+    return keep

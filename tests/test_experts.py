@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import moegrad
 from moegrad.experts import IMPLS, choose_impl, grouped_mlp
-from tests.conftest import moe_loop_ref
+from tests.conftest import capacity_keep_ref, moe_loop_ref
 
 BACKENDS = [i for i in IMPLS if i != "auto"]
 
@@ -112,10 +114,11 @@ def test_moe_layer_matches_token_loop(impl, t, e, k, cap):
     out = moe(x)
     routing = moe.router(x)
     keep = torch.ones_like(routing.weights)
-    if cap is not None:  # drop the same pairs the layer dropped: lowest weights per expert
-        from moegrad.dispatch import expert_capacity, plan_dispatch
-        plan = plan_dispatch(routing.indices, routing.weights, e, expert_capacity(cap, t, k, e))
-        keep = (plan.slots.view(t, k) >= 0).to(keep.dtype)
+    if cap is not None:  # drop each expert's lowest-weight pairs over capacity, by hand
+        from moegrad.dispatch import expert_capacity
+        capacity = expert_capacity(cap, t, k, e)
+        assert capacity == math.ceil(cap * t * k / e)
+        keep = capacity_keep_ref(routing.indices, routing.weights, e, capacity).to(keep.dtype)
         routed = torch.bincount(routing.indices.view(-1), minlength=e)
         assert int(out.stats.dropped) == int((routed - expert_capacity(cap, t, k, e)).clamp(min=0).sum()) > 0
     else:

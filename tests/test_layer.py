@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import moegrad
-from tests.conftest import moe_loop_ref
+from tests.conftest import capacity_keep_ref, moe_loop_ref
 
 ALL = moegrad.estimators.available()
 STOCHASTIC = ("gumbel", "noisy_topk", "sparsemixer")
@@ -149,13 +149,7 @@ def test_stats_count_every_pair_and_capacity_drops_lowest_weights():
     res = capped(x)
     assert int(res.stats.dropped) == int((routed - 3).clamp(min=0).sum())
     # reference: keep each expert's 3 highest-weight pairs
-    w = res.routing.weights.detach()
-    keep = torch.zeros(10, 2, dtype=torch.bool)
-    for e in range(4):
-        pairs = [(float(w[t, j]), -(t * 2 + j), t, j) for t in range(10) for j in range(2)
-                 if int(res.routing.indices[t, j]) == e]
-        for _, _, t, j in sorted(pairs, reverse=True)[:3]:
-            keep[t, j] = True
+    keep = capacity_keep_ref(res.routing.indices, res.routing.weights, 4, 3)
     kept = moegrad.Routing(res.routing.logits, res.routing.scores, res.routing.indices,
                            res.routing.weights * keep, res.routing.shape)
     torch.testing.assert_close(res.y, moe_loop_ref(x, capped, kept))
