@@ -11,15 +11,20 @@ For each config (d, f, E, k, T) it times, interleaved over ``--repeats`` rounds 
 * ``estimator/<name>``: the ``auto`` layer with each ``--estimators`` (overhead vs ``topk``);
 * ``router``: the router alone (gate, softmax, top-k, weights), its share of the layer time.
 
-Per case: forward+backward ms, forward-only ms (under no_grad), tokens/s (T / fwd+bwd time)
+Per case: forward+backward ms, forward-only ms (under no_grad), tokens/s (T / fwd+bwd time),
 ``peak_mb``: the peak of the bytes allocated during one forward+backward above the level at its
 start (CPU torch has no allocator peak counter, so it is rebuilt from ``torch.profiler``'s
 allocation/free events), and ``saved_mb``: the distinct tensor memory autograd keeps between
 forward and backward (parameters excluded), measured with saved-tensor hooks.
 
+``--backend mlx`` runs the same layers in MLX and prints the PyTorch ones beside them;
+``--world-size 1 2 4`` times expert parallelism over gloo processes instead.
+
 Example:
     moegrad bench --quick --json bench.json
     moegrad bench --configs 512,1024,8,2,4096 --impls auto,loop --repeats 7
+    moegrad bench --backend mlx --configs 256,512,8,2,1024 --estimators topk,dense
+    moegrad bench --world-size 1 2 4
 """
 
 from __future__ import annotations
