@@ -270,3 +270,39 @@ def test_padding_is_not_dispatched_and_matches_the_real_tokens_alone(estimator, 
     assert torch.equal(xp.grad[~mask], torch.zeros_like(xp.grad[~mask]))
     for (name, p), q in zip(padded.named_parameters(), alone.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_updates_running_state_once(reentrant):
+    """Checkpointing re-runs the forward in backward: outputs, gradients, load counts, the
+    default_moe EMA and a BalanceWindow must equal a run without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    runs = []
+    for use_checkpoint in (False, True):
+        moe = _moe("default_moe", losses={"switch": 0.1}).train()
+        window = moegrad.BalanceWindow(moe)
+        for _ in range(2):  # the second step reads the EMA the first one wrote
+            xx = x.clone().requires_grad_()
+            if use_checkpoint:
+                y, aux = checkpoint(lambda v: (lambda o: (o.y, o.aux_loss))(moe(v)), xx,
+                                    use_reentrant=reentrant)
+            else:
+                out = moe(xx)
+                y, aux = out.y, out.aux_loss
+            (y.square().sum() + aux).backward()
+        runs.append((y.detach(), xx.grad, moe.router.gate.weight.grad, moe.router.load_counts.clone(),
+                     moe.router.estimator.defaults.clone(), window.fractions()[0]))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b)
+
+
+def test_checkpointing_refuses_a_sampling_generator():
+    from torch.utils.checkpoint import checkpoint
+
+    moe = _moe("gumbel").train()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    y = checkpoint(lambda v: moe(v).y, x, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="generator= cannot run under activation checkpointing"):
+        y.sum().backward()

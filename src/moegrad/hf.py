@@ -105,7 +105,8 @@ from moegrad.dispatch import combine_rows, plan_dispatch
 from moegrad.estimators import available as available_estimators
 from moegrad.estimators import build_estimator, get as get_estimator
 from moegrad.losses import balance_losses, check_losses
-from moegrad.routing import Router, RouterConfig, Routing, flatten_mask, flatten_tokens
+from moegrad.routing import (Router, RouterConfig, Routing, flatten_mask, flatten_tokens,
+                             recomputing_in_backward, recomputing_training_forward)
 
 #: expert compute choices: None (= "auto") or a :data:`moegrad.experts.IMPLS` name run moegrad's
 #: grouped expert compute; "hf" calls the block's own experts module (so transformers'
@@ -385,13 +386,7 @@ class HFRouter(Router):
         token_mask = flatten_mask(mask, shape)
         # through the HF module, so its hooks and output_router_logits recording fire. (PhiMoE's
         # router multiplies ``flat`` in place by its input jitter in training, as HF's block sees.)
-        recomputing = self.training and _recomputing()
-        if recomputing and getattr(self.estimator, "generator", None) is not None:
-            raise RuntimeError(
-                f"estimator={self.estimator.name!r} with generator= cannot run under activation "
-                "checkpointing: the recomputation in backward would draw new samples from the "
-                "generator (checkpointing restores the global RNG only); drop generator= (seed "
-                "with torch.manual_seed) or disable checkpointing")
+        recomputing = recomputing_training_forward(self)
         logits = self._hf_gate(flat)[0]
         z = logits.float()
         scores = torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
@@ -413,7 +408,7 @@ class HFRouter(Router):
             plan = plan_dispatch(routing.indices, routing.weights, self.config.num_experts)
             rows = experts(flat[plan.tokens], plan.counts)  # [M, D]
             observe = self.training and estimator.observes_outputs and rows.shape[0]
-            if observe and not _recomputing():  # once per step under activation checkpointing
+            if observe and not recomputing_in_backward():  # once per step under activation checkpointing
                 sums = rows.new_zeros(self.config.num_experts, self.config.dim, dtype=torch.float32)
                 sums.index_add_(0, plan.experts, rows.detach().float())
                 estimator.observe(sums, plan.counts)
@@ -440,7 +435,7 @@ def _moe_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
         y = y + self.shared_experts(flat)
     # under activation checkpointing the recomputation must save the same tensors as the
     # forward (so the losses are computed again) but keeps the forward's stored values
-    keep = not (self.training and _recomputing())
+    keep = not (self.training and recomputing_in_backward())
     if router.losses:
         losses = balance_losses(routing, router.losses)
         if keep:
@@ -542,16 +537,6 @@ def _keeping(family: Family, block: nn.Module, config: RouterConfig) -> list[str
 def _checkpointing(model: nn.Module) -> bool:
     """True when a module of ``model`` has transformers' gradient checkpointing switched on."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-
-
-def _recomputing() -> bool:
-    """True while autograd runs a backward pass. A block forward then is activation
-    checkpointing's recomputation (reentrant and non-reentrant ``torch.utils.checkpoint`` both
-    re-run the forward inside backward)."""
-    return _graph_task_id is not None and _graph_task_id() != -1
 
 
 def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = None,

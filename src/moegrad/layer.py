@@ -15,7 +15,7 @@ from moegrad._checks import check_float
 from moegrad.dispatch import combine_rows, expert_capacity, gather_rows, plan_dispatch
 from moegrad.experts import Experts
 from moegrad.losses import balance_losses, check_losses
-from moegrad.routing import Router, Routing, flatten_tokens
+from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward
 
 
 @dataclass
@@ -115,7 +115,8 @@ class MoE(nn.Module):
         rows = self.experts(gather_rows(flat, plan), plan.counts)  # [M, D]
         estimator = self.router.estimator
         group = getattr(self, "process_group", None)  # set by moegrad.distributed.expert_parallel
-        if self.training and estimator.observes_outputs and (rows.shape[0] or group is not None):
+        observe = self.training and estimator.observes_outputs and not recomputing_in_backward()
+        if observe and (rows.shape[0] or group is not None):
             sums = rows.new_zeros(self.num_experts, self.dim, dtype=torch.float32)
             sums.index_add_(0, plan.experts, rows.detach().float())
             counts = plan.counts

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from moegrad._checks import check_float
-from moegrad.routing import Router, Routing
+from moegrad.routing import Router, Routing, recomputing_in_backward
 
 
 def _real(routing: Routing) -> Tensor:
@@ -87,8 +87,9 @@ def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
             raise ValueError(f"window must be an int64 tensor of shape [{num_experts + 1}] (counts per "
                              f"expert, then tokens), got {getattr(window, 'dtype', type(window))} "
                              f"{tuple(getattr(window, 'shape', ()))}")
-        with torch.no_grad():
-            window += torch.cat([counts, n.reshape(1)]).round().to(window)
+        if not recomputing_in_backward():  # checkpointing's recomputation: counted already
+            with torch.no_grad():
+                window += torch.cat([counts, n.reshape(1)]).round().to(window)
     if float(n) == 0:
         return routing.logits.new_zeros(())
     if window is None:
@@ -229,7 +230,7 @@ class BalanceWindow:
     rank). Earlier micro-batches use the counts seen so far: future counts are not known yet. Eval
     mode neither reads nor adds to the window; the other losses are unchanged (``z_loss`` has no
     counts, ``seq_aux`` is per sequence by definition, ``importance_load`` is differentiable in
-    its load). A forward recomputed by activation checkpointing counts twice.
+    its load). A forward recomputed by activation checkpointing is counted once.
 
     Scaling: divide each micro-batch's ``aux_loss`` by the number M of micro-batches, like a
     mean-reduced task loss: ``((task_loss + out.aux_loss) / M).backward()``. The accumulated

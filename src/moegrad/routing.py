@@ -126,6 +126,33 @@ def flatten_mask(mask: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
     return mask.reshape(-1)
 
 
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def recomputing_in_backward() -> bool:
+    """True while autograd runs a backward pass. A layer forward then is activation
+    checkpointing's recomputation (reentrant and non-reentrant ``torch.utils.checkpoint`` both
+    re-run the forward inside backward): it must compute the same values but must not update
+    running state (load counts, EMA defaults, balance windows) a second time."""
+    return _graph_task_id is not None and _graph_task_id() != -1
+
+
+def recomputing_training_forward(router: "Router") -> bool:
+    """True for a training-mode router forward re-run by activation checkpointing. Raises if the
+    estimator samples from its own ``generator``: checkpointing restores the global RNG only,
+    so the recomputation would draw other samples than the forward and the gradient would be
+    wrong."""
+    if not (router.training and recomputing_in_backward()):
+        return False
+    if getattr(router.estimator, "generator", None) is not None:
+        raise RuntimeError(
+            f"estimator={router.estimator.name!r} with generator= cannot run under activation "
+            "checkpointing: the recomputation in backward would draw new samples from the "
+            "generator (checkpointing restores the global RNG only); drop generator= (seed "
+            "with torch.manual_seed) or disable checkpointing")
+    return True
+
+
 @torch.compiler.disable
 def _check_finite_logits(logits: Tensor) -> None:
     """Raise if the [T, E] logits hold NaN/Inf (runs eagerly under torch.compile: reading the
@@ -209,8 +236,9 @@ class Router(nn.Module):
             _check_finite_logits(logits)
         z = logits / self.config.temperature if self.config.temperature != 1.0 else logits
         scores = self.score(z)
+        recomputing = recomputing_training_forward(self)
         picked = self.estimator.route(flat, z, scores, self)
-        if self.training and picked.indices.numel():
+        if self.training and picked.indices.numel() and not recomputing:
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
             self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.num_experts)
         return Routing(logits=logits, scores=scores, indices=picked.indices, weights=picked.weights,
