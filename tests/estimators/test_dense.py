@@ -155,3 +155,16 @@ def test_top1_normalized_router_learns_with_the_fixes(estimator):
         moe(x)  # one training step fills the default outputs
     _, _, grads = _grads(moe, x, g)
     assert grads["router.gate.weight"].norm() > 1e-3
+
+
+def test_every_expert_adapter_matches_the_reference():
+    """The path for expert modules without unselected_inner_products (e.g. GPT-OSS in HF)."""
+    from moegrad.estimators.dense import inner_products_from_every_expert
+
+    moe = _pair("dense")
+    x, g = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 6, dtype=torch.float64)
+    indices = torch.rand(9, 5).topk(2, -1).indices
+    inner = inner_products_from_every_expert(moe.experts.every_expert)
+    got = inner(x, g, indices, *moe.experts.stacked_weights())
+    want = torch.einsum("ted,td->te", every_expert_ref(x, moe), g).scatter(1, indices, 0.0)
+    torch.testing.assert_close(got, want.detach())

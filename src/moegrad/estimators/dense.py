@@ -8,7 +8,7 @@ output ebar_i (``default_moe``).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -23,33 +23,36 @@ def unselected_mask(indices: Tensor, num_experts: int) -> Tensor:
     return mask.scatter_(1, indices, 0.0)
 
 
-def dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, expert_fn: Callable,
+def inner_products_from_every_expert(expert_fn: Callable) -> Callable:
+    """Adapt ``expert_fn(x [t, D], *weights) -> [t, E, D]`` (all experts on all tokens, e.g. an
+    HF experts module's ``every_expert``) to the inner-product form :func:`dense_score_grad`
+    takes: (x, g, indices, *weights) -> [t, E] <g_t, E_i(x_t)>, 0 for the selected experts."""
+    def inner(x: Tensor, grad_y: Tensor, indices: Tensor, *weights: Tensor) -> Tensor:
+        every = expert_fn(x, *weights)  # [t, E, D]
+        out = torch.einsum("ted,td->te", every, grad_y.to(every.dtype))
+        return out * unselected_mask(indices, out.shape[1]).to(out.dtype)
+    return inner
+
+
+def dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, inner_fn: Callable,
                      weights: tuple, scale: float, chunk_tokens: int,
-                     dtype: torch.dtype = torch.float32, inner_fn: Optional[Callable] = None) -> Tensor:
+                     dtype: torch.dtype = torch.float32) -> Tensor:
     """dL/ds [T, E] (``dtype``, the scores' dtype) for the unselected experts: c * <g_t, E_i(x_t)>, 0 for i in S.
 
-    grad_y [T, D], x [T, D], indices [T, K]. Evaluated under no_grad on detached weights,
-    ``chunk_tokens`` tokens at a time, so the extra memory is about chunk_tokens * E * max(D, H)
-    and no gradient reaches the expert weights. ``inner_fn(x [t, D], g [t, D], indices [t, K],
-    *weights) -> [t, E]``, when given, computes the unselected inner products directly (moegrad's
-    :meth:`~moegrad.experts.Experts.unselected_inner_products`: only the T*(E-K) unselected pairs);
-    otherwise ``expert_fn(x [t, D], *weights) -> [t, E, D]`` evaluates every expert and the
-    selected ones are masked out.
+    grad_y [T, D], x [T, D], indices [T, K]; ``inner_fn(x [t, D], g [t, D], indices [t, K],
+    *weights) -> [t, E]`` gives the unselected inner products (moegrad's
+    :meth:`~moegrad.experts.Experts.unselected_inner_products` evaluates only the T*(E-K)
+    unselected pairs; :func:`inner_products_from_every_expert` adapts an all-experts function).
+    Evaluated under no_grad on detached weights, ``chunk_tokens`` tokens at a time, so the extra
+    memory is about chunk_tokens * E * max(D, H) and no gradient reaches the expert weights.
     """
     num_tokens = x.shape[0]
     weights = tuple(w.detach() for w in weights)
-    num_experts = weights[0].shape[0]
-    out = torch.zeros(num_tokens, num_experts, dtype=dtype, device=x.device)
+    out = torch.zeros(num_tokens, weights[0].shape[0], dtype=dtype, device=x.device)
     with torch.no_grad():
         for start in range(0, num_tokens, chunk_tokens):
             part = slice(start, min(start + chunk_tokens, num_tokens))
-            if inner_fn is not None:
-                out[part] = inner_fn(x[part], grad_y[part], indices[part], *weights).to(dtype)
-            else:
-                every = expert_fn(x[part], *weights)  # [t, E, D]
-                out[part] = torch.einsum("ted,td->te", every.to(dtype), grad_y[part].to(dtype))
-        if inner_fn is None:
-            out.mul_(unselected_mask(indices, num_experts))
+            out[part] = inner_fn(x[part], grad_y[part], indices[part], *weights).to(dtype)
         if scale != 1.0:
             out.mul_(scale)
     return out
@@ -59,37 +62,33 @@ class _DenseRouterGrad(torch.autograd.Function):
     """Identity on y; backward adds dL/ds_i = c <g, E_i(x)> for unselected i (see dense_score_grad)."""
 
     @staticmethod
-    def forward(y, scores, x, indices, scale, chunk_tokens, expert_fn, inner_fn, *weights):
+    def forward(y, scores, x, indices, scale, chunk_tokens, inner_fn, *weights):
         return y.view_as(y)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, scores, x, indices, scale, chunk_tokens, expert_fn, inner_fn, *weights = inputs
+        _, scores, x, indices, scale, chunk_tokens, inner_fn, *weights = inputs
         ctx.save_for_backward(x, indices, *weights)
         ctx.scores_dtype = scores.dtype
-        ctx.scale, ctx.chunk_tokens = scale, chunk_tokens
-        ctx.expert_fn, ctx.inner_fn = expert_fn, inner_fn
+        ctx.scale, ctx.chunk_tokens, ctx.inner_fn = scale, chunk_tokens, inner_fn
 
     @staticmethod
     def backward(ctx, grad_y):
         x, indices, *weights = ctx.saved_tensors
         grad_scores = None
         if ctx.needs_input_grad[1]:
-            grad_scores = dense_score_grad(grad_y, x, indices, ctx.expert_fn, tuple(weights),
-                                           ctx.scale, ctx.chunk_tokens, ctx.scores_dtype,
-                                           ctx.inner_fn)
-        return (grad_y, grad_scores) + (None,) * (6 + len(weights))
+            grad_scores = dense_score_grad(grad_y, x, indices, ctx.inner_fn, tuple(weights),
+                                           ctx.scale, ctx.chunk_tokens, ctx.scores_dtype)
+        return (grad_y, grad_scores) + (None,) * (5 + len(weights))
 
 
-def dense_router_grad(y: Tensor, scores: Tensor, x: Tensor, indices: Tensor, expert_fn: Callable,
-                      weights: tuple, scale: float = 1.0, chunk_tokens: int = 1024,
-                      inner_fn: Optional[Callable] = None) -> Tensor:
+def dense_router_grad(y: Tensor, scores: Tensor, x: Tensor, indices: Tensor, inner_fn: Callable,
+                      weights: tuple, scale: float = 1.0, chunk_tokens: int = 1024) -> Tensor:
     """Return y unchanged; in backward, send c <g, E_i(x)> to scores[:, i] for unselected i.
 
     y [T, D], scores [T, E] fp32, x [T, D], indices [T, K]; see :func:`dense_score_grad`.
     """
-    return _DenseRouterGrad.apply(y, scores, x, indices, scale, chunk_tokens, expert_fn, inner_fn,
-                                  *weights)
+    return _DenseRouterGrad.apply(y, scores, x, indices, scale, chunk_tokens, inner_fn, *weights)
 
 
 class Dense(Estimator):
@@ -126,9 +125,11 @@ class Dense(Estimator):
         if chunk is None:
             widest = max(experts.dim, experts.hidden_dim) * experts.num_experts
             chunk = max(1, (1 << 24) // widest)
-        return dense_router_grad(y, routing.scores, x, routing.indices, experts.every_expert,
-                                 weights, self.config.routed_scaling_factor, chunk,
-                                 getattr(experts, "unselected_inner_products", None))
+        inner = getattr(experts, "unselected_inner_products", None)
+        if inner is None:  # expert modules without the fast path (e.g. HF with a non-SiLU act)
+            inner = inner_products_from_every_expert(experts.every_expert)
+        return dense_router_grad(y, routing.scores, x, routing.indices, inner, weights,
+                                 self.config.routed_scaling_factor, chunk)
 
 
 class DefaultMoE(Estimator):
