@@ -75,25 +75,21 @@ def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,
     if n and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
         raise ValueError(f"indices must lie in 0..{num_experts - 1} (num_experts={num_experts}), "
                          f"got values in {int(flat.min())}..{int(flat.max())}")
-    real = None
+    key, num_real = flat, n  # sort key: the expert id, E for a padding pair (sorts last, cut off)
     if keep is not None:
         if keep.shape != indices.shape[:1] or keep.dtype != torch.bool:
             raise ValueError(f"keep must be a bool tensor [T={indices.shape[0]}], got {keep.dtype} "
                              f"of shape {tuple(keep.shape)}")
         real = keep.repeat_interleave(top_k)  # [N]
-    routed = torch.bincount(flat if real is None else flat[real], minlength=num_experts)
+        key, num_real = torch.where(real, flat, num_experts), int(real.sum())
+    routed = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
     arange = torch.arange(n, device=flat.device)
     if capacity is None:
-        if real is None:
-            pairs = torch.argsort(flat, stable=True)
-        else:  # padding pairs sort after every expert and are cut off
-            pairs = torch.argsort(torch.where(real, flat, num_experts), stable=True)[: int(real.sum())]
+        pairs = torch.argsort(key, stable=True)[:num_real]
         counts = routed
     else:
         by_weight = torch.argsort(weights.detach().reshape(-1), descending=True, stable=True)
-        if real is not None:
-            by_weight = by_weight[real[by_weight]]
-        pairs = by_weight[torch.argsort(flat[by_weight], stable=True)]
+        pairs = by_weight[torch.argsort(key[by_weight], stable=True)][:num_real]
         starts = torch.cumsum(routed, 0) - routed
         rank = arange[: pairs.shape[0]] - starts[flat[pairs]]
         kept = rank < capacity
