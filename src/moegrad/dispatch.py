@@ -15,12 +15,13 @@ mode) have no row and contribute zero.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from moegrad._spec import expert_capacity  # noqa: F401  (moegrad.dispatch.expert_capacity, as before)
 
 
 @dataclass
@@ -43,11 +44,6 @@ class DispatchPlan:
     @property
     def dropless(self) -> bool:
         return self.pairs.shape[0] == self.slots.shape[0]
-
-
-def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """ceil(capacity_factor * T * K / E)."""
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
 def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,

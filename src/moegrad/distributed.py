@@ -67,6 +67,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moegrad.estimators.base import Estimator
+from moegrad._spec import dense_chunk_tokens
 from moegrad.estimators.dense import Dense, unselected_mask
 from moegrad.experts import Experts
 
@@ -417,10 +418,8 @@ class ExpertParallelDense(Dense):
             return super().mix(y, x, routing, experts)
         if not (torch.is_grad_enabled() and routing.scores.requires_grad):
             return y  # the same on every rank: the router is replicated
-        chunk = self.chunk_tokens
-        if chunk is None:
-            widest = max(experts.dim, experts.hidden_dim) * experts.num_local
-            chunk = max(1, (1 << 24) // widest)
+        chunk = dense_chunk_tokens(self.chunk_tokens, experts.dim, experts.hidden_dim,
+                                   experts.num_local)
         return _DistributedDenseRouterGrad.apply(y, routing.scores, x, routing.indices,
                                                  self.config.routed_scaling_factor, chunk, experts,
                                                  *experts.stacked_weights())

@@ -101,10 +101,11 @@ from torch import Tensor, nn
 
 from moegrad import experts as _experts
 from moegrad._checks import check_bool
+from moegrad._spec import check_losses
 from moegrad.dispatch import combine_rows, plan_dispatch
 from moegrad.estimators import available as available_estimators
 from moegrad.estimators import build_estimator, get as get_estimator
-from moegrad.losses import balance_losses, check_losses
+from moegrad.losses import balance_losses
 from moegrad.routing import (Router, RouterConfig, Routing, flatten_mask, flatten_tokens,
                              recomputing_in_backward, recomputing_training_forward)
 

@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from moegrad._checks import check_float
-from moegrad.dispatch import combine_rows, expert_capacity, gather_rows, plan_dispatch
+from moegrad._spec import check_capacity_factor, check_losses, expert_capacity
+from moegrad.dispatch import combine_rows, gather_rows, plan_dispatch
 from moegrad.experts import Experts
-from moegrad.losses import balance_losses, check_losses
+from moegrad.losses import balance_losses
 from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward
 
 
@@ -77,9 +77,7 @@ class MoE(nn.Module):
                              check_finite=check_finite, **estimator_options)
         self.experts = Experts(dim, hidden_dim, num_experts, activation, impl)
         self.losses = check_losses({"switch": 1e-2} if losses is None else losses, estimator)
-        if capacity_factor is not None:
-            check_float("capacity_factor", capacity_factor, low=0.0, low_open=True)
-        self.capacity_factor = capacity_factor
+        self.capacity_factor = check_capacity_factor(capacity_factor)
         #: expert-parallel process group (set by moegrad.distributed.expert_parallel), else None
         self.process_group = None
 
@@ -104,6 +102,12 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> MoEOutput:
         flat = flatten_tokens(x, self.dim)
+        weight_dtype = self.experts.stacked_weights()[0].dtype
+        if flat.dtype != weight_dtype and not torch.is_autocast_enabled(flat.device.type):
+            raise TypeError(
+                f"x has dtype {flat.dtype} but the layer's expert weights have {weight_dtype}; "
+                f"cast the input (x.to({weight_dtype})) or the layer (moe.to({flat.dtype})), or "
+                "run under torch.autocast")
         routing = self.router(x, mask)
         num_tokens = flat.shape[0]
         capacity = None

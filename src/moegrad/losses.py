@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from moegrad._checks import check_float
+from moegrad._spec import check_losses
 from moegrad.routing import Router, Routing, recomputing_in_backward
 
 
@@ -169,25 +170,6 @@ LOSSES: dict[str, Callable[[Routing], Tensor]] = {
 def available() -> list[str]:
     """Sorted names of the balance losses."""
     return sorted(LOSSES)
-
-
-def check_losses(losses, estimator: str) -> dict[str, float]:
-    """Validate ``{name: coefficient}`` for a layer using ``estimator``."""
-    if losses is None:
-        return {}
-    if not isinstance(losses, dict):
-        raise TypeError(f"losses must be a dict {{name: coefficient}}, got {type(losses).__name__}; "
-                        f"names: {available()}")
-    out = {}
-    for name, coef in losses.items():
-        if name not in LOSSES:
-            raise ValueError(f"loss {name!r} is unknown; choose from {available()}")
-        check_float(f"losses[{name!r}]", coef, low=0.0)
-        out[name] = float(coef)
-    if "importance_load" in out and estimator != "noisy_topk":
-        raise ValueError(f"the importance_load loss needs estimator='noisy_topk' (its smooth load), "
-                         f"got estimator={estimator!r}")
-    return out
 
 
 def balance_losses(routing: Routing, coefficients: dict[str, float],

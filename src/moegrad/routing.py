@@ -21,54 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moegrad._checks import check_bool, check_choice, check_float, check_int
+from moegrad._spec import (SCORES, RouterConfig, nonfinite_logits_message,
+                           nonfinite_tempered_message)
+from moegrad.estimators import build_estimator
 
-SCORES = ("sigmoid", "softmax")
-
-
-@dataclass
-class RouterConfig:
-    """Validated router settings (see :class:`Router` for their meaning)."""
-
-    dim: int
-    num_experts: int
-    top_k: int
-    score: str = "softmax"
-    normalize: bool = False
-    temperature: float = 1.0
-    routed_scaling_factor: float = 1.0
-    n_group: Optional[int] = None
-    topk_group: Optional[int] = None
-    selection_bias: bool = False
-    check_finite: bool = True
-
-    def __post_init__(self) -> None:
-        check_int("dim", self.dim, 1)
-        for name in ("normalize", "selection_bias", "check_finite"):
-            setattr(self, name, check_bool(name, getattr(self, name)))
-        check_int("num_experts", self.num_experts, 1)
-        check_int("top_k", self.top_k, 1, self.num_experts)
-        check_choice("score", self.score, SCORES)
-        check_float("temperature", self.temperature, low=0.0, low_open=True)
-        check_float("routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
-        if (self.n_group is None) != (self.topk_group is None):
-            raise ValueError(
-                f"n_group={self.n_group!r} and topk_group={self.topk_group!r}: group-limited "
-                "top-k needs both (or neither)")
-        if self.n_group is not None:
-            check_int("n_group", self.n_group, 1, self.num_experts)
-            if self.num_experts % self.n_group:
-                raise ValueError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
-            check_int("topk_group", self.topk_group, 1, self.n_group)
-            reachable = self.topk_group * (self.num_experts // self.n_group)
-            if self.top_k > reachable:
-                raise ValueError(
-                    f"top_k={self.top_k} is more than the {reachable} experts in topk_group="
-                    f"{self.topk_group} groups of {self.num_experts // self.n_group}")
-
-    @property
-    def grouped(self) -> bool:
-        return self.n_group is not None
+__all__ = ["SCORES", "RouterConfig", "Routing", "Router", "flatten_tokens", "flatten_mask",
+           "recomputing_in_backward", "recomputing_training_forward"]
 
 
 @dataclass
@@ -154,15 +112,17 @@ def recomputing_training_forward(router: "Router") -> bool:
 
 
 @torch.compiler.disable
-def _check_finite_logits(logits: Tensor) -> None:
-    """Raise if the [T, E] logits hold NaN/Inf (runs eagerly under torch.compile: reading the
-    answer on the host is a graph break, taken here on purpose rather than with a warning)."""
-    if logits.numel() and not bool(torch.isfinite(logits).all()):
+def _check_finite_logits(logits: Tensor, z: Tensor, temperature: float) -> None:
+    """Raise if the [T, E] logits, or the tempered logits z = logits / temperature, hold NaN/Inf
+    (runs eagerly under torch.compile: reading the answer on the host is a graph break, taken
+    here on purpose rather than with a warning)."""
+    if not logits.numel() or bool(torch.isfinite(z).all()):
+        return
+    if not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).any(-1).sum())
-        raise ValueError(
-            f"router logits are not finite for {bad} of {logits.shape[0]} tokens: the input "
-            "(or the gate weight) holds NaN/Inf. Fix the input, or pass check_finite=False to "
-            "skip this check")
+        raise ValueError(nonfinite_logits_message(bad, logits.shape[0]))
+    bad = int((~torch.isfinite(z)).any(-1).sum())
+    raise ValueError(nonfinite_tempered_message(temperature, bad, logits.shape[0]))
 
 
 class Router(nn.Module):
@@ -193,8 +153,6 @@ class Router(nn.Module):
                  topk_group: Optional[int] = None, selection_bias: bool = False,
                  check_finite: bool = True, **estimator_options) -> None:
         super().__init__()
-        from moegrad.estimators import build_estimator
-
         self.config = RouterConfig(dim, num_experts, top_k, score, normalize, temperature,
                                    routed_scaling_factor, n_group, topk_group,
                                    selection_bias, check_finite)
@@ -232,9 +190,9 @@ class Router(nn.Module):
 
     def _route(self, flat: Tensor, shape: tuple, token_mask: Optional[Tensor], compute) -> Routing:
         logits = F.linear(flat, self.gate.weight.to(compute))  # [T, E]
-        if self.config.check_finite:
-            _check_finite_logits(logits)
         z = logits / self.config.temperature if self.config.temperature != 1.0 else logits
+        if self.config.check_finite:
+            _check_finite_logits(logits, z, self.config.temperature)
         scores = self.score(z)
         recomputing = recomputing_training_forward(self)
         picked = self.estimator.route(flat, z, scores, self)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from moegrad._spec import estimator_names, estimator_spec
 from moegrad.estimators.base import Estimator, Picked
 from moegrad.estimators.dense import Dense, DefaultMoE
 from moegrad.estimators.gumbel import Gumbel
@@ -28,15 +29,13 @@ REGISTRY: dict[str, type[Estimator]] = {
 
 
 def available() -> list[str]:
-    """Sorted names of every estimator."""
-    return sorted(REGISTRY)
+    """Sorted names of every estimator (:func:`moegrad._spec.estimator_names`)."""
+    return estimator_names()
 
 
 def get(name: str) -> type[Estimator]:
-    """The estimator class registered under ``name``."""
-    if not isinstance(name, str) or name not in REGISTRY:
-        raise ValueError(f"estimator={name!r} is unknown; choose one of {available()}")
-    return REGISTRY[name]
+    """The estimator class registered under ``name`` (ValueError listing the names otherwise)."""
+    return REGISTRY[estimator_spec(name).name]
 
 
 def build_estimator(name: str, config, **options) -> Estimator:

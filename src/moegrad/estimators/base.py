@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
+from moegrad._spec import ESTIMATORS, EstimatorSpec, custom_spec, estimator_options
+
 if TYPE_CHECKING:  # pragma: no cover
     from moegrad.routing import Router, RouterConfig, Routing
 
@@ -33,32 +35,48 @@ class Picked:
     noise_std: Optional[Tensor] = None
 
 
+def check_generator(generator) -> "torch.Generator":
+    """The sampling estimators' ``generator`` option: a torch.Generator (None is handled by the
+    caller: torch's global generator)."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator()."
+                        f"manual_seed(0)) or None, got {type(generator).__name__} ({generator!r})")
+    return generator
+
+
 class Estimator(nn.Module):
-    """Base class. Subclasses set ``name``, ``options`` (name -> default) and override
-    :meth:`route` and, when needed, :meth:`mix` / :meth:`observe`."""
+    """Base class. A subclass sets ``name`` and overrides :meth:`route` and, when needed,
+    :meth:`mix` / :meth:`observe`. A built-in name takes its options (with their checks) and
+    its ``samples`` / ``observes_outputs`` flags from :data:`moegrad._spec.ESTIMATORS`; a new
+    name (a user's own estimator) declares ``options`` {name: default} and the flags itself.
+    Each option becomes an attribute of the instance; sampling estimators also take
+    ``generator``."""
 
     name: ClassVar[str] = ""
+    #: option name -> default (from the spec; ``generator`` for sampling estimators)
     options: ClassVar[dict] = {}
     #: draws random numbers in training mode (refuses group-limited top-k and selection bias)
     samples: ClassVar[bool] = False
     #: wants per-expert sums of expert outputs (:meth:`observe`) in training mode
     observes_outputs: ClassVar[bool] = False
+    #: the validated option table (:data:`moegrad._spec.ESTIMATORS`, or the class's own options)
+    spec: ClassVar[EstimatorSpec]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name in ESTIMATORS:
+            cls.spec = ESTIMATORS[cls.name]
+        else:  # a user's own estimator: the options, flags and checks its class declares
+            cls.spec = custom_spec(cls.name, cls.options, "generator", cls.samples, cls.observes_outputs)
+        cls.options = {**cls.spec.defaults(), **({"generator": None} if cls.spec.samples else {})}
+        cls.samples, cls.observes_outputs = cls.spec.samples, cls.spec.observes_outputs
 
     def __init__(self, config: "RouterConfig", **options) -> None:
         super().__init__()
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            allowed = sorted(self.options) or "none"
-            raise TypeError(f"estimator {self.name!r} got unknown option(s) {unknown}; "
-                            f"its options are: {allowed}")
+        values = estimator_options(self.spec, config, options, "generator", check_generator)
         self.config = config
-        for key, default in self.options.items():
-            setattr(self, key, options.get(key, default))
-        if self.samples and (config.grouped or config.selection_bias):
-            raise ValueError(
-                f"estimator {self.name!r} samples its selection, which group-limited top-k "
-                "(n_group/topk_group) and selection_bias cannot be combined with; use a "
-                "deterministic estimator (topk, straight_through, dense, default_moe) there")
+        for key, value in values.items():
+            setattr(self, key, value)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options if k != "generator")

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from moegrad._checks import check_bool, check_float, check_int
+from moegrad._spec import dense_chunk_tokens
 from moegrad.estimators.base import Estimator, Picked
 
 
@@ -106,13 +106,6 @@ class Dense(Estimator):
     """
 
     name = "dense"
-    options = {"chunk_tokens": None}
-
-    def __init__(self, config, **options) -> None:
-        super().__init__(config, **options)
-        if self.chunk_tokens is not None:
-            check_int("chunk_tokens", self.chunk_tokens, 1)
-
     def route(self, x, z, scores, router) -> Picked:
         indices = router.select_topk(scores)
         return Picked(indices, router.combine_weights(scores, indices))
@@ -121,10 +114,8 @@ class Dense(Estimator):
         if not (torch.is_grad_enabled() and routing.scores.requires_grad) or y.shape[0] == 0:
             return y
         weights = experts.stacked_weights()
-        chunk = self.chunk_tokens
-        if chunk is None:
-            widest = max(experts.dim, experts.hidden_dim) * experts.num_experts
-            chunk = max(1, (1 << 24) // widest)
+        chunk = dense_chunk_tokens(self.chunk_tokens, experts.dim, experts.hidden_dim,
+                                   experts.num_experts)
         inner = getattr(experts, "unselected_inner_products", None)
         if inner is None:  # expert modules without the fast path (e.g. HF with a non-SiLU act)
             inner = inner_products_from_every_expert(experts.every_expert)
@@ -150,13 +141,8 @@ class DefaultMoE(Estimator):
     """
 
     name = "default_moe"
-    options = {"beta": 0.9, "forward_defaults": False}
-    observes_outputs = True
-
     def __init__(self, config, **options) -> None:
         super().__init__(config, **options)
-        check_float("beta", self.beta, low=0.0, high=1.0, high_open=True)
-        self.forward_defaults = check_bool("forward_defaults", self.forward_defaults)
         self.register_buffer("defaults", torch.zeros(config.num_experts, config.dim))
         self.register_buffer("seen", torch.zeros(config.num_experts, dtype=torch.bool))
 

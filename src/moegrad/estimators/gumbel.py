@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from moegrad._checks import check_bool, check_float
 from moegrad.estimators.base import Estimator, Picked
 
 
@@ -24,14 +23,6 @@ class Gumbel(Estimator):
     """
 
     name = "gumbel"
-    options = {"tau": 1.0, "hard": False, "generator": None}
-    samples = True
-
-    def __init__(self, config, **options) -> None:
-        super().__init__(config, **options)
-        check_float("tau", self.tau, low=0.0, low_open=True)
-        self.hard = check_bool("hard", self.hard)
-
     def route(self, x, z, scores, router) -> Picked:
         perturbed = z + self._gumbel(z) if self.training else z
         p = torch.softmax(perturbed / self.tau, dim=-1)  # [T, E]

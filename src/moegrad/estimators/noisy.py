@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moegrad._checks import check_float
 from moegrad.estimators.base import Estimator, Picked
 
 
@@ -43,12 +42,9 @@ class NoisyTopK(Estimator):
     """
 
     name = "noisy_topk"
-    options = {"noise_epsilon": 1e-2, "generator": None}
-    samples = True
 
     def __init__(self, config, **options) -> None:
         super().__init__(config, **options)
-        check_float("noise_epsilon", self.noise_epsilon, low=0.0)
         self.w_noise = nn.Parameter(torch.zeros(config.num_experts, config.dim))
 
     def route(self, x, z, scores, router) -> Picked:

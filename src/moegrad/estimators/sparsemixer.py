@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moegrad._checks import check_float
 from moegrad.estimators.base import Estimator, Picked
 
 
@@ -31,13 +30,6 @@ class SparseMixer(Estimator):
     """
 
     name = "sparsemixer"
-    options = {"jitter_eps": 0.01, "generator": None}
-    samples = True
-
-    def __init__(self, config, **options) -> None:
-        super().__init__(config, **options)
-        check_float("jitter_eps", self.jitter_eps, low=0.0)
-
     def route(self, x, z, scores, router) -> Picked:
         current = z
         picks, weights = [], []

@@ -9,7 +9,6 @@ the inverse permutation puts the rows back. Same plan as :func:`moegrad.dispatch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,11 +30,6 @@ class DispatchPlan:
     routed: mx.array
     dropped: mx.array
     dropless: bool
-
-
-def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """ceil(capacity_factor * T * K / E)."""
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
 def plan_dispatch(indices: mx.array, weights: mx.array, num_experts: int,

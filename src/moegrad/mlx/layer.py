@@ -12,10 +12,10 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad._checks import check_float
-from moegrad.mlx.dispatch import combine_rows, expert_capacity, plan_dispatch
+from moegrad._spec import check_capacity_factor, check_losses, expert_capacity
+from moegrad.mlx.dispatch import combine_rows, plan_dispatch
 from moegrad.mlx.experts import Experts
-from moegrad.mlx.losses import balance_losses, check_losses
+from moegrad.mlx.losses import balance_losses
 from moegrad.mlx.routing import Router, Routing, flatten_tokens
 
 
@@ -65,9 +65,7 @@ class MoE(nn.Module):
         # a tuple of pairs, not a dict: MLX modules would treat a dict attribute as a subtree
         self._losses = tuple(check_losses({"switch": 1e-2} if losses is None else losses,
                                           estimator).items())
-        if capacity_factor is not None:
-            check_float("capacity_factor", capacity_factor, low=0.0, low_open=True)
-        self.capacity_factor = capacity_factor
+        self.capacity_factor = check_capacity_factor(capacity_factor)
 
     @property
     def losses(self) -> dict:

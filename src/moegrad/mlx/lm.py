@@ -45,7 +45,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad.mlx.losses import balance_losses, check_losses
+from moegrad._spec import check_losses
+from moegrad.mlx.losses import balance_losses
 from moegrad.mlx.ops import counts as histogram
 from moegrad.mlx.routing import Router
 

@@ -19,53 +19,10 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad._checks import check_choice, check_float, check_int
+from moegrad._spec import (SCORES, RouterConfig, nonfinite_logits_message,
+                           nonfinite_tempered_message)
+from moegrad.mlx.estimators import build_estimator
 from moegrad.mlx.ops import counts, topk_indices
-
-SCORES = ("sigmoid", "softmax")
-
-
-@dataclass
-class RouterConfig:
-    """Validated router settings (see :class:`Router`); the same fields as the PyTorch side."""
-
-    dim: int
-    num_experts: int
-    top_k: int
-    score: str = "softmax"
-    normalize: bool = False
-    temperature: float = 1.0
-    routed_scaling_factor: float = 1.0
-    n_group: Optional[int] = None
-    topk_group: Optional[int] = None
-    selection_bias: bool = False
-    check_finite: bool = True
-
-    def __post_init__(self) -> None:
-        check_int("dim", self.dim, 1)
-        check_int("num_experts", self.num_experts, 1)
-        check_int("top_k", self.top_k, 1, self.num_experts)
-        check_choice("score", self.score, SCORES)
-        check_float("temperature", self.temperature, low=0.0, low_open=True)
-        check_float("routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
-        if (self.n_group is None) != (self.topk_group is None):
-            raise ValueError(
-                f"n_group={self.n_group!r} and topk_group={self.topk_group!r}: group-limited "
-                "top-k needs both (or neither)")
-        if self.n_group is not None:
-            check_int("n_group", self.n_group, 1, self.num_experts)
-            if self.num_experts % self.n_group:
-                raise ValueError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
-            check_int("topk_group", self.topk_group, 1, self.n_group)
-            reachable = self.topk_group * (self.num_experts // self.n_group)
-            if self.top_k > reachable:
-                raise ValueError(
-                    f"top_k={self.top_k} is more than the {reachable} experts in topk_group="
-                    f"{self.topk_group} groups of {self.num_experts // self.n_group}")
-
-    @property
-    def grouped(self) -> bool:
-        return self.n_group is not None
 
 
 @dataclass
@@ -138,11 +95,9 @@ class Router(nn.Module):
                  topk_group: Optional[int] = None, selection_bias: bool = False,
                  check_finite: bool = True, **estimator_options) -> None:
         super().__init__()
-        from moegrad.mlx.estimators import build_estimator
-
-        self.config = RouterConfig(dim, num_experts, top_k, score, bool(normalize), temperature,
-                                   routed_scaling_factor, n_group, topk_group,
-                                   bool(selection_bias), bool(check_finite))
+        self.config = RouterConfig(dim, num_experts, top_k, score, normalize, temperature,
+                                   routed_scaling_factor, n_group, topk_group, selection_bias,
+                                   check_finite)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         frozen = ["load_counts"]
         if self.config.selection_bias:
@@ -182,13 +137,14 @@ class Router(nn.Module):
               mask: Optional[mx.array] = None) -> Routing:
         """flat [T, D] tokens, logits [T, E] fp32 -> :class:`Routing` (the steps after the gate)."""
         token_mask = flatten_mask(mask, shape)
-        if self.config.check_finite and logits.size and not bool(mx.isfinite(logits).all()):
-            bad = int((~mx.isfinite(logits)).any(-1).sum())
-            raise ValueError(
-                f"router logits are not finite for {bad} of {logits.shape[0]} tokens: the input "
-                "(or the gate weight) holds NaN/Inf. Fix the input, or pass check_finite=False to "
-                "skip this check")
-        z = logits / self.config.temperature if self.config.temperature != 1.0 else logits
+        c = self.config
+        z = logits / c.temperature if c.temperature != 1.0 else logits
+        if c.check_finite and logits.size and not bool(mx.isfinite(z).all()):
+            if not bool(mx.isfinite(logits).all()):
+                bad = int((~mx.isfinite(logits)).any(-1).sum())
+                raise ValueError(nonfinite_logits_message(bad, logits.shape[0]))
+            bad = int((~mx.isfinite(z)).any(-1).sum())
+            raise ValueError(nonfinite_tempered_message(c.temperature, bad, logits.shape[0]))
         scores = self.score(z)
         picked = self.estimator.route(flat.astype(mx.float32), z, scores, self)
         if self.training and picked.indices.size:

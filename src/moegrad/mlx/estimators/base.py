@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from moegrad._checks import check_int
+from moegrad._spec import ESTIMATORS, EstimatorSpec, custom_spec, estimator_options
 from moegrad.mlx.ops import Noise
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,34 +37,45 @@ class Picked:
     noise_std: Optional[mx.array] = None
 
 
+def _check_seed(seed) -> int:
+    check_int("seed", seed, 0)
+    return seed
+
+
 class Estimator(nn.Module):
-    """Base class: subclasses set ``name``, ``options`` (name -> default) and override
-    :meth:`route` and, when needed, :meth:`mix` / :meth:`observe`."""
+    """Base class. A subclass sets ``name`` and overrides :meth:`route` and, when needed,
+    :meth:`mix` / :meth:`observe`. A built-in name takes its options (with their checks) and
+    its ``samples`` / ``observes_outputs`` flags from :data:`moegrad._spec.ESTIMATORS`; a new
+    name (a user's own estimator) declares ``options`` {name: default} and the flags itself.
+    Each option becomes an attribute of the instance; sampling estimators also take
+    ``seed``."""
 
     name: ClassVar[str] = ""
     options: ClassVar[dict] = {}
     samples: ClassVar[bool] = False
     observes_outputs: ClassVar[bool] = False
+    #: the validated option table (:data:`moegrad._spec.ESTIMATORS`, or the class's own options)
+    spec: ClassVar[EstimatorSpec]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name in ESTIMATORS:
+            cls.spec = ESTIMATORS[cls.name]
+        else:  # a user's own estimator: the options, flags and checks its class declares
+            cls.spec = custom_spec(cls.name, cls.options, "seed", cls.samples, cls.observes_outputs)
+        cls.options = {**cls.spec.defaults(), **({"seed": None} if cls.spec.samples else {})}
+        cls.samples, cls.observes_outputs = cls.spec.samples, cls.spec.observes_outputs
 
     def __init__(self, config: "RouterConfig", **options) -> None:
         super().__init__()
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            allowed = sorted(self.options) or "none"
-            hint = (" (MLX estimators take seed=int instead of a torch generator)"
-                    if "generator" in unknown and "seed" in self.options else "")
-            raise TypeError(f"estimator {self.name!r} got unknown option(s) {unknown}; "
-                            f"its options are: {allowed}{hint}")
+        hint = (" (MLX estimators take seed=int instead of a torch generator)"
+                if "generator" in options and self.samples else "")
+        values = estimator_options(self.spec, config, options, "seed", _check_seed, hint)
         self.config = config
-        for key, default in self.options.items():
-            setattr(self, key, options.get(key, default))
+        for key, value in values.items():
+            setattr(self, key, value)
         if self.samples:
             self._noise = Noise(self.seed)
-            if config.grouped or config.selection_bias:
-                raise ValueError(
-                    f"estimator {self.name!r} samples its selection, which group-limited top-k "
-                    "(n_group/topk_group) and selection_bias cannot be combined with; use a "
-                    "deterministic estimator (topk, straight_through, dense, default_moe) there")
 
     def option_values(self) -> dict:
         """{option: value} as configured (what from_torch/to_torch carry over)."""

@@ -13,7 +13,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from moegrad._checks import check_float, check_int
+from moegrad._spec import dense_chunk_tokens
 from moegrad.mlx.estimators.base import Estimator, Picked
 from moegrad.mlx.ops import selected_mask
 
@@ -77,13 +77,6 @@ class Dense(Estimator):
     """
 
     name = "dense"
-    options = {"chunk_tokens": None}
-
-    def __init__(self, config, **options) -> None:
-        super().__init__(config, **options)
-        if self.chunk_tokens is not None:
-            check_int("chunk_tokens", self.chunk_tokens, 1)
-
     def route(self, x, z, scores, router) -> Picked:
         indices = router.select_topk(scores)
         return Picked(indices, router.combine_weights(scores, indices))
@@ -91,10 +84,8 @@ class Dense(Estimator):
     def mix(self, y, x, routing, experts):
         if y.shape[0] == 0:
             return y
-        chunk = self.chunk_tokens
-        if chunk is None:
-            widest = max(experts.dim, experts.hidden_dim) * experts.num_experts
-            chunk = max(1, (1 << 24) // widest)
+        chunk = dense_chunk_tokens(self.chunk_tokens, experts.dim, experts.hidden_dim,
+                                   experts.num_experts)
         return dense_router_grad(y, routing.scores, x, routing.indices, experts.every_expert,
                                  experts.stacked_weights(), self.config.routed_scaling_factor, chunk)
 
@@ -114,13 +105,8 @@ class DefaultMoE(Estimator):
     """
 
     name = "default_moe"
-    options = {"beta": 0.9, "forward_defaults": False}
-    observes_outputs = True
-
     def __init__(self, config, **options) -> None:
         super().__init__(config, **options)
-        check_float("beta", self.beta, low=0.0, high=1.0, high_open=True)
-        self.forward_defaults = bool(self.forward_defaults)
         self.defaults = mx.zeros((config.num_experts, config.dim), dtype=mx.float32)
         self.seen = mx.zeros((config.num_experts,), dtype=mx.bool_)
         self.freeze(keys=["defaults", "seen"], recurse=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from moegrad._checks import check_float
 from moegrad.mlx.estimators.base import Estimator, Picked
 from moegrad.mlx.ops import topk_indices
 
@@ -21,14 +20,6 @@ class Gumbel(Estimator):
     """
 
     name = "gumbel"
-    options = {"tau": 1.0, "hard": False, "seed": None}
-    samples = True
-
-    def __init__(self, config, **options) -> None:
-        super().__init__(config, **options)
-        check_float("tau", self.tau, low=0.0, low_open=True)
-        self.hard = bool(self.hard)
-
     def route(self, x, z, scores, router) -> Picked:
         perturbed = z + self._noise.gumbel(z.shape) if self.training else z
         p = mx.softmax(perturbed / self.tau, axis=-1, precise=True)  # [T, E]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad._checks import check_float
 from moegrad.mlx.estimators.base import Estimator, Picked
 from moegrad.mlx.ops import ndtr, topk
 
@@ -39,12 +38,9 @@ class NoisyTopK(Estimator):
     """
 
     name = "noisy_topk"
-    options = {"noise_epsilon": 1e-2, "seed": None}
-    samples = True
 
     def __init__(self, config, **options) -> None:
         super().__init__(config, **options)
-        check_float("noise_epsilon", self.noise_epsilon, low=0.0)
         self.w_noise = mx.zeros((config.num_experts, config.dim), dtype=mx.float32)
 
     def route(self, x, z, scores, router) -> Picked:

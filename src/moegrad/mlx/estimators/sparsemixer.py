@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from moegrad._checks import check_float
 from moegrad.mlx.estimators.base import Estimator, Picked
 
 
@@ -26,13 +25,6 @@ class SparseMixer(Estimator):
     """
 
     name = "sparsemixer"
-    options = {"jitter_eps": 0.01, "seed": None}
-    samples = True
-
-    def __init__(self, config, **options) -> None:
-        super().__init__(config, **options)
-        check_float("jitter_eps", self.jitter_eps, low=0.0)
-
     def route(self, x, z, scores, router) -> Picked:
         num_experts = z.shape[-1]
         if z.shape[0] == 0:

@@ -1,0 +1,289 @@
+"""The framework-free specification that :mod:`moegrad` (PyTorch) and :mod:`moegrad.mlx` share.
+
+Everything here is plain Python (no torch, no mlx, no numpy), so both frameworks validate and
+name things the same way, from one place:
+
+* :class:`RouterConfig`: the router settings and their checks;
+* :data:`ESTIMATORS`: the estimator names, their options with defaults and checks, and which
+  estimators sample or observe expert outputs (:func:`estimator_options` validates a call);
+* :data:`LOSS_NAMES` and :func:`check_losses`: the balance-loss names and ``losses=`` checks;
+* :func:`expert_capacity` and :func:`dense_chunk_tokens`: two sizing rules;
+* :func:`warn_if_no_task_gradient`: the top-1 renormalised trap, said at construction;
+* the messages for non-finite router logits.
+
+Each framework keeps only what needs its tensors: the registry of classes (its names are
+checked against :data:`ESTIMATORS` by the tests) and its random-number option (``generator``
+for PyTorch, ``seed`` for MLX).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from moegrad._checks import check_bool, check_choice, check_float, check_int
+
+SCORES = ("sigmoid", "softmax")
+
+
+@dataclass
+class RouterConfig:
+    """Validated router settings (see :class:`moegrad.Router` for their meaning)."""
+
+    dim: int
+    num_experts: int
+    top_k: int
+    score: str = "softmax"
+    normalize: bool = False
+    temperature: float = 1.0
+    routed_scaling_factor: float = 1.0
+    n_group: Optional[int] = None
+    topk_group: Optional[int] = None
+    selection_bias: bool = False
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("dim", self.dim, 1)
+        for name in ("normalize", "selection_bias", "check_finite"):
+            setattr(self, name, check_bool(name, getattr(self, name)))
+        check_int("num_experts", self.num_experts, 1)
+        check_int("top_k", self.top_k, 1, self.num_experts)
+        check_choice("score", self.score, SCORES)
+        check_float("temperature", self.temperature, low=0.0, low_open=True)
+        check_float("routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError(
+                f"n_group={self.n_group!r} and topk_group={self.topk_group!r}: group-limited "
+                "top-k needs both (or neither)")
+        if self.n_group is not None:
+            check_int("n_group", self.n_group, 1, self.num_experts)
+            if self.num_experts % self.n_group:
+                raise ValueError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
+            check_int("topk_group", self.topk_group, 1, self.n_group)
+            reachable = self.topk_group * (self.num_experts // self.n_group)
+            if self.top_k > reachable:
+                raise ValueError(
+                    f"top_k={self.top_k} is more than the {reachable} experts in topk_group="
+                    f"{self.topk_group} groups of {self.num_experts // self.n_group}")
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_group is not None
+
+
+# ----------------------------------------------------------------------------- non-finite logits
+def nonfinite_logits_message(bad: int, total: int) -> str:
+    return (f"router logits are not finite for {bad} of {total} tokens: the input (or the gate "
+            "weight) holds NaN/Inf. Fix the input, or pass check_finite=False to skip this check")
+
+
+def nonfinite_tempered_message(temperature: float, bad: int, total: int) -> str:
+    return (f"temperature={temperature!r} makes the finite router logits of {bad} of {total} "
+            "tokens non-finite (logits / temperature overflows); use a larger temperature, or "
+            "pass check_finite=False to skip this check")
+
+
+# ----------------------------------------------------------------------------- estimators
+def _optional_chunk(name: str, value):
+    if value is not None:
+        check_int(name, value, 1)
+    return value
+
+
+def _positive(name: str, value):
+    check_float(name, value, low=0.0, low_open=True)
+    return value
+
+
+def _non_negative(name: str, value):
+    check_float(name, value, low=0.0)
+    return value
+
+
+def _unit_interval(name: str, value):
+    check_float(name, value, low=0.0, high=1.0, high_open=True)
+    return value
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """One estimator's name, its options ({name: (default, check(name, value) -> value)}),
+    whether it draws random numbers in training (``samples``: it then also takes the
+    framework's random-number option) and whether it wants per-expert output sums
+    (``observes_outputs``)."""
+
+    name: str
+    options: dict
+    samples: bool = False
+    observes_outputs: bool = False
+
+    def defaults(self) -> dict:
+        return {key: default for key, (default, _) in self.options.items()}
+
+
+ESTIMATORS: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
+    EstimatorSpec("topk", {}),
+    EstimatorSpec("unweighted", {}),
+    EstimatorSpec("straight_through", {}),
+    EstimatorSpec("dense", {"chunk_tokens": (None, _optional_chunk)}),
+    EstimatorSpec("default_moe", {"beta": (0.9, _unit_interval),
+                                  "forward_defaults": (False, check_bool)},
+                  observes_outputs=True),
+    EstimatorSpec("gumbel", {"tau": (1.0, _positive), "hard": (False, check_bool)}, samples=True),
+    EstimatorSpec("noisy_topk", {"noise_epsilon": (1e-2, _non_negative)}, samples=True),
+    EstimatorSpec("sparsemixer", {"jitter_eps": (0.01, _non_negative)}, samples=True),
+)}
+
+#: estimators that never draw random numbers (the ones group-limited top-k and a selection bias allow)
+DETERMINISTIC = tuple(sorted(name for name, spec in ESTIMATORS.items() if not spec.samples))
+
+
+def estimator_names() -> list[str]:
+    """Sorted names of every estimator."""
+    return sorted(ESTIMATORS)
+
+
+def estimator_spec(name) -> EstimatorSpec:
+    """The spec of ``name``; ValueError listing the names for an unknown one."""
+    if not isinstance(name, str) or name not in ESTIMATORS:
+        raise ValueError(f"estimator={name!r} is unknown; choose one of {estimator_names()}")
+    return ESTIMATORS[name]
+
+
+def as_given(name: str, value):
+    """The check of an option a user's own estimator declares: none."""
+    return value
+
+
+def custom_spec(name: str, options: dict, rng_option: str, samples: bool,
+                observes_outputs: bool) -> EstimatorSpec:
+    """The spec of a user's own estimator class (a name outside :data:`ESTIMATORS`): its
+    declared ``options`` {name: default} taken as given."""
+    return EstimatorSpec(name, {k: (v, as_given) for k, v in options.items() if k != rng_option},
+                         samples, observes_outputs)
+
+
+def estimator_options(spec: EstimatorSpec, config: RouterConfig, options: dict, rng_option: str,
+                      check_rng: Callable, hint: str = "") -> dict:
+    """Validate the keyword options of the estimator ``spec`` -> {option: value} with defaults.
+
+    ``rng_option`` is the framework's random-number option (``"generator"`` in PyTorch,
+    ``"seed"`` in MLX), taken by sampling estimators only and checked by ``check_rng(value)``.
+    Unknown options are a TypeError listing the known ones (``hint`` is appended); a sampling
+    estimator with group-limited top-k or a selection bias is a ValueError.
+    """
+    name = spec.name
+    known = dict(spec.options)
+    if spec.samples:
+        known[rng_option] = (None, lambda _, value: value if value is None else check_rng(value))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        allowed = sorted(known) or "none"
+        raise TypeError(f"estimator {name!r} got unknown option(s) {unknown}; its options are: "
+                        f"{allowed}{hint}")
+    if spec.samples and (config.grouped or config.selection_bias):
+        raise ValueError(
+            f"estimator {name!r} samples its selection, which group-limited top-k "
+            "(n_group/topk_group) and selection_bias cannot be combined with; use a "
+            f"deterministic estimator {list(DETERMINISTIC)} there")
+    values = {}
+    for key, (default, check) in known.items():
+        values[key] = check(key, options[key]) if key in options else default
+    warn_if_no_task_gradient(name, config, values)
+    return values
+
+
+#: estimators that give the router a task gradient where the combine weight is a constant
+FIXES_CONSTANT_WEIGHT = ("default_moe", "dense", "sparsemixer", "straight_through")
+
+
+def no_task_gradient(name: str, config: RouterConfig, options: dict) -> bool:
+    """True when ``name`` under ``config`` gives the router exactly no task gradient although
+    it is meant to learn from one: with K = 1 the only combine weight is the constant c for
+    ``topk`` and ``gumbel`` with ``normalize=True`` (s_i / s_i) and for ``noisy_topk`` always
+    (a softmax over the one kept logit). (``unweighted`` never has one, by design.)"""
+    if config.top_k != 1:
+        return False
+    if name == "noisy_topk":
+        return True
+    return config.normalize and name in ("topk", "gumbel")
+
+
+def warn_if_no_task_gradient(name: str, config: RouterConfig, options: dict) -> None:
+    """A UserWarning when :func:`no_task_gradient` holds, naming the estimators that fix it."""
+    if no_task_gradient(name, config, options):
+        why = ("a softmax over the one kept logit" if name == "noisy_topk" else
+               "s_i / s_i with normalize=True")
+        warnings.warn(
+            f"estimator={name!r} with top_k=1 gives the router no task gradient: its only combine "
+            f"weight ({why}) is the constant routed_scaling_factor, so the router learns only "
+            "from balance losses. "
+            f"Use one of {list(FIXES_CONSTANT_WEIGHT)}"
+            + (" (or normalize=False)" if name != "noisy_topk" else ""),
+            UserWarning, stacklevel=_caller_stacklevel())
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside moegrad (the
+    user's line that built the layer, or transformers' / the test's)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def dense_chunk_tokens(chunk_tokens: Optional[int], dim: int, hidden_dim: int,
+                       num_experts: int) -> int:
+    """Tokens per chunk of ``dense``'s unselected-expert evaluation: ``chunk_tokens`` when set,
+    else enough for about 16M elements of [t, E, max(D, H)]."""
+    if chunk_tokens is not None:
+        return chunk_tokens
+    return max(1, (1 << 24) // (max(dim, hidden_dim) * num_experts))
+
+
+# ----------------------------------------------------------------------------- balance losses
+LOSS_NAMES = ("importance_load", "seq_aux", "switch", "z_loss")
+
+#: losses that need a particular estimator (the one that produces what they read)
+LOSS_NEEDS_ESTIMATOR = {"importance_load": "noisy_topk"}
+
+
+def check_losses(losses, estimator: str) -> dict[str, float]:
+    """Validate ``{name: coefficient}`` for a layer using ``estimator`` -> {name: float}."""
+    if losses is None:
+        return {}
+    if not isinstance(losses, dict):
+        raise TypeError(f"losses must be a dict {{name: coefficient}}, got {type(losses).__name__}; "
+                        f"names: {list(LOSS_NAMES)}")
+    out = {}
+    for name, coef in losses.items():
+        if name not in LOSS_NAMES:
+            raise ValueError(f"loss {name!r} is unknown; choose from {list(LOSS_NAMES)}")
+        check_float(f"losses[{name!r}]", coef, low=0.0)
+        out[name] = float(coef)
+    for name in out:
+        needs = LOSS_NEEDS_ESTIMATOR.get(name)
+        if needs is not None and estimator != needs:
+            raise ValueError(f"the {name} loss needs estimator={needs!r} (its smooth load), "
+                             f"got estimator={estimator!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------- dispatch
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """ceil(capacity_factor * T * K / E): the (token, slot) pairs each expert keeps."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def check_capacity_factor(capacity_factor) -> Optional[float]:
+    """None (dropless) or a finite number > 0."""
+    if capacity_factor is not None:
+        check_float("capacity_factor", capacity_factor, low=0.0, low_open=True)
+    return capacity_factor
