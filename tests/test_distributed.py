@@ -11,7 +11,9 @@ since each rank returns its share of the global balance loss (their mean is the 
 Its gradients are then compared with the expert-parallel run: outputs y_r, input gradients
 dL/dx_r, the local slice of the expert gradients, and the router gradients summed over ranks.
 The same groups check that bad input (shape, dtype, grad mode) raises on every rank, and the
-switch loss with a BalanceWindow over 2 micro-batches. ``moegrad bench --world-size`` option
+switch loss with a BalanceWindow over 2 micro-batches. A third group of 2 checks that ranks
+disagreeing on the layer's settings (estimator and options, losses, top_k, ...) all raise a
+ValueError naming them within seconds, instead of waiting for the collective timeout. ``moegrad bench --world-size`` option
 mapping is tested with the benchmark replaced by a stub, plus one tiny real bf16 run.
 """
 
@@ -36,6 +38,7 @@ TOL = 1e-5
 D, H, S = 8, 12, 5
 GROUP_TIMEOUT_S = 20.0
 SPAWN_TIMEOUT_S = 150.0
+MISMATCH_SPAWN_TIMEOUT_S = 90.0
 
 #: name -> (estimator, options, losses, capacity_factor, activation, training)
 CASES = {
@@ -400,6 +403,96 @@ def _window_checks(rank, world, micro=2):
     return res
 
 
+#: ranks that disagree on a setting: name -> (rank 0's MoE options, rank 1's changes, whether
+#: rank 1 changes them after expert_parallel (caught at the next forward's entry check) or builds
+#: its MoE with them (caught by expert_parallel), the fields the error must name, and the part of
+#: it that gives every rank's value). Without the check these either hang in mismatched
+#: collectives until the process-group timeout, end in a gloo error, or silently run other maths.
+MISMATCHES = {
+    "estimator": ({}, {"estimator": "gumbel"}, False, ["estimator"],
+                  "estimator: 'topk' on rank(s) [0], 'gumbel' on rank(s) [1]"),
+    "estimator_option": ({"estimator": "gumbel", "tau": 1.0}, {"tau": 0.5}, False, ["estimator option tau"],
+                         "estimator option tau: 1.0 on rank(s) [0], 0.5 on rank(s) [1]"),
+    "losses": ({}, {"losses": {"switch": 0.1, "z_loss": 0.01}}, False, ["losses"],
+               "losses: [['switch', 0.1]] on rank(s) [0], [['switch', 0.1], ['z_loss', 0.01]] on rank(s) [1]"),
+    "losses_order": ({"losses": {"switch": 0.1, "z_loss": 0.01}}, {"losses": {"z_loss": 0.01, "switch": 0.1}},
+                     False, ["losses"], "losses: [['switch', 0.1], ['z_loss', 0.01]] on rank(s) [0], "
+                                        "[['z_loss', 0.01], ['switch', 0.1]] on rank(s) [1]"),
+    "top_k": ({}, {"top_k": 1}, False, ["top_k"], "top_k: 2 on rank(s) [0], 1 on rank(s) [1]"),
+    "capacity_factor": ({}, {"capacity_factor": 1.0}, False, ["capacity_factor"],
+                        "capacity_factor: None on rank(s) [0], 1.0 on rank(s) [1]"),
+    "normalize": ({}, {"normalize": True}, False, ["normalize"],
+                  "normalize: False on rank(s) [0], True on rank(s) [1]"),
+    "losses_changed": ({}, {"losses": {"z_loss": 0.01}}, True, ["losses"],
+                       "losses: [['switch', 0.1]] on rank(s) [0], [['z_loss', 0.01]] on rank(s) [1]"),
+    "estimator_option_changed": ({"estimator": "gumbel"}, {"tau": 0.5}, True, ["estimator option tau"],
+                                 "estimator option tau: 1.0 on rank(s) [0], 0.5 on rank(s) [1]"),
+    "capacity_factor_changed": ({}, {"capacity_factor": 0.5}, True, ["capacity_factor"],
+                                "capacity_factor: None on rank(s) [0], 0.5 on rank(s) [1]"),
+    "generator_changed": ({"estimator": "sparsemixer"}, {"generator": "seeded"}, True,
+                          ["estimator option generator"],
+                          "estimator option generator: None on rank(s) [0], '<torch.Generator>' on rank(s) [1]"),
+}
+#: settings that may differ (or only look different): name -> (rank 0's options, rank 1's changes)
+AGREEMENTS = {
+    # a generator per rank, seeded differently (as the module docstring recommends)
+    "generators_seeded_per_rank": ({"estimator": "sparsemixer", "generator": "seeded"}, {}),
+    "int_and_float_capacity": ({"capacity_factor": 1}, {"capacity_factor": 1.0}),
+}
+
+
+def _settings_case(rank, world, options, changes, later):
+    """Build the MoE with ``options`` (rank 1 applies ``changes`` before or after expert_parallel),
+    run one forward and backward; -> the error raised (type, message) and the seconds it took."""
+    from moegrad.distributed import expert_parallel
+
+    def resolve(opts):
+        return {k: torch.Generator().manual_seed(100 + rank) if v == "seeded" else v for k, v in opts.items()}
+
+    options = {"losses": {"switch": 0.1}, **resolve(options)}
+    if rank == 1 and not later:
+        options.update(resolve(changes))
+    top_k = options.pop("top_k", 2)
+    torch.manual_seed(7)
+    moe = moegrad.MoE(D, H, _num_experts(world), top_k, **options)
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(rank))
+    start = time.monotonic()
+    try:
+        ep = expert_parallel(moe)
+        if rank == 1 and later:
+            for key, value in resolve(changes).items():
+                setattr(ep if key in ("losses", "capacity_factor") else ep.router.estimator, key, value)
+        out = ep(x)
+        (out.y.sum() + out.aux_loss).backward()
+        return {"error": None, "seconds": time.monotonic() - start, "y": list(out.y.shape),
+                "router_grad": float(ep.router.gate.weight.grad.abs().sum())}
+    except Exception as err:  # noqa: BLE001 - the test asserts on the type
+        return {"error": type(err).__name__, "message": str(err), "seconds": time.monotonic() - start}
+
+
+def _mismatch_worker(rank, world, port, out_dir):
+    """Every MISMATCHES and AGREEMENTS case in one 2-process group; after an error other than the
+    expected ValueError the group may be out of step, so the remaining cases are not run."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    from moegrad.distributed import init_process_group_for_tests
+    import torch.distributed as dist
+
+    init_process_group_for_tests(rank, world, port, GROUP_TIMEOUT_S)
+    results = {}
+    try:
+        cases = [(n, o, c, later) for n, (o, c, later, _, _) in MISMATCHES.items()]
+        cases += [(n, o, c, False) for n, (o, c) in AGREEMENTS.items()]
+        for name, options, changes, later in cases:
+            results[name] = _settings_case(rank, world, options, changes, later)
+            if results[name]["error"] not in (None, "ValueError"):
+                break
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
 def _worker(rank, world, port, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -425,18 +518,18 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _run_group(world, tmp_path_factory):
+def _run_group(world, tmp_path_factory, worker=None, timeout_s=SPAWN_TIMEOUT_S):
     import torch.multiprocessing as mp
     from moegrad.distributed import free_port
 
     out_dir = str(tmp_path_factory.mktemp(f"ep{world}"))
-    ctx = mp.start_processes(_worker, args=(world, free_port(), out_dir), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    ctx = mp.start_processes(worker or _worker, args=(world, free_port(), out_dir), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world}-process group did not finish in {SPAWN_TIMEOUT_S} s")
+                raise TimeoutError(f"the {world}-process group did not finish in {timeout_s} s")
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -570,6 +663,72 @@ def test_balance_window_accumulates_counts_over_ranks_and_micro_batches(ep2, ep4
         assert w["fractions"] < 1e-7 and w["finished"] < 1e-7
         assert w["window_tokens"][0] == w["window_tokens"][1] > 0
         assert w["after_reset"] == 0
+
+
+@pytest.fixture(scope="module")
+def settings2(tmp_path_factory):
+    return _run_group(2, tmp_path_factory, _mismatch_worker, MISMATCH_SPAWN_TIMEOUT_S)
+
+
+def _named_fields(message):
+    """The fields a settings-mismatch error lists: '...: field: values; field: values. Expert ...'."""
+    listed = message.split("): ", 1)[1].split(". Expert parallelism needs", 1)[0]
+    return [part.split(": ", 1)[0] for part in listed.split("; ")]
+
+
+@pytest.mark.parametrize("name", list(MISMATCHES))
+def test_settings_mismatch_raises_on_every_rank(settings2, name):
+    """Ranks that disagree on one setting: every rank raises a ValueError naming that field and
+    each rank's value, long before the 20 s process-group timeout (expert_parallel for settings
+    built in, the next forward's entry check for settings changed afterwards)."""
+    _, _, later, fields, values = MISMATCHES[name]
+    for rank, res in enumerate(settings2):
+        assert name in res, f"rank {rank}: not run, an earlier case broke the group: {res}"
+        r = res[name]
+        assert r["error"] == "ValueError", (rank, r)
+        where = "expert-parallel MoE" if later else "expert_parallel"
+        assert r["message"].startswith(f"{where}: the ranks disagree on the MoE's settings "
+                                       f"(this is rank {rank} of 2): "), r["message"]
+        assert _named_fields(r["message"]) == fields, r["message"]
+        assert values in r["message"], r["message"]
+        assert r["seconds"] < GROUP_TIMEOUT_S / 4, (rank, r["seconds"])
+
+
+def test_settings_cover_every_router_field_and_compare_generators_by_presence():
+    """The compared settings hold every RouterConfig field, the estimator's options, the losses in
+    order; a generator counts only as set or not, 1 and 1.0 are the same value."""
+    import dataclasses
+
+    from moegrad.distributed import _digest, _settings
+    from moegrad.routing import RouterConfig
+
+    moe = moegrad.MoE(D, H, 4, 2, estimator="gumbel", tau=0.5, losses={"z_loss": 0.01, "switch": 0.1},
+                      capacity_factor=1, generator=torch.Generator().manual_seed(1))
+    got = _settings(moe)
+    assert {f.name for f in dataclasses.fields(RouterConfig)} <= set(got)
+    assert got["estimator"] == "gumbel" and got["estimator option tau"] == 0.5
+    assert got["estimator option hard"] is False
+    assert got["losses"] == [["z_loss", 0.01], ["switch", 0.1]]
+    json.dumps(got)  # serialisable as it is gathered
+    other = copy.deepcopy(moe)
+    other.router.estimator.generator = torch.Generator().manual_seed(2)
+    other.capacity_factor = 1.0
+    assert _digest(_settings(other)) == _digest(got)
+    other.router.estimator.generator = None
+    assert _digest(_settings(other)) != _digest(got)
+    other.router.estimator.generator = torch.Generator()
+    other.router.estimator.tau = 0.5 + 2 ** -40  # floats compare exactly
+    assert _digest(_settings(other)) != _digest(got)
+
+
+@pytest.mark.parametrize("name", list(AGREEMENTS))
+def test_settings_that_agree_pass_the_check(settings2, name):
+    """Per-rank generators (only their presence is compared) and capacity 1 vs 1.0 are no
+    mismatch: the forward and backward run (and the group still works after every error above)."""
+    for rank, res in enumerate(settings2):
+        r = res[name]
+        assert r["error"] is None, (rank, r)
+        assert r["y"] == [6, D] and r["router_grad"] > 1e-3
 
 
 def _bench_args(*argv):

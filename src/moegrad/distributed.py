@@ -8,6 +8,7 @@ this rank sends (its kept pairs), R rows it receives for its own experts.
 expert-parallel form. Every rank keeps its own tokens (data parallel over the batch), the
 router is replicated, and rank r holds experts [r L, (r + 1) L). One layer call does:
 
+    entry check: all_reduce of [W, 6] int64 (input problem, dtype, modes, settings digest)
     route locally -> plan_dispatch (rows sorted by expert, counts [E])
     header exchange: all_to_all_single of [W, 3 + L] int64 (status, D, dtype, counts per expert)
     dispatch:  all_to_all_single of the rows, uneven splits   M rows out, R rows in
@@ -58,8 +59,12 @@ state dict into an expert-parallel model, keeping each rank's slice.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
+import json
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -428,16 +433,137 @@ class ExpertParallelDense(Dense):
 # ---------------------------------------------------------------------------------------------
 # conversion
 
+#: a value printed for an option that holds a torch.Generator: only its presence is compared
+#: (every rank should reseed its own generator, so the objects and states differ on purpose)
+_GENERATOR_SET = "<torch.Generator>"
+
+
+def _plain(value):
+    """value -> a JSON-serialisable form (bool, int, float, str, None, lists, str-keyed dicts)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Generator):
+        return _GENERATOR_SET
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, numbers.Integral):  # numpy integers, ...
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _unify(value):
+    """A plain value with every int (not bool) below 2**53 made a float, so 1 and 1.0 agree."""
+    if isinstance(value, bool) or not isinstance(value, (int, list, dict)):
+        return value
+    if isinstance(value, int):
+        return float(value) if abs(value) < 2 ** 53 else value
+    if isinstance(value, list):
+        return [_unify(v) for v in value]
+    return {k: _unify(v) for k, v in value.items()}
+
+
+def _canonical(value) -> str:
+    """The comparison key of a plain value: exact (floats by repr, NaN equal to NaN), with 1 and
+    1.0 equal and bools kept apart."""
+    return json.dumps(_unify(value))
+
+
+def _settings(moe) -> dict:
+    """Everything that must agree across the ranks of an expert-parallel MoE, by field name.
+
+    A difference in any of these changes the collectives (top_k, capacity_factor and the losses
+    and their order change what is exchanged and all-reduced; ``dense`` adds backward
+    collectives) or the maths every rank is meant to share: the router configuration (every
+    :class:`moegrad.routing.RouterConfig` field), the expert shape and activation, the estimator
+    name and option values (for a ``generator`` only whether one is set), the balance losses
+    ``[[name, coefficient], ...]`` in call order, the capacity factor, whether a
+    :class:`moegrad.losses.BalanceWindow` is attached and the parameter dtypes.
+    """
+    config = moe.router.config
+    out = {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    out["hidden_dim"] = moe.experts.hidden_dim
+    out["activation"] = _plain(moe.experts.activation)
+    estimator = moe.router.estimator
+    out["estimator"] = _plain(getattr(estimator, "name", type(estimator).__name__))
+    for key in getattr(estimator, "options", {}):
+        out[f"estimator option {key}"] = _plain(getattr(estimator, key, None))
+    losses = moe.losses
+    out["losses"] = (_plain([[name, coef] for name, coef in losses.items()])
+                     if isinstance(losses, dict) else _plain(losses))
+    out["capacity_factor"] = _plain(moe.capacity_factor)
+    out["balance_window"] = getattr(moe, "balance_window", None) is not None
+    dtypes = []
+    for p in moe.parameters():
+        if str(p.dtype) not in dtypes:
+            dtypes.append(str(p.dtype))
+    out["parameter dtypes"] = dtypes
+    return out
+
+
+def _digest(settings: dict) -> int:
+    """A 52-bit hash of the settings (exact in an int64 and in a float64)."""
+    text = _canonical(settings)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 12
+
+
+def _raise_settings_mismatch(settings: dict, group, device, where: str) -> None:
+    """Collective (every rank calls it once the digests disagree): all-gather every rank's
+    settings (JSON bytes, [W, longest] int32 summed like the entry flags) and raise a ValueError
+    naming each differing field and each rank's value."""
+    world, rank = group_size(group), group_rank(group)
+    data = torch.tensor(list(json.dumps(settings).encode()), dtype=torch.int32, device=device)
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    sizes[rank] = data.numel()
+    dist.all_reduce(sizes, group=group)
+    gathered = torch.zeros(world, int(sizes.max()), dtype=torch.int32, device=device)
+    gathered[rank, :data.numel()] = data
+    dist.all_reduce(gathered, group=group)
+    every = [json.loads(bytes(gathered[q, :int(sizes[q])].tolist()).decode()) for q in range(world)]
+    names = list(dict.fromkeys(k for s in every for k in s))
+    missing = object()
+    differ = []
+    for name in names:
+        if name.startswith("estimator option ") and len({_canonical(s.get("estimator")) for s in every}) > 1:
+            continue  # options of different estimators: the estimator line says it all
+        values = [s.get(name, missing) for s in every]
+        keys = [None if v is missing else _canonical(v) for v in values]
+        if len(set(keys)) == 1:
+            continue
+        by_value = {}
+        for q, (key, value) in enumerate(zip(keys, values)):
+            by_value.setdefault(key, [value, []])[1].append(q)
+        shown = ", ".join(f"{'(absent)' if value is missing else repr(value)} on rank(s) {ranks}"
+                          for value, ranks in by_value.values())
+        differ.append(f"{name}: {shown}")
+    if not differ:  # the digests differ, the values compare equal: show them all
+        differ = [f"settings: {s!r} on rank(s) [{q}]" for q, s in enumerate(every)]
+    raise ValueError(
+        f"{where}: the ranks disagree on the MoE's settings (this is rank {rank} of {world}): "
+        + "; ".join(differ) + ". Expert parallelism needs the same settings on every rank (the "
+        "estimator and its options, the balance losses in the same order, top_k, score, normalize, "
+        "capacity_factor, ...): otherwise the collectives stop matching and every rank waits until "
+        "the process-group timeout")
+
 
 def _check_inputs_across_ranks(moe, args, kwargs):
     """Forward pre-hook: validate x (and mask) on every rank together, so that bad input on one
     rank raises on all of them instead of leaving the others waiting in the exchange.
 
-    Flags exchanged per rank (one [W, 5] int64 all-reduce): problem, dtype code, training mode,
-    grad mode (``torch.is_grad_enabled()``) and whether the router scores will require grad. Grad
-    mode decides whether the exchanges enter the autograd graph (and ``dense`` adds backward
-    collectives when the scores require grad): a mismatch would leave one side waiting in backward
-    until the process-group timeout, so every rank raises instead."""
+    Flags exchanged per rank (one [W, 6] int64 all-reduce): problem, dtype code, training mode,
+    grad mode (``torch.is_grad_enabled()``), whether the router scores will require grad, and a
+    52-bit digest of the layer's settings (:func:`_settings`: estimator and options, losses,
+    top_k, capacity_factor, ...; they may have been changed since :func:`expert_parallel`, e.g.
+    ``moe.losses = ...`` on one rank). Grad mode decides whether the exchanges enter the autograd
+    graph (and ``dense`` adds backward collectives when the scores require grad): a mismatch
+    would leave one side waiting in backward until the process-group timeout, so every rank
+    raises instead. Differing digests cost one more (collective) gather of every rank's settings,
+    to name the fields that differ."""
     from moegrad.routing import flatten_mask, flatten_tokens
 
     group, world, rank = moe.process_group, moe.experts.world, moe.experts.rank
@@ -456,13 +582,18 @@ def _check_inputs_across_ranks(moe, args, kwargs):
     # the scores are softmax/sigmoid of x W_g^T: they require grad iff x or the gate does
     scores_grad = grad and (moe.router.gate.weight.requires_grad
                             or (isinstance(x, Tensor) and x.requires_grad))
-    flags = torch.zeros(world, 5, dtype=torch.int64, device=moe.router.gate.weight.device)
+    settings = _settings(moe)
+    device = moe.router.gate.weight.device
+    flags = torch.zeros(world, 6, dtype=torch.int64, device=device)
     flags[rank, 0] = problem is not None
     flags[rank, 1] = _dtype_code(x.dtype) if problem is None else -1
     flags[rank, 2] = int(moe.training)
     flags[rank, 3] = int(grad)
     flags[rank, 4] = int(scores_grad)
+    flags[rank, 5] = _digest(settings)
     dist.all_reduce(flags, group=group)
+    if len(set(flags[:, 5].tolist())) > 1:
+        _raise_settings_mismatch(settings, group, device, "expert-parallel MoE")
     bad = [q for q in range(world) if flags[q, 0]]
     if bad:
         note = (f"expert-parallel MoE: rank(s) {bad} of {world} got invalid input; every rank "
@@ -492,21 +623,36 @@ def _check_inputs_across_ranks(moe, args, kwargs):
             "there. The router is replicated: freeze it (requires_grad_(False)) on every rank or none")
 
 
-def _check_identical(moe, group) -> None:
-    """Cheap fingerprint of the configuration and parameters, compared across ranks."""
-    c = moe.router.config
+def _check_identical(moe, group, problem: Optional[Exception] = None) -> None:
+    """Compare the MoE across ranks before converting it (collective).
+
+    One [W, 4] float64 all-reduce (each rank fills its row): the digest of :func:`_settings`,
+    whether this rank found ``problem`` (an unsupported estimator, E not divisible by W), and
+    the sum and absolute sum of the parameters. Every rank then raises the same kind of error:
+    differing settings are named field by field (:func:`_raise_settings_mismatch`), a problem on
+    any rank raises everywhere, differing parameters last."""
+    world, rank = group_size(group), group_rank(group)
+    settings = _settings(moe)
+    device = moe.router.gate.weight.device
     params = [p.detach().double() for p in moe.parameters()]
-    fingerprint = torch.tensor([c.dim, c.num_experts, c.top_k, moe.experts.hidden_dim,
-                                sum(float(p.sum()) for p in params),
-                                sum(float(p.abs().sum()) for p in params)], dtype=torch.float64,
-                               device=moe.router.gate.weight.device)
-    low, high = fingerprint.clone(), fingerprint.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-    if not torch.allclose(low, high, rtol=1e-9, atol=0.0):
-        raise ValueError("expert_parallel: the MoE differs across ranks (configuration or initial "
-                         "parameters); build it identically on every rank (same torch.manual_seed "
-                         "before construction) or broadcast rank 0's parameters first")
+    rows = torch.zeros(world, 4, dtype=torch.float64, device=device)
+    rows[rank] = torch.tensor([_digest(settings), problem is not None,
+                               sum(float(p.sum()) for p in params),
+                               sum(float(p.abs().sum()) for p in params)], dtype=torch.float64)
+    dist.all_reduce(rows, group=group)
+    if len(set(rows[:, 0].tolist())) > 1:
+        _raise_settings_mismatch(settings, group, device, "expert_parallel")
+    bad = [q for q in range(world) if rows[q, 1]]
+    if bad:
+        note = (f"expert_parallel: refused on rank(s) {bad} of {world}; every rank raises so none "
+                "waits in a collective")
+        if problem is not None:
+            raise type(problem)(f"{problem} ({note})") from problem
+        raise ValueError(f"{note} (see the error on rank {bad[0]})")
+    if not torch.allclose(rows[:, 2:], rows[:1, 2:].expand(world, 2), rtol=1e-9, atol=0.0):
+        raise ValueError("expert_parallel: the MoE differs across ranks in its initial parameters; "
+                         "build it identically on every rank (same torch.manual_seed before "
+                         "construction) or broadcast rank 0's parameters first")
 
 
 def expert_parallel(moe, group=None):
@@ -518,6 +664,12 @@ def expert_parallel(moe, group=None):
     :class:`ExpertParallelDense`, ``default_moe`` statistics and the balance losses use global
     counts, and a forward pre-hook checks the inputs of all ranks together.
     Call it on every rank of the group, in the same order for every layer.
+
+    The ranks must agree on the settings (:func:`_settings`: estimator name and options, balance
+    losses and their order, top_k, score, normalize, capacity_factor, temperature, ...) and the
+    initial parameters; otherwise every rank raises a ValueError naming what differs, here and
+    at every forward (settings changed later, e.g. ``moe.losses`` on one rank), instead of
+    waiting in mismatched collectives until the process-group timeout.
     """
     from moegrad.layer import MoE
 
@@ -533,19 +685,21 @@ def expert_parallel(moe, group=None):
         raise TypeError(f"moe.experts must be a moegrad.Experts, got {type(moe.experts).__name__}")
     estimator = moe.router.estimator
     name = estimator.name
-    if name not in LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS:
-        raise ValueError(
-            f"estimator {name!r} is not known to work under expert parallelism (its mix step may "
-            f"need every expert on every rank); use one of {sorted(LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS)}")
     if group is None:
         group = dist.group.WORLD  # an explicit group: layer and losses test ``group is not None``
     world = group_size(group)
-    if moe.num_experts % world:
-        raise ValueError(
+    # these depend on settings that may differ per rank: raise them on every rank together
+    problem = None
+    if name not in LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS:
+        problem = ValueError(
+            f"estimator {name!r} is not known to work under expert parallelism (its mix step may "
+            f"need every expert on every rank); use one of {sorted(LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS)}")
+    elif moe.num_experts % world:
+        problem = ValueError(
             f"num_experts={moe.num_experts} is not divisible by the world size {world}: expert "
             "parallelism gives every rank num_experts / world_size experts; use a multiple of the "
             "number of ranks (or a smaller process group)")
-    _check_identical(moe, group)
+    _check_identical(moe, group, problem)
     moe.experts = ExpertParallelExperts(moe.experts, group)
     if name == "dense" and type(estimator) is Dense:
         converted = ExpertParallelDense(estimator.config, **{k: getattr(estimator, k) for k in Dense.options})
