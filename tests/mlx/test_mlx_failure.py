@@ -27,8 +27,9 @@ def expert(moe, e, x):
 
 
 def reference_gate_grad(moe, x, weight):
-    """dL/dW_gate of L = sum(y * weight) with y = sum_S w_i e_i + sum_{i not in S}(s_i - sg s_i) e_i,
-    every expert evaluated on every token, differentiated by plain autograd."""
+    """dL/dW_gate of L = sum(y * weight) with y = sum_S w_i e_i + sum_{i not in S}(s_i - sg s_i) e_i / n,
+    n = 1, or n = sg(sum_S s) with renormalised weights (DenseMixer's weight for the unselected
+    experts), every expert evaluated on every token, differentiated by plain autograd."""
     num_experts = moe.num_experts
     chosen = np.array(moe.router(x).indices)
     picked = mx.array((chosen[..., None] == np.arange(num_experts)).any(1).astype(np.float32))
@@ -38,9 +39,10 @@ def reference_gate_grad(moe, x, weight):
     def loss(w_gate):
         s = mx.softmax(x @ w_gate.T, axis=-1)
         w = s * picked
-        if normalize:
-            w = w / w.sum(-1, keepdims=True)
         extra = (s - mx.stop_gradient(s)) * (1 - picked)
+        if normalize:
+            extra = extra / mx.stop_gradient(w.sum(-1, keepdims=True))
+            w = w / w.sum(-1, keepdims=True)
         y = ((w + extra)[..., None] * outs).sum(1)
         return (y * weight).sum()
 

@@ -23,7 +23,8 @@ def test_trainable_parameters_and_frozen_state():
     everything = {k for k, _ in tree_flatten(moe.parameters())}
     assert trainable == {"router.gate.weight", "experts.w1", "experts.w3", "experts.w2"}
     assert everything - trainable == {"router.bias", "router.load_counts",
-                                      "router.estimator.defaults", "router.estimator.seen"}
+                                      "router.estimator.defaults", "router.estimator.seen",
+                                      "router.estimator.skipped"}
     noisy = mgx.MoE(8, 16, 4, 2, estimator="noisy_topk")
     assert "router.estimator.w_noise" in {k for k, _ in tree_flatten(noisy.trainable_parameters())}
 
