@@ -49,6 +49,7 @@ CASES = {
     "straight_through": ("straight_through", {}, {"seq_aux": 0.1}, None, "swiglu", True),
     "dense": ("dense", {"chunk_tokens": 3}, {"switch": 0.1}, None, "swiglu", True),
     "dense_capacity": ("dense", {}, {"switch": 0.1}, 1.0, "swiglu", True),
+    "dense_normalize": ("dense", {"normalize": True, "chunk_tokens": 2}, {"switch": 0.1}, None, "swiglu", True),
     "default_moe": ("default_moe", {"beta": 0.5}, {"switch": 0.1}, None, "swiglu", True),
     "default_moe_forward": ("default_moe", {"forward_defaults": True}, {"z_loss": 0.1}, None, "swiglu", True),
     "gumbel": ("gumbel", {"tau": 0.7}, {"switch": 0.1}, None, "swiglu", True),
@@ -583,6 +584,12 @@ def test_rank_without_tokens(ep2, ep4, name, world):
         assert all(sum(res[name]["stats_tokens"][8 // world:]) == 0 for res in results)
     else:
         assert sum(results[-1][name]["stats_tokens"]) == 0
+
+
+def test_dense_renormalised_under_two_ranks_matches_single_process(ep2):
+    """dense with normalize=True: the unselected experts' router gradient c <g, E_i(x)> / sum_S s
+    (DenseMixer's weight) is the same with the experts sharded over 2 ranks as on one process."""
+    _assert_case(ep2, "dense_normalize")
 
 
 def test_capacity_drops_per_rank(ep2):

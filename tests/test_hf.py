@@ -250,7 +250,8 @@ def test_top1_renormalised_router_learns_only_with_dense_estimators(family):
     reason="dense changes PhiMoE's SparseMixer forward; HF's weights are no topk reference"))])
 def test_dense_router_gradient_matches_independent_reference(family):
     """One block: dense's router gradient equals autograd of HF's own sparse output plus
-    sum_{i not in S} c (s_i - sg(s_i)) E_i(x), with E_i(x) from HF's experts module."""
+    sum_{i not in S} c (s_i - sg(s_i)) / n E_i(x), with E_i(x) from HF's experts module and
+    n = sg(sum_S s) where the family renormalises the top-k weights (DenseMixer's rule), else 1."""
     model = tiny(family).train()
     block = next(m for m in model.modules() if isinstance(m, mh.FAMILIES[family].block_class()))
     gate = getattr(block, mh.FAMILIES[family].gate)
@@ -270,13 +271,15 @@ def test_dense_router_gradient_matches_independent_reference(family):
     s = torch.sigmoid(z) if family == "deepseek_v3" else torch.softmax(z, -1)
     c = 2.5 if family == "deepseek_v3" else 1.0
     num_experts = s.shape[1]
+    renormalised = family in ("mixtral", "gpt_oss") or getattr(gate, "norm_topk_prob", False)
+    n = s.gather(1, idx).sum(-1, keepdim=True).detach() if renormalised else 1.0
     y = block.experts(flat, idx, w)
     for e in range(num_experts):
         with torch.no_grad():
             ones = torch.ones(flat.shape[0], 1)
             e_out = block.experts(flat, torch.full((flat.shape[0], 1), e), ones)  # [T, D]
         unselected = (idx != e).all(-1, keepdim=True).float()
-        y = y + unselected * c * (s[:, e:e + 1] - s[:, e:e + 1].detach()) * e_out
+        y = y + unselected * c * (s[:, e:e + 1] - s[:, e:e + 1].detach()) / n * e_out
     (y.view_as(x) * g).sum().backward()
     assert float(got.abs().sum()) > 0
     torch.testing.assert_close(got, gate.weight.grad, atol=1e-6, rtol=1e-4)

@@ -351,6 +351,8 @@ def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, exp
                                  weights: tuple, scale: float, chunk_tokens: int,
                                  dtype: torch.dtype = torch.float32) -> Tensor:
     """dL/ds [T, E] (``dtype``, the scores' dtype) for the unselected experts, c <g_t, E_i(x_t)>, with the experts sharded.
+    (With ``normalize=True`` :class:`ExpertParallelDense` passes s / sg(sum_S s) as the scores,
+    so autograd divides this by sum_S s, as single-process ``dense``.)
 
     1. all-gather (x, g) of every rank: [W, Tmax, 2D] (zero-padded to the largest T);
     2. this rank evaluates its L experts on all of them under no_grad, ``chunk_tokens`` at a
@@ -410,7 +412,8 @@ class _DistributedDenseRouterGrad(torch.autograd.Function):
 
 
 class ExpertParallelDense(Dense):
-    """``dense`` with sharded experts: same forward and same router gradient as :class:`Dense`.
+    """``dense`` with sharded experts: same forward and same router gradient as :class:`Dense`
+    (with ``normalize=True`` too: c <g, E_i(x)> / sum_S s for unselected i).
 
     Backward costs two collectives per layer (see :func:`distributed_dense_score_grad`): an
     all-gather of every token's (x, dL/dy), 2 D values per token to each of the W - 1 other
@@ -425,7 +428,7 @@ class ExpertParallelDense(Dense):
             return y  # the same on every rank: the router is replicated
         chunk = dense_chunk_tokens(self.chunk_tokens, experts.dim, experts.hidden_dim,
                                    experts.num_local)
-        return _DistributedDenseRouterGrad.apply(y, routing.scores, x, routing.indices,
+        return _DistributedDenseRouterGrad.apply(y, self._unselected_scores(routing), x, routing.indices,
                                                  self.config.routed_scaling_factor, chunk, experts,
                                                  *experts.stacked_weights())
 

@@ -21,10 +21,13 @@ from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_back
 @dataclass
 class MoEStats:
     """tokens_per_expert [E] int64: (token, slot) pairs the router assigned to each expert;
-    dropped: 0-d int64, pairs dropped by capacity (0 when dropless)."""
+    dropped: 0-d int64, pairs dropped by capacity (0 when dropless); skipped_observations:
+    ``default_moe`` only (else None), [E] int64 running count of expert-output observations
+    left out of its EMA for not being finite (a copy of the estimator's ``skipped``)."""
 
     tokens_per_expert: Tensor
     dropped: Tensor
+    skipped_observations: Optional[Tensor] = None
 
 
 @dataclass
@@ -134,5 +137,7 @@ class MoE(nn.Module):
         # moegrad.losses.BalanceWindow's counts over the micro-batches since its reset (training only)
         window = getattr(self, "balance_window", None) if self.training else None
         aux_loss, values = balance_losses(routing, self.losses, group, window)
-        stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped)
+        skipped = getattr(estimator, "skipped", None)
+        stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped,
+                         skipped_observations=None if skipped is None else skipped.clone())
         return MoEOutput(y.view(x.shape), aux_loss, routing, stats, values)

@@ -27,8 +27,9 @@ def expert(moe, e, x):
 
 
 def reference_gate_grad(moe, x, weight):
-    """dL/dW_gate of L = sum(y * weight) with y = sum_S w_i e_i + sum_{i not in S}(s_i - sg s_i) e_i,
-    every expert evaluated on every token, differentiated by plain autograd."""
+    """dL/dW_gate of L = sum(y * weight) with y = sum_S w_i e_i + sum_{i not in S}(s_i - sg s_i) e_i / n,
+    n = 1, or n = sg(sum_S s) with renormalised weights (DenseMixer's weight for the unselected
+    experts), every expert evaluated on every token, differentiated by plain autograd."""
     num_experts = moe.num_experts
     chosen = np.array(moe.router(x).indices)
     picked = mx.array((chosen[..., None] == np.arange(num_experts)).any(1).astype(np.float32))
@@ -38,9 +39,10 @@ def reference_gate_grad(moe, x, weight):
     def loss(w_gate):
         s = mx.softmax(x @ w_gate.T, axis=-1)
         w = s * picked
-        if normalize:
-            w = w / w.sum(-1, keepdims=True)
         extra = (s - mx.stop_gradient(s)) * (1 - picked)
+        if normalize:
+            extra = extra / mx.stop_gradient(w.sum(-1, keepdims=True))
+            w = w / w.sum(-1, keepdims=True)
         y = ((w + extra)[..., None] * outs).sum(1)
         return (y * weight).sum()
 
@@ -117,3 +119,37 @@ def test_straight_through_and_default_moe_also_train_top1():
         b(x)  # default_moe: fill the defaults once
         g = mlx_grads(b, x, weight)
         assert float(mx.abs(g["router.gate.weight"]).max()) > 1e-4, estimator
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("forward_defaults", [False, True])
+def test_default_moe_gradient_and_output_from_the_defaults(normalize, forward_defaults):
+    """default_moe with fixed defaults ebar against autograd of the explicit layer
+    y = sum_S w_i e_i + c sum_{i not in S} s_i / n ebar_i (straight-through unless
+    forward_defaults), n = 1 or, renormalised, n = sg(sum_S s) (the weight dense uses)."""
+    mx.random.seed(3)
+    moe = mgx.MoE(12, 20, 5, 2, normalize=normalize, estimator="default_moe", losses={},
+                  routed_scaling_factor=1.5, forward_defaults=forward_defaults)
+    ebar = mx.random.normal((5, 12))
+    moe.router.estimator.defaults = ebar
+    moe.eval()  # keep the defaults fixed
+    x, weight = mx.random.normal((24, 12)), mx.random.normal((24, 12))
+    got = mlx_grads(moe, x, weight)
+    chosen = np.array(moe.router(x).indices)
+    picked = mx.array((chosen[..., None] == np.arange(5)).any(1).astype(np.float32))
+    outs = mx.stack([expert(moe, e, x) for e in range(5)], 1)  # [T, E, D]
+
+    def layer(w_gate):
+        s = mx.softmax(x @ w_gate.T, axis=-1)
+        w = s * picked
+        n = mx.stop_gradient(w.sum(-1, keepdims=True)) if normalize else 1.0
+        if normalize:
+            w = w / w.sum(-1, keepdims=True)
+        y = 1.5 * (w[..., None] * outs).sum(1)
+        m = 1.5 * (s * (1 - picked) / n) @ ebar
+        return y + (m if forward_defaults else m - mx.stop_gradient(m))
+
+    want = mx.grad(lambda w_gate: (layer(w_gate) * weight).sum())(moe.router.gate.weight)
+    assert max_diff(got["y"], layer(moe.router.gate.weight)) < TOL
+    assert float(mx.abs(want).max()) > 1e-3
+    assert max_diff(got["router.gate.weight"], want) < TOL

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from moegrad import mlx as mgx  # noqa: E402
+from tests.mlx.mlx_helpers import mlx_grads  # noqa: E402
 
 
 def test_trainable_parameters_and_frozen_state():
@@ -23,7 +24,8 @@ def test_trainable_parameters_and_frozen_state():
     everything = {k for k, _ in tree_flatten(moe.parameters())}
     assert trainable == {"router.gate.weight", "experts.w1", "experts.w3", "experts.w2"}
     assert everything - trainable == {"router.bias", "router.load_counts",
-                                      "router.estimator.defaults", "router.estimator.seen"}
+                                      "router.estimator.defaults", "router.estimator.seen",
+                                      "router.estimator.skipped"}
     noisy = mgx.MoE(8, 16, 4, 2, estimator="noisy_topk")
     assert "router.estimator.w_noise" in {k for k, _ in tree_flatten(noisy.trainable_parameters())}
 
@@ -91,3 +93,50 @@ def test_bad_arguments_name_the_problem():
         moe(mx.array([[0.0] * 8, [float("nan")] * 8, [1.0] * 8]))
     with pytest.raises(ValueError, match="mask must be bool"):
         moe(mx.zeros((1, 3, 8)), mx.array([[0.5, 1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("case", ["nan_token", "fp16_overflow"])
+def test_default_moe_skips_non_finite_observations(case):
+    """One NaN token (check_finite=False) or one fp16 token whose expert outputs overflow never
+    reaches default_moe's defaults: the experts it reached skip this observation (counted in
+    ``skipped`` and ``stats``) and every other token keeps topk's output, now and later."""
+    mx.random.seed(5)
+    kw = {"check_finite": False} if case == "nan_token" else {}
+    moe = mgx.MoE(6, 12, 5, 2, estimator="default_moe", losses={}, **kw)
+    topk = mgx.MoE(6, 12, 5, 2, estimator="topk", losses={}, **kw)
+    topk.update(moe.trainable_parameters())
+    dtype = mx.float16 if case == "fp16_overflow" else mx.float32
+    moe.set_dtype(dtype)
+    topk.set_dtype(dtype)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((10, 6)).astype(np.float32)
+    if case == "nan_token":
+        x[3, 2] = np.nan
+    else:
+        x[3] = x[3] / np.abs(x[3]).max() * 60000.0  # finite in fp16; its expert outputs overflow
+    x = mx.array(x).astype(dtype)
+    out, ref = moe(x), topk(x)
+    y, y_ref = np.array(out.y.astype(mx.float32)), np.array(ref.y.astype(mx.float32))
+    others = np.arange(10) != 3
+    assert not np.isfinite(y[3]).all() and not np.isfinite(y_ref[3]).all()
+    assert np.isfinite(y[others]).all() and np.array_equal(y[others], y_ref[others])
+    est = moe.router.estimator
+    assert bool(mx.isfinite(est.defaults).all())
+    hit_by_bad = np.zeros(5, dtype=np.int64)
+    hit_by_bad[np.array(out.routing.indices)[3]] = 1
+    assert np.array_equal(np.array(est.skipped), hit_by_bad)
+    assert np.array_equal(np.array(out.stats.skipped_observations), hit_by_bad)
+    routed = np.array(out.stats.tokens_per_expert) > 0
+    assert np.array_equal(np.array(est.seen), routed & (hit_by_bad == 0))
+
+    x2 = mx.array(rng.standard_normal((12, 6)).astype(np.float32)).astype(dtype)
+    weight = mx.array(rng.standard_normal((12, 6)).astype(np.float32))
+    for train in (True, False):  # later batches, train then eval: topk's output, finite gradients
+        moe.train(train)
+        topk.train(train)
+        assert np.array_equal(np.array(moe(x2).y), np.array(topk(x2).y))
+        g = mlx_grads(moe, x2, weight)
+        assert np.isfinite(np.array(g["router.gate.weight"].astype(mx.float32))).all()
+        assert np.isfinite(np.array(g["x"].astype(mx.float32))).all()
+    assert bool(est.seen.all())
+    assert np.array_equal(np.array(est.skipped), hit_by_bad)

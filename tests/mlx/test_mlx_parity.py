@@ -89,10 +89,11 @@ def test_padding_mask_matches_torch():
     assert int(mm.router.load_counts.sum()) == 13 * 2
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("forward_defaults", [False, True])
-def test_default_moe_with_the_same_buffers(forward_defaults):
+def test_default_moe_with_the_same_buffers(forward_defaults, normalize):
     torch.manual_seed(1)
-    tm = build("default_moe", dict(forward_defaults=forward_defaults, beta=0.7))
+    tm = build("default_moe", dict(forward_defaults=forward_defaults, beta=0.7, normalize=normalize))
     for _ in range(2):  # fill the EMA defaults on the torch side (no experts left unseen here)
         tm(torch.randn(32, 16))
     assert float(tm.router.estimator.defaults.abs().sum()) > 0
@@ -102,7 +103,7 @@ def test_default_moe_with_the_same_buffers(forward_defaults):
     assert np.array_equal(np.array(est_m.seen), est_t.seen.numpy())
     # the defaults reach the router: on the same input and loss, its gradient differs from
     # plain topk's by the <g, ebar_i> terms of the unselected experts
-    ref = build("topk", {})
+    ref = build("topk", dict(normalize=normalize))
     ref.load_state_dict({k: v for k, v in tm.state_dict().items() if "estimator" not in k})
     plain = torch_grads(ref, *t["inputs"])
     if not forward_defaults:  # the same forward as topk

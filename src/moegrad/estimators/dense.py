@@ -2,8 +2,11 @@
 
 Notation per token: s [E] scores, S the K selected experts, e_i = E_i(x), g = dL/dy,
 c = routed_scaling_factor. Both keep the ``topk`` forward and the ``topk`` gradient for i in S,
-and add, for i not in S, dL/ds_i = c * <g, v_i> with v_i = e_i (``dense``) or the default
-output ebar_i (``default_moe``).
+and add, for i not in S, dL/ds_i = c * <g, v_i> / n with v_i = e_i (``dense``) or the default
+output ebar_i (``default_moe``), and n = 1 (``normalize=False``) or n = sg(sum_S s + 1e-20)
+(``normalize=True``): an unselected expert is weighed like the selected ones, whose weights
+are c * s_i / sum_S s. That is DenseMixer's rule for renormalised top-k (Yao et al. 2025,
+github.com/yaof20/DenseMixer, ``qwen3_moe_custom.py``: weight s_j / sg(sum_S s) for j not in S).
 """
 
 from __future__ import annotations
@@ -21,6 +24,16 @@ def unselected_mask(indices: Tensor, num_experts: int) -> Tensor:
     """[T, K] indices -> [T, E] float mask, 1 where the expert was not selected."""
     mask = torch.ones(indices.shape[0], num_experts, device=indices.device)
     return mask.scatter_(1, indices, 0.0)
+
+
+def unselected_scores(scores: Tensor, indices: Tensor, normalize: bool) -> Tensor:
+    """[T, E] scores as the unselected experts' weights use them: s (``normalize=False``) or
+    s / sg(sum_S s + 1e-20) (``normalize=True``, the epsilon of ``Router.combine_weights``), so
+    the gradient reaching s_i through them is divided by the token's sum of selected scores."""
+    if not normalize:
+        return scores
+    total = scores.detach().gather(1, indices).sum(-1, keepdim=True) + 1e-20  # [T, 1]
+    return scores / total
 
 
 def inner_products_from_every_expert(expert_fn: Callable) -> Callable:
@@ -87,6 +100,7 @@ def dense_router_grad(y: Tensor, scores: Tensor, x: Tensor, indices: Tensor, inn
     """Return y unchanged; in backward, send c <g, E_i(x)> to scores[:, i] for unselected i.
 
     y [T, D], scores [T, E] fp32, x [T, D], indices [T, K]; see :func:`dense_score_grad`.
+    For renormalised top-k pass :func:`unselected_scores` (autograd then divides by sum_S s).
     """
     return _DenseRouterGrad.apply(y, scores, x, indices, scale, chunk_tokens, inner_fn, *weights)
 
@@ -95,7 +109,10 @@ class Dense(Estimator):
     """``dense``: exact dense straight-through (seed 001; DenseMixer, Yao et al. 2025).
 
     Forward: as ``topk`` (sparse, y = sum_S w_i e_i). Router gradient: as ``topk`` for i in S;
-    for i not in S, dL/ds_i = c * <g, E_i(x)> as if y also held c * s_i E_i(x). The unselected
+    for i not in S, dL/ds_i = c * <g, E_i(x)> as if y also held c * s_i E_i(x), and with
+    ``normalize=True`` dL/ds_i = c * <g, E_i(x)> / sum_S s, as if y also held
+    c * s_i / sg(sum_S s) * E_i(x): the weight consistent with the renormalised forward
+    w_i = c * s_i / sum_S s, as in DenseMixer's Qwen3-MoE/OLMoE code. The unselected
     E_i(x) are evaluated in backward under no_grad, ``chunk_tokens`` tokens at a time (default:
     enough for about 16M elements of [t, E, max(D, H)]), so expert weights and the input get
     gradient only from the selected (token, expert) pairs. With moegrad's own experts only the
@@ -119,8 +136,12 @@ class Dense(Estimator):
         inner = getattr(experts, "unselected_inner_products", None)
         if inner is None:  # expert modules without the fast path (e.g. HF with a non-SiLU act)
             inner = inner_products_from_every_expert(experts.every_expert)
-        return dense_router_grad(y, routing.scores, x, routing.indices, inner, weights,
-                                 self.config.routed_scaling_factor, chunk)
+        return dense_router_grad(y, self._unselected_scores(routing), x, routing.indices, inner,
+                                 weights, self.config.routed_scaling_factor, chunk)
+
+    def _unselected_scores(self, routing) -> Tensor:
+        """[T, E] the scores the unselected experts' gradient flows through (:func:`unselected_scores`)."""
+        return unselected_scores(routing.scores, routing.indices, self.config.normalize)
 
 
 class DefaultMoE(Estimator):
@@ -128,14 +149,20 @@ class DefaultMoE(Estimator):
 
     Buffers: ``defaults`` ebar [E, D] fp32, an EMA of expert i's mean output over the tokens
     routed to it, ebar_i <- beta * ebar_i + (1 - beta) * mean_i (the first observation is
-    taken as is), updated in training mode only and never receiving gradient.
+    taken as is), updated in training mode only and never receiving gradient; ``skipped`` [E]
+    int64 (not saved in the state dict), how many observations of expert i were left out
+    because their mean (or the updated default) was not finite: one NaN/Inf token routed to
+    i makes that batch's mean non-finite, and it never enters ``defaults``, so every other
+    token keeps ``topk``'s output in this and every later batch.
 
     The paper's layer output is y = sum_{i in S} w_i e_i + sum_{i not in S} s_i ebar_i: the
     default outputs stand in for the missing experts in the forward pass, so the router
     gradient for i not in S is <g, ebar_i>. That is ``forward_defaults=True`` here. The default
     ``forward_defaults=False`` keeps the forward identical to ``topk`` (so swapping estimators
     never changes a model's outputs) and applies the same router gradient straight-through:
-    y + (m - sg(m)) with m = c * sum_{i not in S} s_i ebar_i.
+    y + (m - sg(m)) with m = c * sum_{i not in S} s_i ebar_i (``normalize=True``:
+    m = c * sum_{i not in S} s_i ebar_i / sg(sum_S s + 1e-20), the default outputs weighed like
+    the renormalised selected experts, as ``dense`` does; in both forward modes).
 
     Options: ``beta`` in [0, 1) (default 0.9), ``forward_defaults`` (default False).
     """
@@ -145,6 +172,8 @@ class DefaultMoE(Estimator):
         super().__init__(config, **options)
         self.register_buffer("defaults", torch.zeros(config.num_experts, config.dim))
         self.register_buffer("seen", torch.zeros(config.num_experts, dtype=torch.bool))
+        self.register_buffer("skipped", torch.zeros(config.num_experts, dtype=torch.int64),
+                             persistent=False)
 
     def route(self, x, z, scores, router) -> Picked:
         indices = router.select_topk(scores)
@@ -154,7 +183,8 @@ class DefaultMoE(Estimator):
         wants_grad = torch.is_grad_enabled() and routing.scores.requires_grad
         if y.shape[0] == 0 or not (self.forward_defaults or wants_grad):
             return y  # the straight-through term is exactly 0 and nothing asks for its gradient
-        coef = routing.scores * unselected_mask(routing.indices, self.config.num_experts)
+        scores = unselected_scores(routing.scores, routing.indices, self.config.normalize)
+        coef = scores * unselected_mask(routing.indices, self.config.num_experts)
         m = (coef * self.config.routed_scaling_factor) @ self.defaults.to(coef.dtype)  # [T, D]
         if not self.forward_defaults:
             m = m - m.detach()  # value exactly 0, gradient of m
@@ -169,5 +199,10 @@ class DefaultMoE(Estimator):
         old = self.defaults[hit].float()
         fresh = ~self.seen[hit]
         blended = self.beta * old + (1.0 - self.beta) * mean
-        self.defaults[hit] = torch.where(fresh[:, None], mean, blended).to(self.defaults.dtype)
-        self.seen[hit] = True
+        new = torch.where(fresh[:, None], mean, blended).to(self.defaults.dtype)
+        finite = torch.isfinite(new).all(-1)  # a non-finite mean, or an update that overflows
+        rows = hit.nonzero().squeeze(1)
+        self.skipped[rows[~finite]] += 1
+        rows = rows[finite]
+        self.defaults[rows] = new[finite]
+        self.seen[rows] = True

@@ -21,10 +21,13 @@ from moegrad.mlx.routing import Router, Routing, flatten_tokens
 
 @dataclass
 class MoEStats:
-    """tokens_per_expert [E] int64: (token, slot) pairs assigned per expert; dropped: 0-d int64."""
+    """tokens_per_expert [E] int64: (token, slot) pairs assigned per expert; dropped: 0-d int64;
+    skipped_observations: ``default_moe`` only (else None), [E] int64 running count of
+    observations left out of its EMA for not being finite (the estimator's ``skipped``)."""
 
     tokens_per_expert: mx.array
     dropped: mx.array
+    skipped_observations: Optional[mx.array] = None
 
 
 @dataclass
@@ -109,5 +112,6 @@ class MoE(nn.Module):
         y = combine_rows(rows, routing.weights, plan, num_tokens)
         y = estimator.mix(y, flat, routing, self.experts)
         aux_loss, values = balance_losses(routing, self.losses)
-        stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped)
+        stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped,
+                         skipped_observations=getattr(estimator, "skipped", None))
         return MoEOutput(y.reshape(x.shape).astype(x.dtype), aux_loss, routing, stats, values)
