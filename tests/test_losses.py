@@ -1,5 +1,7 @@
 """Balance losses against hand computations; BiasBalancer."""
 
+import math
+
 import pytest
 import torch
 
@@ -251,3 +253,121 @@ def test_balance_window_eval_state_dict_and_errors():
         losses.switch_loss(r, window=torch.zeros(6, dtype=torch.int64))
     with pytest.raises(ValueError, match="only used by the switch loss"):
         losses.balance_losses(r, {"z_loss": 1.0}, window=torch.zeros(7, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- issue 11, item 12
+@pytest.mark.parametrize("bad", [[moegrad.MoE(4, 8, 4, 1, selection_bias=True)], "model", None])
+def test_bias_balancer_names_module_and_what_it_takes(bad):
+    with pytest.raises(TypeError, match=r"BiasBalancer\(module=\.\.\.\) takes an nn.Module holding "
+                                        rf"moegrad Routers built with selection_bias=True.*got {type(bad).__name__}"):
+        moegrad.BiasBalancer(bad)
+
+
+# --------------------------------------------------------------------------- issue 11, item 6
+def _biased_moe(dtype=torch.float32):
+    torch.manual_seed(0)
+    moe = moegrad.MoE(4, 8, 4, 1, selection_bias=True)
+    with torch.no_grad():
+        moe.router.bias.fill_(0.5)
+    return moe.to(dtype)
+
+
+def _balance_steps(moe, loads, gamma=1e-3):
+    """Run BiasBalancer.step once per row of ``loads`` [steps, E] (set as the load counts);
+    -> [steps, E] fp32 bias after each step."""
+    balancer = moegrad.BiasBalancer(moe, gamma=gamma)
+    out = []
+    for load in loads:
+        moe.router.load_counts.copy_(load)
+        balancer.step()
+        out.append(moe.router.bias.detach().float().clone())
+    return torch.stack(out)
+
+
+def _load_pattern(steps=120):
+    """[steps, 4] int64 loads: experts 0, 1 alternate above/below the mean (+gamma, -gamma, ...);
+    expert 2 is always below the mean (+gamma every step), expert 3 always above (-gamma)."""
+    rows = [[9, 1, 1, 9] if s % 2 == 0 else [1, 9, 1, 9] for s in range(steps)]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_bias_stays_fp32_exact_when_the_model_is_cast(dtype):
+    moe = _biased_moe()
+    with torch.no_grad():
+        moe.router.bias.copy_(torch.tensor([0.5, 0.501, 0.1234567, -3e-4]))
+    exact = moe.router.bias.clone()
+    moe.to(dtype)
+    assert moe.router.gate.weight.dtype == dtype and moe.router.bias.dtype == torch.float32
+    assert torch.equal(moe.router.bias, exact)  # never went through the low precision
+    moe.half().bfloat16().double().float()
+    assert torch.equal(moe.router.bias, exact)
+    # the selection sees the fp32 bias: 0.501 beats 0.5 (both are 0.5 in bf16)
+    tied = torch.full((3, 4), 0.25)
+    with torch.no_grad():
+        moe.router.bias.copy_(torch.tensor([0.5, 0.501, 0.5, 0.5]))
+    assert moe.router.select_topk(tied).view(-1).tolist() == [1, 1, 1]
+    # a bf16 layer still runs forward with it
+    out = moe.to(dtype).train()(torch.randn(6, 4, dtype=dtype))
+    assert out.y.dtype == dtype and int(moe.router.load_counts.sum()) == 6
+
+
+def test_bias_balancer_in_bf16_applies_updates_exactly_as_in_fp32():
+    loads = _load_pattern()
+    ref = _balance_steps(_biased_moe(torch.float32), loads)
+    got = _balance_steps(_biased_moe(torch.bfloat16), loads)
+    assert torch.equal(got, ref)  # +1e-3 and -1e-3 both apply, bit for bit as in fp32
+    # no drift: the alternating experts come back to 0.5 (to fp32 rounding), the others moved
+    # by exactly +-steps * gamma (to fp32 rounding)
+    assert torch.allclose(got[-1, :2], torch.tensor([0.5, 0.5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[-1, 2:], torch.tensor([0.5 + 0.12, 0.5 - 0.12]), atol=1e-5, rtol=0)
+
+
+def _tiny_deepseek_v3(dtype):
+    t = pytest.importorskip("transformers")
+    import moegrad.hf as mh
+
+    cfg = t.DeepseekV3Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                             eos_token_id=1, bos_token_id=1, intermediate_size=40,
+                             moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                             n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                             norm_topk_prob=True, kv_lora_rank=8, q_lora_rank=12,
+                             qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+    torch.manual_seed(0)
+    model = t.DeepseekV3ForCausalLM(cfg).to(dtype)
+    mh.patch(model)
+    router = mh.routers(model)[0]
+    with torch.no_grad():
+        router.bias.fill_(0.5)
+    return model, router
+
+
+def test_bias_balancer_on_a_bf16_hf_deepseek_v3_bias_keeps_an_fp32_master_copy():
+    model, router = _tiny_deepseek_v3(torch.bfloat16)
+    hf_bias = router.gate.e_score_correction_bias
+    assert router.bias is hf_bias and hf_bias.dtype == torch.bfloat16  # HF's buffer, cast by .to()
+    loads = _load_pattern()
+    balancer = moegrad.BiasBalancer(model, gamma=1e-3)
+    ref = torch.full((4,), 0.5)  # the same updates applied in fp32
+    for load in loads:
+        router.load_counts.copy_(load)
+        balancer.step()
+        ref += 1e-3 * torch.sign(load.float().mean() - load.float())
+        assert hf_bias.dtype == torch.bfloat16
+        assert torch.equal(hf_bias, ref.to(torch.bfloat16))  # the buffer: fp32 sum, rounded once
+    assert torch.equal(balancer._masters[0], ref)
+    # symmetric: the alternating experts end where they started, the steady ones moved 0.12
+    assert hf_bias[:2].tolist() == [0.5, 0.5]
+    assert hf_bias[2:].float().tolist() == ref[2:].to(torch.bfloat16).float().tolist()
+    assert abs(float(hf_bias[2]) - 0.62) < 2e-3 and abs(float(hf_bias[3]) - 0.38) < 2e-3
+    # set elsewhere (e.g. a checkpoint loaded): the master copy restarts from the buffer
+    with torch.no_grad():
+        hf_bias.fill_(-1.0)
+    router.load_counts.copy_(torch.tensor([9, 1, 1, 9]))
+    balancer.step()
+    assert hf_bias.tolist() == torch.tensor([-1.001, -0.999, -0.999, -1.001]).to(torch.bfloat16).tolist()
+    # and the patched bf16 model still trains its selection with it
+    model.train()
+    model(torch.randint(2, 64, (2, 5)))
+    assert int(router.load_counts.sum()) == 2 * 5 * 2

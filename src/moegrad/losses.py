@@ -31,7 +31,7 @@ included) instead of this micro-batch alone; P stays this micro-batch's.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -296,12 +296,29 @@ class BiasBalancer:
     """Auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean_load - load_i).
 
     ``module`` is a Router, an MoE or a whole model: every Router inside it that was built with
-    ``selection_bias=True`` is balanced. Loads are the routers' ``load_counts`` buffers, gathered
-    in training mode since the last :meth:`step`; call :meth:`step` after ``optimizer.step()``.
+    ``selection_bias=True`` is balanced (with :mod:`moegrad.hf`, DeepSeek-V3's
+    ``e_score_correction_bias``). Loads are the routers' ``load_counts`` buffers, gathered in
+    training mode since the last :meth:`step`; call :meth:`step` after ``optimizer.step()``.
     The bias changes which experts are selected, never the combine weights.
+
+    Precision: the updates are computed in fp32. A :class:`moegrad.Router` keeps its ``bias`` in
+    fp32 whatever the model's dtype (``model.to(torch.bfloat16)`` leaves it fp32, as
+    Megatron-Core keeps its ``expert_bias``). A bias held in a lower precision by someone else
+    (an HF DeepSeek-V3 model cast with ``.to(torch.bfloat16)`` casts its
+    ``e_score_correction_bias``) is updated through an fp32 master copy kept here: b_fp32 +=
+    update, then the buffer gets b_fp32 rounded to its dtype. In bf16, +1e-3 on 0.5 would round
+    away while -1e-3 applies, so a direct update would drift one way; through the master copy
+    the buffer stays the nearest bf16 value of the exact fp32 sum. The master copy starts from
+    the buffer and starts again from it whenever the buffer no longer equals the rounded copy
+    (it was loaded or set elsewhere); it is not saved with the model.
     """
 
     def __init__(self, module: nn.Module, gamma: float = 1e-3) -> None:
+        if not isinstance(module, nn.Module):
+            hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
+            raise TypeError(f"BiasBalancer(module=...) takes an nn.Module holding moegrad Routers built "
+                            f"with selection_bias=True (a Router, an MoE or a whole model), got "
+                            f"{type(module).__name__}{hint}")
         check_float("gamma", gamma, low=0.0)
         self.gamma = float(gamma)
         self.routers: list[Router] = [m for m in module.modules()
@@ -309,12 +326,13 @@ class BiasBalancer:
         if not self.routers:
             raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
                              "build it with selection_bias=True")
+        self._masters: list[Optional[Tensor]] = [None] * len(self.routers)  # fp32 copies of low-precision biases
 
     @torch.no_grad()
     def step(self) -> list[Tensor]:
         """Update every bias from its counts, reset the counts; returns the loads used."""
         loads = []
-        for router in self.routers:
+        for i, router in enumerate(self.routers):
             load = router.reset_load_counts().float()
             group = getattr(router, "process_group", None)  # set by moegrad.distributed.expert_parallel
             if group is not None:  # every rank applies the same update from the global loads
@@ -322,9 +340,22 @@ class BiasBalancer:
 
                 load = all_reduce_detached(load, group)
             if load.sum() > 0:
-                router.bias += self.gamma * torch.sign(load.mean() - load)
+                self._update(i, router.bias, self.gamma * torch.sign(load.mean() - load))
             loads.append(load)
         return loads
+
+    def _update(self, i: int, bias: Tensor, update: Tensor) -> None:
+        """bias += update [E] fp32, through an fp32 master copy when ``bias`` is bf16/fp16."""
+        if bias.dtype in (torch.float32, torch.float64):
+            bias += update.to(bias.dtype)
+            self._masters[i] = None
+            return
+        master = self._masters[i]
+        if master is None or master.device != bias.device or not torch.equal(master.to(bias.dtype), bias):
+            master = bias.float()  # first step, or the buffer changed elsewhere: start from it
+        master += update
+        bias.copy_(master)  # round to nearest
+        self._masters[i] = master
 
 
 __all__ = ["LOSSES", "available", "switch_loss", "z_loss", "importance_load_loss", "seq_aux_loss",

@@ -142,10 +142,17 @@ class BiasBalancer:
 
     ``module``: a Router, an MoE or a whole model; every :class:`~moegrad.mlx.Router` in it built
     with ``selection_bias=True`` is balanced from its ``load_counts``. Call :meth:`step` after
-    the optimizer update.
+    the optimizer update. The bias and its updates are fp32 whatever the model's dtype: the
+    Router keeps ``bias`` fp32 through ``model.set_dtype(mx.bfloat16)`` (in bf16, +1e-3 on 0.5
+    would round away while -1e-3 applies).
     """
 
     def __init__(self, module: nn.Module, gamma: float = 1e-3) -> None:
+        if not isinstance(module, nn.Module):
+            hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
+            raise TypeError(f"BiasBalancer(module=...) takes an mlx.nn.Module holding moegrad.mlx "
+                            f"Routers built with selection_bias=True (a Router, an MoE or a whole "
+                            f"model), got {type(module).__name__}{hint}")
         check_float("gamma", gamma, low=0.0)
         self.gamma = float(gamma)
         self.routers = [m for m in module.modules()
