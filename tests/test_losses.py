@@ -371,3 +371,89 @@ def test_bias_balancer_on_a_bf16_hf_deepseek_v3_bias_keeps_an_fp32_master_copy()
     model.train()
     model(torch.randint(2, 64, (2, 5)))
     assert int(router.load_counts.sum()) == 2 * 5 * 2
+
+
+# --------------------------------------------------------------------------- issue 11, item 7
+def _logits_routing(logits, mask=None, k=2):
+    from moegrad.routing import Routing
+
+    scores = torch.softmax(logits, -1)
+    idx = scores.topk(k, -1).indices
+    return Routing(logits=logits, scores=scores, indices=idx, weights=scores.gather(1, idx),
+                   shape=(logits.shape[0],), mask=mask)
+
+
+def _z_reference(logits, mask=None):
+    """mean over real tokens of logsumexp^2 with Python floats (fp64), written out, and its
+    gradient 2 l_t / N softmax(z_t) [T, E] as a list of lists."""
+    rows = logits.double().tolist()
+    keep = [t for t in range(len(rows)) if mask is None or bool(mask[t])]
+    lse = {}
+    for t in keep:
+        m = max(rows[t])
+        lse[t] = m + math.log(sum(math.exp(v - m) for v in rows[t]))
+    value = sum(lse[t] ** 2 for t in keep) / len(keep)
+    grad = [[0.0] * len(r) for r in rows]
+    for t in keep:
+        m = max(rows[t])
+        denom = sum(math.exp(v - m) for v in rows[t])
+        grad[t] = [2 * lse[t] / len(keep) * math.exp(v - m) / denom for v in rows[t]]
+    return value, torch.tensor(grad, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_z_loss_is_finite_and_exact_for_huge_finite_fp32_logits(masked):
+    # |logsumexp| ~ 1.5e19: each square ~2e38 fits fp32 but their sum over 8 tokens does not
+    torch.manual_seed(0)
+    logits = (1.5e19 * (1 + 0.05 * torch.rand(8, 6))).requires_grad_()
+    mask = torch.tensor([True, True, False, True, True, True, False, True]) if masked else None
+    value = losses.z_loss(_logits_routing(logits, mask))
+    ref_value, ref_grad = _z_reference(logits.detach(), mask)
+    assert math.isfinite(float(value.detach()))
+    assert abs(float(value.detach()) - ref_value) <= 1e-5 * ref_value
+    (grad,) = torch.autograd.grad(value, logits)
+    assert bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=0)
+
+
+def test_z_loss_beyond_fp32_raises_naming_the_cause():
+    logits = torch.full((4, 6), 1e20)
+    with pytest.raises(ValueError, match=r"z_loss = mean_t logsumexp\(z_t\)\^2 = 1e\+40 exceeds the "
+                                         r"float32 range \(3.4e\+38\).*\|logsumexp\| = 1e\+20"):
+        losses.z_loss(_logits_routing(logits))
+    # the same logits in fp64 (gradient checks) fit: no error, exact value
+    value = losses.z_loss(_logits_routing(torch.full((4, 6), 1e20, dtype=torch.float64)))
+    assert abs(float(value) - (1e20 + math.log(6)) ** 2) <= 1e-12 * 1e40
+    # non-finite logits (check_finite=False) stay non-finite, as before: no claim about overflow
+    bad = torch.randn(4, 6)
+    bad[1, 2] = float("inf")
+    assert not math.isfinite(float(losses.z_loss(_logits_routing(bad))))
+
+
+def test_z_loss_under_expert_parallelism_decides_overflow_from_global_sums(monkeypatch):
+    """The ``group`` path with the collectives replaced by a fake 2-rank group whose other rank
+    holds the same tokens (sum over ranks = 2 x): this rank's share is the local mean."""
+    import moegrad.distributed as md
+
+    monkeypatch.setattr(md, "all_reduce_detached", lambda x, group=None: x.detach().clone() * 2)
+    monkeypatch.setattr(md, "group_size", lambda group=None: 2)
+    torch.manual_seed(0)
+    logits = (1.5e19 * (1 + 0.05 * torch.rand(8, 6))).requires_grad_()
+    value = losses.z_loss(_logits_routing(logits), group=object())
+    ref_value, ref_grad = _z_reference(logits.detach())
+    assert abs(float(value.detach()) - ref_value) <= 1e-5 * ref_value
+    (grad,) = torch.autograd.grad(value, logits)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="exceeds the float32 range"):
+        losses.z_loss(_logits_routing(torch.full((4, 6), 1e20)), group=object())
+
+
+def test_z_loss_gradcheck_float64_with_padding():
+    torch.manual_seed(1)
+    logits = (torch.randn(7, 5, dtype=torch.float64) * 30).requires_grad_()
+    mask = torch.tensor([True, False, True, True, False, True, True])
+    assert torch.autograd.gradcheck(lambda z: losses.z_loss(_logits_routing(z, mask)), (logits,))
+    ref_value, ref_grad = _z_reference(logits.detach(), mask)
+    value = losses.z_loss(_logits_routing(logits, mask))
+    assert abs(float(value.detach()) - ref_value) <= 1e-12 * ref_value
+    torch.testing.assert_close(torch.autograd.grad(value, logits)[0], ref_grad, rtol=1e-10, atol=1e-12)

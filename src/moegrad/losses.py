@@ -31,6 +31,7 @@ included) instead of this micro-batch alone; P stays this micro-batch's.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -103,13 +104,50 @@ def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
 
 
 def z_loss(routing: Routing, group=None) -> Tensor:
-    """mean_t logsumexp(z_t)^2 over real tokens (with ``group``: this rank's share of the global mean)."""
-    real = _real(routing)
-    (n,), share = _global(group, real.sum())
-    if float(n) == 0:
-        return routing.logits.new_zeros(())
-    out = (torch.logsumexp(routing.logits, dim=-1).square() * real).sum() / n
-    return out * share if share != 1 else out
+    """mean_t logsumexp(z_t)^2 over real tokens (ST-MoE, Zoph et al. 2022; with ``group``: this
+    rank's share of the global mean).
+
+    Summed as sum_t l_t * (l_t * m_t / N) (l = logsumexp(z) [T], m the real-token mask): every
+    intermediate is at most the result, so finite logits give a finite loss (and gradient
+    2 l_t m_t / N * softmax(z_t)) whenever the loss fits the logits' dtype; l_t^2 alone would
+    overflow fp32 for |l_t| > 1.8e19. A loss beyond the dtype's range (fp32: logits ~1e20)
+    raises a ValueError that says so (on every rank with ``group``). Non-finite logits (with
+    ``check_finite=False``) still give a non-finite loss.
+    """
+    logits = routing.logits
+    real = _real(routing).to(logits.dtype)
+    lse = torch.logsumexp(logits, dim=-1)  # [T]
+    limit = torch.finfo(logits.dtype).max
+    if group is None:
+        n = real.sum()
+        out = (lse * (lse * (real / n.clamp(min=1.0)))).sum()
+        num, finite = torch.stack([n, torch.isfinite(out).to(n.dtype)]).tolist()  # one sync
+        if num == 0:
+            return logits.new_zeros(())
+        if not finite and bool(torch.isfinite(lse[real > 0]).all()):
+            total = sum(v * v for v in lse.detach()[real > 0].tolist()) / num  # Python floats (fp64)
+            _z_loss_overflow(total, lse, real, limit)
+        return out
+    # expert parallelism: decided from global fp64 sums, so every rank raises or none does
+    local = (lse.detach().double().square() * real).sum()
+    (n, total), share = _global(group, real.sum(), local)
+    num, total = float(n), float(total)
+    if num == 0:
+        return logits.new_zeros(())
+    if math.isfinite(total) and total * share / num > limit:  # some rank's share W l^2/N may not fit
+        (over,), _ = _global(group, (local * share / num > limit).double())
+        if float(over) > 0:
+            _z_loss_overflow(total / num, lse, real, limit)
+    return (lse * (lse * (real * (share / num)))).sum()
+
+
+def _z_loss_overflow(mean: float, lse: Tensor, real: Tensor, limit: float) -> None:
+    big = float(lse.detach()[real > 0].abs().max()) if bool((real > 0).any()) else float("nan")
+    raise ValueError(
+        f"z_loss = mean_t logsumexp(z_t)^2 = {mean:.3g} exceeds the {str(lse.dtype)[6:]} range "
+        f"({limit:.3g}): the router logits reach |logsumexp| = {big:.3g}. Logits this large mean "
+        "the router has diverged: lower the learning rate, clip gradients, or give z_loss a "
+        "coefficient from the start")
 
 
 def cv_squared(v: Tensor) -> Tensor:

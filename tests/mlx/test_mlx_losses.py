@@ -139,3 +139,58 @@ def test_bias_balancer_after_set_dtype_bf16_applies_updates_exactly_as_in_fp32()
     assert np.array_equal(got, ref)  # symmetric: +1e-3 and -1e-3 both apply, as in fp32
     assert np.abs(got[-1, :2] - np.array(START[:2])).max() < 1e-6  # no drift
     assert np.abs(got[-1, 2:] - np.array([START[2] + 0.12, START[3] - 0.12])).max() < 1e-5
+
+
+def _z_routing(logits, mask=None):
+    from moegrad.mlx.routing import Routing
+
+    scores = mx.softmax(logits, axis=-1)
+    idx = mx.argsort(-scores, axis=-1)[:, :2].astype(mx.uint32)
+    return Routing(logits=logits, scores=scores, indices=idx,
+                   weights=mx.take_along_axis(scores, idx, axis=-1), shape=(logits.shape[0],), mask=mask)
+
+
+def _z_reference(rows, keep):
+    """mean over the kept tokens of logsumexp^2 and its gradient 2 l_t / N softmax(z_t), in
+    Python floats (fp64), written out."""
+    lse = {t: max(rows[t]) + math.log(sum(math.exp(v - max(rows[t])) for v in rows[t])) for t in keep}
+    grad = np.zeros((len(rows), len(rows[0])))
+    for t in keep:
+        denom = sum(math.exp(v - max(rows[t])) for v in rows[t])
+        grad[t] = [2 * lse[t] / len(keep) * math.exp(v - max(rows[t])) / denom for v in rows[t]]
+    return sum(lse[t] ** 2 for t in keep) / len(keep), grad
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_z_loss_is_finite_and_exact_for_huge_finite_logits(masked):
+    # |logsumexp| ~ 1.5e19: each square fits fp32, their sum over 8 tokens does not
+    rng = np.random.default_rng(0)
+    logits = mx.array((1.5e19 * (1 + 0.05 * rng.random((8, 6)))).astype(np.float32))
+    keep_mask = np.array([True, True, False, True, True, True, False, True]) if masked else np.ones(8, bool)
+    mask = mx.array(keep_mask) if masked else None
+    value, grad = mx.value_and_grad(lambda z: ml.z_loss(_z_routing(z, mask)))(logits)
+    ref_value, ref_grad = _z_reference(np.array(logits).astype(np.float64).tolist(),
+                                       [t for t in range(8) if keep_mask[t]])
+    assert math.isfinite(float(value)) and abs(float(value) - ref_value) <= 1e-5 * ref_value
+    grad = np.array(grad).astype(np.float64)
+    assert np.isfinite(grad).all()
+    assert np.abs(grad - ref_grad).max() <= 1e-5 * np.abs(ref_grad).max()
+
+
+def test_z_loss_beyond_fp32_raises_and_torch_agrees():
+    with pytest.raises(ValueError, match=r"z_loss = mean_t logsumexp\(z_t\)\^2 = 1e\+40 exceeds the "
+                                         r"float32 range \(3.4e\+38\).*\|logsumexp\| = 1e\+20"):
+        ml.z_loss(_z_routing(mx.full((4, 6), 1e20)))
+    with pytest.raises(ValueError, match="exceeds the float32 range"):
+        tl.z_loss(_torch_routing(torch.full((4, 6), 1e20)))
+    bad = mx.array(np.where(np.arange(24).reshape(4, 6) == 8, np.inf, 0.5).astype(np.float32))
+    assert not math.isfinite(float(ml.z_loss(_z_routing(bad))))  # non-finite logits: no claim
+
+
+def _torch_routing(logits):
+    from moegrad.routing import Routing
+
+    scores = torch.softmax(logits, -1)
+    idx = scores.topk(2, -1).indices
+    return Routing(logits=logits, scores=scores, indices=idx, weights=scores.gather(1, idx),
+                   shape=(logits.shape[0],))

@@ -16,6 +16,7 @@ s' are the scores normalised to sum to 1 over experts; CV^2(v) = Var(v) / mean(v
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import mlx.core as mx
@@ -50,12 +51,25 @@ def switch_loss(routing: Routing) -> mx.array:
 
 
 def z_loss(routing: Routing) -> mx.array:
-    """mean_t logsumexp(z_t)^2 over real tokens."""
+    """mean_t logsumexp(z_t)^2 over real tokens, summed as sum_t l_t * (l_t * m_t / N) so that
+    finite logits give a finite loss and gradient whenever the loss fits fp32; a loss beyond
+    fp32 (logits ~1e20) raises a ValueError (see :func:`moegrad.losses.z_loss`)."""
     real = _real(routing)
     n = real.sum()
     if float(n) == 0:
         return mx.array(0.0)
-    return (mx.square(mx.logsumexp(routing.logits, axis=-1)) * real).sum() / n
+    lse = mx.logsumexp(routing.logits, axis=-1)  # [T]
+    out = (lse * (lse * (real / n))).sum()
+    if not bool(mx.isfinite(out)):
+        keep = [v for v, m in zip(lse.tolist(), real.tolist()) if m > 0]
+        if all(math.isfinite(v) for v in keep):  # finite logits: the loss itself is too large
+            limit = float(mx.finfo(routing.logits.dtype).max)
+            raise ValueError(
+                f"z_loss = mean_t logsumexp(z_t)^2 = {sum(v * v for v in keep) / len(keep):.3g} "
+                f"exceeds the float32 range ({limit:.3g}): the router logits reach |logsumexp| = "
+                f"{max(abs(v) for v in keep):.3g}. Logits this large mean the router has diverged: "
+                "lower the learning rate, clip gradients, or give z_loss a coefficient from the start")
+    return out
 
 
 def cv_squared(v: mx.array) -> mx.array:
