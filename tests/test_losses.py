@@ -457,3 +457,146 @@ def test_z_loss_gradcheck_float64_with_padding():
     value = losses.z_loss(_logits_routing(logits, mask))
     assert abs(float(value.detach()) - ref_value) <= 1e-12 * ref_value
     torch.testing.assert_close(torch.autograd.grad(value, logits)[0], ref_grad, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- issue 11, item 14
+def _megatron_scores_for_aux_loss(logits, topk, score, padding_mask=None):
+    """Megatron-Core ``compute_routing_scores_for_aux_loss`` (moe_utils.py), transcribed:
+    -> (routing_map [T, E] bool, scores [T, E]); ``padding_mask`` True = padding."""
+    if score == "softmax":
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    else:
+        scores = torch.sigmoid(logits.float())
+        scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    _, top_indices = torch.topk(scores, k=topk, dim=1)
+    routing_map = torch.zeros_like(logits).int().scatter(1, top_indices, 1).bool()
+    if padding_mask is not None:
+        valid_mask = (~padding_mask).unsqueeze(-1)
+        routing_map = routing_map * valid_mask
+        scores = scores * valid_mask
+    return routing_map, scores
+
+
+def _megatron_switch(probs, tokens_per_expert, total_num_tokens, topk, num_experts):
+    """Megatron-Core ``switch_load_balancing_loss_func`` (coefficient 1), transcribed."""
+    aggregated_probs_per_expert = probs.sum(dim=0)
+    return torch.sum(aggregated_probs_per_expert * tokens_per_expert) * (
+        num_experts / (topk * total_num_tokens * total_num_tokens))
+
+
+def _megatron_aux_loss(logits, topk, score, padding_mask=None, routing_map=None):
+    """TopKRouter._apply_aux_loss on one rank: counts from ``get_tokens_per_expert_and_token_count``
+    (with a padding mask the token count is sum(counts) / topk)."""
+    aux_map, scores = _megatron_scores_for_aux_loss(logits, topk, score, padding_mask)
+    routing_map = aux_map if routing_map is None else routing_map
+    tokens_per_expert = routing_map.sum(dim=0)
+    total = tokens_per_expert.sum() / topk if padding_mask is not None else routing_map.shape[0]
+    return _megatron_switch(scores, tokens_per_expert, total, topk, logits.shape[1])
+
+
+def _megatron_seq_aux_loss(logits, topk, score, seq_length, bsz, padding_mask=None):
+    """TopKRouter._apply_seq_aux_loss on one rank. Megatron's tokens are sequence-major [S, B]:
+    the batch is folded into the expert axis ([S, B*E]), counts with topk * bsz."""
+    routing_map, scores = _megatron_scores_for_aux_loss(logits, topk, score, padding_mask)
+    scores = scores.reshape(seq_length, -1)
+    routing_map = routing_map.reshape(seq_length, -1)
+    tokens_per_expert = routing_map.sum(dim=0)
+    total = (tokens_per_expert.sum() / (topk * bsz) if padding_mask is not None else seq_length)
+    return _megatron_switch(scores, tokens_per_expert, total, topk, logits.shape[1]) / bsz
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_switch_is_k_times_megatron_and_switch_megatron_equals_it(score, masked):
+    mask = torch.tensor([[True] * 5 + [False] * 2, [True] * 3 + [False] * 4]) if masked else None
+    _, r = _routing(shape=(2, 7), mask=mask, e=6, k=3, score=score)
+    padding = None if mask is None else ~mask.reshape(-1)
+    ref = _megatron_aux_loss(r.logits, 3, score, padding)
+    torch.testing.assert_close(losses.switch_megatron_loss(r), ref)
+    torch.testing.assert_close(losses.switch_loss(r), 3 * ref)
+    torch.testing.assert_close(losses.LOSSES["switch_megatron"](r), ref)
+
+
+def test_switch_megatron_is_one_at_perfect_balance_and_through_moe():
+    router = moegrad.Router(4, 4, 1)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(4) * 50)
+    r = router(torch.eye(4))
+    torch.testing.assert_close(losses.switch_megatron_loss(r), torch.tensor(1.0), atol=1e-3, rtol=0)
+    moe = moegrad.MoE(5, 8, 6, 2, losses={"switch": 0.5, "switch_megatron": 0.25, "z_loss": 0.1})
+    out = moe(torch.randn(2, 6, 5))
+    ref = _megatron_aux_loss(out.routing.logits, 2, "softmax")
+    torch.testing.assert_close(out.losses["switch_megatron"], ref)
+    torch.testing.assert_close(out.aux_loss, 0.5 * 2 * ref + 0.25 * ref + 0.1 * losses.z_loss(out.routing))
+    # gradient of Megatron-Core's formula, through autograd of the transcription
+    got = torch.autograd.grad(out.losses["switch_megatron"], moe.router.gate.weight, retain_graph=True)[0]
+    want = torch.autograd.grad(ref, moe.router.gate.weight)[0]
+    torch.testing.assert_close(got, want)
+
+
+def test_switch_megatron_with_a_balance_window_counts_once():
+    torch.manual_seed(3)
+    moe = moegrad.MoE(5, 8, 6, 2, losses={"switch": 1.0, "switch_megatron": 1.0})
+    window = losses.BalanceWindow(moe)
+    for _ in range(2):
+        out = moe(torch.randn(7, 5))
+    assert int(moe.balance_window[-1]) == 14  # two micro-batches of 7 real tokens, not 28
+    torch.testing.assert_close(out.losses["switch_megatron"], out.losses["switch"] / 2)
+    only = moegrad.MoE(5, 8, 6, 2, losses={"switch_megatron": 1.0})
+    losses.BalanceWindow(only)
+    only(torch.randn(7, 5))
+    assert int(only.balance_window[-1]) == 7
+    window.remove()
+
+
+def test_under_a_selection_bias_losses_count_the_selected_experts_megatron_the_unbiased_topk():
+    router, _ = _routing(e=6, k=2, selection_bias=True)
+    with torch.no_grad():
+        router.gate.weight.mul_(4)  # clear preferences, so whose counts are used matters
+        router.bias.copy_(torch.tensor([2.0, 2.0, 0, 0, 0, 0]))  # experts 0 and 1 always selected
+    r = router(torch.randn(12, 5))
+    assert (r.indices.sort(-1).values == torch.tensor([0, 1])).all()
+    selected = torch.zeros_like(r.logits).scatter(1, r.indices, 1.0).bool()
+    torch.testing.assert_close(losses.switch_megatron_loss(r),
+                               _megatron_aux_loss(r.logits, 2, "softmax", routing_map=selected))
+    megatron = _megatron_aux_loss(r.logits, 2, "softmax")  # its counts: top-k without the bias
+    unbiased, _ = _megatron_scores_for_aux_loss(r.logits, 2, "softmax")
+    assert int((unbiased != selected).any(-1).sum()) >= 6  # most tokens would go elsewhere unbiased
+    assert abs(float(losses.switch_megatron_loss(r).detach()) - float(megatron.detach())) > 0.02
+
+
+def test_seq_aux_against_megatron_equal_without_padding_batch_mean_length_with_padding():
+    torch.manual_seed(5)
+    b, s, e, k = 3, 6, 6, 2
+    router = moegrad.Router(5, e, k, score="sigmoid").requires_grad_(False)  # values only
+    x = torch.randn(b, s, 5)
+    r = router(x)
+    seq_major = r.logits.view(b, s, e).transpose(0, 1).reshape(-1, e)  # Megatron's [S, B] order
+    torch.testing.assert_close(losses.seq_aux_loss(r), _megatron_seq_aux_loss(seq_major, k, "sigmoid", s, b))
+    # padding: lengths 6, 3 and 0 (an all-padding sequence)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3, [False] * 6])
+    r = router(x, mask=mask)
+    padding = (~mask).transpose(0, 1).reshape(-1)
+    megatron = _megatron_seq_aux_loss(seq_major, k, "sigmoid", s, b, padding)
+    lengths = mask.sum(1).double()
+    mean_length = lengths.sum() / b  # 3: the batch's mean real length, over all B sequences
+    own = []  # moegrad's per-sequence value with the sequence's own length
+    for i in range(b):
+        if lengths[i] > 0:
+            one = _logits_routing_like(r, i, s)
+            own.append(float(losses.seq_aux_loss(one)))
+    assert abs(float(losses.seq_aux_loss(r)) - sum(own) / len(own)) < 1e-6  # mean over sequences with tokens
+    rescaled = sum(o * float(lengths[i] / mean_length) ** 2 for i, o in zip(range(b), own)) / b
+    assert abs(float(megatron) - rescaled) < 1e-6
+    assert abs(float(megatron) - float(losses.seq_aux_loss(r))) > 0.05  # the conventions differ
+
+
+def _logits_routing_like(r, i, s):
+    """Sequence i of a (B, S) routing alone, its padding tokens dropped."""
+    from moegrad.routing import Routing
+
+    rows = slice(i * s, (i + 1) * s)
+    keep = r.mask[rows]
+    return Routing(logits=r.logits[rows][keep], scores=r.scores[rows][keep],
+                   indices=r.indices[rows][keep], weights=r.weights[rows][keep],
+                   shape=(int(keep.sum()),))

@@ -6,16 +6,36 @@ are left out, and a call without real tokens gives 0. Nothing is kept in globals
 
 =================== ===================================================================
 ``switch``          E * sum_i f_i P_i, f_i = (pairs routed to i) / T, P_i = mean_t s'_ti
-                    (Switch Transformer; equals transformers' ``load_balancing_loss_func``)
+                    (Switch Transformer; equals transformers' ``load_balancing_loss_func``);
+                    K at perfect balance
+``switch_megatron`` ``switch`` / K: Megatron-Core's scale, 1 at perfect balance
 ``z_loss``          mean_t logsumexp(z_t)^2 (ST-MoE)
 ``importance_load`` CV^2(importance) + CV^2(load), importance_i = sum_t w_ti,
                     load_i = sum_t P(x_t, i) smooth load (Shazeer 2017; needs ``noisy_topk``)
 ``seq_aux``         mean over sequences of sum_i f_i P_i with f_i = E/(K S) * count_i and
-                    P_i = mean_t s'_ti within the sequence (DeepSeek-V3)
+                    P_i = mean_t s'_ti within the sequence (DeepSeek-V3); 1 at perfect balance
 =================== ===================================================================
 
 s' are the scores normalised to sum to 1 over experts (the softmax itself for ``softmax``).
 CV^2(v) = Var(v) / mean(v)^2 with the population variance over experts.
+
+Conventions against Megatron-Core (``megatron/core/transformer/moe/moe_utils.py``
+``switch_load_balancing_loss_func``, ``compute_routing_scores_for_aux_loss``; ``router.py``
+``TopKRouter._apply_seq_aux_loss``), which computes the same losses up to these choices:
+
+- ``switch`` is K at perfect balance (transformers' convention: f sums to K). Megatron-Core
+  divides f by K, so its loss is 1 at perfect balance and the same coefficient weighs K times
+  more in moegrad. ``losses={"switch_megatron": c}`` is Megatron-Core's scale (``switch`` / K),
+  so c means what ``moe_aux_loss_coeff=c`` means there.
+- ``seq_aux`` with padding divides each sequence's counts and scores by that sequence's own
+  number of real tokens, and averages over the sequences that have one. Megatron-Core divides
+  every sequence by the batch's mean real length and averages over all B sequences. Without
+  padding the two are equal (both 1 at perfect balance).
+- Under a selection bias (``selection_bias=True``, DeepSeek-V3's ``e_score_correction_bias``),
+  group-limited top-k or a sampling estimator, the counts f are of the experts actually
+  selected (``routing.indices``). Megatron-Core counts the top-k of the unbiased scores (no
+  bias, no group limit), experts that the tokens may not have gone to.
+- ``z_loss`` is the same (mean over real tokens).
 
 Expert parallelism (``group``, set by :func:`moegrad.distributed.expert_parallel`): token and
 sequence counts are summed over the W ranks of the group (no gradient) and each rank returns its
@@ -72,7 +92,9 @@ def _global(group, *values: Tensor) -> tuple:
 
 
 def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
-    """E * sum_i f_i P_i; f sums to K over experts, so the loss is K at perfect balance.
+    """E * sum_i f_i P_i; f sums to K over experts, so the loss is K at perfect balance
+    (transformers' convention; Megatron-Core's is 1, see :func:`switch_megatron_loss`).
+    f counts the experts actually selected (``routing.indices``, after any selection bias).
 
     With ``group``: f from the counts of all ranks, this rank's share W * sum_{t here} s'_t / N.
     With ``window`` (int64 [E + 1], :class:`BalanceWindow`'s buffer: counts C per expert, then the
@@ -101,6 +123,16 @@ def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
     if share != 1:
         p = p * share
     return routing.logits.shape[1] * (f * p).sum()
+
+
+def switch_megatron_loss(routing: Routing, group=None, window=None) -> Tensor:
+    """Megatron-Core's scale of ``switch``: E / K * sum_i f_i P_i = ``switch`` / K, 1 at perfect
+    balance (Megatron-Core ``switch_load_balancing_loss_func``: E / (K T^2) * sum_i
+    count_i * sum_t s'_ti). ``{"switch_megatron": c}`` weighs the loss as Megatron-Core's
+    ``moe_aux_loss_coeff=c`` does. The counts are still the experts actually selected (Megatron-Core
+    counts the top-k of the unbiased scores; the same without a selection bias, group-limited
+    top-k or sampling). ``group`` and ``window`` as for :func:`switch_loss`."""
+    return switch_loss(routing, group=group, window=window) / routing.indices.shape[1]
 
 
 def z_loss(routing: Routing, group=None) -> Tensor:
@@ -174,9 +206,14 @@ def importance_load_loss(routing: Routing, group=None) -> Tensor:
 
 
 def seq_aux_loss(routing: Routing, group=None) -> Tensor:
-    """DeepSeek-V3 sequence-wise balance loss (without its alpha, which is the coefficient).
+    """DeepSeek-V3 sequence-wise balance loss (without its alpha, which is the coefficient):
+    mean_b sum_i f_bi P_bi, f_bi = E / (K n_b) * count_bi, P_bi = sum_t s'_bti / n_b; 1 at
+    perfect balance.
 
-    The input's leading shape (B, S) gives the sequences; a [T, D] input is one sequence.
+    The input's leading shape (B, S) gives the sequences; a [T, D] input is one sequence. With
+    padding, n_b is sequence b's own number of real tokens and the mean is over the sequences
+    that have one (Megatron-Core divides by the batch's mean real length and averages over all
+    B; equal without padding). Counts are of the experts actually selected.
     """
     num_experts, top_k = routing.logits.shape[1], routing.indices.shape[1]
     seqs, length = routing.shape if len(routing.shape) == 2 else (1, routing.num_tokens)
@@ -198,6 +235,7 @@ def seq_aux_loss(routing: Routing, group=None) -> Tensor:
 
 LOSSES: dict[str, Callable[[Routing], Tensor]] = {
     "switch": switch_loss,
+    "switch_megatron": switch_megatron_loss,
     "z_loss": z_loss,
     "importance_load": importance_load_loss,
     "seq_aux": seq_aux_loss,
@@ -228,26 +266,34 @@ def check_losses(losses, estimator: str) -> dict[str, float]:
     return out
 
 
+#: the losses that take f from counts a :class:`BalanceWindow` can accumulate
+SWITCH_LOSSES = ("switch", "switch_megatron")
+
+
 def balance_losses(routing: Routing, coefficients: dict[str, float],
                    group=None, window=None) -> tuple[Tensor, dict[str, Tensor]]:
     """-> (sum_name coef * loss, {name: loss}) for one layer call (``group``: expert parallelism,
     see the module docstring; ``window``: the ``switch`` loss's accumulation buffer, see
-    :class:`BalanceWindow`)."""
-    if window is not None and "switch" not in coefficients:
-        raise ValueError(f"window is only used by the switch loss, which is not among the losses "
-                         f"{sorted(coefficients)}")
+    :class:`BalanceWindow`). With both ``switch`` and ``switch_megatron``, the second is the
+    first / K (one count, one window update)."""
+    if window is not None and not any(name in coefficients for name in SWITCH_LOSSES):
+        raise ValueError(f"window is only used by the switch loss ({' or '.join(SWITCH_LOSSES)}), "
+                         f"which is not among the losses {sorted(coefficients)}")
 
     def one(name):
         options = {} if group is None else {"group": group}
-        if name == "switch" and window is not None:
+        if name in SWITCH_LOSSES and window is not None:
             options["window"] = window
         return LOSSES[name](routing, **options)
 
-    values = {name: one(name) for name in coefficients}
+    both = all(name in coefficients for name in SWITCH_LOSSES)
+    values = {name: one(name) for name in coefficients if not (both and name == "switch_megatron")}
+    if both:
+        values["switch_megatron"] = values["switch"] / routing.indices.shape[1]
     total = routing.logits.new_zeros(())
-    for name, value in values.items():
-        total = total + coefficients[name] * value
-    return total, values
+    for name in coefficients:
+        total = total + coefficients[name] * values[name]
+    return total, {name: values[name] for name in coefficients}
 
 
 class BalanceWindow:
@@ -255,7 +301,7 @@ class BalanceWindow:
     Detail", arXiv 2501.11873: balance over the global batch, not each micro-batch).
 
     ``BalanceWindow(module)`` gives every :class:`moegrad.MoE` inside ``module`` whose losses
-    include ``switch`` an int64 buffer ``balance_window`` [E + 1] (non-persistent: not in the state
+    include ``switch`` (or ``switch_megatron``, the same f) an int64 buffer ``balance_window`` [E + 1] (non-persistent: not in the state
     dict): the (token, slot) counts per expert and the number of real tokens of every micro-batch
     since the last :meth:`reset`, summed over the ranks under expert parallelism. In training
     mode, micro-batch m = 1..M of the window computes
@@ -294,10 +340,12 @@ class BalanceWindow:
         if not isinstance(module, nn.Module):
             raise TypeError(f"BalanceWindow expects an nn.Module holding moegrad.MoE layers, got "
                             f"{type(module).__name__}")
-        self.layers = [m for m in module.modules() if isinstance(m, MoE) and "switch" in m.losses]
+        self.layers = [m for m in module.modules()
+                       if isinstance(m, MoE) and any(name in m.losses for name in SWITCH_LOSSES)]
         if not self.layers:
             raise ValueError(f"{type(module).__name__} holds no moegrad.MoE with the switch loss; the "
-                             "window accumulates its counts: build the layers with losses={'switch': c}")
+                             "window accumulates its counts: build the layers with losses={'switch': c} "
+                             "(or 'switch_megatron')")
         taken = [m for m in self.layers if self.BUFFER in m._buffers]
         if taken:
             raise ValueError(f"{len(taken)} of the {len(self.layers)} MoE layers already belong to a "
@@ -396,5 +444,5 @@ class BiasBalancer:
         self._masters[i] = master
 
 
-__all__ = ["LOSSES", "available", "switch_loss", "z_loss", "importance_load_loss", "seq_aux_loss",
+__all__ = ["LOSSES", "available", "switch_loss", "switch_megatron_loss", "z_loss", "importance_load_loss", "seq_aux_loss",
            "cv_squared", "balance_losses", "check_losses", "BalanceWindow", "BiasBalancer"]

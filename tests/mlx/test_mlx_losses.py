@@ -21,7 +21,7 @@ from moegrad.mlx import losses as ml  # noqa: E402
 from tests.mlx.mlx_helpers import max_diff, to_mx  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["switch", "z_loss", "importance_load", "seq_aux"])
+@pytest.mark.parametrize("name", ["switch", "switch_megatron", "z_loss", "importance_load", "seq_aux"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_loss_value_and_gate_gradient_match_torch(name, masked):
     estimator = "noisy_topk" if name == "importance_load" else "topk"
@@ -194,3 +194,12 @@ def _torch_routing(logits):
     idx = scores.topk(2, -1).indices
     return Routing(logits=logits, scores=scores, indices=idx, weights=scores.gather(1, idx),
                    shape=(logits.shape[0],))
+
+
+def test_switch_megatron_is_switch_over_k():
+    mr = mgx.Router(8, 6, 3)
+    r = mr(mx.array(np.random.default_rng(1).normal(size=(10, 8)).astype(np.float32)))
+    assert abs(float(ml.switch_megatron_loss(r)) * 3 - float(ml.switch_loss(r))) < 1e-6
+    moe = mgx.MoE(8, 12, 6, 2, losses={"switch_megatron": 0.5})
+    out = moe(mx.ones((4, 8)))
+    assert abs(float(out.aux_loss) - 0.5 * float(ml.switch_loss(out.routing)) / 2) < 1e-6

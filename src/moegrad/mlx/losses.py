@@ -6,12 +6,16 @@ Shapes: T tokens, E experts, K top-k. Every loss takes one layer call's
 
 =================== ===================================================================
 ``switch``          E * sum_i f_i P_i, f_i = (pairs routed to i) / T, P_i = mean_t s'_ti
+                    (K at perfect balance, transformers' convention)
+``switch_megatron`` ``switch`` / K (Megatron-Core's scale, 1 at perfect balance)
 ``z_loss``          mean_t logsumexp(z_t)^2
 ``importance_load`` CV^2(importance) + CV^2(smooth load)   (needs ``noisy_topk``)
 ``seq_aux``         mean over sequences of sum_i f_i P_i, f_i = E/(K S) count_i (DeepSeek-V3)
 =================== ===================================================================
 
-s' are the scores normalised to sum to 1 over experts; CV^2(v) = Var(v) / mean(v)^2.
+s' are the scores normalised to sum to 1 over experts; CV^2(v) = Var(v) / mean(v)^2. The
+conventions against Megatron-Core (switch's scale, seq_aux's padding, counting the experts
+actually selected under a selection bias) are those of :mod:`moegrad.losses`.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def _normalized_scores(routing: Routing) -> mx.array:
 
 
 def switch_loss(routing: Routing) -> mx.array:
-    """E * sum_i f_i P_i (equals K at perfect balance)."""
+    """E * sum_i f_i P_i (equals K at perfect balance; f counts the experts actually selected)."""
     real = _real(routing)
     n = real.sum()
     if float(n) == 0:
@@ -48,6 +52,12 @@ def switch_loss(routing: Routing) -> mx.array:
     f = (selected_mask(routing.indices, routing.logits.shape[1]) * real[:, None]).sum(0) / n
     p = (_normalized_scores(routing) * real[:, None]).sum(0) / n
     return routing.logits.shape[1] * (f * p).sum()
+
+
+def switch_megatron_loss(routing: Routing) -> mx.array:
+    """``switch`` / K: Megatron-Core's scale (1 at perfect balance), see
+    :func:`moegrad.losses.switch_megatron_loss`."""
+    return switch_loss(routing) / routing.indices.shape[1]
 
 
 def z_loss(routing: Routing) -> mx.array:
@@ -112,6 +122,7 @@ def seq_aux_loss(routing: Routing) -> mx.array:
 
 LOSSES: dict[str, Callable[[Routing], mx.array]] = {
     "switch": switch_loss,
+    "switch_megatron": switch_megatron_loss,
     "z_loss": z_loss,
     "importance_load": importance_load_loss,
     "seq_aux": seq_aux_loss,
