@@ -1,5 +1,7 @@
 """Balance losses against hand computations; BiasBalancer."""
 
+import math
+
 import pytest
 import torch
 
@@ -251,3 +253,350 @@ def test_balance_window_eval_state_dict_and_errors():
         losses.switch_loss(r, window=torch.zeros(6, dtype=torch.int64))
     with pytest.raises(ValueError, match="only used by the switch loss"):
         losses.balance_losses(r, {"z_loss": 1.0}, window=torch.zeros(7, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- issue 11, item 12
+@pytest.mark.parametrize("bad", [[moegrad.MoE(4, 8, 4, 1, selection_bias=True)], "model", None])
+def test_bias_balancer_names_module_and_what_it_takes(bad):
+    with pytest.raises(TypeError, match=r"BiasBalancer\(module=\.\.\.\) takes an nn.Module holding "
+                                        rf"moegrad Routers built with selection_bias=True.*got {type(bad).__name__}"):
+        moegrad.BiasBalancer(bad)
+
+
+# --------------------------------------------------------------------------- issue 11, item 6
+def _biased_moe(dtype=torch.float32):
+    torch.manual_seed(0)
+    moe = moegrad.MoE(4, 8, 4, 1, selection_bias=True)
+    with torch.no_grad():
+        moe.router.bias.fill_(0.5)
+    return moe.to(dtype)
+
+
+def _balance_steps(moe, loads, gamma=1e-3):
+    """Run BiasBalancer.step once per row of ``loads`` [steps, E] (set as the load counts);
+    -> [steps, E] fp32 bias after each step."""
+    balancer = moegrad.BiasBalancer(moe, gamma=gamma)
+    out = []
+    for load in loads:
+        moe.router.load_counts.copy_(load)
+        balancer.step()
+        out.append(moe.router.bias.detach().float().clone())
+    return torch.stack(out)
+
+
+def _load_pattern(steps=120):
+    """[steps, 4] int64 loads: experts 0, 1 alternate above/below the mean (+gamma, -gamma, ...);
+    expert 2 is always below the mean (+gamma every step), expert 3 always above (-gamma)."""
+    rows = [[9, 1, 1, 9] if s % 2 == 0 else [1, 9, 1, 9] for s in range(steps)]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_bias_stays_fp32_exact_when_the_model_is_cast(dtype):
+    moe = _biased_moe()
+    with torch.no_grad():
+        moe.router.bias.copy_(torch.tensor([0.5, 0.501, 0.1234567, -3e-4]))
+    exact = moe.router.bias.clone()
+    moe.to(dtype)
+    assert moe.router.gate.weight.dtype == dtype and moe.router.bias.dtype == torch.float32
+    assert torch.equal(moe.router.bias, exact)  # never went through the low precision
+    moe.half().bfloat16().double().float()
+    assert torch.equal(moe.router.bias, exact)
+    # the selection sees the fp32 bias: 0.501 beats 0.5 (both are 0.5 in bf16)
+    tied = torch.full((3, 4), 0.25)
+    with torch.no_grad():
+        moe.router.bias.copy_(torch.tensor([0.5, 0.501, 0.5, 0.5]))
+    assert moe.router.select_topk(tied).view(-1).tolist() == [1, 1, 1]
+    # a bf16 layer still runs forward with it
+    out = moe.to(dtype).train()(torch.randn(6, 4, dtype=dtype))
+    assert out.y.dtype == dtype and int(moe.router.load_counts.sum()) == 6
+
+
+def test_bias_balancer_in_bf16_applies_updates_exactly_as_in_fp32():
+    loads = _load_pattern()
+    ref = _balance_steps(_biased_moe(torch.float32), loads)
+    got = _balance_steps(_biased_moe(torch.bfloat16), loads)
+    assert torch.equal(got, ref)  # +1e-3 and -1e-3 both apply, bit for bit as in fp32
+    # no drift: the alternating experts come back to 0.5 (to fp32 rounding), the others moved
+    # by exactly +-steps * gamma (to fp32 rounding)
+    assert torch.allclose(got[-1, :2], torch.tensor([0.5, 0.5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[-1, 2:], torch.tensor([0.5 + 0.12, 0.5 - 0.12]), atol=1e-5, rtol=0)
+
+
+def _tiny_deepseek_v3(dtype):
+    t = pytest.importorskip("transformers")
+    import moegrad.hf as mh
+
+    cfg = t.DeepseekV3Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                             eos_token_id=1, bos_token_id=1, intermediate_size=40,
+                             moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                             n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                             norm_topk_prob=True, kv_lora_rank=8, q_lora_rank=12,
+                             qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+    torch.manual_seed(0)
+    model = t.DeepseekV3ForCausalLM(cfg).to(dtype)
+    mh.patch(model)
+    router = mh.routers(model)[0]
+    with torch.no_grad():
+        router.bias.fill_(0.5)
+    return model, router
+
+
+def test_bias_balancer_on_a_bf16_hf_deepseek_v3_bias_keeps_an_fp32_master_copy():
+    model, router = _tiny_deepseek_v3(torch.bfloat16)
+    hf_bias = router.gate.e_score_correction_bias
+    assert router.bias is hf_bias and hf_bias.dtype == torch.bfloat16  # HF's buffer, cast by .to()
+    loads = _load_pattern()
+    balancer = moegrad.BiasBalancer(model, gamma=1e-3)
+    ref = torch.full((4,), 0.5)  # the same updates applied in fp32
+    for load in loads:
+        router.load_counts.copy_(load)
+        balancer.step()
+        ref += 1e-3 * torch.sign(load.float().mean() - load.float())
+        assert hf_bias.dtype == torch.bfloat16
+        assert torch.equal(hf_bias, ref.to(torch.bfloat16))  # the buffer: fp32 sum, rounded once
+    assert torch.equal(balancer._masters[0], ref)
+    # symmetric: the alternating experts end where they started, the steady ones moved 0.12
+    assert hf_bias[:2].tolist() == [0.5, 0.5]
+    assert hf_bias[2:].float().tolist() == ref[2:].to(torch.bfloat16).float().tolist()
+    assert abs(float(hf_bias[2]) - 0.62) < 2e-3 and abs(float(hf_bias[3]) - 0.38) < 2e-3
+    # set elsewhere (e.g. a checkpoint loaded): the master copy restarts from the buffer
+    with torch.no_grad():
+        hf_bias.fill_(-1.0)
+    router.load_counts.copy_(torch.tensor([9, 1, 1, 9]))
+    balancer.step()
+    assert hf_bias.tolist() == torch.tensor([-1.001, -0.999, -0.999, -1.001]).to(torch.bfloat16).tolist()
+    # and the patched bf16 model still trains its selection with it
+    model.train()
+    model(torch.randint(2, 64, (2, 5)))
+    assert int(router.load_counts.sum()) == 2 * 5 * 2
+
+
+# --------------------------------------------------------------------------- issue 11, item 7
+def _logits_routing(logits, mask=None, k=2):
+    from moegrad.routing import Routing
+
+    scores = torch.softmax(logits, -1)
+    idx = scores.topk(k, -1).indices
+    return Routing(logits=logits, scores=scores, indices=idx, weights=scores.gather(1, idx),
+                   shape=(logits.shape[0],), mask=mask)
+
+
+def _z_reference(logits, mask=None):
+    """mean over real tokens of logsumexp^2 with Python floats (fp64), written out, and its
+    gradient 2 l_t / N softmax(z_t) [T, E] as a list of lists."""
+    rows = logits.double().tolist()
+    keep = [t for t in range(len(rows)) if mask is None or bool(mask[t])]
+    lse = {}
+    for t in keep:
+        m = max(rows[t])
+        lse[t] = m + math.log(sum(math.exp(v - m) for v in rows[t]))
+    value = sum(lse[t] ** 2 for t in keep) / len(keep)
+    grad = [[0.0] * len(r) for r in rows]
+    for t in keep:
+        m = max(rows[t])
+        denom = sum(math.exp(v - m) for v in rows[t])
+        grad[t] = [2 * lse[t] / len(keep) * math.exp(v - m) / denom for v in rows[t]]
+    return value, torch.tensor(grad, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_z_loss_is_finite_and_exact_for_huge_finite_fp32_logits(masked):
+    # |logsumexp| ~ 1.5e19: each square ~2e38 fits fp32 but their sum over 8 tokens does not
+    torch.manual_seed(0)
+    logits = (1.5e19 * (1 + 0.05 * torch.rand(8, 6))).requires_grad_()
+    mask = torch.tensor([True, True, False, True, True, True, False, True]) if masked else None
+    value = losses.z_loss(_logits_routing(logits, mask))
+    ref_value, ref_grad = _z_reference(logits.detach(), mask)
+    assert math.isfinite(float(value.detach()))
+    assert abs(float(value.detach()) - ref_value) <= 1e-5 * ref_value
+    (grad,) = torch.autograd.grad(value, logits)
+    assert bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=0)
+
+
+def test_z_loss_beyond_fp32_raises_naming_the_cause():
+    logits = torch.full((4, 6), 1e20)
+    with pytest.raises(ValueError, match=r"z_loss = mean_t logsumexp\(z_t\)\^2 = 1e\+40 exceeds the "
+                                         r"float32 range \(3.4e\+38\).*\|logsumexp\| = 1e\+20"):
+        losses.z_loss(_logits_routing(logits))
+    # the same logits in fp64 (gradient checks) fit: no error, exact value
+    value = losses.z_loss(_logits_routing(torch.full((4, 6), 1e20, dtype=torch.float64)))
+    assert abs(float(value) - (1e20 + math.log(6)) ** 2) <= 1e-12 * 1e40
+    # non-finite logits (check_finite=False) stay non-finite, as before: no claim about overflow
+    bad = torch.randn(4, 6)
+    bad[1, 2] = float("inf")
+    assert not math.isfinite(float(losses.z_loss(_logits_routing(bad))))
+
+
+def test_z_loss_under_expert_parallelism_decides_overflow_from_global_sums(monkeypatch):
+    """The ``group`` path with the collectives replaced by a fake 2-rank group whose other rank
+    holds the same tokens (sum over ranks = 2 x): this rank's share is the local mean."""
+    import moegrad.distributed as md
+
+    monkeypatch.setattr(md, "all_reduce_detached", lambda x, group=None: x.detach().clone() * 2)
+    monkeypatch.setattr(md, "group_size", lambda group=None: 2)
+    torch.manual_seed(0)
+    logits = (1.5e19 * (1 + 0.05 * torch.rand(8, 6))).requires_grad_()
+    value = losses.z_loss(_logits_routing(logits), group=object())
+    ref_value, ref_grad = _z_reference(logits.detach())
+    assert abs(float(value.detach()) - ref_value) <= 1e-5 * ref_value
+    (grad,) = torch.autograd.grad(value, logits)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="exceeds the float32 range"):
+        losses.z_loss(_logits_routing(torch.full((4, 6), 1e20)), group=object())
+
+
+def test_z_loss_gradcheck_float64_with_padding():
+    torch.manual_seed(1)
+    logits = (torch.randn(7, 5, dtype=torch.float64) * 30).requires_grad_()
+    mask = torch.tensor([True, False, True, True, False, True, True])
+    assert torch.autograd.gradcheck(lambda z: losses.z_loss(_logits_routing(z, mask)), (logits,))
+    ref_value, ref_grad = _z_reference(logits.detach(), mask)
+    value = losses.z_loss(_logits_routing(logits, mask))
+    assert abs(float(value.detach()) - ref_value) <= 1e-12 * ref_value
+    torch.testing.assert_close(torch.autograd.grad(value, logits)[0], ref_grad, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- issue 11, item 14
+def _megatron_scores_for_aux_loss(logits, topk, score, padding_mask=None):
+    """Megatron-Core ``compute_routing_scores_for_aux_loss`` (moe_utils.py), transcribed:
+    -> (routing_map [T, E] bool, scores [T, E]); ``padding_mask`` True = padding."""
+    if score == "softmax":
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    else:
+        scores = torch.sigmoid(logits.float())
+        scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    _, top_indices = torch.topk(scores, k=topk, dim=1)
+    routing_map = torch.zeros_like(logits).int().scatter(1, top_indices, 1).bool()
+    if padding_mask is not None:
+        valid_mask = (~padding_mask).unsqueeze(-1)
+        routing_map = routing_map * valid_mask
+        scores = scores * valid_mask
+    return routing_map, scores
+
+
+def _megatron_switch(probs, tokens_per_expert, total_num_tokens, topk, num_experts):
+    """Megatron-Core ``switch_load_balancing_loss_func`` (coefficient 1), transcribed."""
+    aggregated_probs_per_expert = probs.sum(dim=0)
+    return torch.sum(aggregated_probs_per_expert * tokens_per_expert) * (
+        num_experts / (topk * total_num_tokens * total_num_tokens))
+
+
+def _megatron_aux_loss(logits, topk, score, padding_mask=None, routing_map=None):
+    """TopKRouter._apply_aux_loss on one rank: counts from ``get_tokens_per_expert_and_token_count``
+    (with a padding mask the token count is sum(counts) / topk)."""
+    aux_map, scores = _megatron_scores_for_aux_loss(logits, topk, score, padding_mask)
+    routing_map = aux_map if routing_map is None else routing_map
+    tokens_per_expert = routing_map.sum(dim=0)
+    total = tokens_per_expert.sum() / topk if padding_mask is not None else routing_map.shape[0]
+    return _megatron_switch(scores, tokens_per_expert, total, topk, logits.shape[1])
+
+
+def _megatron_seq_aux_loss(logits, topk, score, seq_length, bsz, padding_mask=None):
+    """TopKRouter._apply_seq_aux_loss on one rank. Megatron's tokens are sequence-major [S, B]:
+    the batch is folded into the expert axis ([S, B*E]), counts with topk * bsz."""
+    routing_map, scores = _megatron_scores_for_aux_loss(logits, topk, score, padding_mask)
+    scores = scores.reshape(seq_length, -1)
+    routing_map = routing_map.reshape(seq_length, -1)
+    tokens_per_expert = routing_map.sum(dim=0)
+    total = (tokens_per_expert.sum() / (topk * bsz) if padding_mask is not None else seq_length)
+    return _megatron_switch(scores, tokens_per_expert, total, topk, logits.shape[1]) / bsz
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_switch_is_k_times_megatron_and_switch_megatron_equals_it(score, masked):
+    mask = torch.tensor([[True] * 5 + [False] * 2, [True] * 3 + [False] * 4]) if masked else None
+    _, r = _routing(shape=(2, 7), mask=mask, e=6, k=3, score=score)
+    padding = None if mask is None else ~mask.reshape(-1)
+    ref = _megatron_aux_loss(r.logits, 3, score, padding)
+    torch.testing.assert_close(losses.switch_megatron_loss(r), ref)
+    torch.testing.assert_close(losses.switch_loss(r), 3 * ref)
+    torch.testing.assert_close(losses.LOSSES["switch_megatron"](r), ref)
+
+
+def test_switch_megatron_is_one_at_perfect_balance_and_through_moe():
+    router = moegrad.Router(4, 4, 1)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(4) * 50)
+    r = router(torch.eye(4))
+    torch.testing.assert_close(losses.switch_megatron_loss(r), torch.tensor(1.0), atol=1e-3, rtol=0)
+    moe = moegrad.MoE(5, 8, 6, 2, losses={"switch": 0.5, "switch_megatron": 0.25, "z_loss": 0.1})
+    out = moe(torch.randn(2, 6, 5))
+    ref = _megatron_aux_loss(out.routing.logits, 2, "softmax")
+    torch.testing.assert_close(out.losses["switch_megatron"], ref)
+    torch.testing.assert_close(out.aux_loss, 0.5 * 2 * ref + 0.25 * ref + 0.1 * losses.z_loss(out.routing))
+    # gradient of Megatron-Core's formula, through autograd of the transcription
+    got = torch.autograd.grad(out.losses["switch_megatron"], moe.router.gate.weight, retain_graph=True)[0]
+    want = torch.autograd.grad(ref, moe.router.gate.weight)[0]
+    torch.testing.assert_close(got, want)
+
+
+def test_switch_megatron_with_a_balance_window_counts_once():
+    torch.manual_seed(3)
+    moe = moegrad.MoE(5, 8, 6, 2, losses={"switch": 1.0, "switch_megatron": 1.0})
+    window = losses.BalanceWindow(moe)
+    for _ in range(2):
+        out = moe(torch.randn(7, 5))
+    assert int(moe.balance_window[-1]) == 14  # two micro-batches of 7 real tokens, not 28
+    torch.testing.assert_close(out.losses["switch_megatron"], out.losses["switch"] / 2)
+    only = moegrad.MoE(5, 8, 6, 2, losses={"switch_megatron": 1.0})
+    losses.BalanceWindow(only)
+    only(torch.randn(7, 5))
+    assert int(only.balance_window[-1]) == 7
+    window.remove()
+
+
+def test_under_a_selection_bias_losses_count_the_selected_experts_megatron_the_unbiased_topk():
+    router, _ = _routing(e=6, k=2, selection_bias=True)
+    with torch.no_grad():
+        router.gate.weight.mul_(4)  # clear preferences, so whose counts are used matters
+        router.bias.copy_(torch.tensor([2.0, 2.0, 0, 0, 0, 0]))  # experts 0 and 1 always selected
+    r = router(torch.randn(12, 5))
+    assert (r.indices.sort(-1).values == torch.tensor([0, 1])).all()
+    selected = torch.zeros_like(r.logits).scatter(1, r.indices, 1.0).bool()
+    torch.testing.assert_close(losses.switch_megatron_loss(r),
+                               _megatron_aux_loss(r.logits, 2, "softmax", routing_map=selected))
+    megatron = _megatron_aux_loss(r.logits, 2, "softmax")  # its counts: top-k without the bias
+    unbiased, _ = _megatron_scores_for_aux_loss(r.logits, 2, "softmax")
+    assert int((unbiased != selected).any(-1).sum()) >= 6  # most tokens would go elsewhere unbiased
+    assert abs(float(losses.switch_megatron_loss(r).detach()) - float(megatron.detach())) > 0.02
+
+
+def test_seq_aux_against_megatron_equal_without_padding_batch_mean_length_with_padding():
+    torch.manual_seed(5)
+    b, s, e, k = 3, 6, 6, 2
+    router = moegrad.Router(5, e, k, score="sigmoid").requires_grad_(False)  # values only
+    x = torch.randn(b, s, 5)
+    r = router(x)
+    seq_major = r.logits.view(b, s, e).transpose(0, 1).reshape(-1, e)  # Megatron's [S, B] order
+    torch.testing.assert_close(losses.seq_aux_loss(r), _megatron_seq_aux_loss(seq_major, k, "sigmoid", s, b))
+    # padding: lengths 6, 3 and 0 (an all-padding sequence)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3, [False] * 6])
+    r = router(x, mask=mask)
+    padding = (~mask).transpose(0, 1).reshape(-1)
+    megatron = _megatron_seq_aux_loss(seq_major, k, "sigmoid", s, b, padding)
+    lengths = mask.sum(1).double()
+    mean_length = lengths.sum() / b  # 3: the batch's mean real length, over all B sequences
+    own = []  # moegrad's per-sequence value with the sequence's own length
+    for i in range(b):
+        if lengths[i] > 0:
+            one = _logits_routing_like(r, i, s)
+            own.append(float(losses.seq_aux_loss(one)))
+    assert abs(float(losses.seq_aux_loss(r)) - sum(own) / len(own)) < 1e-6  # mean over sequences with tokens
+    rescaled = sum(o * float(lengths[i] / mean_length) ** 2 for i, o in zip(range(b), own)) / b
+    assert abs(float(megatron) - rescaled) < 1e-6
+    assert abs(float(megatron) - float(losses.seq_aux_loss(r))) > 0.05  # the conventions differ
+
+
+def _logits_routing_like(r, i, s):
+    """Sequence i of a (B, S) routing alone, its padding tokens dropped."""
+    from moegrad.routing import Routing
+
+    rows = slice(i * s, (i + 1) * s)
+    keep = r.mask[rows]
+    return Routing(logits=r.logits[rows][keep], scores=r.scores[rows][keep],
+                   indices=r.indices[rows][keep], weights=r.weights[rows][keep],
+                   shape=(int(keep.sum()),))

@@ -249,7 +249,7 @@ def dense_chunk_tokens(chunk_tokens: Optional[int], dim: int, hidden_dim: int,
 
 
 # ----------------------------------------------------------------------------- balance losses
-LOSS_NAMES = ("importance_load", "seq_aux", "switch", "z_loss")
+LOSS_NAMES = ("importance_load", "seq_aux", "switch", "switch_megatron", "z_loss")
 
 #: losses that need a particular estimator (the one that produces what they read)
 LOSS_NEEDS_ESTIMATOR = {"importance_load": "noisy_topk"}

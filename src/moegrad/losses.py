@@ -6,16 +6,36 @@ are left out, and a call without real tokens gives 0. Nothing is kept in globals
 
 =================== ===================================================================
 ``switch``          E * sum_i f_i P_i, f_i = (pairs routed to i) / T, P_i = mean_t s'_ti
-                    (Switch Transformer; equals transformers' ``load_balancing_loss_func``)
+                    (Switch Transformer; equals transformers' ``load_balancing_loss_func``);
+                    K at perfect balance
+``switch_megatron`` ``switch`` / K: Megatron-Core's scale, 1 at perfect balance
 ``z_loss``          mean_t logsumexp(z_t)^2 (ST-MoE)
 ``importance_load`` CV^2(importance) + CV^2(load), importance_i = sum_t w_ti,
                     load_i = sum_t P(x_t, i) smooth load (Shazeer 2017; needs ``noisy_topk``)
 ``seq_aux``         mean over sequences of sum_i f_i P_i with f_i = E/(K S) * count_i and
-                    P_i = mean_t s'_ti within the sequence (DeepSeek-V3)
+                    P_i = mean_t s'_ti within the sequence (DeepSeek-V3); 1 at perfect balance
 =================== ===================================================================
 
 s' are the scores normalised to sum to 1 over experts (the softmax itself for ``softmax``).
 CV^2(v) = Var(v) / mean(v)^2 with the population variance over experts.
+
+Conventions against Megatron-Core (``megatron/core/transformer/moe/moe_utils.py``
+``switch_load_balancing_loss_func``, ``compute_routing_scores_for_aux_loss``; ``router.py``
+``TopKRouter._apply_seq_aux_loss``), which computes the same losses up to these choices:
+
+- ``switch`` is K at perfect balance (transformers' convention: f sums to K). Megatron-Core
+  divides f by K, so its loss is 1 at perfect balance and the same coefficient weighs K times
+  more in moegrad. ``losses={"switch_megatron": c}`` is Megatron-Core's scale (``switch`` / K),
+  so c means what ``moe_aux_loss_coeff=c`` means there.
+- ``seq_aux`` with padding divides each sequence's counts and scores by that sequence's own
+  number of real tokens, and averages over the sequences that have one. Megatron-Core divides
+  every sequence by the batch's mean real length and averages over all B sequences. Without
+  padding the two are equal (both 1 at perfect balance).
+- Under a selection bias (``selection_bias=True``, DeepSeek-V3's ``e_score_correction_bias``),
+  group-limited top-k or a sampling estimator, the counts f are of the experts actually
+  selected (``routing.indices``). Megatron-Core counts the top-k of the unbiased scores (no
+  bias, no group limit), experts that the tokens may not have gone to.
+- ``z_loss`` is the same (mean over real tokens).
 
 Expert parallelism (``group``, set by :func:`moegrad.distributed.expert_parallel`): token and
 sequence counts are summed over the W ranks of the group (no gradient) and each rank returns its
@@ -31,7 +51,8 @@ included) instead of this micro-batch alone; P stays this micro-batch's.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import math
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +93,9 @@ def _global(group, *values: Tensor) -> tuple:
 
 
 def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
-    """E * sum_i f_i P_i; f sums to K over experts, so the loss is K at perfect balance.
+    """E * sum_i f_i P_i; f sums to K over experts, so the loss is K at perfect balance
+    (transformers' convention; Megatron-Core's is 1, see :func:`switch_megatron_loss`).
+    f counts the experts actually selected (``routing.indices``, after any selection bias).
 
     With ``group``: f from the counts of all ranks, this rank's share W * sum_{t here} s'_t / N.
     With ``window`` (int64 [E + 1], :class:`BalanceWindow`'s buffer: counts C per expert, then the
@@ -103,14 +126,61 @@ def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
     return routing.logits.shape[1] * (f * p).sum()
 
 
+def switch_megatron_loss(routing: Routing, group=None, window=None) -> Tensor:
+    """Megatron-Core's scale of ``switch``: E / K * sum_i f_i P_i = ``switch`` / K, 1 at perfect
+    balance (Megatron-Core ``switch_load_balancing_loss_func``: E / (K T^2) * sum_i
+    count_i * sum_t s'_ti). ``{"switch_megatron": c}`` weighs the loss as Megatron-Core's
+    ``moe_aux_loss_coeff=c`` does. The counts are still the experts actually selected (Megatron-Core
+    counts the top-k of the unbiased scores; the same without a selection bias, group-limited
+    top-k or sampling). ``group`` and ``window`` as for :func:`switch_loss`."""
+    return switch_loss(routing, group=group, window=window) / routing.indices.shape[1]
+
+
 def z_loss(routing: Routing, group=None) -> Tensor:
-    """mean_t logsumexp(z_t)^2 over real tokens (with ``group``: this rank's share of the global mean)."""
-    real = _real(routing)
-    (n,), share = _global(group, real.sum())
-    if float(n) == 0:
-        return routing.logits.new_zeros(())
-    out = (torch.logsumexp(routing.logits, dim=-1).square() * real).sum() / n
-    return out * share if share != 1 else out
+    """mean_t logsumexp(z_t)^2 over real tokens (ST-MoE, Zoph et al. 2022; with ``group``: this
+    rank's share of the global mean).
+
+    Summed as sum_t l_t * (l_t * m_t / N) (l = logsumexp(z) [T], m the real-token mask): every
+    intermediate is at most the result, so finite logits give a finite loss (and gradient
+    2 l_t m_t / N * softmax(z_t)) whenever the loss fits the logits' dtype; l_t^2 alone would
+    overflow fp32 for |l_t| > 1.8e19. A loss beyond the dtype's range (fp32: logits ~1e20)
+    raises a ValueError that says so (on every rank with ``group``). Non-finite logits (with
+    ``check_finite=False``) still give a non-finite loss.
+    """
+    logits = routing.logits
+    real = _real(routing).to(logits.dtype)
+    lse = torch.logsumexp(logits, dim=-1)  # [T]
+    limit = torch.finfo(logits.dtype).max
+    if group is None:
+        n = real.sum()
+        out = (lse * (lse * (real / n.clamp(min=1.0)))).sum()
+        num, finite = torch.stack([n, torch.isfinite(out).to(n.dtype)]).tolist()  # one sync
+        if num == 0:
+            return logits.new_zeros(())
+        if not finite and bool(torch.isfinite(lse[real > 0]).all()):
+            total = sum(v * v for v in lse.detach()[real > 0].tolist()) / num  # Python floats (fp64)
+            _z_loss_overflow(total, lse, real, limit)
+        return out
+    # expert parallelism: decided from global fp64 sums, so every rank raises or none does
+    local = (lse.detach().double().square() * real).sum()
+    (n, total), share = _global(group, real.sum(), local)
+    num, total = float(n), float(total)
+    if num == 0:
+        return logits.new_zeros(())
+    if math.isfinite(total) and total * share / num > limit:  # some rank's share W l^2/N may not fit
+        (over,), _ = _global(group, (local * share / num > limit).double())
+        if float(over) > 0:
+            _z_loss_overflow(total / num, lse, real, limit)
+    return (lse * (lse * (real * (share / num)))).sum()
+
+
+def _z_loss_overflow(mean: float, lse: Tensor, real: Tensor, limit: float) -> None:
+    big = float(lse.detach()[real > 0].abs().max()) if bool((real > 0).any()) else float("nan")
+    raise ValueError(
+        f"z_loss = mean_t logsumexp(z_t)^2 = {mean:.3g} exceeds the {str(lse.dtype)[6:]} range "
+        f"({limit:.3g}): the router logits reach |logsumexp| = {big:.3g}. Logits this large mean "
+        "the router has diverged: lower the learning rate, clip gradients, or give z_loss a "
+        "coefficient from the start")
 
 
 def cv_squared(v: Tensor) -> Tensor:
@@ -137,9 +207,14 @@ def importance_load_loss(routing: Routing, group=None) -> Tensor:
 
 
 def seq_aux_loss(routing: Routing, group=None) -> Tensor:
-    """DeepSeek-V3 sequence-wise balance loss (without its alpha, which is the coefficient).
+    """DeepSeek-V3 sequence-wise balance loss (without its alpha, which is the coefficient):
+    mean_b sum_i f_bi P_bi, f_bi = E / (K n_b) * count_bi, P_bi = sum_t s'_bti / n_b; 1 at
+    perfect balance.
 
-    The input's leading shape (B, S) gives the sequences; a [T, D] input is one sequence.
+    The input's leading shape (B, S) gives the sequences; a [T, D] input is one sequence. With
+    padding, n_b is sequence b's own number of real tokens and the mean is over the sequences
+    that have one (Megatron-Core divides by the batch's mean real length and averages over all
+    B; equal without padding). Counts are of the experts actually selected.
     """
     num_experts, top_k = routing.logits.shape[1], routing.indices.shape[1]
     seqs, length = routing.shape if len(routing.shape) == 2 else (1, routing.num_tokens)
@@ -161,6 +236,7 @@ def seq_aux_loss(routing: Routing, group=None) -> Tensor:
 
 LOSSES: dict[str, Callable[[Routing], Tensor]] = {
     "switch": switch_loss,
+    "switch_megatron": switch_megatron_loss,
     "z_loss": z_loss,
     "importance_load": importance_load_loss,
     "seq_aux": seq_aux_loss,
@@ -172,26 +248,34 @@ def available() -> list[str]:
     return sorted(LOSSES)
 
 
+#: the losses that take f from counts a :class:`BalanceWindow` can accumulate
+SWITCH_LOSSES = ("switch", "switch_megatron")
+
+
 def balance_losses(routing: Routing, coefficients: dict[str, float],
                    group=None, window=None) -> tuple[Tensor, dict[str, Tensor]]:
     """-> (sum_name coef * loss, {name: loss}) for one layer call (``group``: expert parallelism,
     see the module docstring; ``window``: the ``switch`` loss's accumulation buffer, see
-    :class:`BalanceWindow`)."""
-    if window is not None and "switch" not in coefficients:
-        raise ValueError(f"window is only used by the switch loss, which is not among the losses "
-                         f"{sorted(coefficients)}")
+    :class:`BalanceWindow`). With both ``switch`` and ``switch_megatron``, the second is the
+    first / K (one count, one window update)."""
+    if window is not None and not any(name in coefficients for name in SWITCH_LOSSES):
+        raise ValueError(f"window is only used by the switch loss ({' or '.join(SWITCH_LOSSES)}), "
+                         f"which is not among the losses {sorted(coefficients)}")
 
     def one(name):
         options = {} if group is None else {"group": group}
-        if name == "switch" and window is not None:
+        if name in SWITCH_LOSSES and window is not None:
             options["window"] = window
         return LOSSES[name](routing, **options)
 
-    values = {name: one(name) for name in coefficients}
+    both = all(name in coefficients for name in SWITCH_LOSSES)
+    values = {name: one(name) for name in coefficients if not (both and name == "switch_megatron")}
+    if both:
+        values["switch_megatron"] = values["switch"] / routing.indices.shape[1]
     total = routing.logits.new_zeros(())
-    for name, value in values.items():
-        total = total + coefficients[name] * value
-    return total, values
+    for name in coefficients:
+        total = total + coefficients[name] * values[name]
+    return total, {name: values[name] for name in coefficients}
 
 
 class BalanceWindow:
@@ -199,7 +283,7 @@ class BalanceWindow:
     Detail", arXiv 2501.11873: balance over the global batch, not each micro-batch).
 
     ``BalanceWindow(module)`` gives every :class:`moegrad.MoE` inside ``module`` whose losses
-    include ``switch`` an int64 buffer ``balance_window`` [E + 1] (non-persistent: not in the state
+    include ``switch`` (or ``switch_megatron``, the same f) an int64 buffer ``balance_window`` [E + 1] (non-persistent: not in the state
     dict): the (token, slot) counts per expert and the number of real tokens of every micro-batch
     since the last :meth:`reset`, summed over the ranks under expert parallelism. In training
     mode, micro-batch m = 1..M of the window computes
@@ -238,10 +322,12 @@ class BalanceWindow:
         if not isinstance(module, nn.Module):
             raise TypeError(f"BalanceWindow expects an nn.Module holding moegrad.MoE layers, got "
                             f"{type(module).__name__}")
-        self.layers = [m for m in module.modules() if isinstance(m, MoE) and "switch" in m.losses]
+        self.layers = [m for m in module.modules()
+                       if isinstance(m, MoE) and any(name in m.losses for name in SWITCH_LOSSES)]
         if not self.layers:
             raise ValueError(f"{type(module).__name__} holds no moegrad.MoE with the switch loss; the "
-                             "window accumulates its counts: build the layers with losses={'switch': c}")
+                             "window accumulates its counts: build the layers with losses={'switch': c} "
+                             "(or 'switch_megatron')")
         taken = [m for m in self.layers if self.BUFFER in m._buffers]
         if taken:
             raise ValueError(f"{len(taken)} of the {len(self.layers)} MoE layers already belong to a "
@@ -278,12 +364,29 @@ class BiasBalancer:
     """Auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean_load - load_i).
 
     ``module`` is a Router, an MoE or a whole model: every Router inside it that was built with
-    ``selection_bias=True`` is balanced. Loads are the routers' ``load_counts`` buffers, gathered
-    in training mode since the last :meth:`step`; call :meth:`step` after ``optimizer.step()``.
+    ``selection_bias=True`` is balanced (with :mod:`moegrad.hf`, DeepSeek-V3's
+    ``e_score_correction_bias``). Loads are the routers' ``load_counts`` buffers, gathered in
+    training mode since the last :meth:`step`; call :meth:`step` after ``optimizer.step()``.
     The bias changes which experts are selected, never the combine weights.
+
+    Precision: the updates are computed in fp32. A :class:`moegrad.Router` keeps its ``bias`` in
+    fp32 whatever the model's dtype (``model.to(torch.bfloat16)`` leaves it fp32, as
+    Megatron-Core keeps its ``expert_bias``). A bias held in a lower precision by someone else
+    (an HF DeepSeek-V3 model cast with ``.to(torch.bfloat16)`` casts its
+    ``e_score_correction_bias``) is updated through an fp32 master copy kept here: b_fp32 +=
+    update, then the buffer gets b_fp32 rounded to its dtype. In bf16, +1e-3 on 0.5 would round
+    away while -1e-3 applies, so a direct update would drift one way; through the master copy
+    the buffer stays the nearest bf16 value of the exact fp32 sum. The master copy starts from
+    the buffer and starts again from it whenever the buffer no longer equals the rounded copy
+    (it was loaded or set elsewhere); it is not saved with the model.
     """
 
     def __init__(self, module: nn.Module, gamma: float = 1e-3) -> None:
+        if not isinstance(module, nn.Module):
+            hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
+            raise TypeError(f"BiasBalancer(module=...) takes an nn.Module holding moegrad Routers built "
+                            f"with selection_bias=True (a Router, an MoE or a whole model), got "
+                            f"{type(module).__name__}{hint}")
         check_float("gamma", gamma, low=0.0)
         self.gamma = float(gamma)
         self.routers: list[Router] = [m for m in module.modules()
@@ -291,12 +394,13 @@ class BiasBalancer:
         if not self.routers:
             raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
                              "build it with selection_bias=True")
+        self._masters: list[Optional[Tensor]] = [None] * len(self.routers)  # fp32 copies of low-precision biases
 
     @torch.no_grad()
     def step(self) -> list[Tensor]:
         """Update every bias from its counts, reset the counts; returns the loads used."""
         loads = []
-        for router in self.routers:
+        for i, router in enumerate(self.routers):
             load = router.reset_load_counts().float()
             group = getattr(router, "process_group", None)  # set by moegrad.distributed.expert_parallel
             if group is not None:  # every rank applies the same update from the global loads
@@ -304,10 +408,23 @@ class BiasBalancer:
 
                 load = all_reduce_detached(load, group)
             if load.sum() > 0:
-                router.bias += self.gamma * torch.sign(load.mean() - load)
+                self._update(i, router.bias, self.gamma * torch.sign(load.mean() - load))
             loads.append(load)
         return loads
 
+    def _update(self, i: int, bias: Tensor, update: Tensor) -> None:
+        """bias += update [E] fp32, through an fp32 master copy when ``bias`` is bf16/fp16."""
+        if bias.dtype in (torch.float32, torch.float64):
+            bias += update.to(bias.dtype)
+            self._masters[i] = None
+            return
+        master = self._masters[i]
+        if master is None or master.device != bias.device or not torch.equal(master.to(bias.dtype), bias):
+            master = bias.float()  # first step, or the buffer changed elsewhere: start from it
+        master += update
+        bias.copy_(master)  # round to nearest
+        self._masters[i] = master
 
-__all__ = ["LOSSES", "available", "switch_loss", "z_loss", "importance_load_loss", "seq_aux_loss",
+
+__all__ = ["LOSSES", "available", "switch_loss", "switch_megatron_loss", "z_loss", "importance_load_loss", "seq_aux_loss",
            "cv_squared", "balance_losses", "check_losses", "BalanceWindow", "BiasBalancer"]

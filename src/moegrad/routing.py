@@ -241,3 +241,14 @@ class Router(nn.Module):
         counts = self.load_counts.clone()
         self.load_counts.zero_()
         return counts
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (behind ``.to``, ``.cuda``, ``.half``, ...) keeping the selection
+        bias fp32: a dtype cast moves it to the new device from its exact fp32 value, never
+        through the new dtype (in bf16, BiasBalancer's +1e-3 on 0.5 would round away)."""
+        bias = self._buffers.get("bias")
+        out = super()._apply(fn, recurse)
+        moved = self._buffers.get("bias")
+        if bias is not None and moved is not None and moved.dtype != torch.float32:
+            self._buffers["bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        return out

@@ -3,6 +3,8 @@ with padding masks and per-sequence shapes)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.mlx import need  # noqa: E402
@@ -19,7 +21,7 @@ from moegrad.mlx import losses as ml  # noqa: E402
 from tests.mlx.mlx_helpers import max_diff, to_mx  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["switch", "z_loss", "importance_load", "seq_aux"])
+@pytest.mark.parametrize("name", ["switch", "switch_megatron", "z_loss", "importance_load", "seq_aux"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_loss_value_and_gate_gradient_match_torch(name, masked):
     estimator = "noisy_topk" if name == "importance_load" else "topk"
@@ -82,3 +84,122 @@ def test_bias_balancer_matches_torch():
     assert max_diff(r.weights, np.take_along_axis(s, np.array(r.indices).astype(np.int64), 1)) < 1e-7
     with pytest.raises(ValueError, match="selection_bias=True"):
         mgx.BiasBalancer(mgx.MoE(8, 12, 6, 2))
+
+
+# --------------------------------------------------------------------------- issue 11
+@pytest.mark.parametrize("bad", [[1], "model", None])
+def test_bias_balancer_names_module_and_what_it_takes(bad):
+    with pytest.raises(TypeError, match=r"BiasBalancer\(module=\.\.\.\) takes an mlx.nn.Module holding "
+                                        rf"moegrad.mlx Routers built with selection_bias=True.*got {type(bad).__name__}"):
+        mgx.BiasBalancer(bad)
+    with pytest.raises(TypeError, match="got list; pass the model"):
+        mgx.BiasBalancer([mgx.MoE(4, 8, 4, 1, selection_bias=True)])
+
+
+def test_set_dtype_keeps_the_router_bias_fp32_and_exact():
+    moe = mgx.MoE(4, 8, 4, 1, selection_bias=True)
+    exact = mx.array([0.5, 0.501, 0.1234567, -3e-4])
+    moe.router.bias = exact
+    moe.set_dtype(mx.bfloat16)
+    assert moe.router.gate.weight.dtype == mx.bfloat16 and moe.router.bias.dtype == mx.float32
+    assert np.array_equal(np.array(moe.router.bias), np.array(exact))  # not rounded through bf16
+    moe.set_dtype(mx.float16)
+    assert np.array_equal(np.array(moe.router.bias), np.array(exact))
+    # the selection sees the fp32 bias: 0.501 beats 0.5 (both are 0.5 in bf16)
+    moe.router.bias = mx.array([0.5, 0.501, 0.5, 0.5])
+    assert np.array(moe.router.select_topk(mx.full((3, 4), 0.25))).reshape(-1).tolist() == [1, 1, 1]
+    # a different value in another dtype (e.g. loaded weights) is stored as fp32
+    moe.router.bias = mx.array([1.0, 2.0, 3.0, 4.0], dtype=mx.bfloat16)
+    assert moe.router.bias.dtype == mx.float32 and moe.router.bias.tolist() == [1.0, 2.0, 3.0, 4.0]
+    out = moe(mx.ones((6, 4), dtype=mx.bfloat16))
+    assert out.y.dtype == mx.bfloat16
+
+
+START = [0.5, 0.5003, 0.4996, 0.5011]  # 0.5 and three values bf16 cannot hold
+
+
+def _balance_steps(dtype, loads, gamma=1e-3):
+    moe = mgx.MoE(4, 8, 4, 1, selection_bias=True)
+    moe.router.bias = mx.array(START)
+    moe.set_dtype(dtype)
+    balancer = mgx.BiasBalancer(moe, gamma=gamma)
+    out = []
+    for load in loads:
+        moe.router.load_counts = mx.array(load, dtype=mx.int64)
+        balancer.step()
+        out.append(np.array(moe.router.bias.astype(mx.float32)))
+    return np.stack(out)
+
+
+def test_bias_balancer_after_set_dtype_bf16_applies_updates_exactly_as_in_fp32():
+    # experts 0, 1 alternate above/below the mean; expert 2 always below, expert 3 always above
+    loads = [[9, 1, 1, 9] if s % 2 == 0 else [1, 9, 1, 9] for s in range(120)]
+    ref = _balance_steps(mx.float32, loads)
+    got = _balance_steps(mx.bfloat16, loads)
+    assert np.array_equal(got, ref)  # symmetric: +1e-3 and -1e-3 both apply, as in fp32
+    assert np.abs(got[-1, :2] - np.array(START[:2])).max() < 1e-6  # no drift
+    assert np.abs(got[-1, 2:] - np.array([START[2] + 0.12, START[3] - 0.12])).max() < 1e-5
+
+
+def _z_routing(logits, mask=None):
+    from moegrad.mlx.routing import Routing
+
+    scores = mx.softmax(logits, axis=-1)
+    idx = mx.argsort(-scores, axis=-1)[:, :2].astype(mx.uint32)
+    return Routing(logits=logits, scores=scores, indices=idx,
+                   weights=mx.take_along_axis(scores, idx, axis=-1), shape=(logits.shape[0],), mask=mask)
+
+
+def _z_reference(rows, keep):
+    """mean over the kept tokens of logsumexp^2 and its gradient 2 l_t / N softmax(z_t), in
+    Python floats (fp64), written out."""
+    lse = {t: max(rows[t]) + math.log(sum(math.exp(v - max(rows[t])) for v in rows[t])) for t in keep}
+    grad = np.zeros((len(rows), len(rows[0])))
+    for t in keep:
+        denom = sum(math.exp(v - max(rows[t])) for v in rows[t])
+        grad[t] = [2 * lse[t] / len(keep) * math.exp(v - max(rows[t])) / denom for v in rows[t]]
+    return sum(lse[t] ** 2 for t in keep) / len(keep), grad
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_z_loss_is_finite_and_exact_for_huge_finite_logits(masked):
+    # |logsumexp| ~ 1.5e19: each square fits fp32, their sum over 8 tokens does not
+    rng = np.random.default_rng(0)
+    logits = mx.array((1.5e19 * (1 + 0.05 * rng.random((8, 6)))).astype(np.float32))
+    keep_mask = np.array([True, True, False, True, True, True, False, True]) if masked else np.ones(8, bool)
+    mask = mx.array(keep_mask) if masked else None
+    value, grad = mx.value_and_grad(lambda z: ml.z_loss(_z_routing(z, mask)))(logits)
+    ref_value, ref_grad = _z_reference(np.array(logits).astype(np.float64).tolist(),
+                                       [t for t in range(8) if keep_mask[t]])
+    assert math.isfinite(float(value)) and abs(float(value) - ref_value) <= 1e-5 * ref_value
+    grad = np.array(grad).astype(np.float64)
+    assert np.isfinite(grad).all()
+    assert np.abs(grad - ref_grad).max() <= 1e-5 * np.abs(ref_grad).max()
+
+
+def test_z_loss_beyond_fp32_raises_and_torch_agrees():
+    with pytest.raises(ValueError, match=r"z_loss = mean_t logsumexp\(z_t\)\^2 = 1e\+40 exceeds the "
+                                         r"float32 range \(3.4e\+38\).*\|logsumexp\| = 1e\+20"):
+        ml.z_loss(_z_routing(mx.full((4, 6), 1e20)))
+    with pytest.raises(ValueError, match="exceeds the float32 range"):
+        tl.z_loss(_torch_routing(torch.full((4, 6), 1e20)))
+    bad = mx.array(np.where(np.arange(24).reshape(4, 6) == 8, np.inf, 0.5).astype(np.float32))
+    assert not math.isfinite(float(ml.z_loss(_z_routing(bad))))  # non-finite logits: no claim
+
+
+def _torch_routing(logits):
+    from moegrad.routing import Routing
+
+    scores = torch.softmax(logits, -1)
+    idx = scores.topk(2, -1).indices
+    return Routing(logits=logits, scores=scores, indices=idx, weights=scores.gather(1, idx),
+                   shape=(logits.shape[0],))
+
+
+def test_switch_megatron_is_switch_over_k():
+    mr = mgx.Router(8, 6, 3)
+    r = mr(mx.array(np.random.default_rng(1).normal(size=(10, 8)).astype(np.float32)))
+    assert abs(float(ml.switch_megatron_loss(r)) * 3 - float(ml.switch_loss(r))) < 1e-6
+    moe = mgx.MoE(8, 12, 6, 2, losses={"switch_megatron": 0.5})
+    out = moe(mx.ones((4, 8)))
+    assert abs(float(out.aux_loss) - 0.5 * float(ml.switch_loss(out.routing)) / 2) < 1e-6

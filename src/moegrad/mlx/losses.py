@@ -6,16 +6,21 @@ Shapes: T tokens, E experts, K top-k. Every loss takes one layer call's
 
 =================== ===================================================================
 ``switch``          E * sum_i f_i P_i, f_i = (pairs routed to i) / T, P_i = mean_t s'_ti
+                    (K at perfect balance, transformers' convention)
+``switch_megatron`` ``switch`` / K (Megatron-Core's scale, 1 at perfect balance)
 ``z_loss``          mean_t logsumexp(z_t)^2
 ``importance_load`` CV^2(importance) + CV^2(smooth load)   (needs ``noisy_topk``)
 ``seq_aux``         mean over sequences of sum_i f_i P_i, f_i = E/(K S) count_i (DeepSeek-V3)
 =================== ===================================================================
 
-s' are the scores normalised to sum to 1 over experts; CV^2(v) = Var(v) / mean(v)^2.
+s' are the scores normalised to sum to 1 over experts; CV^2(v) = Var(v) / mean(v)^2. The
+conventions against Megatron-Core (switch's scale, seq_aux's padding, counting the experts
+actually selected under a selection bias) are those of :mod:`moegrad.losses`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import mlx.core as mx
@@ -40,7 +45,7 @@ def _normalized_scores(routing: Routing) -> mx.array:
 
 
 def switch_loss(routing: Routing) -> mx.array:
-    """E * sum_i f_i P_i (equals K at perfect balance)."""
+    """E * sum_i f_i P_i (equals K at perfect balance; f counts the experts actually selected)."""
     real = _real(routing)
     n = real.sum()
     if float(n) == 0:
@@ -50,13 +55,32 @@ def switch_loss(routing: Routing) -> mx.array:
     return routing.logits.shape[1] * (f * p).sum()
 
 
+def switch_megatron_loss(routing: Routing) -> mx.array:
+    """``switch`` / K: Megatron-Core's scale (1 at perfect balance), see
+    :func:`moegrad.losses.switch_megatron_loss`."""
+    return switch_loss(routing) / routing.indices.shape[1]
+
+
 def z_loss(routing: Routing) -> mx.array:
-    """mean_t logsumexp(z_t)^2 over real tokens."""
+    """mean_t logsumexp(z_t)^2 over real tokens, summed as sum_t l_t * (l_t * m_t / N) so that
+    finite logits give a finite loss and gradient whenever the loss fits fp32; a loss beyond
+    fp32 (logits ~1e20) raises a ValueError (see :func:`moegrad.losses.z_loss`)."""
     real = _real(routing)
     n = real.sum()
     if float(n) == 0:
         return mx.array(0.0)
-    return (mx.square(mx.logsumexp(routing.logits, axis=-1)) * real).sum() / n
+    lse = mx.logsumexp(routing.logits, axis=-1)  # [T]
+    out = (lse * (lse * (real / n))).sum()
+    if not bool(mx.isfinite(out)):
+        keep = [v for v, m in zip(lse.tolist(), real.tolist()) if m > 0]
+        if all(math.isfinite(v) for v in keep):  # finite logits: the loss itself is too large
+            limit = float(mx.finfo(routing.logits.dtype).max)
+            raise ValueError(
+                f"z_loss = mean_t logsumexp(z_t)^2 = {sum(v * v for v in keep) / len(keep):.3g} "
+                f"exceeds the float32 range ({limit:.3g}): the router logits reach |logsumexp| = "
+                f"{max(abs(v) for v in keep):.3g}. Logits this large mean the router has diverged: "
+                "lower the learning rate, clip gradients, or give z_loss a coefficient from the start")
+    return out
 
 
 def cv_squared(v: mx.array) -> mx.array:
@@ -99,6 +123,7 @@ def seq_aux_loss(routing: Routing) -> mx.array:
 
 LOSSES: dict[str, Callable[[Routing], mx.array]] = {
     "switch": switch_loss,
+    "switch_megatron": switch_megatron_loss,
     "z_loss": z_loss,
     "importance_load": importance_load_loss,
     "seq_aux": seq_aux_loss,
@@ -124,10 +149,17 @@ class BiasBalancer:
 
     ``module``: a Router, an MoE or a whole model; every :class:`~moegrad.mlx.Router` in it built
     with ``selection_bias=True`` is balanced from its ``load_counts``. Call :meth:`step` after
-    the optimizer update.
+    the optimizer update. The bias and its updates are fp32 whatever the model's dtype: the
+    Router keeps ``bias`` fp32 through ``model.set_dtype(mx.bfloat16)`` (in bf16, +1e-3 on 0.5
+    would round away while -1e-3 applies).
     """
 
     def __init__(self, module: nn.Module, gamma: float = 1e-3) -> None:
+        if not isinstance(module, nn.Module):
+            hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
+            raise TypeError(f"BiasBalancer(module=...) takes an mlx.nn.Module holding moegrad.mlx "
+                            f"Routers built with selection_bias=True (a Router, an MoE or a whole "
+                            f"model), got {type(module).__name__}{hint}")
         check_float("gamma", gamma, low=0.0)
         self.gamma = float(gamma)
         self.routers = [m for m in module.modules()

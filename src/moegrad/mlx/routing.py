@@ -195,3 +195,17 @@ class Router(nn.Module):
         out = self.load_counts
         self.load_counts = mx.zeros_like(out)
         return out
+
+    def __setitem__(self, key, value) -> None:
+        """Keep the selection bias fp32 (the PyTorch Router's ``_apply`` rule): ``set_dtype``
+        (and ``apply``/``update``/``load_weights``) store arrays through here. A lower-precision
+        value that is the current bias rounded (``model.set_dtype(mx.bfloat16)``) leaves the
+        exact fp32 bias in place; any other value is stored as fp32."""
+        if key == "bias" and isinstance(value, mx.array) and value.dtype != mx.float32:
+            current = self.get("bias")
+            if (current is not None and current.dtype == mx.float32 and current.shape == value.shape
+                    and bool(mx.array_equal(current.astype(value.dtype), value))):
+                value = current
+            else:
+                value = value.astype(mx.float32)
+        super().__setitem__(key, value)
