@@ -790,3 +790,41 @@ def test_noisy_topk_is_the_only_estimator_adding_keys():
     assert model.model.layers[0].mlp.moegrad_router.estimator.w_noise.grad is not None
     mh.unpatch(model)
     assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "phimoe", "gpt_oss"])
+def test_pickle_of_patched_model(family, tmp_path):
+    """pickle (and torch.save, which pickles) of a patched model gives a patched model with the
+    same outputs, bound to its own modules; unpatch works on it and gives the HF forward back.
+    (Pickled before any ``output_router_logits=True`` call: transformers then installs recording
+    hooks that are local functions, which no pickle of an HF model survives, patched or not.)"""
+    import pickle
+
+    model = tiny(family)
+    x = ids(19)
+    plain = model(x).logits
+    mh.patch(model, OTHER[family])
+    model(x, labels=x)
+    copies = [pickle.loads(pickle.dumps(model))]
+    torch.save(model, tmp_path / "model.pt")
+    copies.append(torch.load(tmp_path / "model.pt", weights_only=False))
+    ref = model(x, labels=x, output_router_logits=True)
+    gate = mh.FAMILIES[family].gate
+    for clone in copies:
+        block = clone.model.layers[0].mlp
+        assert block.forward.__self__ is block and block.moegrad_router.gate is getattr(block, gate)
+        assert block.moegrad_router.hf_experts.module is block.experts
+        out = clone(x, labels=x, output_router_logits=True)
+        torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)
+        torch.testing.assert_close(out.loss, ref.loss, atol=0, rtol=0)
+        torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=0, rtol=0)
+        assert len(mh.routers(clone)) == len(mh.routers(model)) == 2
+        with torch.no_grad():
+            getattr(block, gate).weight.mul_(-1.0)  # the copy's router only
+        assert maxabs(clone(x).logits - ref.logits) > 1e-3
+        torch.testing.assert_close(model(x).logits, ref.logits, atol=0, rtol=0)
+        mh.unpatch(clone)
+        assert not mh.routers(clone) and "forward" not in block.__dict__
+        with torch.no_grad():
+            getattr(block, gate).weight.mul_(-1.0)
+        torch.testing.assert_close(clone(x).logits, plain, atol=1e-5, rtol=0)

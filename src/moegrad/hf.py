@@ -70,6 +70,10 @@ Caveats:
   transformers from the recorded gate logits with a clean top-k: with a sampling estimator it
   counts the clean top-k experts, not the sampled experts the tokens were sent to. moegrad's
   ``losses=`` (read with :func:`aux_loss`) use the experts actually chosen.
+* A patched model deep-copies and pickles (``pickle``, ``torch.save(model)``) as a patched
+  model bound to its own modules; :func:`unpatch` works on the copy. (transformers' own
+  ``output_router_logits`` recording hooks are local functions: once a model has run with
+  them, no pickle of it works, patched or not.)
 * Estimator state is not saved: ``default_moe``'s EMA buffers (``defaults``, ``seen``) and
   ``load_counts`` are non-persistent, so after ``save_pretrained`` / ``from_pretrained`` and a
   new ``patch`` they start from zero (the first training forward fills them again).
@@ -90,8 +94,8 @@ Caveats:
 
 from __future__ import annotations
 
+import inspect
 import sys
-import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -417,9 +421,53 @@ class HFRouter(Router):
 
 
 # ----------------------------------------------------------------------------- patched forward
-def _moe_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+class _BoundForward:
+    """``module.forward`` set by :func:`patch`: calls ``fn(module, inner, *args, **kwargs)``.
+
+    A bound method of a module-level function that pickles and deep-copies with its module
+    (``types.MethodType(fn, module)`` pickles as ``getattr(module, fn.__name__)``, which does
+    not exist). ``inner`` is the ``forward`` the instance held before :func:`patch` (None: the
+    class's), restored by :func:`unpatch`; ``__signature__`` is the replaced forward's, so
+    ``inspect.signature(module.forward)`` (transformers' Trainer and ``generate`` read it) is
+    unchanged.
+    """
+
+    def __init__(self, fn: Callable, module: nn.Module, inner: Optional[Callable] = None) -> None:
+        self.__func__, self.__self__, self.inner = fn, module, inner
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, self.inner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        inner = self.inner if self.inner is not None else type(self.__self__).forward.__get__(self.__self__)
+        return inspect.signature(inner)
+
+    def __repr__(self) -> str:
+        return f"<moegrad.hf {self.__func__.__name__} of {type(self.__self__).__name__}>"
+
+
+def _bind(fn: Callable, module: nn.Module) -> None:
+    """Set ``module.forward`` to ``fn`` bound to ``module`` (see :class:`_BoundForward`)."""
+    module.forward = _BoundForward(fn, module, module.__dict__.get("forward"))
+
+
+def _unbind(module: nn.Module) -> bool:
+    """Give ``module`` back the forward it had before :func:`_bind`; False if not bound."""
+    bound = module.__dict__.get("forward")
+    if not isinstance(bound, _BoundForward):
+        return False
+    if bound.inner is None:
+        del module.forward
+    else:
+        module.forward = bound.inner
+    return True
+
+
+def _moe_forward(self: nn.Module, inner: Optional[Callable], hidden_states: Tensor) -> Tensor:
     """The patched block forward: hidden_states [B, S, D] -> [B, S, D]
-    (GPT-OSS: and the combine weights [T, K], as its block returns)."""
+    (GPT-OSS: and the combine weights [T, K], as its block returns). Replaces the block's
+    forward (``inner`` is not called)."""
     router: HFRouter = self.moegrad_router
     family = router.family
     shape = hidden_states.shape
@@ -609,7 +657,7 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
     for (block, _), router in zip(blocks, routers):
         router.train(block.training)
         block.moegrad_router = router
-        block.forward = types.MethodType(_moe_forward, block)
+        _bind(_moe_forward, block)
     return model
 
 
@@ -622,7 +670,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if "moegrad_router" in module._modules:
             del module.moegrad_router
-            module.__dict__.pop("forward", None)
+            if not _unbind(module):  # a forward set over ours after patch: drop it too
+                module.__dict__.pop("forward", None)
             found = True
     if not found:
         raise ValueError(f"{type(model).__name__} is not patched by moegrad.hf.patch")
