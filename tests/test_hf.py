@@ -828,3 +828,65 @@ def test_pickle_of_patched_model(family, tmp_path):
         with torch.no_grad():
             getattr(block, gate).weight.mul_(-1.0)
         torch.testing.assert_close(clone(x).logits, plain, atol=1e-5, rtol=0)
+
+
+def test_phimoe_patch_draws_only_moegrads_sample(monkeypatch):
+    """PhiMoE: transformers' router module draws its own SparseMixer sample. Patched, a training
+    forward runs moegrad's SparseMixer once per layer and neither the HF router's forward nor
+    HF's sparsemixer (no discarded sample); the gate's hooks still see x -> x W^T once per layer,
+    output_router_logits records those logits, and HF's aux loss on them is unchanged."""
+    from transformers.models.phimoe import modeling_phimoe as hf_phimoe
+    from moegrad.estimators.sparsemixer import SparseMixer
+
+    model = tiny("phimoe", router_aux_loss_coef=0.1)
+    for m in model.modules():  # a real SparseMixer mask (several candidates per pick)
+        if hasattr(m, "router_jitter_noise"):
+            m.router_jitter_noise = 0.5
+    mh.patch(model, "sparsemixer")
+    model.train()
+    calls = {"hf_router": 0, "hf_sparsemixer": 0, "moegrad": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(hf_phimoe.PhimoeTopKRouter, "forward",
+                        counted("hf_router", hf_phimoe.PhimoeTopKRouter.forward))
+    monkeypatch.setattr(hf_phimoe, "sparsemixer", counted("hf_sparsemixer", hf_phimoe.sparsemixer))
+    monkeypatch.setattr(SparseMixer, "route", counted("moegrad", SparseMixer.route))
+    seen = []
+    gates = [layer.mlp.router for layer in model.model.layers]
+    for gate in gates:
+        gate.register_forward_hook(lambda mod, args, out: seen.append((mod, args[0], out)))
+    x = ids(20)
+    torch.manual_seed(4)
+    out = model(x, labels=x, output_router_logits=True)
+    assert calls == {"hf_router": 0, "hf_sparsemixer": 0, "moegrad": 2}
+    assert [m for m, _, _ in seen] == gates and len(out.router_logits) == 2
+    for (gate, inp, o), z in zip(seen, out.router_logits):
+        assert o[1] is None and o[2] is None and o[0] is z
+        torch.testing.assert_close(z, inp @ gate.weight.T, atol=1e-6, rtol=0)
+    expect = hf_phimoe.load_balancing_loss_func(out.router_logits, 6, 2, None)
+    torch.testing.assert_close(out.aux_loss, expect, atol=1e-7, rtol=0)
+    mh.unpatch(model)  # the HF router module samples again
+    model(x)
+    assert calls["hf_router"] == 2 and calls["hf_sparsemixer"] == 2 and calls["moegrad"] == 2
+
+
+def test_phimoe_input_jitter_in_training_matches():
+    """PhiMoE applies its input jitter twice in training (block, then router in place); with a
+    mask that leaves one candidate (deterministic SparseMixer) the patched training forward
+    equals HF's under the same seed: the same jitter draws in the same order. (One layer: the
+    SparseMixer draws, HF's and moegrad's, differ in number, which shifts later layers' jitter.)"""
+    model = tiny("phimoe", input_jitter_noise=0.2, num_hidden_layers=1).train()
+    assert model.model.layers[0].mlp.router.input_jitter_noise == 0.2
+    x = ids(21)
+    torch.manual_seed(5)
+    ref = model(x).logits
+    torch.manual_seed(6)
+    assert maxabs(model(x).logits - ref) > 1e-4  # the jitter is random
+    mh.patch(model, "sparsemixer")
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=0)

@@ -20,7 +20,9 @@ persistent state: ``state_dict`` keys are unchanged, except ``noisy_topk``'s lea
 weight ``...moegrad_router.estimator.w_noise``) is attached to the block. The patched forward:
 
     z = gate(x)[0]                    [T, E]  the HF gate module is still called (its hooks and
-                                              ``output_router_logits`` recording keep working)
+                                              ``output_router_logits`` recording keep working;
+                                              PhiMoE's gate, which would draw its own SparseMixer
+                                              sample, is given a forward computing x W^T only)
     s = softmax(z) | sigmoid(z)       [T, E]  fp32, as the HF family does
     S, w = estimator.route(...)       [T, K]  with the family's selection (DeepSeek-V3:
                                               group-limited top-k on s + e_score_correction_bias)
@@ -38,7 +40,10 @@ Families (see :data:`FAMILIES`): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS (
 expert layout with biases and clamped GLU, computed per expert), DeepSeek-V3 (sampling
 estimators cannot honour its group-limited, biased top-k and are refused there, opt-in or not),
 and PhiMoE, whose router is SparseMixer (``jitter_eps`` defaults to the config's
-``router_jitter_noise``).
+``router_jitter_noise``). PhiMoE's HF gate module samples SparseMixer itself; patched, its
+forward returns ``(x W^T, None, None)`` (:func:`_gate_logits`), so one SparseMixer sample per
+block and forward is drawn (moegrad's), and its input jitter (``input_jitter_noise``, training)
+is applied by the patched block, in HF's order, after the block's own.
 
 Forward policy: ``patch`` keeps what a loaded model computes. An estimator whose eval-mode
 forward differs from the family's own routing raises a ValueError that names the estimator, the
@@ -129,6 +134,11 @@ class Family:
     gate: str = "gate"  # attribute of the block holding the router module (weight [E, D])
     shared: Optional[str] = None  # None, "gated" (Qwen2-MoE) or "plain" (DeepSeek-V3)
     jitter: Optional[str] = None  # block attribute of a multiplicative input jitter (training)
+    #: the HF gate module samples its own routing (PhiMoE's SparseMixer): patch gives it a
+    #: logits-only forward, so only moegrad draws
+    gate_samples: bool = False
+    #: gate attribute of a second input jitter the HF gate applies in place (PhiMoE)
+    gate_jitter: Optional[str] = None
     correction_bias: bool = False  # DeepSeek-V3's e_score_correction_bias + group-limited top-k
     #: the only estimators that keep this family's forward (None: any)
     estimators: Optional[tuple] = None
@@ -181,7 +191,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("deepseek_v3", _M.format("deepseek_v3"), "DeepseekV3MoE", "sigmoid", shared="plain",
            correction_bias=True),
     Family("phimoe", _M.format("phimoe"), "PhimoeSparseMoeBlock", "softmax", gate="router",
-           jitter="input_jitter_noise", estimators=("sparsemixer",)),
+           jitter="input_jitter_noise", estimators=("sparsemixer",), gate_samples=True,
+           gate_jitter="input_jitter_noise"),
     Family("gpt_oss", _M.format("gpt_oss"), "GptOssMLP", "softmax", gate="router",
            experts="gpt_oss", returns_weights=True),
 )}
@@ -388,8 +399,8 @@ class HFRouter(Router):
         flat = flatten_tokens(x, self.config.dim)
         shape = tuple(shape) if shape is not None else tuple(x.shape[:-1])
         token_mask = flatten_mask(mask, shape)
-        # through the HF module, so its hooks and output_router_logits recording fire. (PhiMoE's
-        # router multiplies ``flat`` in place by its input jitter in training, as HF's block sees.)
+        # through the HF module, so its hooks and output_router_logits recording fire (PhiMoE's
+        # gate then runs :func:`_gate_logits`: no SparseMixer sample of its own)
         recomputing = recomputing_training_forward(self)
         logits = self._hf_gate(flat)[0]
         z = logits.float()
@@ -471,9 +482,13 @@ def _moe_forward(self: nn.Module, inner: Optional[Callable], hidden_states: Tens
     router: HFRouter = self.moegrad_router
     family = router.family
     shape = hidden_states.shape
-    jitter = getattr(self, family.jitter) if family.jitter else 0.0
-    if self.training and jitter > 0:
-        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
+    # training-mode input jitter x * U(1 - j, 1 + j): the block's (Mixtral, PhiMoE), then the
+    # one PhiMoE's HF gate applies in place to the block's input (so its experts see both)
+    jitters = (getattr(self, family.jitter) if family.jitter else 0.0,
+               getattr(router.gate, family.gate_jitter) if family.gate_jitter else 0.0)
+    for jitter in jitters:
+        if self.training and jitter > 0:
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
     flat = hidden_states.reshape(-1, shape[-1])
     routing = router(flat, shape=tuple(shape[:-1]))
     y = router.experts_forward(flat, routing)
@@ -493,6 +508,15 @@ def _moe_forward(self: nn.Module, inner: Optional[Callable], hidden_states: Tens
     if family.returns_weights:
         return y.reshape(shape), routing.weights.to(y.dtype)
     return y.reshape(shape)
+
+
+def _gate_logits(gate: nn.Module, inner: Optional[Callable], hidden_states: Tensor) -> tuple:
+    """The forward :func:`patch` gives a gate that samples its own routing (PhiMoE's
+    ``PhimoeTopKRouter``, an ``nn.Linear`` whose forward also draws a SparseMixer sample):
+    hidden_states [T, D] -> (logits [T, E] = x W^T, None, None), the HF output tuple without its
+    routing, which moegrad's estimator computes instead. Called through the module, so its
+    hooks fire and transformers' ``output_router_logits`` recording (index 0) is unchanged."""
+    return F.linear(hidden_states, gate.weight, gate.bias), None, None
 
 
 def _detached(r: Routing) -> Routing:
@@ -654,10 +678,12 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
                     f"{name}: {why}. Estimators that keep it: {keep}. Pass "
                     "allow_forward_change=True to patch() to accept different outputs (e.g. "
                     "training from random init)")
-    for (block, _), router in zip(blocks, routers):
+    for (block, family), router in zip(blocks, routers):
         router.train(block.training)
         block.moegrad_router = router
         _bind(_moe_forward, block)
+        if family.gate_samples:
+            _bind(_gate_logits, router.gate)
     return model
 
 
@@ -669,6 +695,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     found = False
     for module in model.modules():
         if "moegrad_router" in module._modules:
+            if module.moegrad_router.family.gate_samples:
+                _unbind(module.moegrad_router.gate)
             del module.moegrad_router
             if not _unbind(module):  # a forward set over ours after patch: drop it too
                 module.__dict__.pop("forward", None)
