@@ -575,7 +575,9 @@ def _step(estimator, checkpoint=None, losses=None, **options):
     x = ids(17)
     torch.manual_seed(3)  # the sampling estimators draw from the global RNG
     out = model(x, labels=x, use_cache=False)
-    loss = out.loss + mh.aux_loss(model) if losses else out.loss
+    loss = out.loss  # with losses: the LM loss + moegrad's aux loss (out.aux_loss)
+    if losses:
+        assert float(out.aux_loss) > 0 and mh.routers(model)[0].aux_loss_in_outputs
     loss.backward()
     return model, loss.detach(), grads(model)
 
@@ -646,6 +648,7 @@ def test_deepcopy_of_patched_model_is_independent():
     clone = copy.deepcopy(model)
     block, twin = model.model.layers[0].mlp, clone.model.layers[0].mlp
     assert twin.forward.__self__ is twin and twin.moegrad_router.gate is twin.gate
+    assert clone.forward.__self__ is clone and model.forward.__self__ is model
     assert twin.moegrad_router.hf_experts.module is twin.experts
     with torch.no_grad():
         twin.gate.weight.mul_(-1.0)  # a different router in the copy only
@@ -793,3 +796,235 @@ def test_noisy_topk_is_the_only_estimator_adding_keys():
     assert model.model.layers[0].mlp.moegrad_router.estimator.w_noise.grad is not None
     mh.unpatch(model)
     assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "phimoe", "gpt_oss"])
+def test_pickle_of_patched_model(family, tmp_path):
+    """pickle (and torch.save, which pickles) of a patched model gives a patched model with the
+    same outputs, bound to its own modules; unpatch works on it and gives the HF forward back.
+    (Pickled before any ``output_router_logits=True`` call: transformers then installs recording
+    hooks that are local functions, which no pickle of an HF model survives, patched or not.)"""
+    import pickle
+
+    model = tiny(family)
+    x = ids(19)
+    plain = model(x).logits
+    mh.patch(model, OTHER[family], losses={"switch": 0.5})
+    model(x, labels=x)
+    copies = [pickle.loads(pickle.dumps(model))]
+    torch.save(model, tmp_path / "model.pt")
+    copies.append(torch.load(tmp_path / "model.pt", weights_only=False))
+    ref = model(x, labels=x, output_router_logits=True)
+    gate = mh.FAMILIES[family].gate
+    for clone in copies:
+        block = clone.model.layers[0].mlp
+        assert block.forward.__self__ is block and block.moegrad_router.gate is getattr(block, gate)
+        assert clone.forward.__self__ is clone  # outputs.loss includes the aux loss (checked below)
+        assert block.moegrad_router.hf_experts.module is block.experts
+        out = clone(x, labels=x, output_router_logits=True)
+        torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)
+        torch.testing.assert_close(out.loss, ref.loss, atol=0, rtol=0)
+        torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=0, rtol=0)
+        assert float(out.aux_loss.detach()) > 0.5 and mh.routers(clone)[0].last_aux_loss is None
+        assert len(mh.routers(clone)) == len(mh.routers(model)) == 2
+        with torch.no_grad():
+            getattr(block, gate).weight.mul_(-1.0)  # the copy's router only
+        assert maxabs(clone(x).logits - ref.logits) > 1e-3
+        torch.testing.assert_close(model(x).logits, ref.logits, atol=0, rtol=0)
+        mh.unpatch(clone)
+        assert not mh.routers(clone) and "forward" not in block.__dict__ | clone.__dict__
+        with torch.no_grad():
+            getattr(block, gate).weight.mul_(-1.0)
+        torch.testing.assert_close(clone(x).logits, plain, atol=1e-5, rtol=0)
+
+
+def test_phimoe_patch_draws_only_moegrads_sample(monkeypatch):
+    """PhiMoE: transformers' router module draws its own SparseMixer sample. Patched, a training
+    forward runs moegrad's SparseMixer once per layer and neither the HF router's forward nor
+    HF's sparsemixer (no discarded sample); the gate's hooks still see x -> x W^T once per layer,
+    output_router_logits records those logits, and HF's aux loss on them is unchanged."""
+    from transformers.models.phimoe import modeling_phimoe as hf_phimoe
+    from moegrad.estimators.sparsemixer import SparseMixer
+
+    model = tiny("phimoe", router_aux_loss_coef=0.1)
+    for m in model.modules():  # a real SparseMixer mask (several candidates per pick)
+        if hasattr(m, "router_jitter_noise"):
+            m.router_jitter_noise = 0.5
+    mh.patch(model, "sparsemixer")
+    model.train()
+    calls = {"hf_router": 0, "hf_sparsemixer": 0, "moegrad": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(hf_phimoe.PhimoeTopKRouter, "forward",
+                        counted("hf_router", hf_phimoe.PhimoeTopKRouter.forward))
+    monkeypatch.setattr(hf_phimoe, "sparsemixer", counted("hf_sparsemixer", hf_phimoe.sparsemixer))
+    monkeypatch.setattr(SparseMixer, "route", counted("moegrad", SparseMixer.route))
+    seen = []
+    gates = [layer.mlp.router for layer in model.model.layers]
+    for gate in gates:
+        gate.register_forward_hook(lambda mod, args, out: seen.append((mod, args[0], out)))
+    x = ids(20)
+    torch.manual_seed(4)
+    out = model(x, labels=x, output_router_logits=True)
+    assert calls == {"hf_router": 0, "hf_sparsemixer": 0, "moegrad": 2}
+    assert [m for m, _, _ in seen] == gates and len(out.router_logits) == 2
+    for (gate, inp, o), z in zip(seen, out.router_logits):
+        assert o[1] is None and o[2] is None and o[0] is z
+        torch.testing.assert_close(z, inp @ gate.weight.T, atol=1e-6, rtol=0)
+    expect = hf_phimoe.load_balancing_loss_func(out.router_logits, 6, 2, None)
+    torch.testing.assert_close(out.aux_loss, expect, atol=1e-7, rtol=0)
+    mh.unpatch(model)  # the HF router module samples again
+    model(x)
+    assert calls["hf_router"] == 2 and calls["hf_sparsemixer"] == 2 and calls["moegrad"] == 2
+
+
+def test_phimoe_input_jitter_in_training_matches():
+    """PhiMoE applies its input jitter twice in training (block, then router in place); with a
+    mask that leaves one candidate (deterministic SparseMixer) the patched training forward
+    equals HF's under the same seed: the same jitter draws in the same order. (One layer: the
+    SparseMixer draws, HF's and moegrad's, differ in number, which shifts later layers' jitter.)"""
+    model = tiny("phimoe", input_jitter_noise=0.2, num_hidden_layers=1).train()
+    assert model.model.layers[0].mlp.router.input_jitter_noise == 0.2
+    x = ids(21)
+    torch.manual_seed(5)
+    ref = model(x).logits
+    torch.manual_seed(6)
+    assert maxabs(model(x).logits - ref) > 1e-4  # the jitter is random
+    mh.patch(model, "sparsemixer")
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=0)
+
+
+def lm_loss(logits, labels):
+    """Independent causal-LM loss: mean cross-entropy of the logits at t against labels at t+1."""
+    v = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, v), labels[:, 1:].reshape(-1))
+
+
+def test_trainer_trains_on_lm_loss_plus_moegrad_aux_loss(tmp_path):
+    """transformers.Trainer trains on outputs.loss. After patch(losses={"switch": 0.5}) that is,
+    at each of 3 steps, the LM loss + moegrad's aux loss, both recomputed here (cross-entropy of
+    the logits; 0.5 E sum_i f_i P_i per layer from z = x W^T of the block input), and the
+    family's own aux loss is not added although output_router_logits=True asks transformers for
+    it. The router weight gradient of the loss equals that of the independent sum, whose aux
+    part alone is not zero: the router receives the balance gradient."""
+    pytest.importorskip("accelerate")
+    model = tiny("qwen3_moe", router_aux_loss_coef=0.3, output_router_logits=True)
+    mh.patch(model, "dense", losses={"switch": 0.5})
+    blocks = [layer.mlp for layer in model.model.layers]
+    gates = [b.gate.weight for b in blocks]
+    block_inputs = {}
+    for b in blocks:
+        b.register_forward_pre_hook(lambda m, args: block_inputs.__setitem__(m, args[0]))
+    before = [g.detach().clone() for g in gates]
+    checked = []
+
+    class CheckedTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, out = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+            ce = lm_loss(out.logits, inputs["labels"])
+            aux = 0.0
+            for b in blocks:
+                z = block_inputs[b].reshape(-1, 32) @ b.gate.weight.T  # [T, E]
+                p = torch.softmax(z, -1)
+                f = torch.zeros_like(p).scatter(1, p.topk(2, -1).indices, 1.0).mean(0)
+                aux = aux + 0.5 * 6 * (f * p.mean(0)).sum()
+            torch.testing.assert_close(loss, ce + aux, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.aux_loss, aux, atol=1e-6, rtol=0)
+            assert len(out.router_logits) == 2
+            g = torch.autograd.grad(loss, gates, retain_graph=True)
+            g_ref = torch.autograd.grad(ce + aux, gates, retain_graph=True)
+            g_aux = torch.autograd.grad(aux, gates, retain_graph=True)
+            for a, r, ra in zip(g, g_ref, g_aux):
+                torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
+                assert maxabs(ra) > 1e-4
+            checked.append((float(loss.detach()), float(ce.detach()), float(aux.detach())))
+            return (loss, out) if return_outputs else loss
+
+    g = torch.Generator().manual_seed(8)
+    data = [{"input_ids": t, "labels": t} for t in torch.randint(2, 64, (6, 9), generator=g)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0)
+    trainer = CheckedTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert trainer.state.global_step == 3 and len(checked) == 3
+    assert all(aux > 0.5 * 2 * 2 * 0.9 for _, _, aux in checked)  # 0.5 * layers * (>= K at balance)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == pytest.approx([c[0] for c in checked], abs=1e-4)
+    assert all(maxabs(g - b) > 0 for g, b in zip(gates, before))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exactly_one_balance_loss_reaches_outputs_loss(family):
+    """With labels, moegrad's configured aux loss A is in outputs.loss and outputs.aux_loss,
+    whether or not output_router_logits asks transformers for the family's own (never both);
+    return_dict=False gives the same (loss, aux_loss, logits, ...); a later aux_loss(model) warns
+    and returns 0 (not counted twice). Without labels nothing is added and aux_loss reads A."""
+    model = tiny(family, router_aux_loss_coef=0.3).train()
+    x = ids(22)
+    own = model(x, labels=x, output_router_logits=True)
+    if family != "deepseek_v3":  # transformers' DeepSeek-V3 has no router aux loss
+        torch.testing.assert_close(own.loss, lm_loss(own.logits, x) + 0.3 * own.aux_loss)
+        assert float(own.aux_loss.detach()) > 0.5
+    coefficients = {"switch": 0.5, "z_loss": 0.1}
+    mh.patch(model, SAME[family], losses=coefficients)
+
+    def moegrad_aux():  # the weighted losses each block stored (kept detached once consumed)
+        return sum(c * r.last_losses[n] for r in mh.routers(model) for n, c in coefficients.items())
+
+    for record in (False, True):
+        out = model(x, labels=x, output_router_logits=record)
+        aux = moegrad_aux()
+        assert float(aux.detach()) > 1.0
+        torch.testing.assert_close(out.loss, lm_loss(out.logits, x) + aux, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.aux_loss, aux, atol=1e-6, rtol=0)
+        layers = len(mh.routers(model))  # DeepSeek-V3: its first layer is dense
+        assert (out.router_logits is not None and len(out.router_logits) == layers) == record
+        torch.testing.assert_close(out.logits, own.logits, atol=1e-5, rtol=0)
+        with pytest.warns(UserWarning, match="already in outputs.loss"):
+            assert mh.aux_loss(model).item() == 0.0
+    tup = model(x, labels=x, return_dict=False)
+    torch.testing.assert_close(tup[0], lm_loss(tup[2], x) + moegrad_aux(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tup[1], moegrad_aux(), atol=1e-6, rtol=0)
+    out = model(x)  # no labels: nothing added, the stored losses read by hand
+    assert out.loss is None and out.aux_loss is None
+    expect = moegrad_aux()
+    torch.testing.assert_close(mh.aux_loss(model), expect, atol=1e-6, rtol=0)
+
+
+def test_no_balance_loss_warns_and_unpatch_restores_the_loss():
+    """A training forward with labels that adds no balance loss (no losses=, the family's own
+    off) warns; with output_router_logits, in eval, or for DeepSeek-V3 (no router aux loss) it
+    does not. unpatch gives the HF forward and loss back."""
+    import warnings as w
+
+    model = tiny("qwen3_moe", router_aux_loss_coef=0.3).train()
+    x = ids(23)
+    ref = model(x, labels=x, output_router_logits=True)
+    mh.patch(model, "dense")
+    with pytest.warns(UserWarning, match="adds no balance loss.*output_router_logits is off"):
+        model(x, labels=x)
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        out = model(x, labels=x, output_router_logits=True)
+        model.eval()
+        model(x, labels=x)
+        ds = mh.patch(tiny("deepseek_v3").train(), "topk")
+        ds(x, labels=x)
+    assert not [c for c in caught if "balance loss" in str(c.message)]
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)  # the family's own
+    mh.patch(mh.unpatch(model), "dense", losses={"switch": 0.5})
+    assert "forward" in model.__dict__
+    mh.unpatch(model)
+    assert "forward" not in model.__dict__ and "forward" not in model.model.layers[0].mlp.__dict__
+    model.train()
+    out = model(x, labels=x, output_router_logits=True)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)

@@ -2,9 +2,9 @@
 
     import moegrad.hf
     model = AutoModelForCausalLM.from_pretrained(...)
-    moegrad.hf.patch(model, estimator="dense")      # in place; returns the model
+    moegrad.hf.patch(model, estimator="dense", losses={"switch": 1e-2})  # in place; returns it
     out = model(input_ids, labels=labels)            # same forward as before (topk/dense/...)
-    loss = out.loss + moegrad.hf.aux_loss(model)     # optional moegrad balance losses
+    out.loss.backward()                              # LM loss + moegrad's balance losses
     moegrad.hf.unpatch(model)                        # original forward back
 
     # DeepSeek-V3: train e_score_correction_bias (HF keeps it frozen) after each optimizer step
@@ -20,7 +20,9 @@ persistent state: ``state_dict`` keys are unchanged, except ``noisy_topk``'s lea
 weight ``...moegrad_router.estimator.w_noise``) is attached to the block. The patched forward:
 
     z = gate(x)[0]                    [T, E]  the HF gate module is still called (its hooks and
-                                              ``output_router_logits`` recording keep working)
+                                              ``output_router_logits`` recording keep working;
+                                              PhiMoE's gate, which would draw its own SparseMixer
+                                              sample, is given a forward computing x W^T only)
     s = softmax(z) | sigmoid(z)       [T, E]  fp32, as the HF family does
     S, w = estimator.route(...)       [T, K]  with the family's selection (DeepSeek-V3:
                                               group-limited top-k on s + e_score_correction_bias)
@@ -38,7 +40,24 @@ Families (see :data:`FAMILIES`): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS (
 expert layout with biases and clamped GLU, computed per expert), DeepSeek-V3 (sampling
 estimators cannot honour its group-limited, biased top-k and are refused there, opt-in or not),
 and PhiMoE, whose router is SparseMixer (``jitter_eps`` defaults to the config's
-``router_jitter_noise``).
+``router_jitter_noise``). PhiMoE's HF gate module samples SparseMixer itself; patched, its
+forward returns ``(x W^T, None, None)`` (:func:`_gate_logits`), so one SparseMixer sample per
+block and forward is drawn (moegrad's), and its input jitter (``input_jitter_noise``, training)
+is applied by the patched block, in HF's order, after the block's own.
+
+The loss (Trainer, Accelerate, TRL, PEFT: any loop that trains on ``outputs.loss``): the
+innermost module taking ``labels`` that holds patched blocks (``XForCausalLM``) has its forward
+wrapped too. With ``labels`` and ``patch(..., losses=...)``, ``outputs.loss`` = the task loss +
+A and ``outputs.aux_loss`` = A, A = the sum over blocks of the weighted moegrad losses (the value
+:func:`aux_loss` gives; it is consumed, so :func:`aux_loss` then returns 0 with a warning
+instead of counting it twice). Exactly one balance loss reaches ``outputs.loss``: moegrad's when
+``losses=`` is given (the family's own ``router_aux_loss_coef * load_balancing_loss`` is then
+left out, even with ``output_router_logits=True``, which still returns ``router_logits``), the
+family's own otherwise; a training forward with labels that adds neither warns. Without labels
+nothing is added: ``loss = my_loss(out.logits) + moegrad.hf.aux_loss(model)``. Like the
+family's own, A is added at full weight on every forward: with gradient accumulation over M
+micro-batches (the Trainer then does not divide ``outputs.loss`` by M) divide the coefficients
+by M to keep the per-step weight.
 
 Forward policy: ``patch`` keeps what a loaded model computes. An estimator whose eval-mode
 forward differs from the family's own routing raises a ValueError that names the estimator, the
@@ -69,7 +88,11 @@ Caveats:
 * HF's own aux loss (``output_router_logits=True``, ``router_aux_loss_coef``) is computed by
   transformers from the recorded gate logits with a clean top-k: with a sampling estimator it
   counts the clean top-k experts, not the sampled experts the tokens were sent to. moegrad's
-  ``losses=`` (read with :func:`aux_loss`) use the experts actually chosen.
+  ``losses=`` use the experts actually chosen.
+* A patched model deep-copies and pickles (``pickle``, ``torch.save(model)``) as a patched
+  model bound to its own modules; :func:`unpatch` works on the copy. (transformers' own
+  ``output_router_logits`` recording hooks are local functions: once a model has run with
+  them, no pickle of it works, patched or not.)
 * Estimator state is not saved: ``default_moe``'s EMA buffers (``defaults``, ``seen``) and
   ``load_counts`` are non-persistent, so after ``save_pretrained`` / ``from_pretrained`` and a
   new ``patch`` they start from zero (the first training forward fills them again).
@@ -90,8 +113,10 @@ Caveats:
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
-import types
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -126,6 +151,11 @@ class Family:
     gate: str = "gate"  # attribute of the block holding the router module (weight [E, D])
     shared: Optional[str] = None  # None, "gated" (Qwen2-MoE) or "plain" (DeepSeek-V3)
     jitter: Optional[str] = None  # block attribute of a multiplicative input jitter (training)
+    #: the HF gate module samples its own routing (PhiMoE's SparseMixer): patch gives it a
+    #: logits-only forward, so only moegrad draws
+    gate_samples: bool = False
+    #: gate attribute of a second input jitter the HF gate applies in place (PhiMoE)
+    gate_jitter: Optional[str] = None
     correction_bias: bool = False  # DeepSeek-V3's e_score_correction_bias + group-limited top-k
     #: the only estimators that keep this family's forward (None: any)
     estimators: Optional[tuple] = None
@@ -178,7 +208,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("deepseek_v3", _M.format("deepseek_v3"), "DeepseekV3MoE", "sigmoid", shared="plain",
            correction_bias=True),
     Family("phimoe", _M.format("phimoe"), "PhimoeSparseMoeBlock", "softmax", gate="router",
-           jitter="input_jitter_noise", estimators=("sparsemixer",)),
+           jitter="input_jitter_noise", estimators=("sparsemixer",), gate_samples=True,
+           gate_jitter="input_jitter_noise"),
     Family("gpt_oss", _M.format("gpt_oss"), "GptOssMLP", "softmax", gate="router",
            experts="gpt_oss", returns_weights=True),
 )}
@@ -320,7 +351,9 @@ class HFRouter(Router):
     After each forward of the block (not after checkpointing's recomputation in backward):
     ``last_routing`` (:class:`Routing`, detached),
     ``last_aux_loss`` (scalar with gradient, the weighted sum of the configured moegrad losses;
-    None when none are configured) and ``last_losses`` ({name: value}). The HF block is not
+    None when none are configured) and ``last_losses`` ({name: value}); a forward with labels
+    adds ``last_aux_loss`` to ``outputs.loss`` and clears it (``last_losses`` kept detached,
+    ``aux_loss_in_outputs`` True). The HF block is not
     given the attention mask, so padding tokens count in these losses (as in HF's own aux loss
     without ``attention_mask``).
     """
@@ -347,6 +380,9 @@ class HFRouter(Router):
         self.last_routing: Optional[Routing] = None
         self.last_aux_loss: Optional[Tensor] = None
         self.last_losses: dict = {}
+        #: the last forward's ``last_aux_loss`` was added to the model's ``outputs.loss`` (and
+        #: cleared): :func:`aux_loss` then returns 0 with a warning instead of counting it twice
+        self.aux_loss_in_outputs = False
 
     @property
     def gate(self) -> nn.Module:
@@ -385,8 +421,8 @@ class HFRouter(Router):
         flat = flatten_tokens(x, self.config.dim)
         shape = tuple(shape) if shape is not None else tuple(x.shape[:-1])
         token_mask = flatten_mask(mask, shape)
-        # through the HF module, so its hooks and output_router_logits recording fire. (PhiMoE's
-        # router multiplies ``flat`` in place by its input jitter in training, as HF's block sees.)
+        # through the HF module, so its hooks and output_router_logits recording fire (PhiMoE's
+        # gate then runs :func:`_gate_logits`: no SparseMixer sample of its own)
         recomputing = recomputing_training_forward(self)
         logits = self._hf_gate(flat)[0]
         z = logits.float()
@@ -418,15 +454,63 @@ class HFRouter(Router):
 
 
 # ----------------------------------------------------------------------------- patched forward
-def _moe_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+class _BoundForward:
+    """``module.forward`` set by :func:`patch`: calls ``fn(module, inner, *args, **kwargs)``.
+
+    A bound method of a module-level function that pickles and deep-copies with its module
+    (``types.MethodType(fn, module)`` pickles as ``getattr(module, fn.__name__)``, which does
+    not exist). ``inner`` is the ``forward`` the instance held before :func:`patch` (None: the
+    class's), restored by :func:`unpatch`; ``__signature__`` is the replaced forward's, so
+    ``inspect.signature(module.forward)`` (transformers' Trainer and ``generate`` read it) is
+    unchanged.
+    """
+
+    def __init__(self, fn: Callable, module: nn.Module, inner: Optional[Callable] = None) -> None:
+        self.__func__, self.__self__, self.inner = fn, module, inner
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, self.inner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        inner = self.inner if self.inner is not None else type(self.__self__).forward.__get__(self.__self__)
+        return inspect.signature(inner)
+
+    def __repr__(self) -> str:
+        return f"<moegrad.hf {self.__func__.__name__} of {type(self.__self__).__name__}>"
+
+
+def _bind(fn: Callable, module: nn.Module) -> None:
+    """Set ``module.forward`` to ``fn`` bound to ``module`` (see :class:`_BoundForward`)."""
+    module.forward = _BoundForward(fn, module, module.__dict__.get("forward"))
+
+
+def _unbind(module: nn.Module) -> bool:
+    """Give ``module`` back the forward it had before :func:`_bind`; False if not bound."""
+    bound = module.__dict__.get("forward")
+    if not isinstance(bound, _BoundForward):
+        return False
+    if bound.inner is None:
+        del module.forward
+    else:
+        module.forward = bound.inner
+    return True
+
+
+def _moe_forward(self: nn.Module, inner: Optional[Callable], hidden_states: Tensor) -> Tensor:
     """The patched block forward: hidden_states [B, S, D] -> [B, S, D]
-    (GPT-OSS: and the combine weights [T, K], as its block returns)."""
+    (GPT-OSS: and the combine weights [T, K], as its block returns). Replaces the block's
+    forward (``inner`` is not called)."""
     router: HFRouter = self.moegrad_router
     family = router.family
     shape = hidden_states.shape
-    jitter = getattr(self, family.jitter) if family.jitter else 0.0
-    if self.training and jitter > 0:
-        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
+    # training-mode input jitter x * U(1 - j, 1 + j): the block's (Mixtral, PhiMoE), then the
+    # one PhiMoE's HF gate applies in place to the block's input (so its experts see both)
+    jitters = (getattr(self, family.jitter) if family.jitter else 0.0,
+               getattr(router.gate, family.gate_jitter) if family.gate_jitter else 0.0)
+    for jitter in jitters:
+        if self.training and jitter > 0:
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
     flat = hidden_states.reshape(-1, shape[-1])
     routing = router(flat, shape=tuple(shape[:-1]))
     y = router.experts_forward(flat, routing)
@@ -441,11 +525,119 @@ def _moe_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
         losses = balance_losses(routing, router.losses)
         if keep:
             router.last_aux_loss, router.last_losses = losses
+            router.aux_loss_in_outputs = False
     if keep:
         router.last_routing = _detached(routing)
     if family.returns_weights:
         return y.reshape(shape), routing.weights.to(y.dtype)
     return y.reshape(shape)
+
+
+def _gate_logits(gate: nn.Module, inner: Optional[Callable], hidden_states: Tensor) -> tuple:
+    """The forward :func:`patch` gives a gate that samples its own routing (PhiMoE's
+    ``PhimoeTopKRouter``, an ``nn.Linear`` whose forward also draws a SparseMixer sample):
+    hidden_states [T, D] -> (logits [T, E] = x W^T, None, None), the HF output tuple without its
+    routing, which moegrad's estimator computes instead. Called through the module, so its
+    hooks fire and transformers' ``output_router_logits`` recording (index 0) is unchanged."""
+    return F.linear(hidden_states, gate.weight, gate.bias), None, None
+
+
+def _loss_forward(self: nn.Module, inner: Optional[Callable], *args, **kwargs):
+    """The patched forward of the module that computes ``outputs.loss`` (see
+    :func:`_loss_modules`, e.g. ``Qwen3MoeForCausalLM``); ``inner``: the forward it wraps.
+
+    With ``labels`` and moegrad losses configured (``patch(..., losses=...)``):
+    ``outputs.loss = L_task + A`` and ``outputs.aux_loss = A``, A = the sum over this module's
+    patched blocks of their weighted moegrad losses (the value :func:`aux_loss` gives; consumed
+    here, so a later :func:`aux_loss` returns 0 and warns). The family's own aux loss
+    (``router_aux_loss_coef * load_balancing_loss``, which transformers adds when
+    ``output_router_logits``) is then left out: the module runs without labels and L_task is its
+    ``loss_function(logits, labels, vocab_size, **kwargs)``, as transformers computes it;
+    ``router_logits`` are still returned. Without moegrad losses, or without labels, the
+    module's forward runs unchanged, and a training forward with labels that adds no balance
+    loss at all (``output_router_logits`` off or ``router_aux_loss_coef=0``) warns.
+    """
+    call = inner if inner is not None else type(self).forward.__get__(self)
+    if args:
+        kwargs = _as_keywords(call, args, kwargs)
+    labels = kwargs.get("labels")
+    if labels is None:
+        return call(**kwargs)
+    found = routers(self)
+    config = getattr(self, "config", None)
+    coef = getattr(self, "router_aux_loss_coef", None)  # None: the family has no aux loss
+    record = kwargs.get("output_router_logits")
+    record = bool(getattr(config, "output_router_logits", False) if record is None else record)
+    if not any(r.losses for r in found):
+        if coef is not None and not (record and coef) and self.training and torch.is_grad_enabled():
+            why = "output_router_logits is off" if not record else "router_aux_loss_coef is 0"
+            warnings.warn(
+                f"{type(self).__name__}: this training forward with labels adds no balance loss "
+                f"to outputs.loss: moegrad.hf.patch was given no losses= and {why} (transformers "
+                "adds router_aux_loss_coef * its load-balancing loss only with "
+                "output_router_logits=True). Pass losses={'switch': 1e-2} to moegrad.hf.patch, "
+                "or output_router_logits=True to the model (or its config)", UserWarning,
+                stacklevel=5)  # model(...) -> nn.Module.__call__ x2 -> _BoundForward -> here
+        return call(**kwargs)
+    return_dict = getattr(config, "return_dict", True)  # as transformers' can_return_tuple
+    passed = kwargs.pop("return_dict", None)
+    return_dict = return_dict if passed is None else passed
+    if coef is not None and record:  # the family would add its own aux loss to the loss
+        params = inspect.signature(call).parameters
+        extra = {k: v for k, v in kwargs.items() if k not in params}
+        out = call(**{**kwargs, "labels": None}, return_dict=True)
+        vocab = getattr(self, "vocab_size", None) or config.vocab_size
+        task = self.loss_function(out.logits, labels, vocab, **extra)
+    else:
+        out = call(**kwargs, return_dict=True)
+        task = out.loss
+    if task is None or not dataclasses.is_dataclass(out):
+        raise TypeError(f"{type(self).__name__} returned no loss for labels ({type(out).__name__}"
+                        "); moegrad.hf cannot add its balance losses: call it without labels "
+                        "and add moegrad.hf.aux_loss(model) to your loss")
+    aux = _collect(found, consume=True)
+    if aux is None:
+        aux = torch.zeros((), device=task.device)
+    changes = {"loss": task + aux.to(task.device)}
+    if "aux_loss" in {f.name for f in dataclasses.fields(out)}:
+        changes["aux_loss"] = aux
+    out = dataclasses.replace(out, **changes)
+    return out if return_dict else out.to_tuple()
+
+
+def _as_keywords(call: Callable, args: tuple, kwargs: dict) -> dict:
+    """``call``'s positional ``args`` as keywords, merged with ``kwargs``."""
+    names = [p.name for p in inspect.signature(call).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        raise TypeError(f"forward takes {len(names)} positional arguments but {len(args)} were given")
+    merged = dict(kwargs)
+    for name, value in zip(names, args):
+        if name in merged:
+            raise TypeError(f"forward got multiple values for argument {name!r}")
+        merged[name] = value
+    return merged
+
+
+def _takes_labels(module: nn.Module) -> bool:
+    """True for a transformers model whose forward computes a loss from ``labels``."""
+    if not hasattr(module, "config"):
+        return False
+    try:
+        return "labels" in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _loss_modules(model: nn.Module, blocks: list) -> list:
+    """The innermost modules of ``model`` (itself included) whose forward takes ``labels`` and
+    that hold patched ``blocks``: the transformers task model (``XForCausalLM``, ...), not an
+    outer wrapper (PEFT's ``PeftModelForCausalLM`` calls it). Each gets :func:`_loss_forward`."""
+    ids = {id(b) for b, _ in blocks}
+    holders = [m for m in model.modules()
+               if _takes_labels(m) and any(id(c) in ids for c in m.modules())]
+    return [m for m in holders
+            if not any(o is not m and any(c is o for c in m.modules()) for o in holders)]
 
 
 def _detached(r: Routing) -> Routing:
@@ -549,9 +741,11 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
         model: a transformers model (or any module) holding blocks of :data:`FAMILIES`.
         estimator: a name from :func:`moegrad.estimators.available`; extra keyword arguments
             are its options (e.g. ``beta`` for ``default_moe``).
-        losses: optional moegrad balance losses ``{name: coefficient}`` computed per block; read
-            their sum after a forward with :func:`aux_loss` (HF's own ``output_router_logits``
-            aux loss is unaffected). Default: none.
+        losses: optional moegrad balance losses ``{name: coefficient}`` computed per block;
+            their sum is added to ``outputs.loss`` (and is ``outputs.aux_loss``) of a forward
+            with labels, in place of the family's own ``output_router_logits`` aux loss; after
+            a forward without labels read it with :func:`aux_loss`. Default: none (the family's
+            own aux loss, if ``output_router_logits``, as before).
         impl: expert compute: None (= "auto") or a :data:`moegrad.experts.IMPLS` name
             (moegrad's grouped compute, :func:`moegrad.experts.grouped_mlp`), or "hf" (the
             block's own experts module and transformers' ``experts_implementation``).
@@ -607,10 +801,14 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
                     f"{name}: {why}. Estimators that keep it: {keep}. Pass "
                     "allow_forward_change=True to patch() to accept different outputs (e.g. "
                     "training from random init)")
-    for (block, _), router in zip(blocks, routers):
+    for (block, family), router in zip(blocks, routers):
         router.train(block.training)
         block.moegrad_router = router
-        block.forward = types.MethodType(_moe_forward, block)
+        _bind(_moe_forward, block)
+        if family.gate_samples:
+            _bind(_gate_logits, router.gate)
+    for module in _loss_modules(model, blocks):
+        _bind(_loss_forward, module)
     return model
 
 
@@ -622,9 +820,14 @@ def unpatch(model: nn.Module) -> nn.Module:
     found = False
     for module in model.modules():
         if "moegrad_router" in module._modules:
+            if module.moegrad_router.family.gate_samples:
+                _unbind(module.moegrad_router.gate)
             del module.moegrad_router
-            module.__dict__.pop("forward", None)
+            if not _unbind(module):  # a forward set over ours after patch: drop it too
+                module.__dict__.pop("forward", None)
             found = True
+        elif getattr(module.__dict__.get("forward"), "__func__", None) is _loss_forward:
+            _unbind(module)
     if not found:
         raise ValueError(f"{type(model).__name__} is not patched by moegrad.hf.patch")
     return model
@@ -638,30 +841,52 @@ def routers(model: nn.Module) -> list[HFRouter]:
 def aux_loss(model: nn.Module, clear: bool = True) -> Tensor:
     """Sum over patched blocks of the moegrad balance losses of the last forward (scalar fp32).
 
-    0 when ``patch(..., losses=...)`` configured none. ``clear`` drops the stored values so the
-    graph is not kept alive past the step. Raises RuntimeError when, with gradients enabled, a
-    training router's stored loss has no gradient although its gate is trainable: the forward
-    ran under no_grad, as reentrant activation checkpointing (``use_reentrant=True``) does, and
-    adding the loss would silently train nothing.
+    For a forward without labels (e.g. a custom loss on the logits): ``loss = task_loss +
+    aux_loss(model)``. A forward with labels already added them to ``outputs.loss`` (and
+    ``outputs.aux_loss``) and consumed them: this then returns 0 with a UserWarning, so they are
+    not counted twice. 0 when ``patch(..., losses=...)`` configured none. ``clear`` drops the
+    stored values so the graph is not kept alive past the step. Raises RuntimeError when, with
+    gradients enabled, a training router's stored loss has no gradient although its gate is
+    trainable: the forward ran under no_grad, as reentrant activation checkpointing
+    (``use_reentrant=True``) does, and adding the loss would silently train nothing.
     """
     found = routers(model)
     if not found:
         raise ValueError(f"{type(model).__name__} is not patched by moegrad.hf.patch")
+    if all(r.last_aux_loss is None for r in found) and any(r.aux_loss_in_outputs for r in found):
+        warnings.warn(
+            "moegrad.hf.aux_loss: the balance losses of the last forward are already in "
+            "outputs.loss and outputs.aux_loss (the model was called with labels); returning 0 "
+            "so they are not counted twice. Train on outputs.loss alone", UserWarning,
+            stacklevel=2)
+    total = _collect(found, consume=False, clear=clear)
+    if total is None:
+        return torch.zeros((), device=found[0].load_counts.device)
+    return total
+
+
+def _collect(found: list, consume: bool, clear: bool = True) -> Optional[Tensor]:
+    """Sum of the routers' stored ``last_aux_loss`` (None if none is stored). ``consume`` (the
+    patched model adding it to ``outputs.loss``): clear it, keep ``last_losses`` detached and
+    mark ``aux_loss_in_outputs``; else ``clear`` drops both. Raises RuntimeError for losses that
+    lost their gradient (see :func:`aux_loss`)."""
     total = None
     for router in found:
-        lost = router.last_aux_loss is not None and not router.last_aux_loss.requires_grad
-        if lost and torch.is_grad_enabled() and router.training and router.gate.weight.requires_grad:
+        stored = router.last_aux_loss
+        if (stored is not None and not stored.requires_grad and torch.is_grad_enabled()
+                and router.training and router.gate.weight.requires_grad):
             raise RuntimeError(
-                "moegrad.hf.aux_loss: the balance losses of the last training forward carry no "
+                "moegrad.hf: the balance losses of the last training forward carry no "
                 "gradient: the blocks ran under torch.no_grad, as reentrant activation "
                 "checkpointing (use_reentrant=True) runs them; use use_reentrant=False "
                 "(transformers' default) to train with patch(..., losses=...)")
-        if router.last_aux_loss is not None:
-            total = router.last_aux_loss if total is None else total + router.last_aux_loss.to(total.device)
-        if clear:
+        if stored is not None:
+            total = stored if total is None else total + stored.to(total.device)
+        if consume and stored is not None:
+            router.last_aux_loss, router.aux_loss_in_outputs = None, True
+            router.last_losses = {k: v.detach() for k, v in router.last_losses.items()}
+        elif clear and not consume:
             router.last_aux_loss, router.last_losses = None, {}
-    if total is None:
-        return torch.zeros((), device=found[0].load_counts.device)
     return total
 
 
