@@ -167,6 +167,19 @@ def custom_spec(name: str, options: dict, rng_option: str, samples: bool,
                          samples, observes_outputs)
 
 
+def attach_spec(cls, rng_option: str) -> None:
+    """Give an estimator class (either framework) its spec and the class attributes read from
+    it: ``spec``, ``options`` {name: default} (plus ``rng_option`` when it samples),
+    ``samples``, ``observes_outputs``. A built-in ``cls.name`` takes :data:`ESTIMATORS`; a new
+    name (a user's own estimator) keeps the options and flags its class declares."""
+    if cls.name in ESTIMATORS:
+        cls.spec = ESTIMATORS[cls.name]
+    else:
+        cls.spec = custom_spec(cls.name, cls.options, rng_option, cls.samples, cls.observes_outputs)
+    cls.options = {**cls.spec.defaults(), **({rng_option: None} if cls.spec.samples else {})}
+    cls.samples, cls.observes_outputs = cls.spec.samples, cls.spec.observes_outputs
+
+
 def estimator_options(spec: EstimatorSpec, config: RouterConfig, options: dict, rng_option: str,
                       check_rng: Callable, hint: str = "") -> dict:
     """Validate the keyword options of the estimator ``spec`` -> {option: value} with defaults.

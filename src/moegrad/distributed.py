@@ -554,6 +554,19 @@ def _raise_settings_mismatch(settings: dict, group, device, where: str) -> None:
         "the process-group timeout")
 
 
+def _raise_if_any_rank(flagged: list, problem: Optional[Exception], note: str) -> None:
+    """After an all-reduce of per-rank problem flags: if any rank flagged one, every rank raises
+    (so none waits in the next collective): its own ``problem`` with ``note`` appended, or a
+    ValueError pointing at the first flagged rank. ``note`` may use {bad} and {world}."""
+    bad = [q for q, flag in enumerate(flagged) if flag]
+    if not bad:
+        return
+    note = note.format(bad=bad, world=len(flagged))
+    if problem is not None:
+        raise type(problem)(f"{problem} ({note})") from problem
+    raise ValueError(f"{note} (see the error on rank {bad[0]})")
+
+
 def _check_inputs_across_ranks(moe, args, kwargs):
     """Forward pre-hook: validate x (and mask) on every rank together, so that bad input on one
     rank raises on all of them instead of leaving the others waiting in the exchange.
@@ -597,13 +610,9 @@ def _check_inputs_across_ranks(moe, args, kwargs):
     dist.all_reduce(flags, group=group)
     if len(set(flags[:, 5].tolist())) > 1:
         _raise_settings_mismatch(settings, group, device, "expert-parallel MoE")
-    bad = [q for q in range(world) if flags[q, 0]]
-    if bad:
-        note = (f"expert-parallel MoE: rank(s) {bad} of {world} got invalid input; every rank "
-                "raises so none waits in the token exchange")
-        if problem is not None:
-            raise type(problem)(f"{problem} ({note})") from problem
-        raise ValueError(f"{note} (see the error on rank {bad[0]})")
+    _raise_if_any_rank(flags[:, 0].tolist(), problem, "expert-parallel MoE: rank(s) {bad} of "
+                       "{world} got invalid input; every rank raises so none waits in the token "
+                       "exchange")
     if len(set(flags[:, 1].tolist())) > 1:
         raise ValueError(f"expert-parallel MoE: the ranks call the layer with different dtypes "
                          f"{[str(_DTYPES[c]) for c in flags[:, 1].tolist()]}; use one dtype everywhere")
@@ -645,13 +654,8 @@ def _check_identical(moe, group, problem: Optional[Exception] = None) -> None:
     dist.all_reduce(rows, group=group)
     if len(set(rows[:, 0].tolist())) > 1:
         _raise_settings_mismatch(settings, group, device, "expert_parallel")
-    bad = [q for q in range(world) if rows[q, 1]]
-    if bad:
-        note = (f"expert_parallel: refused on rank(s) {bad} of {world}; every rank raises so none "
-                "waits in a collective")
-        if problem is not None:
-            raise type(problem)(f"{problem} ({note})") from problem
-        raise ValueError(f"{note} (see the error on rank {bad[0]})")
+    _raise_if_any_rank(rows[:, 1].tolist(), problem, "expert_parallel: refused on rank(s) {bad} "
+                       "of {world}; every rank raises so none waits in a collective")
     if not torch.allclose(rows[:, 2:], rows[:1, 2:].expand(world, 2), rtol=1e-9, atol=0.0):
         raise ValueError("expert_parallel: the MoE differs across ranks in its initial parameters; "
                          "build it identically on every rank (same torch.manual_seed before "

@@ -721,7 +721,9 @@ def _keeping(family: Family, block: nn.Module, config: RouterConfig) -> list[str
         if family.correction_bias and get_estimator(name).samples:
             continue
         default = family.default_options(block, name)
-        built = build_estimator(name, config, **default)
+        with warnings.catch_warnings():  # probes for the error message, not the user's choice
+            warnings.simplefilter("ignore", UserWarning)
+            built = build_estimator(name, config, **default)
         if _forward_change(family, config, built, default) is None:
             keep.append(name)
     return keep

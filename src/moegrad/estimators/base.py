@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from moegrad._spec import ESTIMATORS, EstimatorSpec, custom_spec, estimator_options
+from moegrad._spec import EstimatorSpec, attach_spec, estimator_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from moegrad.routing import Router, RouterConfig, Routing
@@ -64,12 +64,7 @@ class Estimator(nn.Module):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name in ESTIMATORS:
-            cls.spec = ESTIMATORS[cls.name]
-        else:  # a user's own estimator: the options, flags and checks its class declares
-            cls.spec = custom_spec(cls.name, cls.options, "generator", cls.samples, cls.observes_outputs)
-        cls.options = {**cls.spec.defaults(), **({"generator": None} if cls.spec.samples else {})}
-        cls.samples, cls.observes_outputs = cls.spec.samples, cls.spec.observes_outputs
+        attach_spec(cls, "generator")
 
     def __init__(self, config: "RouterConfig", **options) -> None:
         super().__init__()

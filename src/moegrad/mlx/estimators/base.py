@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moegrad._checks import check_int
-from moegrad._spec import ESTIMATORS, EstimatorSpec, custom_spec, estimator_options
+from moegrad._spec import EstimatorSpec, attach_spec, estimator_options
 from moegrad.mlx.ops import Noise
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,12 +59,7 @@ class Estimator(nn.Module):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name in ESTIMATORS:
-            cls.spec = ESTIMATORS[cls.name]
-        else:  # a user's own estimator: the options, flags and checks its class declares
-            cls.spec = custom_spec(cls.name, cls.options, "seed", cls.samples, cls.observes_outputs)
-        cls.options = {**cls.spec.defaults(), **({"seed": None} if cls.spec.samples else {})}
-        cls.samples, cls.observes_outputs = cls.spec.samples, cls.spec.observes_outputs
+        attach_spec(cls, "seed")
 
     def __init__(self, config: "RouterConfig", **options) -> None:
         super().__init__()
