@@ -152,19 +152,21 @@ def compare_routing(model_a: nn.Module, model_b: nn.Module, batches: Iterable) -
     if not layers_a:
         raise ValueError(f"model_a ({type(model_a).__name__}) holds no moegrad.Router layer "
                          "(a moegrad.MoE / Router, or a model patched by moegrad.hf.patch)")
-    shape = lambda layers: [(n, r.config.num_experts, r.config.top_k) for n, r in layers.items()]  # noqa: E731
-    if shape(layers_a) != shape(layers_b):
+    layout_a, layout_b = ([(n, r.config.num_experts, r.config.top_k) for n, r in layers.items()]
+                          for layers in (layers_a, layers_b))
+    if layout_a != layout_b:
         raise ValueError(f"model_a and model_b must have the same router layers (name, E, K); "
-                         f"got {shape(layers_a)} and {shape(layers_b)}")
+                         f"got {layout_a} and {layout_b}")
     drift = {n: _LayerDrift(n, r.config.num_experts, r.config.top_k) for n, r in layers_a.items()}
     # one hook per router module (model_a may share modules with model_b, or be model_b):
     # it files the Routing under the side whose forward is running
-    names = {"a": {id(r): n for n, r in layers_a.items()}, "b": {id(r): n for n, r in layers_b.items()}}
-    side = {"now": "a"}
+    names = {side: {id(r): n for n, r in layers.items()}
+             for side, layers in (("a", layers_a), ("b", layers_b))}
+    running = {"side": "a"}
     captured: dict[str, list] = {}
 
     def hook(module, args, output):
-        name = names[side["now"]].get(id(module))
+        name = names[running["side"]].get(id(module))
         if name is not None:
             captured.setdefault(name, []).append(output)
 
@@ -180,7 +182,7 @@ def compare_routing(model_a: nn.Module, model_b: nn.Module, batches: Iterable) -
             for item in batches:
                 calls = {}
                 for now, model in (("a", model_a), ("b", model_b)):
-                    side["now"] = now
+                    running["side"] = now
                     captured.clear()
                     _call(model, item)
                     calls[now] = dict(captured)
