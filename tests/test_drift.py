@@ -159,6 +159,23 @@ def test_compare_routing_end_to_end_two_moe_models_restores_modes():
     assert got[0]["topk_overlap"] < 1.0 and got[0]["js_divergence"] > 1e-3
 
 
+def test_compare_routing_runs_in_eval_mode():
+    """A sampling estimator routes deterministically in eval mode: a training-mode gumbel model
+    compared with itself gives overlap 1 and JS 0, and its training-only load counts stay 0."""
+    torch.manual_seed(0)
+    g = moegrad.MoE(8, 16, 4, 2, estimator="gumbel", losses={}).train()
+    with torch.no_grad():
+        g.router.gate.weight.normal_(0, 0.1)
+    x = torch.randn(64, 8)
+    with torch.no_grad():  # in training mode two forwards draw different selections
+        first, second = (g(x).routing.indices.sort(-1).values for _ in range(2))
+        assert not torch.equal(first, second)
+    g.router.reset_load_counts()
+    [layer] = compare_routing(g, g, [x, x])
+    assert layer["tokens"] == 128 and layer["topk_overlap"] == 1.0 and layer["js_divergence"] == 0.0
+    assert g.training and int(g.router.load_counts.sum()) == 0
+
+
 def test_compare_routing_rejects_different_layers_and_bad_batches():
     a = moegrad.MoE(8, 16, 4, 2, losses={})
     with pytest.raises(ValueError, match=r"same router layers.*\('router', 4, 2\).*\('router', 4, 1\)"):
