@@ -227,12 +227,11 @@ def write_plots(runs: list[dict], doc: dict, out: Path) -> list[str]:
             ax.plot(xs + off, [np.nan if v is None else v for v in y0], ls="none",
                     marker=st["marker"], color=st["color"], mfc="none", ms=7,
                     label=f"tau = {tau}: step 0")
-        for k, n in enumerate(est):
-            if fid["estimators"][n].get("zero_gradient_at"):
-                ax.annotate("zero gradient on some checkpoints", (k, 0), fontsize=6,
-                            rotation=90, va="bottom", ha="center")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels(est, rotation=30, ha="right", fontsize=8)
+        ncks = len(fid.get("checkpoints", []))
+        ticks = [n + (f"\n(zero gradient on {len(z)} of {ncks})"
+                      if (z := fid["estimators"][n].get("zero_gradient_at")) else "") for n in est]
+        ax.set_xticklabels(ticks, rotation=30, ha="right", fontsize=8)
         ax.set_xlabel("estimator")
         ax.set_ylabel("cosine to the exact gradient")
         ax.axhline(0, color="k", lw=0.8)
@@ -296,6 +295,10 @@ def write_summary_plot(docs: list[dict], path: Path) -> None:
                 else:
                     ax.plot([x], [y], marker=st["marker"], color=st["color"], ls="none", ms=7,
                             mfc=st["color"] if c["significant"] else "white")
+                    if c["significant"]:
+                        top = c["ci95"][1] if c.get("ci95") else y
+                        ax.annotate("*", (x, top), xytext=(0, 2), textcoords="offset points",
+                                    ha="center", va="bottom", color=st["color"], fontsize=11)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
@@ -305,7 +308,7 @@ def write_summary_plot(docs: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     handles = [Line2D([], [], color=style(j)["color"], marker=style(j)["marker"], ls="none",
                       label=f"cell {c}") for j, c in enumerate(cells)]
-    handles += [Line2D([], [], color="k", marker="o", ls="none", label="filled: significant "
+    handles += [Line2D([], [], color="k", marker="o", ls="none", label="filled, *: significant "
                        "after Holm (p < 0.05)"),
                 Line2D([], [], color="k", marker="o", mfc="white", ls="none",
                        label="hollow: not distinguishable"),

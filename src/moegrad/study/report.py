@@ -280,24 +280,31 @@ def verdict(c: dict, per: Optional[dict] = None) -> str:
             f"{tail}.")
 
 
-def verdicts(doc: dict) -> list[str]:
-    """The verdict sentences: every estimator against the baseline (``topk`` when it ran),
-    metric by metric; then the other pairs that differ significantly after correction."""
+def verdict_groups(doc: dict) -> tuple[list[str], list[str]]:
+    """(sentences against the baseline, sentences about the other pairs): every estimator
+    against the baseline (``topk`` when it ran), metric by metric; then the other pairs that
+    differ significantly after correction, and how many others do not."""
     comps = doc.get("comparisons")
     if comps is None:
-        return ["This document has no paired tests (written by an older moegrad study); "
-                "no verdict."]
+        return (["This document has no paired tests (written by an older moegrad study); "
+                 "no verdict."], [])
     per = doc["estimators"]
     base = doc.get("baseline", BASELINE)
-    out = [verdict(c, per) for c in comps if base in (c["a"], c["b"])]
+    first = [verdict(c, per) for c in comps if base in (c["a"], c["b"])]
     others = [c for c in comps if base not in (c["a"], c["b"])]
     sig = [c for c in others if c["significant"]]
-    out += [verdict(c, per) for c in sig]
+    rest = [verdict(c, per) for c in sig]
     tested = [c for c in others if c.get("tested")]
     if tested and len(sig) < len(tested):
-        out.append(f"The other {len(tested) - len(sig)} tested pairs not involving `{base}` are "
-                   f"not distinguishable after Holm correction (table below).")
-    return out
+        rest.append(f"The other {len(tested) - len(sig)} tested pairs not involving `{base}` are "
+                    f"not distinguishable after Holm correction (table below).")
+    return first, rest
+
+
+def verdicts(doc: dict) -> list[str]:
+    """Every verdict sentence of the report, each generated from a paired test."""
+    first, rest = verdict_groups(doc)
+    return first + rest
 
 
 def _per_seed_count(doc: dict, name: str, test) -> tuple[int, int]:
@@ -355,7 +362,7 @@ def observations(doc: dict) -> list[str]:
                        f"learned the clusters, seeds per estimator: {', '.join(near)}.")
     fid = doc.get("fidelity")
     if fid:
-        out += fidelity_sentences(fid)
+        out += fidelity_sentences(fid, doc)
     else:
         out += _own_trajectory_sentences(doc)
     dead = [n for n in per if (per[n]["dead_experts"]["mean"] or 0) >= 1]
@@ -380,9 +387,8 @@ def _own_trajectory_sentences(doc: dict) -> list[str]:
         return out
     out.append("Gradient cosines are measured on each estimator's own training trajectory "
                "(different weights for each estimator), so they describe each run and do not "
-               "rank the estimators; step 0 (the router at its initialisation, where a zero "
-               "router makes `dense` equal to the reference by construction) is reported apart "
-               "and left out of the means.")
+               f"rank the estimators; {_step0_words(doc)} is reported apart and left out of the "
+               "means.")
     zero = [n for n in per if per[n].get("zero_gradient")]
     if zero:
         parts = []
@@ -416,7 +422,21 @@ def _by_tau(d: dict, tau):
     return None
 
 
-def fidelity_sentences(fid: dict) -> list[str]:
+def _step0_words(doc: dict) -> str:
+    """Why step 0 is apart: with a zero-initialised router (the default, and what runs without
+    recorded settings used) `dense` equals the reference there by construction."""
+    init = (doc.get("settings") or {}).get("router_init", "zero")
+    if init == "zero":
+        return ("step 0 (the router at its initialisation, where a zero router makes `dense` "
+                "equal to the reference by construction)")
+    return f"step 0 (the router at its {init} initialisation)"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def fidelity_sentences(fid: dict, doc: Optional[dict] = None) -> list[str]:
     """doc["fidelity"] (shared checkpoints) -> sentences: what was measured, exact zeros, and
     whether the ordering by mean cosine moves with the reference's temperature tau."""
     taus = fid.get("taus", [])
@@ -426,9 +446,8 @@ def fidelity_sentences(fid: dict) -> list[str]:
     out = [f"Gradient fidelity measured on {len(cks)} shared checkpoints (steps "
            f"{', '.join(str(c.get('step')) for c in cks)}): every estimator's router gradient at "
            f"the same weights, against the exact expected-loss gradient at tau = "
-           f"{', '.join(str(t) for t in taus)}; means over the {len(later)} checkpoints after "
-           f"step 0, step 0 reported apart (a zero router at step 0 makes `dense` equal to the "
-           f"reference by construction)."]
+           f"{', '.join(str(t) for t in taus)}; means over the {_plural(len(later), 'checkpoint')} "
+           f"after step 0; {_step0_words(doc or {})} reported apart."]
     for name, e in est.items():
         z = e.get("zero_gradient_at") or []
         if z:
@@ -526,7 +545,10 @@ def write_report(doc: dict, out: Path, command: str) -> None:
               f"Paired t-tests across seeds (same seed = same data and initialisation), "
               f"Holm-corrected over all pairs of a metric; significant means p < {ALPHA} after "
               f"correction. With fewer than {MIN_PAIRED} paired seeds no test is made.", ""]
-    lines += [f"- {v}" for v in verdicts(doc)]
+    first, rest = verdict_groups(doc)
+    lines += [f"Against `{doc.get('baseline', BASELINE)}`:", ""] + [f"- {v}" for v in first]
+    if rest:
+        lines += ["", "Other pairs:", ""] + [f"- {v}" for v in rest]
 
     lines += ["", "## Outcome", "",
               "Mean ± sample standard deviation over seeds, and the t-based 95% confidence "
