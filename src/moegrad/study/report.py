@@ -9,7 +9,6 @@ Every number in the report is computed from the runs. Every verdict sentence ("l
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +28,7 @@ FIELDS = ("final_loss", "purity", "dead_experts", "load_cv", "max_violation", "e
           "cos_exact", "cos_exact_sample", "cos_dense", "rel_err_exact", "grad_variance",
           "ms_per_step", "steps", "loss_at_equal_time", "steps_to_target")
 
-#: metrics compared by paired tests: (doc key, words used in sentences, higher is better)
+#: metrics compared by paired tests across seeds: doc key -> the words used in sentences
 TESTED = {"final_loss": "final validation loss", "purity": "routing purity",
           "loss_at_equal_flops": "validation loss at equal FLOPs"}
 BASELINE = "topk"
