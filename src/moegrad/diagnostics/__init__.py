@@ -6,9 +6,12 @@
   :class:`moegrad.MoE`) against those references, the exact one under the estimator's own
   forward weight rule: cosine (of the mean and per sample), relative error, bias and variance;
 * :mod:`~moegrad.diagnostics.health`: load, load CV, max violation, entropy, dead experts,
-  purity against a known assignment.
+  purity against a known assignment;
+* :mod:`~moegrad.diagnostics.drift`: routing drift between two models with the same layers
+  (:func:`compare_routing`: top-k overlap, Jensen-Shannon divergence, revived/killed experts).
 """
 
+from moegrad.diagnostics.drift import compare_routing, js_divergence, router_layers, topk_overlap
 from moegrad.diagnostics.expected import (WEIGHT_RULES, dense_mixture_loss, expected_loss,
                                           subset_probabilities, subset_weights, subsets)
 from moegrad.diagnostics.fidelity import (Fidelity, ReferenceGradients, WeightRule,
@@ -23,4 +26,5 @@ __all__ = ["WEIGHT_RULES", "dense_mixture_loss", "expected_loss", "subset_probab
            "check_enumerable", "clone_with_estimator", "cosine", "estimator_gradients",
            "fidelity", "gradient_fidelity", "reference_gradients", "relative_error", "weight_rule",
            "LoadWindow", "confusion", "expert_load", "load_cv", "max_violation", "purity",
-           "router_entropy", "routing_health"]
+           "router_entropy", "routing_health", "compare_routing", "js_divergence",
+           "router_layers", "topk_overlap"]
