@@ -16,6 +16,7 @@ def test_every_setting_option_is_in_help(capsys):
     text = capsys.readouterr().out
     for option in ("--top-k", "--experts", "--losses", "--router-init", "--lr", "--clusters",
                    "--dim", "--layers", "--width", "--regime", "--pretrain-steps", "--grid",
+                   "--flops-budget",
                    "zero", "normal", "uniform", "scratch", "finetune",
                    "losses=none,switch=0.01", "joined by '+'"):
         assert option in text, option
@@ -48,6 +49,7 @@ def test_options_parse_into_settings():
     (["--layers", "0"], "argument --layers: expected an integer >= 1, got 0"),
     (["--width", "-4"], "argument --width: expected an integer >= 1, got -4"),
     (["--pretrain-steps", "0"], "argument --pretrain-steps: expected an integer >= 1, got 0"),
+    (["--flops-budget", "0"], "argument --flops-budget: expected a finite number > 0, got 0"),
     (["--losses", "switch=-1"], "argument --losses: coefficient of 'switch' must be a finite number >= 0"),
     (["--grid", "bogus=1,2"], "argument --grid: grid items are KEY=V1,V2,... with KEY one of task, "
                               "regime, top_k, experts, losses, router_init, lr; got 'bogus=1,2'"),
@@ -113,13 +115,18 @@ def test_grid_cells_and_names():
         "moegrad study --quick --seeds 3 --top-k 2 --losses switch=0.01,z_loss=0.001 " \
         "--out x/k2_switch0.01+z_loss0.001"
     assert commands["k1_noloss"].endswith("--top-k 1 --losses none --out x/k1_noloss")
+    tasks = grid_cells({"task": ["clusters", "charlm"]})
+    commands = _cell_commands(["--grid", "task=clusters,charlm", "--width", "16", "--clusters=6",
+                               "--steps", "9"], tasks, Path("y"))
+    assert commands == {"clusters": "moegrad study --clusters=6 --steps 9 --task clusters --out y/clusters",
+                        "charlm": "moegrad study --width 16 --steps 9 --task charlm --out y/charlm"}
 
 
 def test_grid_runs_every_cell_with_its_settings(tmp_path, capsys):
     out = tmp_path / "grid"
     code = main(["study", "--estimators", "topk,dense", "--steps", "4", "--seeds", "2",
                  "--eval-every", "2", "--diag-every", "0", "--no-progress", "--experts", "4",
-                 "--grid", "top_k=1,2", "--out", str(out)])
+                 "--flops-budget", "1e6", "--grid", "top_k=1,2", "--out", str(out)])
     assert code == 0
     captured = capsys.readouterr()
     assert "wrote 2 cells under" in captured.out
@@ -129,7 +136,7 @@ def test_grid_runs_every_cell_with_its_settings(tmp_path, capsys):
         expected = {"task": "clusters", "regime": "scratch", "top_k": k, "num_experts": 4,
                     "losses": {}, "router_init": "zero", "lr": 0.003, "num_classes": 4, "dim": 16}
         assert doc["settings"] == expected
-        assert doc["cell"] == f"k{k}"
+        assert doc["cell"] == f"k{k}" and doc["args"]["flops_budget"] == 1e6
         assert len(doc["runs"]) == 4
         for run in doc["runs"]:
             assert run["settings"] == expected
@@ -162,3 +169,63 @@ def test_progress_prices_runs_in_seconds_and_counts_time_limited_runs():
     assert bar.bar.n == pytest.approx(15.0) and bar.steps_done == 20
     assert bar.bar.smoothing == 0.0  # the rate is the average since the start
     bar.close()
+
+
+DRIFT_FIELDS = {"layer", "num_experts", "top_k", "tokens", "topk_overlap", "js_divergence",
+                "load_a", "load_b", "revived", "killed"}
+
+
+def test_finetune_regime_pretrains_once_per_seed_and_reports_drift(tmp_path, monkeypatch):
+    from moegrad.study import train
+
+    calls = []
+    original = train.pretrain
+
+    def counting(task, seed, **kwargs):
+        calls.append(seed)
+        return original(task, seed, **kwargs)
+
+    monkeypatch.setattr(train, "pretrain", counting)
+    out = tmp_path / "ft"
+    code = main(["study", "--regime", "finetune", "--estimators", "topk,dense,default_moe",
+                 "--steps", "8", "--pretrain-steps", "12", "--seeds", "2", "--eval-every", "4",
+                 "--diag-every", "0", "--no-progress", "--out", str(out)])
+    assert code == 0
+    assert calls == [0, 1]  # once per seed, not once per estimator
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["settings"]["regime"] == "finetune" and doc["args"]["pretrain_steps"] == 12
+    assert [p["seed"] for p in doc["pretrain"]] == [0, 1]
+    assert all(p["steps"] == 12 and p["estimator"] == "topk" and p["losses"] == {"switch": 0.01}
+               for p in doc["pretrain"])
+    assert doc["task_config"]["shift"] > 0  # scored on the shifted distribution
+    for run in doc["runs"]:
+        assert run["settings"]["regime"] == "finetune"
+        assert run["before"]["val_loss"] == run["history"]["val_loss"][0]
+        assert run["before"]["purity"] == run["history"]["purity"][0]
+        assert len(run["drift"]) == 1 and set(run["drift"][0]) == DRIFT_FIELDS
+        assert run["drift"][0]["tokens"] == 2048 and 0 <= run["drift"][0]["topk_overlap"] <= 1
+        assert run["pretrain"]["seed"] == run["seed"]
+    # every estimator of a seed starts from the same pretrained model: same loss before
+    for seed in (0, 1):
+        befores = {r["before"]["val_loss"] for r in doc["runs"] if r["seed"] == seed}
+        assert len(befores) == 1
+    # the pretrained checkpoint beats a fresh zero-router model on the shifted task
+    from moegrad.study.tasks import Clusters
+
+    fresh = Clusters(0).shifted()
+    assert doc["runs"][0]["before"]["val_loss"] < fresh.evaluate(fresh.build("topk", {}, {}, 0))["val_loss"]
+
+
+def test_shared_checkpoint_fidelity_is_in_the_cell_document(tmp_path):
+    doc_out = tmp_path / "fid"
+    main(["study", "--estimators", "topk,dense,unweighted", "--steps", "8", "--seeds", "1",
+          "--eval-every", "4", "--diag-every", "0", "--no-progress", "--out", str(doc_out)])
+    doc = json.loads((doc_out / "metrics.json").read_text())
+    fid = doc["fidelity"]
+    assert [c["label"] for c in fid["checkpoints"]] == ["start@0", "topk@2", "topk@4", "topk@8",
+                                                        "dense@2", "dense@4", "dense@8"]
+    assert fid["taus"] == [0.5, 1.0, 2.0]
+    assert sorted(fid["estimators"]) == ["dense", "topk", "unweighted"]
+    # unweighted gives the router no task gradient on any checkpoint
+    assert fid["estimators"]["unweighted"]["zero_gradient_at"] == [c["label"] for c in fid["checkpoints"]]
+    assert fid["estimators"]["dense"]["zero_gradient_at"] == []

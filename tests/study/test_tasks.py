@@ -73,3 +73,23 @@ def test_charlm_knobs_and_shifted_text():
     assert new.evaluate(model)["val_loss"] == pytest.approx(math.log(task.vocab), rel=0.1)
     with pytest.raises(ValueError, match="dim=18 must be a multiple of heads=4"):
         cls(0, dim=18)
+
+
+@pytest.mark.parametrize("limit", [0, 3 * 256 * 33, 1 << 25])
+def test_batch_stream_is_the_same_whatever_is_cached(limit):
+    """Every reset replays the same stream, whether batches come from memory (limit large),
+    from the generator (limit 0), or from memory and then the generator (3 batches fit)."""
+    plain = Clusters(0)
+    plain.cache_elements = 0
+    cached = Clusters(0)
+    cached.cache_elements = limit
+    plain.reset()
+    expected = [plain.batch(i) for i in range(6)]
+    for length in (2, 6, 4, 6):  # runs of different lengths, each after a reset
+        cached.reset()
+        got = [cached.batch(i) for i in range(length)]
+        for (x, c, t), (ex, ec, et) in zip(got, expected):
+            assert torch.equal(x, ex) and torch.equal(c, ec) and torch.equal(t, et)
+    shifted = cached.shifted()
+    shifted.reset()
+    assert not torch.equal(shifted.batch(0)[0], expected[0][0])  # its own stream, not the cache

@@ -128,8 +128,8 @@ class CharLM(Task):
         vg = torch.Generator().manual_seed(40_000)
         self.val = [self._window(self.val_data, batch_size, vg) for _ in range(val_batches)]
 
-    def reset(self) -> None:
-        self._g = torch.Generator().manual_seed(30_000 + self.seed + (0 if self.corpus == "pydoc" else 5_000))
+    def stream_seed(self) -> int:
+        return 30_000 + self.seed + (0 if self.corpus == "pydoc" else 5_000)
 
     def config(self) -> dict:
         return {k: getattr(self, k) for k in ("vocab", "dim", "heads", "layers", "context",
@@ -179,8 +179,8 @@ class CharLM(Task):
         model = CharModel(self.vocab, self.context, self.dim, self.heads, self.layers, make)
         return self.init_routers(model)
 
-    def batch(self, step):
-        return self._window(self.train_data, self.batch_size, self._g)
+    def draw(self, g):
+        return self._window(self.train_data, self.batch_size, g)
 
     def loss(self, model, batch):
         idx, target = batch

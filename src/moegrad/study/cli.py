@@ -244,6 +244,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"cell; keys: {', '.join(GRID_KEYS)}. losses values: 'none' or "
                              "NAME=COEF terms joined by '+', e.g. losses=none,switch=0.01,"
                              "switch=0.01+z_loss=0.001")
+    parser.add_argument("--flops-budget", type=_positive_float, default=None, metavar="FLOPS",
+                        help="training FLOPs at which the report compares losses (loss at equal "
+                             "FLOPs; FLOPs per step are counted from what each step evaluated: "
+                             "routed pairs, plus the unselected pairs of dense); > 0 (default: "
+                             "the smallest total of the runs)")
     parser.add_argument("--eval-every", type=_positive_int, default=None,
                         help="evaluate every N steps (default: steps / 20)")
     parser.add_argument("--diag-every", type=_nonnegative_int, default=None,
@@ -414,7 +419,8 @@ class _Cell:
     """Everything run_study resolved for one cell (defaults applied, checked)."""
 
     def __init__(self, task_name, names, *, quick, steps, seeds, time_budget, losses, eval_every,
-                 diag_every, diag_samples, tau, impl, regime, pretrain_steps, options) -> None:
+                 diag_every, diag_samples, tau, impl, regime, pretrain_steps, options,
+                 flops_budget=None) -> None:
         from moegrad.experts import IMPLS
         from moegrad.study.tasks import REGIMES, get_task
 
@@ -441,6 +447,10 @@ class _Cell:
             raise ValueError(f"regime={regime!r} is not supported; choose one of {list(REGIMES)}")
         self.regime, self.quick, self.impl, self.tau = regime, quick, impl, tau
         self.diag_samples = diag_samples
+        if flops_budget is not None and not (isinstance(flops_budget, (int, float))
+                                             and math.isfinite(flops_budget) and flops_budget > 0):
+            raise ValueError(f"flops_budget={flops_budget} must be a finite number > 0")
+        self.flops_budget = flops_budget
         self.pretrain_steps = pretrain_steps or self.steps
         self.losses = dict(losses or {})
         self.kwargs = task_kwargs(task_name, options)
@@ -490,7 +500,7 @@ class _Cell:
         costs = getattr(self, "costs", {})
         if not costs or not self.cls.has_truth:
             return 0.0
-        ckpts = len(self.checkpoint_steps()) * len(self.fidelity_names())
+        ckpts = 1 + (len(self.checkpoint_steps()) - 1) * len(self.fidelity_names())
         return ckpts * sum(costs[n]["diag"] for n in self.names) * len(FIDELITY_TAUS)
 
 
@@ -509,7 +519,8 @@ def run_study(task_name: str = "clusters", estimators: Optional[list] = None, *,
               clusters: Optional[int] = None, dim: Optional[int] = None,
               layers: Optional[int] = None, width: Optional[int] = None,
               regime: str = "scratch", pretrain_steps: Optional[int] = None,
-              cell: Optional[str] = None, fidelity: bool = True) -> dict:
+              flops_budget: Optional[float] = None, cell: Optional[str] = None,
+              fidelity: bool = True) -> dict:
     """Run a study (one cell) and write its directory; returns the metrics.json document.
 
     ``top_k`` ... ``width`` set the task (None: the task's default, see :data:`TASK_KNOBS`);
@@ -523,7 +534,8 @@ def run_study(task_name: str = "clusters", estimators: Optional[list] = None, *,
     spec = _Cell(task_name, estimators, quick=quick, steps=steps, seeds=seeds,
                  time_budget=time_budget, losses=losses, eval_every=eval_every,
                  diag_every=diag_every, diag_samples=diag_samples, tau=tau, impl=impl,
-                 regime=regime, pretrain_steps=pretrain_steps, options=options)
+                 regime=regime, pretrain_steps=pretrain_steps, options=options,
+                 flops_budget=flops_budget)
     out = Path(out or f"study-{task_name}")
     own = not isinstance(progress, Progress)
     bar = Progress(bool(progress), f"study {task_name}") if own else progress
@@ -573,8 +585,8 @@ def _run_cell(spec: _Cell, out: Path, command: str, bar: Progress, cell: Optiona
                     diag_samples=spec.diag_samples, tau=spec.tau, losses=spec.losses,
                     on_step=on_step, regime=spec.regime, init_state=init_state,
                     checkpoints=spec.checkpoint_steps() if keep else (),
-                    on_checkpoint=(lambda step, model, name=name: checkpoints.append(
-                        {"label": f"{name}@{step}", "step": step, "state": state_copy(model)}))
+                    on_checkpoint=(lambda step, model, name=name: _keep(checkpoints, name, step,
+                                                                        state_copy(model)))
                     if keep else None)
             finish(run["steps"])
             if info is not None:
@@ -585,6 +597,8 @@ def _run_cell(spec: _Cell, out: Path, command: str, bar: Progress, cell: Optiona
             "diag_samples": spec.diag_samples, "tau": spec.tau, "impl": spec.impl,
             "quick": spec.quick, "estimators": spec.names, "regime": spec.regime,
             "cell": cell or "default"}
+    if spec.flops_budget is not None:
+        args["flops_budget"] = spec.flops_budget
     if spec.regime == "finetune":
         args["pretrain_steps"] = spec.pretrain_steps
     doc = aggregate(runs, fid_task, args)
@@ -602,6 +616,18 @@ def _run_cell(spec: _Cell, out: Path, command: str, bar: Progress, cell: Optiona
     write_plots(runs, doc, out)
     write_report(doc, out, command)
     return doc
+
+
+def _keep(checkpoints: list, name: str, step: int, state: dict) -> None:
+    """Add a checkpoint of trajectory ``name``; the step-0 state is the same for every
+    trajectory (same seed, same initial or pretrained weights), so it is kept once, as
+    ``start@0``."""
+    if step == 0:
+        if any(c["step"] == 0 for c in checkpoints):
+            return
+        checkpoints.append({"label": "start@0", "step": 0, "state": state})
+    else:
+        checkpoints.append({"label": f"{name}@{step}", "step": step, "state": state})
 
 
 def _shared_fidelity(task, checkpoints: list, spec: _Cell) -> Optional[dict]:
@@ -666,7 +692,8 @@ def run_grid(grid: dict, *, out: Path, command: str = "moegrad study",
                      diag_every=kwargs.pop("diag_every", None),
                      diag_samples=kwargs.pop("diag_samples", 8), tau=kwargs.pop("tau", 1.0),
                      impl=kwargs.pop("impl", "auto"), regime=kwargs.pop("regime", None),
-                     pretrain_steps=kwargs.pop("pretrain_steps", None), options=options)
+                     pretrain_steps=kwargs.pop("pretrain_steps", None), options=options,
+                     flops_budget=kwargs.pop("flops_budget", None))
         fidelity = kwargs.pop("fidelity", True)
         if kwargs:
             raise TypeError(f"run_grid got unexpected keywords {sorted(kwargs)}")
@@ -712,7 +739,17 @@ def _cell_commands(argv: list, cells: list, out: Path) -> dict:
         base.append(a)
         i += 1
     result = {}
+    knob_task = {_FLAGS[k]: t for t, knobs in TASK_KNOBS.items() for k in knobs
+                 if k not in ("top_k", "experts", "router_init", "lr")}
     for cell in cells:
+        mine, j = [], 0
+        while j < len(base):  # leave out the other task's knobs (--width for a clusters cell)
+            flag = base[j].split("=", 1)[0]
+            if "task" in cell and knob_task.get(flag, cell["task"]) != cell["task"]:
+                j += 1 if "=" in base[j] else 2
+                continue
+            mine.append(base[j])
+            j += 1
         extra = []
         for key, v in cell.items():
             flag = {"task": "--task", "regime": "--regime"}.get(key, _FLAGS.get(key, "--losses"))
@@ -721,7 +758,7 @@ def _cell_commands(argv: list, cells: list, out: Path) -> dict:
             extra += [flag, str(v)]
         name = cell_name(cell)
         result[name] = "moegrad study " + " ".join(
-            shlex.quote(a) for a in base + extra + ["--out", str(out / name)])
+            shlex.quote(a) for a in mine + extra + ["--out", str(out / name)])
     return result
 
 
@@ -734,7 +771,7 @@ def run(args: argparse.Namespace) -> int:
                   diag_every=args.diag_every, diag_samples=args.diag_samples, tau=args.tau,
                   impl=args.impl, estimators=args.estimators, clusters=args.clusters,
                   dim=args.dim, layers=args.layers, width=args.width,
-                  pretrain_steps=args.pretrain_steps)
+                  pretrain_steps=args.pretrain_steps, flops_budget=args.flops_budget)
     cells = {"top_k": args.top_k, "experts": args.experts, "losses": args.losses,
              "router_init": args.router_init, "lr": args.lr, "regime": args.regime}
     try:

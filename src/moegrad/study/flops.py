@@ -51,7 +51,10 @@ def moe_flops(moe, out, *, input_grad: bool) -> dict:
     experts = moe.experts
     dim, hidden, num_experts = experts.dim, experts.hidden_dim, experts.num_experts
     mats = len(experts.stacked_weights())
-    pairs = int(out.stats.tokens_per_expert.sum()) - int(out.stats.dropped)
+    if moe.capacity_factor is None and routing.mask is None:
+        pairs = tokens * top_k  # dropless, no padding: every selected pair is evaluated
+    else:
+        pairs = int(out.stats.tokens_per_expert.sum()) - int(out.stats.dropped)
     name = moe.router.estimator.name
     grads = routing.scores.requires_grad  # the router is being trained (always in a study step)
     reached = grads and (routing.weights.requires_grad or name in ("dense", "default_moe")

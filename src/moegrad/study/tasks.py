@@ -74,11 +74,50 @@ class Task:
     def moes(self, model: nn.Module) -> list:
         return [m for m in model.modules() if isinstance(m, moegrad.MoE)]
 
+    #: training batches are kept in memory while the stream holds at most this many tensor
+    #: elements (clusters --quick: 800 batches, 7M), so the runs after the first replay them
+    #: instead of drawing them again; a longer stream is drawn anew for every run
+    cache_elements = 1 << 25
+
+    def stream_seed(self) -> int:
+        """Seed of the training batch stream."""
+        raise NotImplementedError
+
+    def draw(self, g: torch.Generator):
+        """The next training batch from the stream's generator ``g``."""
+        raise NotImplementedError
+
     def reset(self) -> None:
         """Restart the training batch stream, so every run sees the same batches."""
+        self._pos = 0
+        if not hasattr(self, "_batches"):
+            self._batches, self._caching, self._cached = [], True, 0
+            self._g = torch.Generator().manual_seed(self.stream_seed())
+        elif not self._caching:
+            self._g = torch.Generator().manual_seed(self.stream_seed())
+
+    def new_stream(self) -> None:
+        """Forget the cached batches and restart the stream (after the stream seed changed)."""
+        for name in ("_batches", "_caching", "_cached"):
+            self.__dict__.pop(name, None)
+        self.reset()
 
     def batch(self, step: int):
-        raise NotImplementedError
+        """The next batch of the stream (the ``step``-th since :meth:`reset`): drawn from the
+        generator the first time, replayed from memory afterwards (:attr:`cache_elements`)."""
+        if self._pos < len(self._batches):
+            out = self._batches[self._pos]
+        else:  # while caching, the generator stands at len(self._batches)
+            out = self.draw(self._g)
+            if self._caching:
+                size = sum(t.numel() for t in out)
+                if self._cached + size <= self.cache_elements:
+                    self._batches.append(out)
+                    self._cached += size
+                else:  # too long to keep: every run draws it from the seed again
+                    self._caching, self._batches = False, []
+        self._pos += 1
+        return out
 
     def loss(self, model: nn.Module, batch) -> tuple[Tensor, Tensor, list]:
         """-> (task loss, aux loss, [MoEOutput per layer])."""
@@ -168,6 +207,9 @@ class Clusters(Task):
         self._stream = 20_000 + seed
         self.reset()
 
+    def stream_seed(self) -> int:
+        return self._stream
+
     def _finish(self, g: torch.Generator, val_size: int) -> None:
         """Scale the teachers to unit mean square and draw the validation set."""
         self.scale = 1.0
@@ -175,9 +217,6 @@ class Clusters(Task):
         self.scale = float(self._teach(x, c).pow(2).mean().rsqrt())
         self.val = self._sample(val_size, g)
         self.val_target = self._teach(*self.val)
-
-    def reset(self) -> None:
-        self._g = torch.Generator().manual_seed(self._stream)
 
     def config(self) -> dict:
         return {k: getattr(self, k) for k in ("dim", "hidden_dim", "num_classes", "num_experts",
@@ -212,7 +251,7 @@ class Clusters(Task):
             setattr(new, name, math.cos(angle) * w + math.sin(angle) * fresh)
         new._finish(g, len(self.val[0]))
         new.shift, new._stream = angle, 70_000 + self.seed
-        new.reset()
+        new.new_stream()
         return new
 
     def val_inputs(self) -> list:
@@ -235,8 +274,8 @@ class Clusters(Task):
                             estimator=estimator, losses=losses, impl=self.impl, **options)
         return self.init_routers(model)
 
-    def batch(self, step):
-        x, c = self._sample(self.batch_size, self._g)
+    def draw(self, g):
+        x, c = self._sample(self.batch_size, g)
         return x, c, self._teach(x, c)
 
     def loss(self, model, batch):

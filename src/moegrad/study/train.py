@@ -48,19 +48,6 @@ def state_copy(model: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def load_pretrained(model: torch.nn.Module, state: dict) -> None:
-    """Load ``state`` (saved from a model of the same task, possibly another estimator) into
-    ``model``: every parameter and buffer the two share must match; the estimator's own
-    state absent from ``state`` (e.g. ``noisy_topk``'s noise gate, ``default_moe``'s default
-    outputs) keeps its fresh initialisation."""
-    result = model.load_state_dict(state, strict=False)
-    bad = [k for k in list(result.missing_keys) + list(result.unexpected_keys)
-           if ".estimator." not in f".{k}"]
-    if bad:
-        raise ValueError(f"the pretrained state does not fit this model: keys {bad[:5]} "
-                         f"{'missing from' if bad[0] in result.missing_keys else 'unexpected in'} it")
-
-
 def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float,
               eval_every: int, diag_every: int, diag_samples: int = 8, tau: float = 1.0,
               losses: Optional[dict] = None, options: Optional[dict] = None,
@@ -90,8 +77,10 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
     if cls.samples and "generator" in cls.options:
         options.setdefault("generator", torch.Generator().manual_seed(50_000 + seed))
     model = task.build(estimator, options, losses, seed)
-    if init_state is not None:
-        load_pretrained(model, init_state)
+    if init_state is not None:  # the pretrained layers; this estimator's own state stays fresh
+        from moegrad.study.fidelity import load_checkpoint
+
+        load_checkpoint(model, init_state, "pretrained")
     start_state = state_copy(model) if regime == "finetune" else None
     task.reset()  # the same batches for every estimator
     model.train()
