@@ -205,7 +205,8 @@ def test_finetune_regime_pretrains_once_per_seed_and_reports_drift(tmp_path, mon
         assert len(run["drift"]) == 1 and set(run["drift"][0]) == DRIFT_FIELDS
         assert run["drift"][0]["tokens"] == 2048 and 0 <= run["drift"][0]["topk_overlap"] <= 1
         assert run["pretrain"]["seed"] == run["seed"]
-    # every estimator of a seed starts from the same pretrained model: same loss before
+    # every estimator of a seed starts from the same pretrained model; these three share
+    # topk's forward (softmax weights), so their loss before fine-tuning is the same
     for seed in (0, 1):
         befores = {r["before"]["val_loss"] for r in doc["runs"] if r["seed"] == seed}
         assert len(befores) == 1

@@ -18,7 +18,9 @@ Regimes: ``scratch`` trains from the task's initialisation; ``finetune`` starts 
 pretrained state (:func:`pretrain`: ``topk`` + switch loss 0.01 on the task's own
 distribution) and trains on the shifted one (:meth:`~moegrad.study.tasks.Task.shifted`);
 the run then also has ``before`` (the checkpoint's held-out loss and purity on the shifted
-distribution) and ``drift`` (:func:`moegrad.diagnostics.compare_routing` between the
+distribution, under the fine-tuning estimator's forward: the same for the estimators that
+keep ``topk``'s forward, different for those with unit weights such as ``unweighted``,
+``straight_through`` or top-1 ``noisy_topk``, and for ``sparsemixer``) and ``drift`` (:func:`moegrad.diagnostics.compare_routing` between the
 checkpoint and the fine-tuned model on the validation inputs).
 """
 
