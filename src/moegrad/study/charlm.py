@@ -1,8 +1,10 @@
 """``charlm``: a tiny character-level transformer LM whose FFNs are :class:`moegrad.MoE`.
 
 The text is the help topics that ship with CPython (``pydoc_data.topics``), so nothing is
-downloaded; the last 10% of the characters are the validation split. Shapes: B batch,
-S context, D model dim, V vocabulary.
+downloaded; the last 10% of the characters are the validation split. The fine-tuning
+distribution (:meth:`CharLM.shifted`) is Python source code of the standard library
+(:data:`STDLIB_MODULES`), read from the interpreter's own files. Shapes: B batch, S context,
+D model dim, V vocabulary.
 """
 
 from __future__ import annotations
@@ -14,11 +16,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import moegrad
-from moegrad.study.tasks import TASKS, Task
+from moegrad._checks import check_choice, check_float, check_int
+from moegrad.study.tasks import ROUTER_INITS, TASKS, Task
+
+#: standard-library modules whose source (``inspect.getsource``, in this order) is the
+#: fine-tuning text of ``charlm``: about 0.65M characters of Python code on CPython 3.11
+STDLIB_MODULES = ("argparse", "dataclasses", "difflib", "fractions", "heapq", "inspect",
+                  "pathlib", "statistics", "textwrap", "typing")
+CORPORA = ("pydoc", "stdlib")
 
 
-def load_text() -> str:
-    """The pydoc help topics as one string (about 0.5M characters, CPython's own docs)."""
+def load_text(corpus: str = "pydoc") -> str:
+    """``"pydoc"``: the pydoc help topics as one string (about 0.5M characters, CPython's own
+    docs); ``"stdlib"``: the source of :data:`STDLIB_MODULES` joined by blank lines."""
+    check_choice("corpus", corpus, CORPORA)
+    if corpus == "stdlib":
+        import importlib
+        import inspect
+
+        return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in STDLIB_MODULES)
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
@@ -75,33 +91,80 @@ class CharLM(Task):
 
     name = "charlm"
     description = "tiny char-level transformer LM on pydoc_data.topics"
-    quick = (100, 1)
-    full = (800, 2)
+    quick = (100, 2)
+    full = (800, 5)
+    moe_input_grad = True
 
     def __init__(self, seed: int = 0, *, dim: int = 48, heads: int = 4, layers: int = 2,
-                 context: int = 32, num_experts: int = 8, top_k: int = 2, hidden_dim: int = 48,
-                 batch_size: int = 16, lr: float = 3e-3, val_batches: int = 8) -> None:
-        text = load_text()
-        chars = sorted(set(text))
+                 context: int = 32, num_experts: int = 8, top_k: int = 2,
+                 hidden_dim: int | None = None, batch_size: int = 16, lr: float = 3e-3,
+                 val_batches: int = 8, router_init: str = "uniform",
+                 corpus: str = "pydoc") -> None:
+        check_int("layers", layers, 1)
+        check_int("heads", heads, 1)
+        check_int("dim", dim, heads)
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be a multiple of heads={heads}")
+        check_int("num_experts", num_experts, 1)
+        check_int("top_k", top_k, 1, num_experts)
+        check_float("lr", lr, low=0.0, low_open=True)
+        check_choice("router_init", router_init, ROUTER_INITS)
+        check_choice("corpus", corpus, CORPORA)
+        pretrain = load_text("pydoc")
+        chars = sorted(set(pretrain))  # one vocabulary for both corpora: the pydoc text's
         self.stoi = {c: i for i, c in enumerate(chars)}
-        data = torch.tensor([self.stoi[c] for c in text], dtype=torch.int64)
+        text = pretrain if corpus == "pydoc" else load_text(corpus)
+        # characters outside the vocabulary (rare in source code) are left out
+        data = torch.tensor([self.stoi[c] for c in text if c in self.stoi], dtype=torch.int64)
         split = int(0.9 * len(data))
         self.train_data, self.val_data = data[:split], data[split:]
         self.vocab = len(chars)
+        hidden_dim = dim if hidden_dim is None else hidden_dim
         self.dim, self.heads, self.layers, self.context = dim, heads, layers, context
         self.num_experts, self.top_k, self.hidden_dim = num_experts, top_k, hidden_dim
         self.batch_size, self.lr, self.seed = batch_size, lr, seed
+        self.router_init, self.corpus = router_init, corpus
         self.reset()
         vg = torch.Generator().manual_seed(40_000)
         self.val = [self._window(self.val_data, batch_size, vg) for _ in range(val_batches)]
 
-    def reset(self) -> None:
-        self._g = torch.Generator().manual_seed(30_000 + self.seed)
+    def stream_seed(self) -> int:
+        return 30_000 + self.seed + (0 if self.corpus == "pydoc" else 5_000)
 
     def config(self) -> dict:
         return {k: getattr(self, k) for k in ("vocab", "dim", "heads", "layers", "context",
                                                "num_experts", "top_k", "hidden_dim",
-                                               "batch_size", "lr")}
+                                               "batch_size", "lr", "router_init", "corpus")}
+
+    def settings(self) -> dict:
+        return {**super().settings(), "layers": self.layers, "dim": self.dim}
+
+    def shifted(self) -> "CharLM":
+        """The same model shapes and vocabulary on standard-library source code
+        (:data:`STDLIB_MODULES`) instead of the help topics."""
+        new = type(self)(self.seed, dim=self.dim, heads=self.heads, layers=self.layers,
+                         context=self.context, num_experts=self.num_experts, top_k=self.top_k,
+                         hidden_dim=self.hidden_dim, batch_size=self.batch_size, lr=self.lr,
+                         val_batches=len(self.val), router_init=self.router_init,
+                         corpus="stdlib")
+        new.impl = self.impl
+        return new
+
+    def val_inputs(self) -> list:
+        return [idx for idx, _ in self.val]
+
+    def backbone_flops(self, batch) -> int:
+        """Attention block and tied head per step: per token and layer the q/k/v and output
+        projections (4 D^2 multiply-adds), the attention products QK^T and PV over the whole
+        S x S square (2 S D; the causal mask is applied to the full square), and per token the
+        head (D V); forward 1x, backward 2x (input and weight gradients; attention: the
+        gradients of both operands), 2 FLOPs per multiply-add. Embedding lookups, layer norms,
+        softmax and the loss are not matrix products and are not counted."""
+        idx = batch[0]
+        b, s = idx.shape
+        tokens = b * s
+        per_layer = tokens * 4 * self.dim * self.dim + 2 * b * s * s * self.dim
+        return 2 * 3 * (self.layers * per_layer + tokens * self.dim * self.vocab)
 
     def _window(self, data: Tensor, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         start = torch.randint(len(data) - self.context - 1, (n,), generator=g)
@@ -113,10 +176,11 @@ class CharLM(Task):
         make = lambda: moegrad.MoE(self.dim, self.hidden_dim, self.num_experts, self.top_k,  # noqa: E731
                                    estimator=estimator, losses=losses, impl=self.impl,
                                    **options)
-        return CharModel(self.vocab, self.context, self.dim, self.heads, self.layers, make)
+        model = CharModel(self.vocab, self.context, self.dim, self.heads, self.layers, make)
+        return self.init_routers(model)
 
-    def batch(self, step):
-        return self._window(self.train_data, self.batch_size, self._g)
+    def draw(self, g):
+        return self._window(self.train_data, self.batch_size, g)
 
     def loss(self, model, batch):
         idx, target = batch

@@ -7,6 +7,7 @@ it can, a probe for the gradient diagnostics. Shapes: T tokens, D model dim, E e
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -16,7 +17,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import moegrad
-from moegrad._checks import check_int
+from moegrad._checks import check_choice, check_float, check_int
+
+#: initial router weights: "zero" (every expert scores the same, the first routing is blind),
+#: "normal" (N(0, ROUTER_STD^2), the ``initializer_range`` default of Hugging Face's Mixtral,
+#: Qwen2-MoE and OLMoE configs), "uniform" (nn.Linear's own U(-1/sqrt(D), 1/sqrt(D)))
+ROUTER_INITS = ("zero", "normal", "uniform")
+ROUTER_STD = 0.02
+#: training regimes: from scratch, or fine-tuning a ``topk`` + switch checkpoint on a shifted
+#: distribution (:meth:`Task.shifted`)
+REGIMES = ("scratch", "finetune")
+
+
+def init_router(weight: Tensor, how: str) -> None:
+    """Set a router gate weight [E, D] in place by :data:`ROUTER_INITS` rule ``how``."""
+    check_choice("router_init", how, ROUTER_INITS)
+    with torch.no_grad():
+        if how == "zero":
+            weight.zero_()
+        elif how == "normal":
+            weight.normal_(0.0, ROUTER_STD)
+        # "uniform": keep nn.Linear's initialisation
 
 
 @dataclass
@@ -38,9 +59,14 @@ class Task:
     has_truth = False
     #: the budget of ``--quick`` and of the default run: (steps, seeds)
     quick = (300, 2)
-    full = (1500, 3)
+    full = (1500, 5)
     #: expert compute backend passed to every moegrad.MoE (see moegrad.experts.IMPLS)
     impl = "auto"
+    #: initial router weights, one of :data:`ROUTER_INITS`
+    router_init = "zero"
+    #: whether the MoE layers' input carries a gradient (then the backward also computes the
+    #: input gradient of the experts and of the router: see :mod:`moegrad.study.flops`)
+    moe_input_grad = False
 
     def build(self, estimator: str, options: dict, losses: dict, seed: int) -> nn.Module:
         raise NotImplementedError
@@ -48,11 +74,50 @@ class Task:
     def moes(self, model: nn.Module) -> list:
         return [m for m in model.modules() if isinstance(m, moegrad.MoE)]
 
+    #: training batches are kept in memory while the stream holds at most this many tensor
+    #: elements (clusters --quick: 800 batches, 7M), so the runs after the first replay them
+    #: instead of drawing them again; a longer stream is drawn anew for every run
+    cache_elements = 1 << 25
+
+    def stream_seed(self) -> int:
+        """Seed of the training batch stream."""
+        raise NotImplementedError
+
+    def draw(self, g: torch.Generator):
+        """The next training batch from the stream's generator ``g``."""
+        raise NotImplementedError
+
     def reset(self) -> None:
         """Restart the training batch stream, so every run sees the same batches."""
+        self._pos = 0
+        if not hasattr(self, "_batches"):
+            self._batches, self._caching, self._cached = [], True, 0
+            self._g = torch.Generator().manual_seed(self.stream_seed())
+        elif not self._caching:
+            self._g = torch.Generator().manual_seed(self.stream_seed())
+
+    def new_stream(self) -> None:
+        """Forget the cached batches and restart the stream (after the stream seed changed)."""
+        for name in ("_batches", "_caching", "_cached"):
+            self.__dict__.pop(name, None)
+        self.reset()
 
     def batch(self, step: int):
-        raise NotImplementedError
+        """The next batch of the stream (the ``step``-th since :meth:`reset`): drawn from the
+        generator the first time, replayed from memory afterwards (:attr:`cache_elements`)."""
+        if self._pos < len(self._batches):
+            out = self._batches[self._pos]
+        else:  # while caching, the generator stands at len(self._batches)
+            out = self.draw(self._g)
+            if self._caching:
+                size = sum(t.numel() for t in out)
+                if self._cached + size <= self.cache_elements:
+                    self._batches.append(out)
+                    self._cached += size
+                else:  # too long to keep: every run draws it from the seed again
+                    self._caching, self._batches = False, []
+        self._pos += 1
+        return out
 
     def loss(self, model: nn.Module, batch) -> tuple[Tensor, Tensor, list]:
         """-> (task loss, aux loss, [MoEOutput per layer])."""
@@ -68,6 +133,32 @@ class Task:
     def config(self) -> dict:
         return {}
 
+    def settings(self) -> dict:
+        """The cell settings this task fixes (JSON-ready): task, top_k, num_experts,
+        router_init, lr and the task's own knobs (the run adds regime and losses)."""
+        return {"task": self.name, "top_k": self.top_k, "num_experts": self.num_experts,
+                "router_init": self.router_init, "lr": self.lr}
+
+    def init_routers(self, model: nn.Module) -> nn.Module:
+        """Apply :attr:`router_init` to every MoE layer's gate; returns the model."""
+        for moe in self.moes(model):
+            init_router(moe.router.gate.weight, self.router_init)
+        return model
+
+    def shifted(self) -> "Task":
+        """The fine-tuning distribution of ``--regime finetune``: a new task of the same
+        shapes (same model fits both) whose data differ from this one's."""
+        raise NotImplementedError(f"task {self.name!r} has no shifted distribution")
+
+    def val_inputs(self) -> list:
+        """Model inputs of the validation batches (what compare_routing feeds the models)."""
+        raise NotImplementedError
+
+    def backbone_flops(self, batch) -> int:
+        """FLOPs of one training step (forward + backward) outside the MoE layers, by the
+        convention of :mod:`moegrad.study.flops`. 0 when the model is one MoE layer."""
+        return 0
+
 
 class Clusters(Task):
     """C Gaussian clusters in R^D, each with its own teacher map; an MoE with E >= C experts.
@@ -78,28 +169,33 @@ class Clusters(Task):
     scaled to unit mean square. Loss: mean_t ||y_t - target_t||^2 / D (1.0 = predicting zero).
     The model is one :class:`moegrad.MoE` layer (top-1 by default, weights w = s_i as in the
     Switch Transformer: the setting where the missing gradient of unselected experts bites
-    hardest); its router starts at zero, so every expert
+    hardest); its router starts at zero by default (``router_init``), so every expert
     scores the same and the first routing is blind to the clusters (purity at chance, 1/C):
     the router must learn the assignment from its gradient. Ground truth: the class c.
+    :meth:`shifted` gives the fine-tuning distribution (moved centres, new teachers).
     """
 
     name = "clusters"
     description = "Gaussian clusters, one teacher map each; ground-truth routing known"
     has_truth = True
     quick = (800, 2)
-    full = (3000, 3)
+    full = (3000, 5)
 
     def __init__(self, seed: int = 0, *, dim: int = 16, hidden_dim: int = 32, num_classes: int = 4,
                  num_experts: int = 8, top_k: int = 1, batch_size: int = 256,
                  separation: float = 3.0, sigma: float = 0.5, lr: float = 3e-3,
-                 val_size: int = 2048) -> None:
+                 val_size: int = 2048, router_init: str = "zero") -> None:
         check_int("num_classes", num_classes, 1)
         check_int("num_experts", num_experts, num_classes)
         check_int("top_k", top_k, 1, num_experts)
         check_int("batch_size", batch_size, 1)
+        check_int("dim", dim, 1)
+        check_float("lr", lr, low=0.0, low_open=True)
+        check_choice("router_init", router_init, ROUTER_INITS)
         self.dim, self.hidden_dim, self.num_classes = dim, hidden_dim, num_classes
         self.num_experts, self.top_k, self.batch_size = num_experts, top_k, batch_size
         self.separation, self.sigma, self.lr, self.seed = separation, sigma, lr, seed
+        self.router_init, self.shift = router_init, 0.0
         g = torch.Generator().manual_seed(10_000 + seed)
         centres = torch.randn(num_classes, dim, generator=g)
         self.centres = separation * centres / centres.norm(dim=1, keepdim=True)  # [C, D]
@@ -107,19 +203,59 @@ class Clusters(Task):
         self.w1 = (torch.rand(num_classes, hidden_dim, dim, generator=g) * 2 - 1) * bound_in
         self.w3 = (torch.rand(num_classes, hidden_dim, dim, generator=g) * 2 - 1) * bound_in
         self.w2 = (torch.rand(num_classes, dim, hidden_dim, generator=g) * 2 - 1) * bound_h
-        x, c = self._sample(4096, g)
-        raw = self._teach(x, c)
-        self.scale = float(raw.pow(2).mean().rsqrt())
-        self.val = self._sample(val_size, g)
-        self.val_target = self._teach(*self.val)
+        self._finish(g, val_size)
+        self._stream = 20_000 + seed
         self.reset()
 
-    def reset(self) -> None:
-        self._g = torch.Generator().manual_seed(20_000 + self.seed)
+    def stream_seed(self) -> int:
+        return self._stream
+
+    def _finish(self, g: torch.Generator, val_size: int) -> None:
+        """Scale the teachers to unit mean square and draw the validation set."""
+        self.scale = 1.0
+        x, c = self._sample(4096, g)
+        self.scale = float(self._teach(x, c).pow(2).mean().rsqrt())
+        self.val = self._sample(val_size, g)
+        self.val_target = self._teach(*self.val)
 
     def config(self) -> dict:
         return {k: getattr(self, k) for k in ("dim", "hidden_dim", "num_classes", "num_experts",
-                                               "top_k", "batch_size", "separation", "sigma", "lr")}
+                                               "top_k", "batch_size", "separation", "sigma", "lr",
+                                               "router_init", "shift")}
+
+    def settings(self) -> dict:
+        return {**super().settings(), "num_classes": self.num_classes, "dim": self.dim}
+
+    def shifted(self, angle: float = math.pi / 4) -> "Clusters":
+        """Moved centres and new teachers, both by ``angle`` (radians, default pi/4).
+
+        Each centre turns by ``angle`` towards a fresh random direction orthogonal to it
+        (mu'_c = |mu_c| (cos a u_c + sin a v_c), u_c = mu_c / |mu_c|, v_c a unit vector orthogonal
+        to u_c), and each teacher weight becomes cos a * W + sin a * W' with W' a fresh draw of
+        the same law, rescaled to unit mean square: the clusters and their maps are related to
+        the pretraining ones (cosine cos a) but not equal, so a pretrained router starts
+        partly right. Validation set and batch stream are new; shapes and seed are kept.
+        """
+        check_float("angle", angle, low=0.0, high=math.pi / 2)
+        new = copy.copy(self)
+        g = torch.Generator().manual_seed(60_000 + self.seed)
+        u = self.centres / self.centres.norm(dim=1, keepdim=True)
+        v = torch.randn(self.num_classes, self.dim, generator=g)
+        v = v - (v * u).sum(1, keepdim=True) * u
+        v = v / v.norm(dim=1, keepdim=True)
+        new.centres = self.separation * (math.cos(angle) * u + math.sin(angle) * v)
+        for name, bound in (("w1", 1 / math.sqrt(self.dim)), ("w3", 1 / math.sqrt(self.dim)),
+                            ("w2", 1 / math.sqrt(self.hidden_dim))):
+            w = getattr(self, name)
+            fresh = (torch.rand(w.shape, generator=g) * 2 - 1) * bound
+            setattr(new, name, math.cos(angle) * w + math.sin(angle) * fresh)
+        new._finish(g, len(self.val[0]))
+        new.shift, new._stream = angle, 70_000 + self.seed
+        new.new_stream()
+        return new
+
+    def val_inputs(self) -> list:
+        return list(self.val[0].split(512))
 
     def _sample(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         c = torch.randint(self.num_classes, (n,), generator=g)
@@ -130,17 +266,16 @@ class Clusters(Task):
         """teacher_c(x) [T, D] for each token's class."""
         h = F.silu(torch.einsum("td,thd->th", x, self.w1[c])) * torch.einsum("td,thd->th", x, self.w3[c])
         out = torch.einsum("th,tdh->td", h, self.w2[c])
-        return out * getattr(self, "scale", 1.0)
+        return out * self.scale
 
     def build(self, estimator, options, losses, seed):
         torch.manual_seed(seed)
         model = moegrad.MoE(self.dim, self.hidden_dim, self.num_experts, self.top_k,
                             estimator=estimator, losses=losses, impl=self.impl, **options)
-        nn.init.zeros_(model.router.gate.weight)
-        return model
+        return self.init_routers(model)
 
-    def batch(self, step):
-        x, c = self._sample(self.batch_size, self._g)
+    def draw(self, g):
+        x, c = self._sample(self.batch_size, g)
         return x, c, self._teach(x, c)
 
     def loss(self, model, batch):

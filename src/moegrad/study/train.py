@@ -9,38 +9,81 @@ cosine of the mean of ``diag_samples`` sampled gradients to the exact gradient,
 ``cos_exact_sample`` the mean cosine of single samples (what one training step uses; equal to
 ``cos_exact`` for deterministic estimators), and ``reference`` names the forward weight rule of
 the exact reference the estimator was compared with.
+
+Compute: ``history["flops"]`` is the cumulative training FLOPs at each evaluation and
+``flops_per_step`` their mean per step, counted from what each step evaluated
+(:mod:`moegrad.study.flops`). ``time_limited`` flags a run cut by the clock.
+
+Regimes: ``scratch`` trains from the task's initialisation; ``finetune`` starts from a
+pretrained state (:func:`pretrain`: ``topk`` + switch loss 0.01 on the task's own
+distribution) and trains on the shifted one (:meth:`~moegrad.study.tasks.Task.shifted`);
+the run then also has ``before`` (the checkpoint's held-out loss and purity on the shifted
+distribution, under the fine-tuning estimator's forward: the same for the estimators that
+keep ``topk``'s forward, different for those with unit weights such as ``unweighted``,
+``straight_through`` or top-1 ``noisy_topk``, and for ``sparsemixer``) and ``drift`` (:func:`moegrad.diagnostics.compare_routing` between the
+checkpoint and the fine-tuned model on the validation inputs).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from moegrad import estimators as registry
 from moegrad.diagnostics import (LoadWindow, gradient_fidelity, load_cv, max_violation,
                                  router_entropy)
+from moegrad.study.flops import COMPONENTS, step_flops
+from moegrad.study.tasks import REGIMES
+
+#: the pretraining recipe of ``--regime finetune``
+PRETRAIN_ESTIMATOR = "topk"
+PRETRAIN_LOSSES = {"switch": 0.01}
+#: ``checkpoints`` entry meaning "the last step of the run, whenever it stops"
+END = -1
+
+
+def state_copy(model: torch.nn.Module) -> dict:
+    """A detached copy of ``model.state_dict()`` (in memory)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float,
               eval_every: int, diag_every: int, diag_samples: int = 8, tau: float = 1.0,
               losses: Optional[dict] = None, options: Optional[dict] = None,
-              window: int = 50, on_step=None) -> dict:
+              window: int = 50, on_step: Optional[Callable] = None, regime: str = "scratch",
+              init_state: Optional[dict] = None, checkpoints: Iterable[int] = (),
+              on_checkpoint: Optional[Callable] = None) -> dict:
     """Train one model; return its history and final metrics (a JSON-ready dict).
 
     ``ms_per_step`` is the median step time (robust to other processes stealing the CPU for a
-    while); ``ms_per_step_mean`` is train_time / steps.
+    while); ``ms_per_step_mean`` is train_time / steps. ``settings`` records the cell
+    (:meth:`~moegrad.study.tasks.Task.settings` plus regime and losses).
 
     ``on_step()`` is called after every optimiser step (the progress bar).
+    ``regime="finetune"`` needs ``init_state`` (from :func:`pretrain`) and ``task`` the shifted
+    task; it adds ``before`` and ``drift``. ``on_checkpoint(step, model)`` is called at the
+    steps in ``checkpoints`` (``END``: the run's last step), e.g. to keep :func:`state_copy`.
     """
+    from moegrad._checks import check_choice
+
+    check_choice("regime", regime, REGIMES)
+    if (regime == "finetune") != (init_state is not None):
+        raise ValueError(f"regime={regime!r} {'needs' if regime == 'finetune' else 'takes no'} "
+                         "init_state (the pretrained checkpoint of --regime finetune)")
     losses = {} if losses is None else losses
     options = dict(options or {})
     cls = registry.get(estimator)
     if cls.samples and "generator" in cls.options:
         options.setdefault("generator", torch.Generator().manual_seed(50_000 + seed))
     model = task.build(estimator, options, losses, seed)
+    if init_state is not None:  # the pretrained layers; this estimator's own state stays fresh
+        from moegrad.study.fidelity import load_checkpoint
+
+        load_checkpoint(model, init_state, "pretrained")
+    start_state = state_copy(model) if regime == "finetune" else None
     task.reset()  # the same batches for every estimator
     model.train()
     moes = task.moes(model)
@@ -48,15 +91,18 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
     optimizer = torch.optim.Adam(model.parameters(), lr=task.lr)
     hist = {k: [] for k in ("step", "time", "train_loss", "eval_step", "eval_time", "val_loss",
                             "purity", "bits_per_char", "load", "load_cv", "max_violation",
-                            "entropy", "dead", "diag_step", "cos_exact", "cos_exact_sample",
-                            "cos_dense", "rel_err_exact", "variance")}
+                            "entropy", "dead", "flops", "diag_step", "cos_exact",
+                            "cos_exact_sample", "cos_dense", "rel_err_exact", "variance")}
     elapsed, step, last_routing, durations = 0.0, 0, None, []
+    flops = dict.fromkeys(COMPONENTS + ("total",), 0)
     reference = None  # the forward weight rule of the exact reference (diagnostics only)
+    wanted = set(checkpoints) if on_checkpoint is not None else set()
 
     def record_eval() -> None:
         metrics = task.evaluate(model)
         hist["eval_step"].append(step)
         hist["eval_time"].append(elapsed)
+        hist["flops"].append(flops["total"])
         hist["val_loss"].append(metrics["val_loss"])
         hist["purity"].append(metrics.get("purity"))
         hist["bits_per_char"].append(metrics.get("bits_per_char"))
@@ -87,6 +133,8 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
     record_eval()
     if diag_every:
         record_diag()
+    if 0 in wanted:
+        on_checkpoint(0, model)
     while step < steps and elapsed < time_budget:
         batch = task.batch(step)
         start = time.perf_counter()
@@ -97,6 +145,8 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
         durations.append(time.perf_counter() - start)
         elapsed += durations[-1]
         step += 1
+        for key, value in step_flops(task, model, batch, outs).items():
+            flops[key] += value
         for w, out in zip(windows, outs):
             w.update(out.stats.tokens_per_expert)
         last_routing = [o.routing for o in outs]
@@ -109,12 +159,98 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
             record_eval()
         if diag_every and (step % diag_every == 0 or step == steps):
             record_diag()
+        if step in wanted and step < steps:
+            on_checkpoint(step, model)
     if hist["eval_step"][-1] != step:
         record_eval()
         if diag_every:
             record_diag()
-    return {"estimator": estimator, "seed": seed, "steps": step, "train_time": elapsed,
-            "ms_per_step": 1000 * statistics.median(durations) if durations else 0.0,
-            "ms_per_step_mean": 1000 * elapsed / max(step, 1),
-            "stopped_by": "steps" if step >= steps else "time", "reference": reference,
-            "history": hist}
+    if (END in wanted or steps in wanted) and step > 0:
+        on_checkpoint(step, model)
+    stopped_by = "steps" if step >= steps else "time"
+    run = {"estimator": estimator, "seed": seed, "steps": step, "train_time": elapsed,
+           "ms_per_step": 1000 * statistics.median(durations) if durations else 0.0,
+           "ms_per_step_mean": 1000 * elapsed / max(step, 1),
+           "stopped_by": stopped_by, "time_limited": stopped_by == "time",
+           "settings": {**task.settings(), "regime": regime, "losses": dict(losses)},
+           "flops_per_step": flops["total"] / step if step else 0.0,
+           "flops_per_step_by_part": {k: flops[k] / step if step else 0.0 for k in COMPONENTS},
+           "reference": reference, "history": hist}
+    if regime == "finetune":
+        run["before"] = {"val_loss": hist["val_loss"][0], "purity": hist["purity"][0]}
+        run["drift"] = routing_drift(task, estimator, losses, seed, start_state, model)
+    return run
+
+
+def routing_drift(task, estimator: str, losses: dict, seed: int, start_state: dict,
+                  model: torch.nn.Module) -> list:
+    """:func:`moegrad.diagnostics.compare_routing` between the model at the start of fine-tuning
+    (rebuilt from ``start_state``) and ``model``, both in eval mode (deterministic top-k
+    selection), on the task's validation inputs."""
+    from moegrad.diagnostics import compare_routing
+
+    start = task.build(estimator, {}, losses, seed)
+    start.load_state_dict(start_state)
+    was = model.training
+    start.eval()
+    model.eval()
+    try:
+        with torch.no_grad():
+            return compare_routing(start, model, task.val_inputs())
+    finally:
+        model.train(was)
+
+
+def pretrain(task, seed: int, *, steps: int, time_budget: float, eval_every: int,
+             on_step: Optional[Callable] = None) -> tuple[dict, dict]:
+    """Pretrain for ``--regime finetune``: :data:`PRETRAIN_ESTIMATOR` with
+    :data:`PRETRAIN_LOSSES` on ``task`` (the unshifted distribution) from the model seed
+    ``seed``. Returns (state_dict copy of the final model, a JSON-ready summary)."""
+    keep = {}
+    run = train_run(task, PRETRAIN_ESTIMATOR, seed, steps=steps, time_budget=time_budget,
+                    eval_every=eval_every, diag_every=0, losses=dict(PRETRAIN_LOSSES),
+                    on_step=on_step, checkpoints=(END,),
+                    on_checkpoint=lambda step, model: keep.update(state=state_copy(model)))
+    if "state" not in keep:
+        raise ValueError(f"pretraining ran no step (steps={steps}, time_budget={time_budget})")
+    h = run["history"]
+    info = {"estimator": PRETRAIN_ESTIMATOR, "losses": dict(PRETRAIN_LOSSES), "seed": seed,
+            "steps": run["steps"], "train_time": run["train_time"],
+            "time_limited": run["time_limited"], "flops": h["flops"][-1],
+            "val_loss": h["val_loss"][-1], "purity": h["purity"][-1]}
+    return keep["state"], info
+
+
+def time_costs(task, estimator: str, seed: int = 0, *, losses: Optional[dict] = None,
+               diag: bool = True, diag_samples: int = 8, tau: float = 1.0,
+               steps: int = 3) -> dict:
+    """Seconds of one training step, one evaluation and one gradient diagnostic of
+    ``estimator`` on ``task``, measured on a throwaway model (one unmeasured warm-up step,
+    then the median of ``steps``). The progress bar's cost model; the training batch stream
+    is reset afterwards, so the study's runs are unchanged."""
+    losses = {} if losses is None else losses
+    model = task.build(estimator, {}, losses, seed)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=task.lr)
+    task.reset()
+    times = []
+    for i in range(steps + 1):
+        batch = task.batch(i)
+        start = time.perf_counter()
+        loss, aux, _ = task.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        (loss + aux).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    task.reset()
+    start = time.perf_counter()
+    task.evaluate(model)
+    evaluate = time.perf_counter() - start
+    diagnostic = 0.0
+    probe = task.probe(model) if diag else None
+    if probe is not None:
+        start = time.perf_counter()
+        gradient_fidelity(probe.moe, probe.x, probe.loss_fn, [estimator], samples=diag_samples,
+                          tau=tau, seed=seed)
+        diagnostic = time.perf_counter() - start
+    return {"step": statistics.median(times[1:]), "eval": evaluate, "diag": diagnostic}
