@@ -386,7 +386,7 @@ class Progress:
             self.steps_done += 1
             state["done"] += per_step
             if self.bar is not None:
-                self.bar.update(per_step)
+                self._advance(per_step)
                 if self.steps_done % 50 == 0:
                     self.bar.set_postfix_str(f"{label}, step {self.steps_done}/{self.steps_total}",
                                              refresh=False)
@@ -394,11 +394,18 @@ class Progress:
         def finish(steps_run: int = steps) -> None:
             self.steps_done += steps - steps_run  # steps a time-limited run did not take
             if self.bar is not None:
-                self.bar.update(max(seconds - state["done"], 0.0))
+                self._advance(seconds - state["done"])
 
         if self.bar is not None:
             self.bar.set_postfix_str(f"{label}, step {self.steps_done}/{self.steps_total}")
         return on_step, finish
+
+    def _advance(self, seconds: float) -> None:
+        """Move the bar by ``seconds`` of priced work, never past its total (float sums of the
+        per-step shares can overshoot it by rounding, which tqdm shows as a negative ETA)."""
+        seconds = min(seconds, self.bar.total - self.bar.n)
+        if seconds > 0:
+            self.bar.update(seconds)
 
     def close(self) -> None:
         if self.bar is not None:
