@@ -205,6 +205,15 @@ def test_finetune_regime_pretrains_once_per_seed_and_reports_drift(tmp_path, mon
         assert len(run["drift"]) == 1 and set(run["drift"][0]) == DRIFT_FIELDS
         assert run["drift"][0]["tokens"] == 2048 and 0 <= run["drift"][0]["topk_overlap"] <= 1
         assert run["pretrain"]["seed"] == run["seed"]
+    # the per-estimator drift statistics and the report's fine-tuning table come from the runs
+    for name, stats in doc["estimators"].items():
+        mine = [r for r in doc["runs"] if r["estimator"] == name]
+        assert stats["loss_before"]["values"] == [r["before"]["val_loss"] for r in mine]
+        assert stats["drift_js"]["values"] == [r["drift"][0]["js_divergence"] for r in mine]
+        assert stats["experts_killed"]["values"] == [len(r["drift"][0]["killed"]) for r in mine]
+    report = (out / "report.md").read_text()
+    assert "## Fine-tuning: before and after, and routing drift" in report
+    assert "| `dense` | " + f"{doc['estimators']['dense']['loss_before']['mean']:.4f}" in report
     # every estimator of a seed starts from the same pretrained model; these three share
     # topk's forward (softmax weights), so their loss before fine-tuning is the same
     for seed in (0, 1):

@@ -146,6 +146,27 @@ def run_values(run: dict, equal_time: float, target: float, budget: Optional[flo
 
 # ----------------------------------------------------------------------------------- aggregate
 
+def _layer_mean(drift: list, key: str) -> float:
+    return sum(layer[key] for layer in drift) / len(drift)
+
+
+def finetune_stats(runs: list[dict]) -> dict:
+    """Per-estimator statistics of ``--regime finetune`` runs (each with ``before`` and
+    ``drift``, the per-layer :func:`moegrad.diagnostics.compare_routing` between the start and
+    the end of fine-tuning): held-out loss on the shifted distribution before fine-tuning, and
+    the drift averaged over layers (top-k overlap, Jensen-Shannon divergence) or summed over
+    layers (experts revived, killed)."""
+    return {
+        "loss_before": describe([r["before"]["val_loss"] for r in runs]),
+        "drift_topk_overlap": describe([_layer_mean(r["drift"], "topk_overlap") for r in runs]),
+        "drift_js": describe([_layer_mean(r["drift"], "js_divergence") for r in runs]),
+        "experts_revived": describe([sum(len(layer["revived"]) for layer in r["drift"])
+                                     for r in runs]),
+        "experts_killed": describe([sum(len(layer["killed"]) for layer in r["drift"])
+                                    for r in runs]),
+    }
+
+
 def aggregate(runs: list[dict], task, args: dict) -> dict:
     """runs (from :func:`moegrad.study.train.train_run`) -> the metrics.json document of one
     cell: per-estimator statistics (sample sd, 95% CI, n) and ``comparisons``, the paired
@@ -174,6 +195,8 @@ def aggregate(runs: list[dict], task, args: dict) -> dict:
                            if (z := _zero_gradient_steps(r["history"]))],
             reference=_last([r.get("reference") for r in mine]),
             sampling=bool(registry.get(name).samples))
+        if all(r.get("drift") for r in mine):  # --regime finetune
+            per[name].update(finetune_stats(mine))
     comparisons = []
     for metric in TESTED:
         per_seed = {n: {s: v[metric] for s, v in values[n].items()} for n in names}
@@ -571,6 +594,22 @@ def write_report(doc: dict, out: Path, command: str) -> None:
         row += [fmt(m["steps"], 0), str(len(m.get("time_limited_seeds") or []))]
         rows.append(row)
     lines += _table(head, rows) + _dagger_note(per)
+
+    if all("drift_js" in per[n] for n in names):
+        lines += ["", "## Fine-tuning: before and after, and routing drift", "",
+                  "Held-out loss on the shifted distribution at the pretrained checkpoint "
+                  "(measured under each estimator's own forward, so estimators whose forward "
+                  "differs from `topk`'s start elsewhere) and after fine-tuning; routing drift "
+                  "between the start and the end of fine-tuning (eval mode, validation inputs), "
+                  "mean over layers for overlap and JS, summed over layers for experts. Mean ± "
+                  "sample sd over seeds.", ""]
+        head = ["estimator", "loss before", "loss after", "top-k overlap with start",
+                "JS divergence (nats)", "experts revived", "experts killed"]
+        rows = [[f"`{n}`{_flag(per, n)}", fmt(per[n]["loss_before"], 4),
+                 fmt(per[n]["final_loss"], 4), fmt(per[n]["drift_topk_overlap"], 3),
+                 fmt(per[n]["drift_js"], 4), fmt(per[n]["experts_revived"], 1),
+                 fmt(per[n]["experts_killed"], 1)] for n in names]
+        lines += _table(head, rows) + _dagger_note(per)
 
     lines += ["", "## Routing health", "",
               "At the end of training, over the last window of steps; mean ± sample sd over "
