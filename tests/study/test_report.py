@@ -84,12 +84,13 @@ def test_verdicts_follow_the_tests_significant_and_not():
     assert dense["p_holm"] == pytest.approx(min(1.0, 3 * dense["p"]))
 
     text = verdicts(doc)
-    sig = (f"`dense`: final validation loss lower than `topk` by {num(gain)} (95% CI "
+    sig = (f"`dense`: final validation loss lower than `topk` by {num(gain)} (uncorrected 95% CI "
            f"{num(gain - half)} to {num(gain + half)}), p < 0.001 after Holm "
            f"correction, n = 6 seeds.")
     assert dense["p_holm"] < 0.001
     assert sig in text
-    assert sig.startswith("`dense`: final validation loss lower than `topk` by 0.0517 (95% CI 0.0438 to 0.0596)")
+    assert sig.startswith("`dense`: final validation loss lower than `topk` by 0.0517 (uncorrected "
+                          "95% CI 0.0438 to 0.0596)")
     nonsig = [t for t in text if t.startswith("`unweighted`: final validation loss")]
     assert len(nonsig) == 1
     assert nonsig[0].startswith("`unweighted`: final validation loss not distinguishable from "

@@ -295,10 +295,12 @@ def verdict(c: dict, per: Optional[dict] = None) -> str:
         word = "lower" if d < 0 else "higher"
         if d < 0:
             d, lo, hi = -d, -hi, -lo
-        return (f"`{a}`: {what} {word} than `{b}` by {num(d)} (95% CI {num(lo)} to {num(hi)}), "
+        return (f"`{a}`: {what} {word} than `{b}` by {num(d)} (uncorrected 95% CI {num(lo)} to "
+                f"{num(hi)}), "
                 f"{pval(c['p_holm'])} after Holm correction, n = {n} seeds{tail}.")
     return (f"`{a}`: {what} not distinguishable from `{b}` ({pval(c['p_holm'])} after Holm "
-            f"correction, n = {n} seeds; difference {num(d)}, 95% CI {num(lo)} to {num(hi)})"
+            f"correction, n = {n} seeds; difference {num(d)}, uncorrected 95% CI {num(lo)} to "
+            f"{num(hi)})"
             f"{tail}.")
 
 
@@ -566,7 +568,10 @@ def write_report(doc: dict, out: Path, command: str) -> None:
     lines += ["## Verdicts", "",
               f"Paired t-tests across seeds (same seed = same data and initialisation), "
               f"Holm-corrected over all pairs of a metric; significant means p < {ALPHA} after "
-              f"correction. With fewer than {MIN_PAIRED} paired seeds no test is made.", ""]
+              f"correction. With fewer than {MIN_PAIRED} paired seeds no test is made. The 95% "
+              "confidence intervals of the differences are per comparison (not corrected for "
+              "the number of pairs): an interval that excludes 0 can still be not significant "
+              "after Holm's correction.", ""]
     first, rest = verdict_groups(doc)
     lines += [f"Against `{doc.get('baseline', BASELINE)}`:", ""] + [f"- {v}" for v in first]
     if rest:
