@@ -844,8 +844,8 @@ def write_grid_summary(docs: list[dict], out: Path, command: str) -> None:
         rows.append([f"`{cell}`", _cell_settings(d), str(seeds), str(d.get("args", {}).get("steps")),
                      str(limited)])
     lines += _table(["cell", "settings", "seeds", "steps", "runs stopped by time"], rows)
-    lines += ["", "Entries: mean difference estimator - `topk` over seeds [95% CI of the "
-              "paired difference]; `*` significant (paired t-test, p < "
+    lines += ["", "Entries: mean difference estimator - `topk` over seeds [uncorrected 95% CI "
+              "of the paired difference]; `*` significant (paired t-test, p < "
               f"{ALPHA} after Holm correction within the cell and metric), `n.s.` not "
               f"distinguishable; `no test` fewer than {MIN_PAIRED} paired seeds (means only); "
               f"{DAGGER} some runs of the estimator or of `topk` stopped by the time budget. "
