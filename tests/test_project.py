@@ -42,7 +42,15 @@ def test_readme_main_job_is_the_quick_study():
     main_job = [b for b in blocks if "pytest" not in b]
     assert any(b.rstrip().endswith("moegrad study --quick") and "-c constraints.txt" in b
                for b in main_job), main_job
-    assert (ROOT / "docs" / "img" / "study-clusters-purity.png").stat().st_size > 1000
+
+
+def test_every_image_the_docs_show_is_shipped():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    shown = [(page, link) for page in pages
+             for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text())]
+    assert shown, "the docs show no figure"
+    for page, link in shown:
+        assert (page.parent / link).stat().st_size > 1000, (page.name, link)
 
 
 def test_readme_python_examples_run():

@@ -826,5 +826,8 @@ def _print_summary(doc: dict, indent: str = "  ", title: Optional[str] = None) -
     if limited:
         print(f"{indent}stopped by --time-budget before --steps: {', '.join(limited)}")
     per = doc["estimators"]
-    for name in sorted(per, key=lambda n: per[n]["final_loss"]["mean"]):
-        print(f"{indent}{name:18s} final val loss {per[name]['final_loss']['mean']:.4f}")
+    for name in sorted(per):  # not ranked: the verdicts (paired tests) are in report.md
+        stat = per[name]["final_loss"]
+        spread = f" ± {stat['sd']:.4f}" if stat.get("sd") is not None and stat["n"] > 1 else ""
+        print(f"{indent}{name:18s} final val loss {stat['mean']:.4f}{spread} (n = {stat['n']})")
+    print(f"{indent}verdicts from paired tests against topk: report.md")
