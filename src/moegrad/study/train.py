@@ -50,6 +50,16 @@ def state_copy(model: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def train_step(task, model: torch.nn.Module, optimizer, batch) -> tuple:
+    """One optimiser step on ``task.loss`` + its balance losses -> (task loss, the layers'
+    MoEOutputs)."""
+    loss, aux, outs = task.loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    (loss + aux).backward()
+    optimizer.step()
+    return loss, outs
+
+
 def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float,
               eval_every: int, diag_every: int, diag_samples: int = 8, tau: float = 1.0,
               losses: Optional[dict] = None, options: Optional[dict] = None,
@@ -138,10 +148,7 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
     while step < steps and elapsed < time_budget:
         batch = task.batch(step)
         start = time.perf_counter()
-        loss, aux, outs = task.loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + aux).backward()
-        optimizer.step()
+        loss, outs = train_step(task, model, optimizer, batch)
         durations.append(time.perf_counter() - start)
         elapsed += durations[-1]
         step += 1
@@ -237,10 +244,7 @@ def time_costs(task, estimator: str, seed: int = 0, *, losses: Optional[dict] = 
     for i in range(steps + 1):
         batch = task.batch(i)
         start = time.perf_counter()
-        loss, aux, _ = task.loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + aux).backward()
-        optimizer.step()
+        train_step(task, model, optimizer, batch)
         times.append(time.perf_counter() - start)
     task.reset()
     start = time.perf_counter()
