@@ -33,8 +33,10 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from moegrad import estimators as registry
-from moegrad.diagnostics import (LoadWindow, gradient_fidelity, load_cv, max_violation,
-                                 router_entropy)
+from moegrad._checks import check_choice
+from moegrad.diagnostics import (LoadWindow, compare_routing, gradient_fidelity, load_cv,
+                                 max_violation, router_entropy)
+from moegrad.study.fidelity import load_checkpoint
 from moegrad.study.flops import COMPONENTS, step_flops
 from moegrad.study.tasks import REGIMES
 
@@ -77,8 +79,6 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
     task; it adds ``before`` and ``drift``. ``on_checkpoint(step, model)`` is called at the
     steps in ``checkpoints`` (``END``: the run's last step), e.g. to keep :func:`state_copy`.
     """
-    from moegrad._checks import check_choice
-
     check_choice("regime", regime, REGIMES)
     if (regime == "finetune") != (init_state is not None):
         raise ValueError(f"regime={regime!r} {'needs' if regime == 'finetune' else 'takes no'} "
@@ -90,8 +90,6 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
         options.setdefault("generator", torch.Generator().manual_seed(50_000 + seed))
     model = task.build(estimator, options, losses, seed)
     if init_state is not None:  # the pretrained layers; this estimator's own state stays fresh
-        from moegrad.study.fidelity import load_checkpoint
-
         load_checkpoint(model, init_state, "pretrained")
     start_state = state_copy(model) if regime == "finetune" else None
     task.reset()  # the same batches for every estimator
@@ -192,20 +190,11 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
 def routing_drift(task, estimator: str, losses: dict, seed: int, start_state: dict,
                   model: torch.nn.Module) -> list:
     """:func:`moegrad.diagnostics.compare_routing` between the model at the start of fine-tuning
-    (rebuilt from ``start_state``) and ``model``, both in eval mode (deterministic top-k
-    selection), on the task's validation inputs."""
-    from moegrad.diagnostics import compare_routing
-
+    (rebuilt from ``start_state``) and ``model``, on the task's validation inputs
+    (compare_routing runs both in eval mode, deterministic top-k, and restores their modes)."""
     start = task.build(estimator, {}, losses, seed)
     start.load_state_dict(start_state)
-    was = model.training
-    start.eval()
-    model.eval()
-    try:
-        with torch.no_grad():
-            return compare_routing(start, model, task.val_inputs())
-    finally:
-        model.train(was)
+    return compare_routing(start, model, task.val_inputs())
 
 
 def pretrain(task, seed: int, *, steps: int, time_budget: float, eval_every: int,
