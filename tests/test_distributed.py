@@ -13,13 +13,12 @@ dL/dx_r, the local slice of the expert gradients, and the router gradients summe
 The same groups check that bad input (shape, dtype, grad mode) raises on every rank, and the
 switch loss with a BalanceWindow over 2 micro-batches. A third group of 2 checks that ranks
 disagreeing on the layer's settings (estimator and options, losses, top_k, ...) all raise a
-ValueError naming them within seconds, instead of waiting for the collective timeout. ``moegrad bench --world-size`` option
-mapping is tested with the benchmark replaced by a stub, plus one tiny real bf16 run.
+ValueError naming them within seconds, instead of waiting for the collective timeout.
+(``moegrad bench --world-size``: tests/bench/test_expert_parallel.py.)
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -476,7 +475,7 @@ def _mismatch_worker(rank, world, port, out_dir):
     expected ValueError the group may be out of step, so the remaining cases are not run."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    from moegrad.distributed import init_process_group_for_tests
+    from moegrad._testing import init_process_group_for_tests
     import torch.distributed as dist
 
     init_process_group_for_tests(rank, world, port, GROUP_TIMEOUT_S)
@@ -497,7 +496,7 @@ def _mismatch_worker(rank, world, port, out_dir):
 def _worker(rank, world, port, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    from moegrad.distributed import init_process_group_for_tests
+    from moegrad._testing import init_process_group_for_tests
     import torch.distributed as dist
 
     init_process_group_for_tests(rank, world, port, GROUP_TIMEOUT_S)
@@ -521,7 +520,7 @@ def _worker(rank, world, port, out_dir):
 
 def _run_group(world, tmp_path_factory, worker=None, timeout_s=SPAWN_TIMEOUT_S):
     import torch.multiprocessing as mp
-    from moegrad.distributed import free_port
+    from moegrad._testing import free_port
 
     out_dir = str(tmp_path_factory.mktemp(f"ep{world}"))
     ctx = mp.start_processes(worker or _worker, args=(world, free_port(), out_dir), nprocs=world,
@@ -738,113 +737,6 @@ def test_settings_that_agree_pass_the_check(settings2, name):
         assert r["y"] == [6, D] and r["router_grad"] > 1e-3
 
 
-def _bench_args(*argv):
-    from moegrad import bench
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return parser.parse_args(["--no-progress", *argv])
-
-
-def _fake_rows(calls):
-    def fake(world_sizes, **kwargs):
-        calls.append((tuple(world_sizes), kwargs))
-        return [{"world_size": w, "tokens_per_s": 1.0, "step_ms": 1.0, "bytes_per_step_per_rank": 0.0,
-                 "model_bytes_per_step_per_rank": 0.0} for w in world_sizes]
-    return fake
-
-
-def test_bench_world_sizes_maps_the_bench_options(monkeypatch, capsys, tmp_path):
-    from moegrad import bench, distributed_bench
-
-    calls = []
-    monkeypatch.setattr(distributed_bench, "bench_expert_parallel", _fake_rows(calls))
-    monkeypatch.chdir(tmp_path)
-    args = _bench_args("--world-size", "1", "2", "--configs", "16,24,4,2,32", "8,8,2,1,10",
-                       "--repeats", "3", "--warmup", "0", "--dtype", "bfloat16", "--seed", "5",
-                       "--estimators", "gumbel", "--impls", "loop", "--threads", "2", "--json", "-")
-    assert bench.run_world_sizes(args) == 0
-    report = json.loads(capsys.readouterr().out)  # stdout holds only the JSON
-    assert not (tmp_path / "-").exists()
-    assert [c[0] for c in calls] == [(1, 2), (1, 2)]
-    keys = ("dim", "hidden", "experts", "top_k", "tokens", "steps", "warmup", "dtype", "seed",
-            "estimator", "impl", "threads")
-    assert [tuple(kw[k] for k in keys) for _, kw in calls] == [
-        (16, 24, 4, 2, 32, 3, 0, "bfloat16", 5, "gumbel", "loop", 2),
-        (8, 8, 2, 1, 10, 3, 0, "bfloat16", 5, "gumbel", "loop", 2)]
-    assert [r["config"]["tokens"] for r in report] == [32, 10]
-    assert [[row["world_size"] for row in r["rows"]] for r in report] == [[1, 2], [1, 2]]
-    # defaults: the distributed benchmark's shape, --repeats as steps, --quick caps them at 3
-    calls.clear()
-    path = tmp_path / "one.json"
-    assert bench.run_world_sizes(_bench_args("--world-size", "2", "--quick", "--json", str(path))) == 0
-    kw = calls[0][1]
-    d = distributed_bench.DEFAULTS
-    assert (kw["dim"], kw["hidden"], kw["experts"], kw["top_k"], kw["tokens"]) == (
-        d["dim"], d["hidden"], d["experts"], d["top_k"], d["tokens"])
-    assert (kw["steps"], kw["warmup"], kw["dtype"], kw["seed"], kw["impl"], kw["estimator"]) == (
-        3, 1, "float32", 0, "auto", "topk")
-    assert json.loads(path.read_text())["config"]["steps"] == 3
-    assert "all-to-all bytes" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("argv, message", [
-    (("--backend", "mlx"), "--backend 'mlx' is not supported"),
-    (("--impls", "loop,bmm"), "one expert backend per run"),
-    (("--estimators", "topk,dense"), "one estimator per run"),
-    (("--repeats", "0"), "--repeats=0"),
-])
-def test_bench_world_sizes_refuses_what_it_cannot_map(monkeypatch, argv, message):
-    from moegrad import bench, distributed_bench
-
-    calls = []
-    monkeypatch.setattr(distributed_bench, "bench_expert_parallel", _fake_rows(calls))
-    with pytest.raises(ValueError, match=message):
-        bench.run_world_sizes(_bench_args("--world-size", "1", *argv))
-    assert calls == []
-
-
-def test_bench_world_sizes_runs_bfloat16_and_prints_json(capsys):
-    """A real 2-process run of a tiny config in bf16, JSON on stdout."""
-    from moegrad import bench
-
-    args = _bench_args("--world-size", "2", "--configs", "8,16,4,2,24", "--repeats", "1", "--warmup", "0",
-                       "--dtype", "bfloat16", "--seed", "3", "--json", "-")
-    assert bench.run_world_sizes(args) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["config"]["dtype"] == "bfloat16" and report["config"]["seed"] == 3
-    (row,) = report["rows"]
-    assert row["world_size"] == 2 and row["tokens_per_s"] > 0
-    assert row["model_bytes_per_step_per_rank"] == 4 * 2 * 24 * 8 * 2 / 2  # b = 2 bytes
-    # the mean over ranks of: one header of (3 + E/W) int64, then 4 exchanges of D bf16 values
-    # per off-rank row (16 bytes); fp32 rows would double the model's value
-    rows_bytes = row["bytes_per_step_per_rank"] - (3 + 2) * 8
-    assert (2 * rows_bytes) % 16 == 0
-    assert 0.5 * row["model_bytes_per_step_per_rank"] < rows_bytes < 1.5 * row["model_bytes_per_step_per_rank"]
-
-
-def test_bench_model_and_validation():
-    from moegrad.distributed_bench import bench_expert_parallel, format_table, model_bytes
-
-    # 4 exchanges of K T rows of D fp32 values, (W - 1) / W of them off-rank
-    assert model_bytes(512, 64, 2, 1) == 0
-    assert model_bytes(512, 64, 2, 2) == 4 * 2 * 512 * 64 * 4 / 2
-    assert model_bytes(100, 10, 1, 4, element_size=2) == 4 * 100 * 10 * 2 * 3 / 4
-    with pytest.raises(ValueError, match="world_size=3 does not divide experts=8"):
-        bench_expert_parallel((3,), experts=8, progress=False)
-    with pytest.raises(ValueError, match="tokens=0"):
-        bench_expert_parallel((1,), tokens=0, progress=False)
-    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
-        bench_expert_parallel((1,), dtype="float16", progress=False)
-    with pytest.raises(ValueError, match="impl='fast' is unknown"):
-        bench_expert_parallel((1,), impl="fast", progress=False)
-    table = format_table([{"world_size": 2, "tokens_per_s": 1000.0, "step_ms": 5.0,
-                           "bytes_per_step_per_rank": 10.0, "model_bytes_per_step_per_rank": 12.0}],
-                         dict(tokens=4, dim=2, hidden=3, experts=2, top_k=1, steps=1, estimator="topk"))
-    assert "| 2 | 1000 | 5.0 | 10 | 12 |" in table
-    assert "all-to-all bytes sent/step/rank" in table
-
-
 def test_expert_parallel_needs_an_initialised_group():
     import torch.distributed as dist
     from moegrad.distributed import expert_parallel
@@ -866,7 +758,7 @@ def test_example_runs_under_torchrun_launcher():
     import sys
     from pathlib import Path
 
-    from moegrad.distributed import free_port
+    from moegrad._testing import free_port
 
     example = Path(__file__).resolve().parents[1] / "examples" / "expert_parallel.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -8,7 +8,7 @@ import sys
 
 #: subcommand -> (module, one-line help); each module defines add_arguments(parser) and run(args)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("moegrad.bench", "time moegrad.MoE per expert backend vs the dense ideal and HF Mixtral"),
+    "bench": ("moegrad.bench.cli", "time moegrad.MoE per expert backend vs the dense ideal and HF Mixtral"),
     "study": ("moegrad.study.cli", "train small MoE models with each estimator and report which to use"),
 }
 

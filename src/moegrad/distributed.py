@@ -60,7 +60,6 @@ state dict into an expert-parallel model, keeping each rank's slice.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
@@ -793,24 +792,8 @@ def load_full_state_dict(module: nn.Module, state: dict, strict: bool = True):
     return module.load_state_dict(state, strict=strict)
 
 
-def init_process_group_for_tests(rank: int, world: int, port: int, timeout_s: float = 60.0) -> None:
-    """gloo on loopback with a bounded timeout (tests, benchmarks)."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 __all__ = ["expert_parallel", "ExpertParallelExperts", "ExpertParallelDense", "all_to_all_rows",
            "all_reduce_share", "all_reduce_detached", "reduce_observation", "ExchangeStats",
            "distributed_dense_score_grad", "expert_parameter_names", "ddp_ignore_experts",
            "average_expert_grads", "full_state_dict", "load_full_state_dict", "group_size",
-           "group_rank", "LOCAL_ESTIMATORS", "CONVERTED_ESTIMATORS", "free_port",
-           "init_process_group_for_tests"]
+           "group_rank", "LOCAL_ESTIMATORS", "CONVERTED_ESTIMATORS"]

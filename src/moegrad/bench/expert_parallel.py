@@ -1,6 +1,6 @@
 """Expert-parallel throughput and communication: tokens/s and bytes exchanged per step.
 
-    python -m moegrad.distributed_bench --world-size 1 2 4
+    python -m moegrad.bench.expert_parallel --world-size 1 2 4
     (the ``moegrad bench --world-size N`` runner)
 
 For each world size W, W gloo processes on this machine (loopback) each hold E/W experts of one
@@ -32,6 +32,20 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moegrad._checks import check_int
+from moegrad._testing import free_port, init_process_group_for_tests
+from moegrad.distributed import expert_parallel
+from moegrad.estimators import available
+from moegrad.experts import IMPLS
+from moegrad.layer import MoE
+
+try:  # tqdm (the "bench" and "study" extras) only draws the progress bar
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover - depends on the install
+    tqdm = None
 
 #: defaults of the benchmark's layer
 DEFAULTS = dict(tokens=512, dim=64, hidden=128, experts=8, top_k=2, steps=10, warmup=2, estimator="topk",
@@ -60,19 +74,14 @@ def _step_time(moe, x, steps: int, warmup: int, sync) -> float:
 
 def _worker(rank: int, world: int, port: int, out_path: str, cfg: dict, timeout: float,
             threads: int = 0) -> None:
-    import torch.distributed as dist
-
-    import moegrad
-    from moegrad.distributed import expert_parallel, init_process_group_for_tests
-
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     init_process_group_for_tests(rank, world, port, timeout)
     try:
         dtype = DTYPES[cfg["dtype"]]
         torch.manual_seed(cfg["seed"])  # the same model on every rank
-        moe = moegrad.MoE(cfg["dim"], cfg["hidden"], cfg["experts"], cfg["top_k"], impl=cfg["impl"],
-                          estimator=cfg["estimator"], losses={"switch": 1e-2}).to(dtype)
+        moe = MoE(cfg["dim"], cfg["hidden"], cfg["experts"], cfg["top_k"], impl=cfg["impl"],
+                  estimator=cfg["estimator"], losses={"switch": 1e-2}).to(dtype)
         torch.manual_seed(cfg["seed"] * 65536 + rank)  # each rank's own sampling noise
         gen = torch.Generator().manual_seed(cfg["seed"] * 65536 + rank)
         x = torch.randn(cfg["tokens"], cfg["dim"], generator=gen).to(dtype)
@@ -110,11 +119,6 @@ def bench_expert_parallel(world_sizes=(1, 2, 4), *, tokens: int = DEFAULTS["toke
     ``seed``: model seed (rank r's tokens and noise use seed * 65536 + r); ``impl``: the experts'
     backend (:data:`moegrad.experts.IMPLS`); ``threads``: torch threads per process (default 1),
     0 for cores // W."""
-    import torch.multiprocessing as mp
-
-    from moegrad._checks import check_int
-    from moegrad.distributed import free_port
-
     for name, value in (("tokens", tokens), ("dim", dim), ("hidden", hidden), ("experts", experts),
                         ("top_k", top_k), ("steps", steps)):
         check_int(name, value, 1)
@@ -123,8 +127,6 @@ def bench_expert_parallel(world_sizes=(1, 2, 4), *, tokens: int = DEFAULTS["toke
     check_int("seed", seed, 0)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
-    from moegrad.experts import IMPLS
-
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is unknown; choose one of {list(IMPLS)}")
     for w in world_sizes:
@@ -135,13 +137,8 @@ def bench_expert_parallel(world_sizes=(1, 2, 4), *, tokens: int = DEFAULTS["toke
     cfg = dict(tokens=tokens, dim=dim, hidden=hidden, experts=experts, top_k=top_k, steps=steps,
                warmup=warmup, estimator=estimator, dtype=dtype, seed=seed, impl=impl)
     sizes = list(world_sizes)
-    if progress:
-        try:
-            from tqdm import tqdm
-        except ImportError:  # tqdm is an optional dependency (the "study" extra)
-            tqdm = None
-        if tqdm is not None:
-            sizes = tqdm(sizes, desc="world sizes", unit="run")
+    if progress and tqdm is not None:
+        sizes = tqdm(sizes, desc="world sizes", unit="run")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in sizes:
@@ -196,14 +193,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for key in ("tokens", "dim", "hidden", "experts", "top_k", "steps", "warmup", "seed"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=DEFAULTS[key],
                             help=f"default: {DEFAULTS[key]}" + (" (tokens per rank)" if key == "tokens" else ""))
-    from moegrad.estimators import available
-
     parser.add_argument("--estimator", default=DEFAULTS["estimator"], choices=available(),
                         help="router gradient estimator (default: topk)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULTS["dtype"],
                         help="model and token dtype (default: float32)")
-    from moegrad.experts import IMPLS
-
     parser.add_argument("--impl", choices=list(IMPLS), default=DEFAULTS["impl"],
                         help="grouped expert backend (default: auto)")
     parser.add_argument("--threads", type=int, default=1,
@@ -226,7 +219,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moegrad.distributed_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m moegrad.bench.expert_parallel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

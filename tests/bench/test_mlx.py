@@ -10,7 +10,9 @@ from tests.mlx import need  # noqa: E402
 
 mx = need("mlx.core")
 
-from moegrad.mlx import bench  # noqa: E402
+from moegrad.bench import mlx as bench  # noqa: E402
+# torch single-threaded while MLX runs, as in every tests/mlx module (see its conftest)
+from tests.mlx.conftest import _torch_single_thread  # noqa: E402,F401
 
 
 def test_run_config_reports_positive_medians_and_consistent_ratios():
@@ -31,7 +33,7 @@ def test_cli_prints_json(capsys):
 
 
 def test_runner_speaks_the_torch_bench_protocol():
-    """run_mlx(config, args, progress) -> rows with the keys moegrad.bench.summarize reads."""
+    """run_mlx(config, args, progress) -> rows with the keys moegrad.bench.cli.summarize reads."""
     from argparse import Namespace
 
     class Count:

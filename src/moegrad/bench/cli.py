@@ -30,34 +30,29 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
-import statistics
 import sys
-import time
-from dataclasses import dataclass
+import types
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
+
+from moegrad import estimators
+from moegrad.bench import expert_parallel
+from moegrad.bench.layer import run_torch
+from moegrad.experts import IMPLS
+
+try:  # tqdm (the "bench" and "study" extras) only draws the progress bar
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover - depends on the install
+    tqdm = None
 
 DEFAULT_CONFIGS = ((512, 1024, 8, 2, 4096), (512, 512, 64, 8, 2048), (256, 256, 128, 8, 1024))
 QUICK_CONFIGS = ((256, 512, 8, 2, 1024), (128, 128, 64, 8, 512))
 DEFAULT_IMPLS = ("auto", "loop", "grouped_mm", "bmm")
 DEFAULT_ESTIMATORS = ("topk", "dense", "default_moe", "straight_through")
-
-
-@dataclass
-class Case:
-    """A timed case: ``step(backward)`` runs one forward (and backward) pass with fresh grads;
-    ``forward()`` returns the differentiable output (for :func:`saved_bytes`); ``params`` are
-    the tensors not counted as saved activations."""
-
-    name: str
-    kind: str
-    step: Callable[[bool], None]
-    forward: Callable[[], torch.Tensor]
-    params: tuple
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -83,13 +78,20 @@ def _names(allowed: Optional[tuple]) -> Callable[[str], list]:
     return parse
 
 
+def run_mlx(config: tuple, args, progress) -> list:
+    """``--backend mlx``: the same cases on MLX (:func:`moegrad.bench.mlx.run_mlx`)."""
+    try:  # MLX is optional (the "mlx" extra): torch-only users never import it
+        from moegrad.bench.mlx import run_mlx as runner
+    except ImportError as err:  # pragma: no cover - depends on the machine
+        raise ValueError(f"--backend mlx needs MLX ({err}); install it with pip install 'moegrad[mlx]'") from err
+    return runner(config, args, progress)
+
+
 #: --backend name -> runner(config, args, progress) -> list of result dicts
-RUNNERS: dict = {}
+RUNNERS: dict = {"torch": run_torch, "mlx": run_mlx}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moegrad import estimators
-    from moegrad.experts import IMPLS
     parser.add_argument("--configs", type=_config, nargs="+", metavar="d,f,E,k,T", default=None,
                         help="model dim, expert hidden dim, experts, top-k, tokens "
                              f"(default: {' '.join(','.join(map(str, c)) for c in DEFAULT_CONFIGS)})")
@@ -115,202 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: expert-parallel tokens/s and bytes exchanged per step with W "
                              "gloo processes each (e.g. --world-size 1 2 4; --estimators NAME "
                              "picks one estimator, default topk); see "
-                             "python -m moegrad.distributed_bench --help for its shape options")
+                             "python -m moegrad.bench.expert_parallel --help for its shape options")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON ('-' = stdout)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-
-
-# ----------------------------------------------------------------------------- measuring
-def saved_bytes(step: Callable[[], torch.Tensor], exclude: set) -> int:
-    """Distinct storage bytes autograd saves for backward during ``step()`` (the forward),
-    ignoring storages whose data pointer is in ``exclude`` (the parameters)."""
-    seen: dict = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in exclude:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = step()
-    del out
-    return sum(seen.values())
-
-
-def peak_bytes(step: Callable[[], None]) -> int:
-    """Peak of the bytes allocated on the CPU during ``step()``, above the level at its start.
-
-    CPU torch has no allocator peak counter, so this replays the allocation and free events that
-    ``torch.profiler`` records with ``profile_memory=True`` in time order and takes the running
-    maximum: every transient buffer (backward temporaries, padding, chunks) counts, not only what
-    autograd saves. Run separately from the timed rounds (profiling slows a step)."""
-    import os
-
-    from torch.profiler import ProfilerActivity, profile
-
-    sys.stderr.flush()
-    saved_fd = os.dup(2)  # kineto prints "profiler_start/stop" lines to fd 2: keep the bar clean
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                step()
-    finally:
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-              and e.device_type() == torch.autograd.DeviceType.CPU]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
-def _timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-# ----------------------------------------------------------------------------- cases
-def _dense_ideal(d, f, k, t, dtype, gen) -> Case:
-    """One SwiGLU MLP (three bias-free linears) on k*T rows."""
-    w1 = (torch.randn(f, d, generator=gen, dtype=dtype) / d ** 0.5).requires_grad_()
-    w3 = (torch.randn(f, d, generator=gen, dtype=dtype) / d ** 0.5).requires_grad_()
-    w2 = (torch.randn(d, f, generator=gen, dtype=dtype) / f ** 0.5).requires_grad_()
-    x = torch.randn(k * t, d, generator=gen, dtype=dtype).requires_grad_()
-    g = torch.randn(k * t, d, generator=gen, dtype=dtype)
-
-    def forward():
-        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-
-    def step(backward: bool):
-        for p in (x, w1, w2, w3):
-            p.grad = None
-        if backward:
-            forward().backward(g)
-        else:
-            with torch.no_grad():
-                forward()
-
-    return Case("dense_ideal", "dense", step, forward, (w1, w2, w3))
-
-
-def _layer_case(name, kind, module, x, g, unpack) -> Case:
-    params = tuple(module.parameters())
-
-    def forward():
-        return unpack(module(x))
-
-    def step(backward: bool):
-        for p in params:
-            p.grad = None
-        x.grad = None
-        if backward:
-            forward().backward(g)
-        else:
-            with torch.no_grad():
-                forward()
-
-    return Case(name, kind, step, forward, params)
-
-
-def _hf_block(d, f, e, k, impl, dtype, gen):
-    """A random MixtralSparseMoeBlock (no download), or None without transformers."""
-    try:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    except Exception:  # pragma: no cover - transformers missing or broken
-        return None
-    # transformers reads config._experts_implementation at every experts call
-    config = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=e,
-                           num_experts_per_tok=k, experts_implementation=impl)
-    block = MixtralSparseMoeBlock(config).to(dtype)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * config.initializer_range)
-    return block
-
-
-def build_cases(config: tuple, args) -> list:
-    """The cases for one config, in the order they are interleaved."""
-    import moegrad
-    d, f, e, k, t = config
-    dtype = getattr(torch, args.dtype)
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(t, d, generator=gen, dtype=dtype).requires_grad_()
-    g = torch.randn(t, d, generator=gen, dtype=dtype)
-    y_of = lambda out: out.y  # noqa: E731
-    cases = [_dense_ideal(d, f, k, t, dtype, gen)]
-
-    def layer(impl="auto", estimator="topk"):
-        torch.manual_seed(args.seed)
-        return moegrad.MoE(d, f, e, k, impl=impl, estimator=estimator, losses={}).to(dtype)
-
-    for impl in args.impls:
-        cases.append(_layer_case(f"moegrad/{impl}", "moegrad", layer(impl), x, g, y_of))
-    if not args.no_hf:
-        for impl in ("eager", "grouped_mm"):
-            block = _hf_block(d, f, e, k, impl, dtype, gen)
-            if block is not None:
-                x3, g3 = x.detach().view(1, t, d).requires_grad_(), g.view(1, t, d)
-                cases.append(_layer_case(f"hf/{impl}", "hf", block, x3, g3, lambda out: out))
-    if not args.no_compile:
-        compiled = torch.compile(layer("auto"))
-        cases.append(_layer_case("moegrad/compiled", "compiled", compiled, x, g, y_of))
-    estimators = ["topk"] + [n for n in args.estimators if n != "topk"]
-    for name in estimators:
-        cases.append(_layer_case(f"estimator/{name}", "estimator", layer("auto", name), x, g, y_of))
-    router = layer("auto").router
-    cases.append(_layer_case("router", "router", router, x, torch.randn(t, k, generator=gen),
-                             lambda r: r.weights))
-    return cases
-
-
-def run_torch(config: tuple, args, progress) -> list:
-    """The in-process PyTorch runner: every case, interleaved rounds, medians."""
-    cases = build_cases(config, args)
-    modes = [True] if args.no_forward else [True, False]
-    times = {(c.name, m): [] for c in cases for m in modes}
-    for round_ in range(args.warmup + args.repeats):
-        for case in cases:
-            for backward in modes:
-                ms = _timed(lambda: case.step(backward))
-                if round_ >= args.warmup:
-                    times[(case.name, backward)].append(ms)
-            progress.update(1)
-    rows = []
-    for case in cases:
-        exclude = {p.untyped_storage().data_ptr() for p in case.params}
-        fb = times[(case.name, True)]
-        fo = times.get((case.name, False), [])
-        rows.append({
-            "name": case.name, "kind": case.kind,
-            "fwd_bwd_ms": statistics.median(fb), "fwd_ms": statistics.median(fo) if fo else None,
-            "fwd_bwd_ms_all": fb, "fwd_ms_all": fo,
-            "tokens_per_s": config[4] / (statistics.median(fb) / 1e3),
-            "saved_mb": saved_bytes(case.forward, exclude) / 2 ** 20,
-            "peak_mb": peak_bytes(lambda: case.step(True)) / 2 ** 20,
-        })
-    return rows
-
-
-RUNNERS["torch"] = run_torch
-
-
-def run_mlx(config: tuple, args, progress) -> list:
-    """``--backend mlx``: the same cases on MLX (:func:`moegrad.mlx.bench.run_mlx`)."""
-    try:
-        from moegrad.mlx.bench import run_mlx as runner
-    except ImportError as err:  # pragma: no cover - depends on the machine
-        raise ValueError(f"--backend mlx needs MLX ({err}); install it with pip install 'moegrad[mlx]'") from err
-    return runner(config, args, progress)
-
-
-RUNNERS["mlx"] = run_mlx
 
 
 def summarize(config: tuple, rows: list) -> dict:
@@ -338,19 +148,39 @@ def summarize(config: tuple, rows: list) -> dict:
     return out
 
 
-def _mb(value: Optional[float]) -> str:
-    return f"{'-':>9s}" if value is None else f"{value:9.1f}"
+#: the table's columns: header and minimum width (a longer cell widens its column)
+_COLUMNS = (("case", 24), ("fwd+bwd ms", 11), ("x dense", 8), ("fwd ms", 9), ("x dense", 8),
+            ("tok/s", 9), ("saved MB", 9), ("peak MB", 9))
 
 
-def format_table(summary: dict) -> str:
+def _cells(r: dict) -> list:
+    """One result row as the table's cell strings (``-`` where there is no value)."""
+    fwd = [f"{r['fwd_ms']:.1f}", f"{r['ratio_fwd']:.2f}x"] if r["fwd_ms"] else ["-", "-"]
+    return ([r["name"], f"{r['fwd_bwd_ms']:.1f}", f"{r['ratio_fwd_bwd']:.2f}x"] + fwd
+            + [f"{r['tokens_per_s']:.0f}"]
+            + ["-" if r[k] is None else f"{r[k]:.1f}" for k in ("saved_mb", "peak_mb")])
+
+
+def _widths(rows: list) -> list:
+    """Each column's width: its minimum, or its longest cell (header included)."""
+    cells = [[name for name, _ in _COLUMNS]] + [_cells(r) for r in rows]
+    return [max([low] + [len(c[i]) for c in cells]) for i, (_, low) in enumerate(_COLUMNS)]
+
+
+def _line(cells: list, widths: list) -> str:
+    """The case name left-aligned, the numbers right-aligned."""
+    return "  " + " ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
+
+
+def format_table(summary: dict, widths: Optional[list] = None) -> str:
+    """The text table of one :func:`summarize` result; ``widths``: the column widths (default:
+    from the content, the MLX and PyTorch rows of ``--backend mlx`` together)."""
     c = summary["config"]
+    if widths is None:
+        widths = _widths(summary["results"] + summary.get("torch", {}).get("results", []))
     lines = [f"config d={c['d']} f={c['f']} E={c['E']} k={c['k']} T={c['T']}",
-             f"  {'case':24s} {'fwd+bwd ms':>11s} {'x dense':>8s} {'fwd ms':>9s} {'x dense':>8s} "
-             f"{'tok/s':>9s} {'saved MB':>9s} {'peak MB':>9s}"]
-    for r in summary["results"]:
-        fwd = f"{r['fwd_ms']:9.1f} {r['ratio_fwd']:7.2f}x" if r["fwd_ms"] else f"{'-':>9s} {'-':>8s}"
-        lines.append(f"  {r['name']:24s} {r['fwd_bwd_ms']:11.1f} {r['ratio_fwd_bwd']:7.2f}x {fwd} "
-                     f"{r['tokens_per_s']:9.0f} {_mb(r['saved_mb'])} {_mb(r['peak_mb'])}")
+             _line([name for name, _ in _COLUMNS], widths)]
+    lines += [_line(_cells(r), widths) for r in summary["results"]]
     for key in ("speedup_vs_hf_grouped_mm", "saved_mb_vs_hf_grouped_mm", "peak_mb_vs_hf_grouped_mm",
                 "router_share", "compiled_vs_eager"):
         if summary.get(key) is not None:
@@ -360,14 +190,14 @@ def format_table(summary: dict) -> str:
             f"{k}={v:.2f}x" for k, v in summary["estimator_overhead"].items()))
     if "torch" in summary:
         lines.append("  the same cases in PyTorch (this process, impl auto):")
-        lines += ["  " + line for line in format_table(summary["torch"]).splitlines()[2:]]
+        lines += ["  " + line for line in format_table(summary["torch"], widths).splitlines()[2:]]
         lines.append("  fwd+bwd time MLX / PyTorch: " + ", ".join(
             f"{k}={v:.2f}x" for k, v in summary["mlx_vs_torch"].items()))
     return "\n".join(lines)
 
 
 def run_world_sizes(args) -> int:
-    """``--world-size``: :func:`moegrad.distributed_bench.bench_expert_parallel` for each config.
+    """``--world-size``: :func:`moegrad.bench.expert_parallel.bench_expert_parallel` per config.
 
     Mapped options: ``--configs d,f,E,k,T`` -> dim, hidden, experts, top_k, tokens (per rank; one
     run of every world size per config, default: the distributed benchmark's shape);
@@ -377,9 +207,6 @@ def run_world_sizes(args) -> int:
     the JSON to stdout): ``{"config", "rows"}``, a list of them for several configs. Refused:
     ``--backend mlx``; ``--no-hf/--no-compile/--no-forward`` have nothing to skip here.
     """
-    from moegrad.distributed_bench import DEFAULTS, bench_expert_parallel
-    from moegrad.distributed_bench import format_table as ep_table
-
     if args.backend != "torch":
         raise ValueError(f"--world-size runs torch.distributed (gloo) processes; --backend "
                          f"{args.backend!r} is not supported with it (use --backend torch)")
@@ -396,27 +223,36 @@ def run_world_sizes(args) -> int:
     if len(impls) > 1 and args.impls != list(DEFAULT_IMPLS):
         raise ValueError(f"--world-size times one expert backend per run, got --impls "
                          f"{','.join(impls)}; pass a single name (e.g. --impls loop)")
-    base = dict(DEFAULTS)
+    base = dict(expert_parallel.DEFAULTS)
     base.update(estimator=names[0] if len(names) == 1 else "topk",
                 impl=impls[0] if len(impls) == 1 else "auto",
                 steps=min(args.repeats, 3) if args.quick else args.repeats,
                 warmup=args.warmup, dtype=args.dtype, seed=args.seed)
-    default_shape = tuple(DEFAULTS[k] for k in ("dim", "hidden", "experts", "top_k", "tokens"))
+    default_shape = tuple(expert_parallel.DEFAULTS[k] for k in ("dim", "hidden", "experts", "top_k", "tokens"))
     results = []
     for d, f, e, k, t in args.configs or [default_shape]:
         cfg = dict(base, dim=d, hidden=f, experts=e, top_k=k, tokens=t)
-        rows = bench_expert_parallel(tuple(args.world_size), threads=1 if args.threads is None else args.threads,
-                                     progress=not args.no_progress, **cfg)
+        rows = expert_parallel.bench_expert_parallel(
+            tuple(args.world_size), threads=1 if args.threads is None else args.threads,
+            progress=not args.no_progress, **cfg)
         results.append({"config": cfg, "rows": rows})
     if args.json == "-":
         json.dump(results[0] if len(results) == 1 else results, sys.stdout, indent=1)
         print()
         return 0
-    print("\n\n".join(ep_table(r["rows"], r["config"]) for r in results))
+    print("\n\n".join(expert_parallel.format_table(r["rows"], r["config"]) for r in results))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results[0] if len(results) == 1 else results, fh, indent=1)
     return 0
+
+
+def _progress_bar(total: int, disable: bool):
+    """tqdm's bar over ``total`` cases on stderr; without tqdm, an object whose update() does
+    nothing."""
+    if tqdm is None:
+        return contextlib.nullcontext(types.SimpleNamespace(update=lambda n=1: None))
+    return tqdm(total=total, disable=disable, desc="bench", unit="case", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -432,7 +268,6 @@ def run(args) -> int:
     if args.quick:
         args.repeats, args.no_compile = min(args.repeats, 3), True
     runner = RUNNERS[args.backend]
-    from tqdm import tqdm
     n_estimators = 1 + len([n for n in args.estimators if n != "topk"])
     if args.backend == "mlx":  # the MLX cases, then the same layers in PyTorch (impl auto) beside them
         torch_args = argparse.Namespace(**{**vars(args), "impls": ["auto"], "no_hf": True,
@@ -442,8 +277,7 @@ def run(args) -> int:
         per_config = (args.warmup + args.repeats) * (2 + len(args.impls) + 2 * (not args.no_hf)
                                                      + (not args.no_compile) + n_estimators)
     summaries = []
-    with tqdm(total=per_config * len(configs), disable=args.no_progress, desc="bench",
-              unit="case", file=sys.stderr) as progress:
+    with _progress_bar(per_config * len(configs), args.no_progress) as progress:
         for config in configs:
             summary = summarize(config, runner(config, args, progress))
             if args.backend == "mlx":
@@ -453,7 +287,7 @@ def run(args) -> int:
                 summary["mlx_vs_torch"] = {r["name"]: r["fwd_bwd_ms"] / torch_ms[r["name"]]
                                            for r in summary["results"] if r["name"] in torch_ms}
             summaries.append(summary)
-    try:
+    try:  # transformers is optional (the "hf" extra): only its version is recorded here
         import transformers
         hf_version = transformers.__version__
     except Exception:  # pragma: no cover

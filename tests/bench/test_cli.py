@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 
+from moegrad.bench.cli import format_table, summarize
 from moegrad.cli import main
 
 
@@ -47,32 +48,26 @@ def test_bench_cli_tiny(tmp_path, capsys):
             rows["hf/grouped_mm"]["fwd_bwd_ms"] / rows["moegrad/auto"]["fwd_bwd_ms"])
 
 
-def test_peak_bytes_sees_transient_buffers():
-    import torch
-
-    from moegrad.bench import peak_bytes
-
-    def step():
-        a = torch.ones(1024, 1024)  # 4 MiB, freed before b is made
-        del a
-        b = torch.ones(512, 1024)  # 2 MiB
-        c = torch.ones(512, 1024)  # 2 MiB more while b lives
-        del b, c
-
-    assert peak_bytes(step) == 4 * 2 ** 20
+def _row(name: str, fwd_bwd_ms: float) -> dict:
+    return {"name": name, "kind": "estimator", "fwd_bwd_ms": fwd_bwd_ms, "fwd_ms": None,
+            "tokens_per_s": 1e3, "saved_mb": 1.0, "peak_mb": None}
 
 
-def test_saved_bytes_counts_activations_once():
-    import torch
-
-    from moegrad.bench import saved_bytes
-    w = torch.randn(8, 8, requires_grad=True)
-    x = torch.randn(4, 8)
-    # x @ w saves x (128 B; w excluded); sin saves its input h (128 B); h used twice counts once
-    def step():
-        h = x @ w
-        return h.sin() + h.cos()
-    assert saved_bytes(step, {w.untyped_storage().data_ptr()}) == 4 * 8 * 4 * 2
+def test_table_columns_fit_long_case_names():
+    header = (f"  {'case':24s} {'fwd+bwd ms':>11s} {'x dense':>8s} {'fwd ms':>9s} {'x dense':>8s} "
+              f"{'tok/s':>9s} {'saved MB':>9s} {'peak MB':>9s}")
+    short = format_table(summarize((8, 16, 4, 2, 12), [_row("dense_ideal", 1.0)])).splitlines()
+    assert short[1] == header  # names that fit keep the 24-character column
+    assert len(short[2]) == len(header)
+    summary = summarize((8, 16, 4, 2, 12), [_row("dense_ideal", 1.0),
+                                            _row("estimator/straight_through", 123456789.5)])
+    lines = format_table(summary).splitlines()[1:4]
+    assert len({len(line) for line in lines}) == 1
+    assert lines[2].startswith("  estimator/straight_through ")
+    # the fwd+bwd column's right edge is the same in the header and both rows
+    ends = {lines[0].index("fwd+bwd ms") + 10, lines[1].index(" 1.0 ") + 4,
+            lines[2].index("123456789.5") + 11}
+    assert len(ends) == 1
 
 
 @pytest.mark.parametrize("argv,message", [

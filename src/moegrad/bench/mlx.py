@@ -1,5 +1,8 @@
 """Timing of :class:`moegrad.mlx.MoE` on MLX: the ``--backend mlx`` runner of ``moegrad bench``.
 
+This module imports MLX at its top: :mod:`moegrad.bench.cli` imports it only when
+``--backend mlx`` runs, so torch-only installs never need MLX.
+
 Cases, timed in the same run with repetitions interleaved (medians reported):
 
 * ``dense_ideal``: one SwiGLU MLP of the same size on K*T rows, the useful expert FLOPs with
@@ -13,7 +16,7 @@ loss and every gradient). ``peak_mb`` is MLX's peak memory during the case's for
 (``mx.get_peak_memory``); ``saved_mb`` (autograd's saved tensors on the PyTorch side) has no MLX
 counterpart and is None.
 
-    python -m moegrad.mlx.bench --configs 512,1024,8,2,4096 --repeats 5
+    python -m moegrad.bench.mlx --configs 512,1024,8,2,4096 --repeats 5
 """
 
 from __future__ import annotations
@@ -186,7 +189,7 @@ def _config(text: str) -> tuple:
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moegrad.mlx.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m moegrad.bench.mlx", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", type=_config, nargs="+", default=list(DEFAULT_CONFIGS),
                    help="dim,hidden,experts,top_k,tokens (default: the PyTorch bench's three rows)")
