@@ -489,6 +489,24 @@ def test_deepseek_correction_bias_with_bias_balancer():
     torch.testing.assert_close(model(x).logits, patched, atol=1e-5, rtol=0)
 
 
+def test_router_bias_setter_writes_into_the_hf_buffer():
+    """router.bias = value copies into HF's e_score_correction_bias (an nn.Buffer), also when
+    the value is itself an nn.Buffer: no new buffer, state_dict keys unchanged."""
+    model = tiny("deepseek_v3")
+    keys = set(model.state_dict())
+    mh.patch(model)
+    router = mh.routers(model)[0]
+    hf_bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    router.bias = torch.nn.Buffer(torch.full((8,), 0.25))
+    assert router.bias is hf_bias and torch.equal(hf_bias, torch.full((8,), 0.25))
+    router.bias = router.bias
+    router.bias = torch.arange(8.0)
+    assert router.bias is hf_bias and torch.equal(hf_bias, torch.arange(8.0))
+    assert "bias" not in router._buffers and set(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="no selection bias"):
+        mh.patch(tiny("qwen3_moe")).model.layers[0].mlp.moegrad_router.bias = torch.zeros(6)
+
+
 def test_deepseek_selection_matches_group_limited_reference():
     model = tiny("deepseek_v3")
     mh.patch(model)
@@ -772,10 +790,14 @@ def test_router_view_follows_the_router_contract():
     x = torch.randn(2, 5, 32)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     r = router(x, mask)
-    assert isinstance(router, moegrad.Router)
+    # composed, not a Router subclass (it owns no gate parameter), but found as a router
+    assert moegrad.routing.is_router(router) and not isinstance(router, moegrad.Router)
+    assert isinstance(router.config, moegrad.RouterConfig)
+    assert (router.num_experts, router.top_k, router.bias) == (6, 2, None)
     assert r.shape == (2, 5) and r.indices.shape == (10, 2) and r.mask.sum() == 8
     expect = torch.bincount(r.indices[mask.reshape(-1)].reshape(-1), minlength=6)
     assert torch.equal(router.load_counts, expect)
+    assert torch.equal(router.reset_load_counts(), expect) and not router.load_counts.any()
     gate = model.model.layers[0].mlp.gate
     torch.testing.assert_close(r.logits, F.linear(x.reshape(-1, 32), gate.weight))
     with pytest.raises(ValueError, match="feature size"):
