@@ -85,14 +85,6 @@ class HFRouter(nn.Module):
         return self._hf_gate
 
     @property
-    def num_experts(self) -> int:
-        return self.config.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.config.top_k
-
-    @property
     def bias(self) -> Optional[Tensor]:
         """[E] selection-only bias: DeepSeek-V3's ``e_score_correction_bias``, else None."""
         return self._hf_gate.e_score_correction_bias if self.family.correction_bias else None
@@ -114,8 +106,10 @@ class HFRouter(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    # the Router's selection and weighting rules, read from ``config`` and ``bias`` (the
-    # estimators call them on the router they route for)
+    # the Router's views and its selection and weighting rules, read from ``config``, ``bias``
+    # and ``load_counts`` (the estimators call them on the router they route for)
+    num_experts = Router.num_experts
+    top_k = Router.top_k
     select_topk = Router.select_topk
     combine_weights = Router.combine_weights
     reset_load_counts = Router.reset_load_counts
