@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from moegrad._checks import check_float
 from moegrad._spec import check_losses
-from moegrad.routing import Router, Routing, recomputing_in_backward
+from moegrad.routing import Router, Routing, is_router, recomputing_in_backward
 
 
 def _real(routing: Routing) -> Tensor:
@@ -390,7 +390,7 @@ class BiasBalancer:
         check_float("gamma", gamma, low=0.0)
         self.gamma = float(gamma)
         self.routers: list[Router] = [m for m in module.modules()
-                                      if isinstance(m, Router) and m.bias is not None]
+                                      if is_router(m) and m.bias is not None]
         if not self.routers:
             raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
                              "build it with selection_bias=True")

@@ -26,7 +26,7 @@ from moegrad._spec import (SCORES, RouterConfig, nonfinite_logits_message,
 from moegrad.estimators import build_estimator
 
 __all__ = ["SCORES", "RouterConfig", "Routing", "Router", "flatten_tokens", "flatten_mask",
-           "recomputing_in_backward", "recomputing_training_forward"]
+           "recomputing_in_backward", "recomputing_training_forward", "is_router"]
 
 
 @dataclass
@@ -252,3 +252,12 @@ class Router(nn.Module):
         if bias is not None and moved is not None and moved.dtype != torch.float32:
             self._buffers["bias"] = bias.to(device=moved.device, dtype=torch.float32)
         return out
+
+
+def is_router(module: object) -> bool:
+    """True for a :class:`Router`, or a module whose class declares the router contract with
+    ``router_contract = True`` without subclassing Router (:class:`moegrad.hf.HFRouter`, a view
+    over a transformers gate): ``forward(x, mask) -> Routing``, ``config``, ``gate``, ``bias``,
+    ``estimator``, ``load_counts``, ``reset_load_counts()``. Code that collects a model's routers
+    (BiasBalancer, the diagnostics) uses this rather than ``isinstance(m, Router)``."""
+    return isinstance(module, Router) or getattr(type(module), "router_contract", False) is True

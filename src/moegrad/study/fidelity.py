@@ -39,10 +39,10 @@ __all__ = ["shared_checkpoint_fidelity", "load_checkpoint"]
 
 def _estimator_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
     """state_dict prefixes of the estimators' own state (one per router)."""
-    from moegrad.routing import Router
+    from moegrad.routing import is_router
 
     return tuple(f"{name}.estimator." if name else "estimator."
-                 for name, m in model.named_modules() if isinstance(m, Router))
+                 for name, m in model.named_modules() if is_router(m))
 
 
 def load_checkpoint(model: torch.nn.Module, state: Mapping, label: str = "checkpoint") -> bool:

@@ -1,0 +1,164 @@
+"""The router view: moegrad's routing over an HF MoE block's own gate.
+
+Shapes: T tokens, D hidden size, E routed experts, K experts per token, M = T*K routed rows.
+
+    z = gate(x)[0]              [T, E]  the HF gate module is called (hooks and
+                                        ``output_router_logits`` recording keep working)
+    s = softmax(z) | sigmoid(z) [T, E]  fp32, as the HF family does
+    S, w = estimator.route(...) [T, K]  with the family's selection and weights (:class:`Family`)
+    y = combine(experts(dispatch(x)))   [T, D] then ``estimator.mix`` (router-gradient hooks)
+
+:class:`HFRouter` is a module of its own (not a :class:`moegrad.Router` subclass: it owns no
+gate parameter) with the router contract: ``config``, ``gate``, ``bias``, ``estimator``,
+``load_counts``, ``select_topk``/``combine_weights`` (the Router's rules),
+``reset_load_counts()`` and ``forward(x, mask) -> Routing``; :func:`moegrad.routing.is_router`
+recognises it, so :class:`moegrad.BiasBalancer` and :mod:`moegrad.diagnostics` find it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from moegrad.dispatch import combine_rows, plan_dispatch
+from moegrad.estimators import build_estimator
+from moegrad.hf.experts import GptOssExpertsView, HFExperts
+from moegrad.hf.families import Family
+from moegrad.routing import (Router, Routing, flatten_mask, flatten_tokens,
+                             recomputing_in_backward, recomputing_training_forward)
+
+__all__ = ["HFRouter", "routers"]
+
+
+class HFRouter(nn.Module):
+    """moegrad's router view of an HF MoE block (attached as ``block.moegrad_router``).
+
+    It owns no parameters of the HF model and adds no persistent state: the HF gate is read
+    through a plain reference, the estimator's buffers (e.g. ``default_moe``'s ``defaults``) and
+    ``load_counts`` are non-persistent. ``bias`` is the HF ``e_score_correction_bias`` buffer
+    itself for DeepSeek-V3 (None otherwise), so :class:`moegrad.BiasBalancer` trains it in place
+    and ``save_pretrained`` saves it under its own name.
+
+    After each forward of the block (not after checkpointing's recomputation in backward):
+    ``last_routing`` (:class:`Routing`, detached),
+    ``last_aux_loss`` (scalar with gradient, the weighted sum of the configured moegrad losses;
+    None when none are configured) and ``last_losses`` ({name: value}); a forward with labels
+    adds ``last_aux_loss`` to ``outputs.loss`` and clears it (``last_losses`` kept detached,
+    ``aux_loss_in_outputs`` True). The HF block is not given the attention mask, so padding
+    tokens count in these losses (as in HF's own aux loss without ``attention_mask``).
+    """
+
+    #: routes with the :class:`moegrad.Router` contract (:func:`moegrad.routing.is_router`)
+    router_contract = True
+
+    def __init__(self, block: nn.Module, family: Family, estimator: str, losses: dict,
+                 impl: Optional[str], options: dict) -> None:
+        super().__init__()
+        self.family = family
+        self.config = family.router_config(block)
+        object.__setattr__(self, "_hf_gate", getattr(block, family.gate))  # not a submodule
+        view = GptOssExpertsView if family.experts == "gpt_oss" else HFExperts
+        self.hf_experts = view(block.experts, impl)  # a plain object: no state of its own
+        self.impl = impl
+        self.losses = losses
+        self.register_buffer("load_counts", torch.zeros(self.config.num_experts, dtype=torch.int64,
+                                                        device=self._hf_gate.weight.device),
+                             persistent=False)
+        self.estimator = build_estimator(estimator, self.config, **options)
+        self.estimator.to(self._hf_gate.weight.device)
+        for module in self.estimator.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None:
+                    module.register_buffer(name, buf, persistent=False)
+        self.last_routing: Optional[Routing] = None
+        self.last_aux_loss: Optional[Tensor] = None
+        self.last_losses: dict = {}
+        #: the last forward's ``last_aux_loss`` was added to the model's ``outputs.loss`` (and
+        #: cleared): :func:`aux_loss` then returns 0 with a warning instead of counting it twice
+        self.aux_loss_in_outputs = False
+
+    @property
+    def gate(self) -> nn.Module:
+        """The HF gate module (its ``weight`` [E, D] is the router weight)."""
+        return self._hf_gate
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """[E] selection-only bias: DeepSeek-V3's ``e_score_correction_bias``, else None."""
+        return self._hf_gate.e_score_correction_bias if self.family.correction_bias else None
+
+    @bias.setter
+    def bias(self, value: Tensor) -> None:
+        current = self.bias
+        if current is None:
+            raise ValueError(f"the {self.family.name} router has no selection bias to set")
+        if value is not current:
+            with torch.no_grad():
+                current.copy_(value)
+
+    def __setattr__(self, name: str, value) -> None:
+        # nn.Module.__setattr__ registers an nn.Buffer value (HF's e_score_correction_bias is one)
+        # as a new buffer before looking at the class: send ``bias`` to its property setter
+        if name == "bias":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    # the Router's views and its selection and weighting rules, read from ``config``, ``bias``
+    # and ``load_counts`` (the estimators call them on the router they route for)
+    num_experts = Router.num_experts
+    top_k = Router.top_k
+    select_topk = Router.select_topk
+    combine_weights = Router.combine_weights
+    reset_load_counts = Router.reset_load_counts
+
+    def extra_repr(self) -> str:
+        return (f"family={self.family.name}, {Router.extra_repr(self)}, impl={self.impl}, "
+                f"losses={self.losses}")
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None,
+                shape: Optional[tuple] = None) -> Routing:
+        """x [T, D] or [B, S, D]; mask: optional bool of the leading shape (True = real token,
+        padding is left out of ``load_counts`` and the balance losses); ``shape``: the leading
+        shape when x is already flat (the patched block passes [T, D] and (B, S)).
+        -> :class:`Routing` (the :class:`moegrad.Router` contract)."""
+        flat = flatten_tokens(x, self.config.dim)
+        shape = tuple(shape) if shape is not None else tuple(x.shape[:-1])
+        token_mask = flatten_mask(mask, shape)
+        # through the HF module, so its hooks and output_router_logits recording fire (PhiMoE's
+        # gate then runs :func:`_gate_logits`: no SparseMixer sample of its own)
+        recomputing = recomputing_training_forward(self)
+        logits = self._hf_gate(flat)[0]
+        z = logits.float()
+        scores = torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
+        picked = self.estimator.route(flat.float(), z, scores, self)
+        if self.training and not recomputing and picked.indices.numel():
+            rows = picked.indices if token_mask is None else picked.indices[token_mask]
+            self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.config.num_experts)
+        return Routing(logits=z, scores=scores, indices=picked.indices, weights=picked.weights,
+                       shape=shape, mask=token_mask, load_probs=picked.load_probs,
+                       noise_std=picked.noise_std)
+
+    def experts_forward(self, flat: Tensor, routing: Routing) -> Tensor:
+        """flat [T, D] -> [T, D]: dispatch, experts, combine, estimator hook."""
+        experts, estimator = self.hf_experts, self.estimator
+        num_tokens = flat.shape[0]
+        if self.impl == "hf":
+            y = experts.module(flat, routing.indices, routing.weights.to(flat.dtype))
+        else:
+            plan = plan_dispatch(routing.indices, routing.weights, self.config.num_experts)
+            rows = experts(flat[plan.tokens], plan.counts)  # [M, D]
+            observe = self.training and estimator.observes_outputs and rows.shape[0]
+            if observe and not recomputing_in_backward():  # once per step under activation checkpointing
+                sums = rows.new_zeros(self.config.num_experts, self.config.dim, dtype=torch.float32)
+                sums.index_add_(0, plan.experts, rows.detach().float())
+                estimator.observe(sums, plan.counts)
+            y = combine_rows(rows, routing.weights, plan, num_tokens)
+        return estimator.mix(y, flat, routing, experts)
+
+
+def routers(model: nn.Module) -> list[HFRouter]:
+    """The :class:`HFRouter` of every patched block, in module order."""
+    return [m for m in model.modules() if isinstance(m, HFRouter)]
