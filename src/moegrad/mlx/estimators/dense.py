@@ -90,9 +90,9 @@ class Dense(Estimator):
     """
 
     name = "dense"
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
-        return Picked(indices, router.combine_weights(scores, indices))
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
+        return Picked(indices, selection.combine_weights(scores, indices))
 
     def mix(self, y, x, routing, experts):
         if y.shape[0] == 0:
@@ -132,9 +132,9 @@ class DefaultMoE(Estimator):
         self.skipped = mx.zeros((config.num_experts,), dtype=mx.int64)
         self.freeze(keys=["defaults", "seen", "skipped"], recurse=False)
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
-        return Picked(indices, router.combine_weights(scores, indices))
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
+        return Picked(indices, selection.combine_weights(scores, indices))
 
     def mix(self, y, x, routing, experts):
         if y.shape[0] == 0:

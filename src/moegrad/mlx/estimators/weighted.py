@@ -18,9 +18,9 @@ class TopK(Estimator):
 
     name = "topk"
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
-        return Picked(indices, router.combine_weights(scores, indices))
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
+        return Picked(indices, selection.combine_weights(scores, indices))
 
 
 class Unweighted(Estimator):
@@ -28,8 +28,8 @@ class Unweighted(Estimator):
 
     name = "unweighted"
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
         return Picked(indices, mx.ones(indices.shape, dtype=scores.dtype))
 
 
@@ -42,9 +42,9 @@ class StraightThrough(Estimator):
 
     name = "straight_through"
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
         s = mx.take_along_axis(scores, indices, axis=-1)
         w = 1.0 + (s - mx.stop_gradient(s))  # exactly 1 in value (no rounding of 1 + s - s)
-        c = router.config.routed_scaling_factor
+        c = selection.config.routed_scaling_factor
         return Picked(indices, w * c if c != 1.0 else w)
