@@ -17,7 +17,7 @@ from moegrad.mlx import estimators, losses
 from moegrad.mlx.convert import from_torch, to_torch
 from moegrad.mlx.experts import Experts
 from moegrad.mlx.layer import MoE, MoEOutput, MoEStats
-from moegrad.mlx.losses import BiasBalancer
+from moegrad.mlx.balancing import BiasBalancer
 from moegrad.mlx.ops import topk
 from moegrad.mlx.routing import Router, RouterConfig, Routing
 
