@@ -29,8 +29,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from moegrad._spec import bind_losses
-from moegrad._spec import loss_names as available
+from moegrad._spec import bind_losses, loss_names
 from moegrad.mlx.ops import one_hot, selected_mask
 from moegrad.mlx.routing import Routing
 
@@ -126,6 +125,8 @@ def seq_aux_loss(routing: Routing) -> mx.array:
 
 #: {name: loss function}, bound by name to :data:`moegrad._spec.LOSS_FUNCTIONS` as on the PyTorch side
 LOSSES: dict[str, Callable[[Routing], mx.array]] = bind_losses(globals())
+#: sorted names of the balance losses
+available = loss_names
 
 
 def balance_losses(routing: Routing, coefficients: dict) -> tuple:

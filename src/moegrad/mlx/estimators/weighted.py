@@ -36,8 +36,8 @@ class Unweighted(Estimator):
 class StraightThrough(Estimator):
     """``straight_through``: w_i = c (1 + s_i - sg(s_i)): value c, dL/ds_i = c <g, e_i> for i in S.
 
-    Seed 002's ``y * (gw - stop_gradient(gw + 1))`` with its sign corrected; raw scores, so
-    ``normalize`` does not change the gradient.
+    The straight-through estimator (Bengio et al. 2013) applied to the combine weights; raw
+    scores, so ``normalize`` does not change the gradient.
     """
 
     name = "straight_through"
