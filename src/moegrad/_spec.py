@@ -13,6 +13,7 @@ name things the same way, from one place:
   ``available``, ``get``, ``build_estimator``;
 * :data:`LOSS_NAMES`, :func:`bind_losses` and :func:`check_losses`: the balance-loss names,
   each framework's functions bound to them by name, and the ``losses=`` checks;
+  :func:`balanced_routers`: a ``BiasBalancer``'s argument checks;
 * :func:`expert_capacity` and :func:`dense_chunk_tokens`: two sizing rules;
 * :func:`warn_if_no_task_gradient`: the top-1 renormalised trap, said at construction;
 * the messages for non-finite router logits.
@@ -429,6 +430,27 @@ def check_losses(losses, estimator: str) -> dict[str, float]:
             raise ValueError(f"the {name} loss needs estimator={needs!r} (its smooth load), "
                              f"got estimator={estimator!r}")
     return out
+
+
+def balanced_routers(module, gamma, module_type: type, router_type: type, module_kind: str,
+                     router_kind: str) -> tuple[float, list]:
+    """A ``BiasBalancer(module, gamma)``'s arguments checked -> (gamma as a float, the routers of
+    type ``router_type`` in ``module`` built with ``selection_bias=True``).
+
+    ``module`` must be a ``module_type`` (TypeError naming ``module_kind``, e.g. "nn.Module",
+    and the routers it should hold, ``router_kind``, e.g. "moegrad"); ``gamma`` >= 0; a module
+    without such a router is a ValueError."""
+    if not isinstance(module, module_type):
+        hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
+        raise TypeError(f"BiasBalancer(module=...) takes an {module_kind} holding {router_kind} "
+                        f"Routers built with selection_bias=True (a Router, an MoE or a whole "
+                        f"model), got {type(module).__name__}{hint}")
+    check_float("gamma", gamma, low=0.0)
+    routers = [m for m in module.modules() if isinstance(m, router_type) and m.config.selection_bias]
+    if not routers:
+        raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
+                         "build it with selection_bias=True")
+    return float(gamma), routers
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad._checks import check_float
+from moegrad._spec import balanced_routers
 from moegrad.mlx.routing import Router
 
 
@@ -30,18 +30,8 @@ class BiasBalancer:
     """
 
     def __init__(self, module: nn.Module, gamma: float = 1e-3) -> None:
-        if not isinstance(module, nn.Module):
-            hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
-            raise TypeError(f"BiasBalancer(module=...) takes an mlx.nn.Module holding moegrad.mlx "
-                            f"Routers built with selection_bias=True (a Router, an MoE or a whole "
-                            f"model), got {type(module).__name__}{hint}")
-        check_float("gamma", gamma, low=0.0)
-        self.gamma = float(gamma)
-        self.routers = [m for m in module.modules()
-                        if isinstance(m, Router) and m.config.selection_bias]
-        if not self.routers:
-            raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
-                             "build it with selection_bias=True")
+        self.gamma, self.routers = balanced_routers(module, gamma, nn.Module, Router,
+                                                    "mlx.nn.Module", "moegrad.mlx")
 
     def step(self) -> list:
         """Update every bias from its counts, reset the counts; returns the loads used."""
