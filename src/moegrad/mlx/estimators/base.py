@@ -38,18 +38,23 @@ class Picked:
     noise_std: Optional[mx.array] = None
 
 
+def topk_picked(scores: mx.array, selection: "Selection") -> Picked:
+    """The deterministic top-k decision: [T, E] scores -> indices S = TopK(s + b) and weights
+    c * s_S (renormalised if ``normalize``), as :class:`~moegrad.mlx.selection.Selection` gives them."""
+    indices = selection.select_topk(scores)
+    return Picked(indices, selection.combine_weights(scores, indices))
+
+
 def _check_seed(seed) -> int:
     check_int("seed", seed, 0)
     return seed
 
 
 class Estimator(EstimatorOptions, nn.Module):
-    """Base class. A subclass sets ``name`` and overrides :meth:`route` and, when needed,
-    :meth:`mix` / :meth:`observe`. A built-in name takes its options (with their checks) and
-    its ``samples`` / ``observes_outputs`` flags from :data:`moegrad._spec.ESTIMATORS`; a new
-    name (a user's own estimator) declares ``options`` {name: default} and the flags itself
-    (:class:`moegrad._spec.EstimatorOptions`). Each option becomes an attribute of the
-    instance; sampling estimators also take ``seed``."""
+    """Base class of the MLX estimators. A subclass sets ``name`` and overrides :meth:`route`
+    (and :meth:`mix` / :meth:`observe` when it needs them); its options, their checks and its
+    flags come from :class:`moegrad._spec.EstimatorOptions`, with ``seed`` (int or None) as the
+    random-number option of the sampling estimators."""
 
     rng_option = "seed"
     check_rng = staticmethod(_check_seed)

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from moegrad._spec import dense_chunk_tokens
-from moegrad.mlx.estimators.base import Estimator, Picked
+from moegrad.mlx.estimators.base import Estimator, Picked, topk_picked
 from moegrad.mlx.experts import stop_weights
 from moegrad.mlx.ops import selected_mask
 
@@ -93,9 +93,9 @@ class Dense(Estimator):
     """
 
     name = "dense"
+
     def route(self, x, z, scores, selection) -> Picked:
-        indices = selection.select_topk(scores)
-        return Picked(indices, selection.combine_weights(scores, indices))
+        return topk_picked(scores, selection)
 
     def mix(self, y, x, routing, experts):
         if y.shape[0] == 0:
@@ -136,8 +136,7 @@ class DefaultMoE(Estimator):
         self.freeze(keys=["defaults", "seen", "skipped"], recurse=False)
 
     def route(self, x, z, scores, selection) -> Picked:
-        indices = selection.select_topk(scores)
-        return Picked(indices, selection.combine_weights(scores, indices))
+        return topk_picked(scores, selection)
 
     def mix(self, y, x, routing, experts):
         if y.shape[0] == 0:

@@ -20,6 +20,7 @@ class Gumbel(Estimator):
     """
 
     name = "gumbel"
+
     def route(self, x, z, scores, selection) -> Picked:
         perturbed = z + self._noise.gumbel(z.shape) if self.training else z
         p = mx.softmax(perturbed / self.tau, axis=-1, precise=True)  # [T, E]

@@ -25,6 +25,7 @@ class SparseMixer(Estimator):
     """
 
     name = "sparsemixer"
+
     def route(self, x, z, scores, selection) -> Picked:
         num_experts = z.shape[-1]
         if z.shape[0] == 0:

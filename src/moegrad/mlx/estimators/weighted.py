@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from moegrad.mlx.estimators.base import Estimator, Picked
+from moegrad.mlx.estimators.base import Estimator, Picked, topk_picked
 
 
 class TopK(Estimator):
@@ -19,8 +19,7 @@ class TopK(Estimator):
     name = "topk"
 
     def route(self, x, z, scores, selection) -> Picked:
-        indices = selection.select_topk(scores)
-        return Picked(indices, selection.combine_weights(scores, indices))
+        return topk_picked(scores, selection)
 
 
 class Unweighted(Estimator):
