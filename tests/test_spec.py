@@ -4,6 +4,8 @@ and the sampling estimators' random-number option."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import warnings
 
 import pytest
@@ -94,6 +96,36 @@ def test_registries_of_both_frameworks_are_the_spec():
         spec = _spec.ESTIMATORS[name]
         assert cls.samples == spec.samples and cls.observes_outputs == spec.observes_outputs
         assert cls.options == {**spec.defaults(), **({"seed": None} if spec.samples else {})}
+
+
+def test_router_and_layer_signatures_of_both_frameworks_default_to_the_router_config():
+    """Each framework declares the Router / MoE keywords in its signature (DESIGN.md section 3);
+    their defaults are RouterConfig's, in both frameworks."""
+    defaults = {f.name: f.default for f in dataclasses.fields(_spec.RouterConfig)
+                if f.default is not dataclasses.MISSING}
+    classes = [moegrad.Router, moegrad.MoE] + ([] if mmlx is None else [mmlx.Router, mmlx.MoE])
+    for cls in classes:
+        params = inspect.signature(cls.__init__).parameters
+        assert {k: params[k].default for k in defaults} == defaults, cls
+        assert params["estimator"].default == "topk", cls
+
+
+def test_registry_and_loss_table_are_built_from_the_spec():
+    class Odd:
+        name = "odd"
+
+    with pytest.raises(ValueError, match=r"do not match the spec's names"):
+        _spec.make_registry([Odd])
+    assert moegrad.estimators.available() == _spec.estimator_names()
+    with pytest.raises(ValueError, match="estimator='nope' is unknown"):
+        moegrad.estimators.get("nope")
+    assert _spec.bind_losses({f: f.upper() for f in _spec.LOSS_FUNCTIONS.values()})["switch"] == "SWITCH_LOSS"
+    assert moegrad.losses.available() == _spec.loss_names() == sorted(_spec.LOSS_NAMES)
+    if mmlx is None:
+        pytest.skip("mlx is not installed")
+    assert mmlx.estimators.available() == _spec.estimator_names()
+    assert mmlx.losses.available() == _spec.loss_names()
+    assert mmlx.losses.LOSSES["seq_aux"] is mmlx.losses.seq_aux_loss
 
 
 def test_options_are_stored_as_given_and_defaults_filled():

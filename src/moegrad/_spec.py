@@ -4,16 +4,22 @@ Everything here is plain Python (no torch, no mlx, no numpy), so both frameworks
 name things the same way, from one place:
 
 * :class:`RouterConfig`: the router settings and their checks;
+  :class:`RouterViews` / :class:`LayerViews`: the read-only views both frameworks' routers and
+  layers give of them (``num_experts``, ``top_k``, ...) and their repr text;
 * :data:`ESTIMATORS`: the estimator names, their options with defaults and checks, and which
   estimators sample or observe expert outputs (:func:`estimator_options` validates a call);
-* :data:`LOSS_NAMES` and :func:`check_losses`: the balance-loss names and ``losses=`` checks;
+  :class:`EstimatorOptions`: the option handling both frameworks' ``Estimator`` base classes
+  inherit; :func:`make_registry`: a framework's estimator classes -> ``REGISTRY``,
+  ``available``, ``get``, ``build_estimator``;
+* :data:`LOSS_NAMES`, :func:`bind_losses` and :func:`check_losses`: the balance-loss names,
+  each framework's functions bound to them by name, and the ``losses=`` checks;
+  :func:`balanced_routers`: a ``BiasBalancer``'s argument checks;
 * :func:`expert_capacity` and :func:`dense_chunk_tokens`: two sizing rules;
 * :func:`warn_if_no_task_gradient`: the top-1 renormalised trap, said at construction;
 * the messages for non-finite router logits.
 
-Each framework keeps only what needs its tensors: the registry of classes (its names are
-checked against :data:`ESTIMATORS` by the tests) and its random-number option (``generator``
-for PyTorch, ``seed`` for MLX).
+Each framework keeps only what needs its tensors: its estimator classes and its random-number
+option (``generator`` for PyTorch, ``seed`` for MLX) with that option's check.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, NamedTuple, Optional
 
 from moegrad._checks import check_bool, check_choice, check_float, check_int
 
@@ -73,6 +79,49 @@ class RouterConfig:
     @property
     def grouped(self) -> bool:
         return self.n_group is not None
+
+
+class RouterViews:
+    """Read-only views of a router's ``config`` (:class:`RouterConfig`) and its repr text, for
+    both frameworks' ``Router`` (which hold ``config`` and ``estimator``)."""
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
+
+    def config_repr(self) -> str:
+        c = self.config
+        return (f"dim={c.dim}, num_experts={c.num_experts}, top_k={c.top_k}, score={c.score}, "
+                f"normalize={c.normalize}, estimator={self.estimator.name}")
+
+
+class LayerViews:
+    """Read-only views of an MoE layer's ``router`` (``dim``, ``num_experts``, ``top_k``,
+    ``estimator``) and its repr text, for both frameworks' ``MoE`` (which hold ``router``,
+    ``losses`` and ``capacity_factor``)."""
+
+    @property
+    def dim(self) -> int:
+        return self.router.config.dim
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.config.top_k
+
+    @property
+    def estimator(self):
+        return self.router.estimator
+
+    def config_repr(self) -> str:
+        return f"losses={self.losses}, capacity_factor={self.capacity_factor}"
 
 
 # ----------------------------------------------------------------------------- non-finite logits
@@ -210,6 +259,85 @@ def estimator_options(spec: EstimatorSpec, config: RouterConfig, options: dict, 
     return values
 
 
+class EstimatorOptions:
+    """The framework-free half of an estimator class: both frameworks' ``Estimator`` derive
+    from it and from their ``nn.Module``.
+
+    A framework's base class sets ``rng_option`` (``"generator"`` / ``"seed"``) and
+    ``check_rng``; every class derived from it gets, when it is defined, its spec and the class
+    attributes read from it (:func:`attach_spec`). :meth:`set_options` validates a call's
+    keyword options (:func:`estimator_options`) and stores each as an attribute."""
+
+    name: ClassVar[str] = ""
+    #: option name -> default (from the spec; plus ``rng_option`` for sampling estimators)
+    options: ClassVar[dict] = {}
+    #: draws random numbers in training mode (refuses group-limited top-k and selection bias)
+    samples: ClassVar[bool] = False
+    #: wants per-expert sums of expert outputs (``observe``) in training mode
+    observes_outputs: ClassVar[bool] = False
+    #: the validated option table (:data:`ESTIMATORS`, or the class's own options)
+    spec: ClassVar[EstimatorSpec]
+    #: the framework's random-number option, set by the framework's base class
+    rng_option: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "rng_option" not in cls.__dict__:  # the framework's base class is no estimator itself
+            attach_spec(cls, cls.rng_option)
+
+    @staticmethod
+    def check_rng(value):
+        """The framework's check of a non-None ``rng_option`` value -> the value."""
+        raise NotImplementedError
+
+    def set_options(self, config: RouterConfig, options: dict, hint: str = "") -> None:
+        """Validate ``options`` for ``config`` and set ``self.config`` and one attribute per option."""
+        values = estimator_options(self.spec, config, options, self.rng_option, self.check_rng, hint)
+        self.config = config
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def option_values(self) -> dict:
+        """{option: value} as configured (what from_torch/to_torch carry over)."""
+        return {k: getattr(self, k) for k in self.options}
+
+    def options_repr(self, exclude: tuple = ()) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.option_values().items() if k not in exclude)
+
+
+class Registry(NamedTuple):
+    """A framework's estimator catalogue: ``classes`` {name: class} and three functions."""
+
+    classes: dict
+    available: Callable
+    get: Callable
+    build_estimator: Callable
+
+
+def make_registry(classes) -> Registry:
+    """A framework's estimator classes (one per name of :data:`ESTIMATORS`) -> :class:`Registry`.
+
+    Used as ``REGISTRY, available, get, build_estimator = make_registry((TopK, ...))``."""
+    registry = {cls.name: cls for cls in classes}
+    if set(registry) != set(ESTIMATORS):
+        raise ValueError(f"estimator classes {sorted(registry)} do not match the spec's names "
+                         f"{estimator_names()}")
+
+    def available() -> list[str]:
+        """Sorted names of every estimator (:func:`moegrad._spec.estimator_names`)."""
+        return estimator_names()
+
+    def get(name: str):
+        """The estimator class registered under ``name`` (ValueError listing the names otherwise)."""
+        return registry[estimator_spec(name).name]
+
+    def build_estimator(name: str, config: RouterConfig, **options):
+        """The estimator ``name`` for ``config``, with its keyword ``options``."""
+        return get(name)(config, **options)
+
+    return Registry(registry, available, get, build_estimator)
+
+
 #: estimators that give the router a task gradient where the combine weight is a constant
 FIXES_CONSTANT_WEIGHT = ("default_moe", "dense", "sparsemixer", "straight_through")
 
@@ -262,7 +390,22 @@ def dense_chunk_tokens(chunk_tokens: Optional[int], dim: int, hidden_dim: int,
 
 
 # ----------------------------------------------------------------------------- balance losses
-LOSS_NAMES = ("importance_load", "seq_aux", "switch", "switch_megatron", "z_loss")
+#: loss name -> the name of its function in each framework's losses module
+LOSS_FUNCTIONS = {"switch": "switch_loss", "switch_megatron": "switch_megatron_loss",
+                  "z_loss": "z_loss", "importance_load": "importance_load_loss",
+                  "seq_aux": "seq_aux_loss"}
+LOSS_NAMES = tuple(sorted(LOSS_FUNCTIONS))
+
+
+def loss_names() -> list[str]:
+    """Sorted names of the balance losses."""
+    return sorted(LOSS_NAMES)
+
+
+def bind_losses(namespace: dict) -> dict[str, Callable]:
+    """{loss name: function} with the functions looked up by :data:`LOSS_FUNCTIONS` in
+    ``namespace`` (a framework's losses module: ``LOSSES = bind_losses(globals())``)."""
+    return {name: namespace[function] for name, function in LOSS_FUNCTIONS.items()}
 
 #: losses that need a particular estimator (the one that produces what they read)
 LOSS_NEEDS_ESTIMATOR = {"importance_load": "noisy_topk"}
@@ -287,6 +430,27 @@ def check_losses(losses, estimator: str) -> dict[str, float]:
             raise ValueError(f"the {name} loss needs estimator={needs!r} (its smooth load), "
                              f"got estimator={estimator!r}")
     return out
+
+
+def balanced_routers(module, gamma, module_type: type, router_type: type, module_kind: str,
+                     router_kind: str) -> tuple[float, list]:
+    """A ``BiasBalancer(module, gamma)``'s arguments checked -> (gamma as a float, the routers of
+    type ``router_type`` in ``module`` built with ``selection_bias=True``).
+
+    ``module`` must be a ``module_type`` (TypeError naming ``module_kind``, e.g. "nn.Module",
+    and the routers it should hold, ``router_kind``, e.g. "moegrad"); ``gamma`` >= 0; a module
+    without such a router is a ValueError."""
+    if not isinstance(module, module_type):
+        hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
+        raise TypeError(f"BiasBalancer(module=...) takes an {module_kind} holding {router_kind} "
+                        f"Routers built with selection_bias=True (a Router, an MoE or a whole "
+                        f"model), got {type(module).__name__}{hint}")
+    check_float("gamma", gamma, low=0.0)
+    routers = [m for m in module.modules() if isinstance(m, router_type) and m.config.selection_bias]
+    if not routers:
+        raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
+                         "build it with selection_bias=True")
+    return float(gamma), routers
 
 
 # ----------------------------------------------------------------------------- dispatch

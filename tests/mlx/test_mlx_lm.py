@@ -141,6 +141,7 @@ def test_quantized_model_keeps_the_stock_forward(family):
     assert lm.patch(model, estimator="dense") == 2
     block = model.model.layers[0].mlp if family == "qwen3_moe" else model.model.layers[0].block_sparse_moe
     assert (block.config.dim, block.num_experts, block.top_k) == (32, 4, 2)  # not the packed width
+    assert lm.SwitchExperts(block.switch_mlp).stacked_weights() is None  # no float weights
     assert float(mx.abs(model(TOKENS) - ref).max()) < 1e-5
     # the dense backward runs the quantized experts too; what is trainable (the norms) learns
     norms = gate_grads(model, "norm.weight")
@@ -225,3 +226,27 @@ def test_unsupported_gate_and_expert_layers_are_refused_at_patch_time():
     model.model.layers[0].mlp.gate = nn.Linear(32, 4, bias=True)
     with pytest.raises(ValueError, match="gate has a bias"):
         lm.patch(model)
+
+
+def test_switch_experts_are_moegrad_experts_by_role():
+    """SwitchExperts: ExpertWeights(gate, down, up) of the SwitchGLU; its call on expert-sorted
+    rows and every_expert equal the SwitchGLU's own output per (token, expert)."""
+    from moegrad._interfaces import ExpertWeights
+
+    model = tiny_model("mixtral", 2)
+    mlp = model.model.layers[0].block_sparse_moe.switch_mlp
+    experts = lm.SwitchExperts(mlp)
+    weights = experts.stacked_weights()
+    assert isinstance(weights, ExpertWeights) and weights.activation == "swiglu"
+    assert weights.gate is mlp.gate_proj.weight and weights.up is mlp.up_proj.weight
+    assert weights.down is mlp.down_proj.weight
+    x = mx.random.normal((5, experts.dim), key=mx.random.key(3))
+    every = mx.broadcast_to(mx.arange(experts.num_experts, dtype=mx.uint32), (5, experts.num_experts))
+    ref = mlp(x, every).astype(mx.float32)  # [5, E, D]
+    assert float(mx.abs(experts.every_expert(x, weights) - ref).max()) < 1e-5
+    assert float(mx.abs(experts.every_expert(x) - ref).max()) < 1e-5
+    ids = mx.array([0, 0, 1, 3, 3], dtype=mx.uint32)
+    rows = experts(x, ids)  # [5, D]: row n through expert ids[n]
+    assert rows.shape == (5, experts.dim)
+    assert float(mx.abs(rows - ref[mx.arange(5), ids]).max()) < 1e-5
+

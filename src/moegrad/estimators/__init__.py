@@ -10,11 +10,15 @@
 ``noisy_topk``          Shazeer et al. 2017 noisy top-k gating with a smooth load
 ``sparsemixer``         SparseMixer-v2 (GRIN 2024)
 ======================  =================================================================
+
+``REGISTRY`` {name: class}, ``available``, ``get`` and ``build_estimator`` come from
+:func:`moegrad._spec.make_registry` (the MLX catalogue :mod:`moegrad.mlx.estimators` is built
+the same way).
 """
 
 from __future__ import annotations
 
-from moegrad._spec import estimator_names, estimator_spec
+from moegrad._spec import make_registry
 from moegrad.estimators.base import Estimator, Picked
 from moegrad.estimators.dense import Dense, DefaultMoE
 from moegrad.estimators.gumbel import Gumbel
@@ -22,24 +26,8 @@ from moegrad.estimators.noisy import NoisyTopK
 from moegrad.estimators.sparsemixer import SparseMixer
 from moegrad.estimators.weighted import StraightThrough, TopK, Unweighted
 
-REGISTRY: dict[str, type[Estimator]] = {
-    cls.name: cls
-    for cls in (TopK, Unweighted, StraightThrough, Dense, DefaultMoE, Gumbel, NoisyTopK, SparseMixer)
-}
-
-
-def available() -> list[str]:
-    """Sorted names of every estimator (:func:`moegrad._spec.estimator_names`)."""
-    return estimator_names()
-
-
-def get(name: str) -> type[Estimator]:
-    """The estimator class registered under ``name`` (ValueError listing the names otherwise)."""
-    return REGISTRY[estimator_spec(name).name]
-
-
-def build_estimator(name: str, config, **options) -> Estimator:
-    return get(name)(config, **options)
+REGISTRY, available, get, build_estimator = make_registry(
+    (TopK, Unweighted, StraightThrough, Dense, DefaultMoE, Gumbel, NoisyTopK, SparseMixer))
 
 
 __all__ = ["Estimator", "Picked", "available", "get", "build_estimator", "REGISTRY", "TopK",

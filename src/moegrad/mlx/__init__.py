@@ -8,16 +8,24 @@
     mgx.from_torch(torch_moe); mgx.to_torch(mlx_moe)
 
 No ``mx.stop_gradient`` is needed in user code: indices carry none, and the router gradient
-is the chosen estimator's. This subpackage imports only ``mlx`` (and the pure-Python
-``moegrad._checks``); torch is imported inside from_torch/to_torch only. (``moegrad/__init__``
-itself imports torch today, so ``import moegrad.mlx`` still loads torch through the parent.)
+is the chosen estimator's.
+
+Layout (one file per concept, mirroring the PyTorch package): ``routing`` (Router, Routing),
+``selection`` (Selection: top-k and combine weights), ``estimators/``, ``dispatch``,
+``experts`` (Experts, ExpertWeights by role), ``layer`` (MoE and ``run_experts``, the forward
+sequence after the router), ``losses`` (balance losses of a Routing), ``balancing``
+(BiasBalancer), ``lm`` (mlx-lm blocks), ``convert``. Configuration, validation and names shared
+with PyTorch are in the framework-free ``moegrad._spec`` / ``moegrad._interfaces``.
+
+This subpackage imports only ``mlx`` and those pure-Python modules; torch is imported inside
+from_torch/to_torch only.
 """
 
 from moegrad.mlx import estimators, losses
 from moegrad.mlx.convert import from_torch, to_torch
 from moegrad.mlx.experts import Experts
 from moegrad.mlx.layer import MoE, MoEOutput, MoEStats
-from moegrad.mlx.losses import BiasBalancer
+from moegrad.mlx.balancing import BiasBalancer
 from moegrad.mlx.ops import topk
 from moegrad.mlx.routing import Router, RouterConfig, Routing
 

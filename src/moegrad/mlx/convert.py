@@ -3,7 +3,8 @@
 ``from_torch(module)`` takes a :class:`moegrad.MoE` or :class:`moegrad.Router` and returns its
 :mod:`moegrad.mlx` twin; ``to_torch(module)`` goes back. Carried over: the configuration, the
 estimator and its options, the training/eval mode, the gate, the stacked expert weights
-(w1, w3, w2 [E, H, D] / [E, D, H]), the selection bias, ``load_counts``, ``noisy_topk``'s
+(:class:`~moegrad._interfaces.ExpertWeights` gate w1 [E, H, D], up w3 [E, H, D], down w2
+[E, D, H], under the same names on both sides), the selection bias, ``load_counts``, ``noisy_topk``'s
 ``w_noise`` and ``default_moe``'s ``defaults``/``seen``. Dtypes are kept (bfloat16 goes
 through float32 on the way). A torch ``generator`` option has no MLX equivalent and becomes
 ``seed=None`` (and back); ``impl`` is PyTorch-only and takes its default on the way back.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from moegrad.mlx.experts import WEIGHT_NAMES
 from moegrad.mlx.layer import MoE
 from moegrad.mlx.routing import Router
 
@@ -83,10 +85,9 @@ def from_torch(module):
                   estimator=r.estimator.name, activation=ex.activation, losses=dict(module.losses),
                   capacity_factor=module.capacity_factor, **_router_kwargs(r.config), **opts)
         _copy_router_from_torch(r, out.router)
-        out.experts.w1 = _to_mx(ex.w1)
-        out.experts.w2 = _to_mx(ex.w2)
-        if ex.w3 is not None:
-            out.experts.w3 = _to_mx(ex.w3)
+        for name in WEIGHT_NAMES.values():  # w3 is None for GELU experts
+            if getattr(ex, name) is not None:
+                setattr(out.experts, name, _to_mx(getattr(ex, name)))
     elif isinstance(module, moegrad.Router):
         opts = _options(module.estimator, drop="generator", add="seed")
         c = module.config
@@ -140,12 +141,14 @@ def to_torch(module):
                           losses=module.losses, capacity_factor=module.capacity_factor,
                           **_router_kwargs(r.config), **opts)
         _copy_router_to_torch(r, out.router)
+        weights = ex.stacked_weights()
         with torch.no_grad():
-            for name in ("w1", "w3", "w2"):
-                target = getattr(out.experts, name)
-                if target is not None:
-                    target.copy_(_to_torch(getattr(ex, name), target))
-        _restore_low_precision(out.experts, ex.w1.dtype)
+            for role, name in WEIGHT_NAMES.items():
+                source = getattr(weights, role)
+                if source is not None:  # up is None for GELU experts
+                    target = getattr(out.experts, name)
+                    target.copy_(_to_torch(source, target))
+        _restore_low_precision(out.experts, weights.gate.dtype)
         _restore_low_precision(out.router.gate, r.gate.weight.dtype)
     elif isinstance(module, Router):
         opts = _options(module.estimator, drop="seed", add="generator")

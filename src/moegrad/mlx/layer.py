@@ -1,7 +1,16 @@
-"""The MLX MoE layer: router -> dispatch -> experts (gather_mm) -> combine -> estimator hook
--> balance losses. The twin of :class:`moegrad.MoE`.
+"""The MLX MoE layer (the twin of :class:`moegrad.MoE`) and its forward sequence.
 
 Shapes: T tokens, D model dim, H hidden dim, E experts, K top-k, M kept (token, slot) rows.
+
+    routing = router(x)                                    Routing: indices [T, K], weights [T, K]
+    y = run_experts(flat, routing, experts, estimator)     dispatch -> experts -> observe
+                                                           -> combine -> estimator.mix
+    aux_loss, losses = balance_losses(routing, coefficients)
+
+:func:`run_experts` is the one forward sequence after the router: :class:`MoE` calls it with
+its own :class:`~moegrad.mlx.experts.Experts`, and a patched mlx-lm block
+(:class:`moegrad.mlx.lm.MoEBlock`) with the block's SwitchGLU seen as experts. The balance
+losses are the caller's (:func:`moegrad.mlx.losses.balance_losses`).
 """
 
 from __future__ import annotations
@@ -12,8 +21,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad._spec import check_capacity_factor, check_losses, expert_capacity
-from moegrad.mlx.dispatch import combine_rows, plan_dispatch
+from moegrad._spec import LayerViews, check_capacity_factor, check_losses, expert_capacity
+from moegrad.mlx.dispatch import DispatchPlan, combine_rows, plan_dispatch
 from moegrad.mlx.experts import Experts
 from moegrad.mlx.losses import balance_losses
 from moegrad.mlx.routing import Router, Routing, flatten_tokens
@@ -42,7 +51,37 @@ class MoEOutput:
     losses: dict = field(default_factory=dict)
 
 
-class MoE(nn.Module):
+def run_experts(flat: mx.array, routing: Routing, experts, estimator, *, training: bool,
+                capacity_factor: Optional[float] = None) -> tuple[mx.array, DispatchPlan]:
+    """flat [T, D] tokens and their :class:`Routing` -> (y [T, D], the :class:`DispatchPlan`).
+
+    1. dispatch: (token, slot) pairs sorted by expert (:func:`plan_dispatch`); padding tokens
+       (``routing.mask`` False) are left out; with ``capacity_factor`` each expert keeps its
+       ceil(c * T_real * K / E) pairs of highest weight (padding takes no capacity);
+    2. experts: ``experts(rows [M, D], expert ids [M]) -> [M, D]``;
+    3. observe (training only, estimators with ``observes_outputs``): per-expert sums [E, D]
+       fp32 of the outputs (no gradient) and the rows per expert [E];
+    4. combine: y[t] = sum_k w[t, k] out[t, k], dropped pairs giving 0;
+    5. ``estimator.mix(y, flat, routing, experts)``: the estimator's terms (``dense``,
+       ``default_moe``), with ``experts`` read through its ``stacked_weights`` / ``every_expert``.
+    """
+    num_tokens, dim = flat.shape
+    num_experts = routing.logits.shape[1]
+    capacity = None
+    if capacity_factor is not None:  # sized by the real tokens: padding takes no capacity
+        real = num_tokens if routing.mask is None else int(routing.mask.sum())
+        capacity = expert_capacity(capacity_factor, real, routing.indices.shape[1], num_experts)
+    plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, keep=routing.mask)
+    rows = experts(flat[plan.tokens], plan.experts)  # [M, D]
+    if training and estimator.observes_outputs and rows.shape[0]:
+        sums = mx.zeros((num_experts, dim), dtype=mx.float32)
+        sums = sums.at[plan.experts].add(mx.stop_gradient(rows).astype(mx.float32))
+        estimator.observe(sums, plan.counts)
+    y = combine_rows(rows, routing.weights, plan, num_tokens)
+    return estimator.mix(y, flat, routing, experts), plan
+
+
+class MoE(LayerViews, nn.Module):
     """A sparse Mixture-of-Experts feed-forward layer in MLX (arguments as :class:`moegrad.MoE`,
     without ``impl``: the experts always run through ``mx.gather_mm`` on expert-sorted rows).
 
@@ -74,43 +113,15 @@ class MoE(nn.Module):
     def losses(self) -> dict:
         return dict(self._losses)
 
-    @property
-    def dim(self) -> int:
-        return self.router.config.dim
-
-    @property
-    def num_experts(self) -> int:
-        return self.router.config.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.router.config.top_k
-
-    @property
-    def estimator(self):
-        return self.router.estimator
-
     def _extra_repr(self) -> str:
-        return f"losses={self.losses}, capacity_factor={self.capacity_factor}"
+        return self.config_repr()
 
     def __call__(self, x: mx.array, mask: Optional[mx.array] = None) -> MoEOutput:
         flat = flatten_tokens(x, self.dim)
         routing = self.router(x, mask)
-        num_tokens = flat.shape[0]
-        capacity = None
-        if self.capacity_factor is not None:  # sized by the real tokens: padding takes no capacity
-            real = num_tokens if routing.mask is None else int(routing.mask.sum())
-            capacity = expert_capacity(self.capacity_factor, real, self.top_k, self.num_experts)
-        plan = plan_dispatch(routing.indices, routing.weights, self.num_experts, capacity,
-                             keep=routing.mask)
-        rows = self.experts(flat[plan.tokens], plan.experts)  # [M, D]
         estimator = self.router.estimator
-        if self.training and estimator.observes_outputs and rows.shape[0]:
-            sums = mx.zeros((self.num_experts, self.dim), dtype=mx.float32)
-            sums = sums.at[plan.experts].add(mx.stop_gradient(rows).astype(mx.float32))
-            estimator.observe(sums, plan.counts)
-        y = combine_rows(rows, routing.weights, plan, num_tokens)
-        y = estimator.mix(y, flat, routing, self.experts)
+        y, plan = run_experts(flat, routing, self.experts, estimator, training=self.training,
+                              capacity_factor=self.capacity_factor)
         aux_loss, values = balance_losses(routing, self.losses)
         stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped,
                          skipped_observations=getattr(estimator, "skipped", None))

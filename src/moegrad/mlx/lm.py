@@ -21,6 +21,13 @@ family             scores and weights (identical to the stock block's in value)
 The router runs in float32 whatever the model dtype. mlx-lm itself is never imported: blocks
 are recognised by class name.
 
+Structure: :class:`MoEBlock` is a :class:`moegrad.mlx.Router` (gate -> scores -> estimator ->
+Routing) whose forward after routing is :func:`moegrad.mlx.layer.run_experts`, the same
+sequence as :class:`moegrad.mlx.MoE` (dispatch -> experts -> observe -> combine ->
+estimator.mix), with :class:`SwitchExperts` presenting the block's SwitchGLU as moegrad experts:
+the (token, slot) pairs are sorted by expert (as SwitchGLU sorts them itself) and each row goes
+through the SwitchGLU's own call.
+
 Quantized models (``nn.quantize`` / ``mlx_lm.convert -q``: ``QuantizedLinear`` gates and
 ``QuantizedSwitchLinear`` experts, the usual case for fine-tuning) and adapter-wrapped layers
 (mlx-lm's LoRA/DoRA, applied before or after :func:`patch`) run through the layers' own calls,
@@ -45,9 +52,11 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from moegrad._interfaces import ExpertWeights
 from moegrad._spec import check_losses
+from moegrad.mlx.experts import activate, cast_weights
+from moegrad.mlx.layer import run_experts
 from moegrad.mlx.losses import balance_losses
-from moegrad.mlx.ops import counts as histogram
 from moegrad.mlx.routing import Router
 
 #: mlx-lm block class name -> family
@@ -84,12 +93,13 @@ def _gate_dims(gate: nn.Module, where: str) -> tuple:
 
 
 class SwitchExperts:
-    """The experts of an mlx-lm ``SwitchGLU`` seen through moegrad's Experts interface
-    (``dim``, ``hidden_dim``, ``num_experts``, ``stacked_weights``, ``every_expert``) for the
-    estimators' :meth:`mix`. E_i(x) = down_i (silu(gate_i x) * (up_i x)).
+    """The experts of an mlx-lm ``SwitchGLU`` seen through moegrad's experts interface
+    (:class:`moegrad._interfaces.ExpertsModule`: ``dim``, ``hidden_dim``, ``num_experts``,
+    ``__call__``, ``stacked_weights``, ``every_expert``) for :func:`moegrad.mlx.layer.run_experts`
+    and the estimators' :meth:`mix`. E_i(x) = down_i (silu(gate_i x) * (up_i x)).
 
     When the projections are not all plain ``SwitchLinear`` (quantized, or wrapped by LoRA)
-    there are no float weights to stack: :meth:`stacked_weights` is empty and
+    there are no float weights to stack: :meth:`stacked_weights` is None and
     :meth:`every_expert` runs the SwitchGLU itself on every (token, expert) pair, exactly the
     forward's computation."""
 
@@ -97,32 +107,49 @@ class SwitchExperts:
         self.mlp = switch_mlp
         projections = (switch_mlp.gate_proj, switch_mlp.up_proj, switch_mlp.down_proj)
         self.plain = all(type(p).__name__ == "SwitchLinear" for p in projections)
-        proj = _base(switch_mlp.gate_proj)
-        self.num_experts, self.hidden_dim, self.dim = proj.num_experts, proj.output_dims, proj.input_dims
+        gate = _base(switch_mlp.gate_proj)
+        self.num_experts, self.hidden_dim, self.dim = gate.num_experts, gate.output_dims, gate.input_dims
 
-    def stacked_weights(self) -> tuple:
+    def __call__(self, rows: mx.array, experts: mx.array) -> mx.array:
+        """rows [N, D] grouped by expert, experts [N] their expert ids -> [N, D]: the SwitchGLU's
+        own call (gather_mm / gather_qmm, adapters included) with one expert per row."""
+        if rows.shape[0] == 0:
+            return mx.zeros((0, self.dim), dtype=rows.dtype)
+        return self.mlp(rows, experts[:, None])[:, 0, :]
+
+    def stacked_weights(self) -> Optional[ExpertWeights]:
+        """:class:`~moegrad._interfaces.ExpertWeights` of plain ``SwitchLinear`` projections;
+        None when they are quantized or adapter-wrapped (no float weights)."""
         if not self.plain:
-            return ()
+            return None
         m = self.mlp
-        return (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+        return ExpertWeights(gate=m.gate_proj.weight, down=m.down_proj.weight, up=m.up_proj.weight)
 
-    def every_expert(self, x: mx.array, *weights: mx.array) -> mx.array:
-        """x [t, D] -> [t, E, D]."""
+    def every_expert(self, x: mx.array, weights: Optional[ExpertWeights] = None) -> mx.array:
+        """x [t, D] -> [t, E, D] fp32; ``weights`` from :meth:`stacked_weights` (None: read them,
+        or run the SwitchGLU when there are none)."""
         x = x.astype(mx.float32)
         if not self.plain:
             every = mx.broadcast_to(mx.arange(self.num_experts, dtype=mx.uint32),
                                     (x.shape[0], self.num_experts))  # [t, E]
             return self.mlp(x, every).astype(mx.float32)
-        w1, w3, w2 = weights or self.stacked_weights()
-        h = nn.silu(x[None] @ w1.astype(mx.float32).swapaxes(-1, -2)) * (
-            x[None] @ w3.astype(mx.float32).swapaxes(-1, -2))
-        return (h @ w2.astype(mx.float32).swapaxes(-1, -2)).swapaxes(0, 1)
+        if weights is None:
+            weights = self.stacked_weights()
+        weights = cast_weights(weights, mx.float32)
+        gate = x[None] @ weights.gate.swapaxes(-1, -2)  # [E, t, H]
+        up = x[None] @ weights.up.swapaxes(-1, -2)
+        return (activate(gate, up) @ weights.down.swapaxes(-1, -2)).swapaxes(0, 1)
 
 
 class MoEBlock(Router):
     """A patched mlx-lm MoE block: a :class:`moegrad.mlx.Router` holding the block's ``gate``
     (D -> E: nn.Linear or nn.QuantizedLinear, possibly LoRA-wrapped) and ``switch_mlp``
-    (SwitchGLU). ``__call__(x [..., D]) -> [..., D]``."""
+    (SwitchGLU). ``__call__(x [..., D]) -> [..., D]``.
+
+    A subclass rather than a module holding a Router: the block's ``gate`` must stay at
+    ``<block>.gate`` (and ``switch_mlp`` beside it) in the model's parameter tree, where mlx-lm's
+    checkpoints, ``load_weights`` and LoRA conversion (``linear_to_lora_layers``, by key) find
+    it; a held router would move it to ``<block>.router.gate`` or hold it twice."""
 
     def __init__(self, block: nn.Module, estimator: str = "dense", losses: Optional[dict] = None,
                  **options) -> None:
@@ -175,14 +202,8 @@ class MoEBlock(Router):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = self.route(flat, self.gate_logits(flat), tuple(shape[:-1]))
-        out = self.switch_mlp(flat, routing.indices)  # [T, K, D]
-        if self.training and self.estimator.observes_outputs and flat.shape[0]:
-            rows = mx.stop_gradient(out).astype(mx.float32).reshape(-1, shape[-1])
-            sums = mx.zeros((self.num_experts, shape[-1]), dtype=mx.float32)
-            sums = sums.at[routing.indices.reshape(-1)].add(rows)
-            self.estimator.observe(sums, histogram(routing.indices, self.num_experts))
-        y = (out * routing.weights[..., None].astype(out.dtype)).sum(axis=-2)
-        y = self.estimator.mix(y, flat, routing, SwitchExperts(self.switch_mlp))
+        y, _ = run_experts(flat, routing, SwitchExperts(self.switch_mlp), self.estimator,
+                           training=self.training)
         self._aux = balance_losses(routing, dict(self._losses))[0] if self._losses else None
         return y.reshape(shape).astype(x.dtype)
 

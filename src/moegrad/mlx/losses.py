@@ -1,4 +1,4 @@
-"""Balance losses and auxiliary-loss-free balancing in MLX (the maths of :mod:`moegrad.losses`).
+"""Balance losses in MLX (the maths of :mod:`moegrad.losses`): pure functions of a Routing.
 
 Shapes: T tokens, E experts, K top-k. Every loss takes one layer call's
 :class:`~moegrad.mlx.routing.Routing` and returns a scalar fp32 array; padding tokens
@@ -16,6 +16,10 @@ Shapes: T tokens, E experts, K top-k. Every loss takes one layer call's
 s' are the scores normalised to sum to 1 over experts; CV^2(v) = Var(v) / mean(v)^2. The
 conventions against Megatron-Core (switch's scale, seq_aux's padding, counting the experts
 actually selected under a selection bias) are those of :mod:`moegrad.losses`.
+
+``LOSSES`` binds these functions to the names of :data:`moegrad._spec.LOSS_FUNCTIONS` and
+``available`` is :func:`moegrad._spec.loss_names`, as on the PyTorch side; auxiliary-loss-free
+balancing (a state updated between steps) is :mod:`moegrad.mlx.balancing`.
 """
 
 from __future__ import annotations
@@ -24,12 +28,10 @@ import math
 from typing import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from moegrad._checks import check_float
-from moegrad._spec import check_losses
+from moegrad._spec import bind_losses, loss_names
 from moegrad.mlx.ops import one_hot, selected_mask
-from moegrad.mlx.routing import Router, Routing
+from moegrad.mlx.routing import Routing
 
 
 def _real(routing: Routing) -> mx.array:
@@ -121,18 +123,10 @@ def seq_aux_loss(routing: Routing) -> mx.array:
     return mx.where(has, per_seq, 0.0).sum() / num_seqs
 
 
-LOSSES: dict[str, Callable[[Routing], mx.array]] = {
-    "switch": switch_loss,
-    "switch_megatron": switch_megatron_loss,
-    "z_loss": z_loss,
-    "importance_load": importance_load_loss,
-    "seq_aux": seq_aux_loss,
-}
-
-
-def available() -> list[str]:
-    """Sorted names of the balance losses."""
-    return sorted(LOSSES)
+#: {name: loss function}, bound by name to :data:`moegrad._spec.LOSS_FUNCTIONS` as on the PyTorch side
+LOSSES: dict[str, Callable[[Routing], mx.array]] = bind_losses(globals())
+#: sorted names of the balance losses
+available = loss_names
 
 
 def balance_losses(routing: Routing, coefficients: dict) -> tuple:
@@ -142,38 +136,3 @@ def balance_losses(routing: Routing, coefficients: dict) -> tuple:
     for name, value in values.items():
         total = total + coefficients[name] * value
     return total, values
-
-
-class BiasBalancer:
-    """Auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean_load - load_i).
-
-    ``module``: a Router, an MoE or a whole model; every :class:`~moegrad.mlx.Router` in it built
-    with ``selection_bias=True`` is balanced from its ``load_counts``. Call :meth:`step` after
-    the optimizer update. The bias and its updates are fp32 whatever the model's dtype: the
-    Router keeps ``bias`` fp32 through ``model.set_dtype(mx.bfloat16)`` (in bf16, +1e-3 on 0.5
-    would round away while -1e-3 applies).
-    """
-
-    def __init__(self, module: nn.Module, gamma: float = 1e-3) -> None:
-        if not isinstance(module, nn.Module):
-            hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
-            raise TypeError(f"BiasBalancer(module=...) takes an mlx.nn.Module holding moegrad.mlx "
-                            f"Routers built with selection_bias=True (a Router, an MoE or a whole "
-                            f"model), got {type(module).__name__}{hint}")
-        check_float("gamma", gamma, low=0.0)
-        self.gamma = float(gamma)
-        self.routers = [m for m in module.modules()
-                        if isinstance(m, Router) and m.config.selection_bias]
-        if not self.routers:
-            raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
-                             "build it with selection_bias=True")
-
-    def step(self) -> list:
-        """Update every bias from its counts, reset the counts; returns the loads used."""
-        loads = []
-        for router in self.routers:
-            load = router.reset_load_counts().astype(mx.float32)
-            if float(load.sum()) > 0:
-                router.bias = router.bias + self.gamma * mx.sign(load.mean() - load)
-            loads.append(load)
-        return loads

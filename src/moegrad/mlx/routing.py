@@ -9,6 +9,10 @@ Shapes: T tokens, D model dim, E experts, K top-k. Same maths as :mod:`moegrad.r
     w_i = c * s_i / (sum_S s)   [T, K]  (``normalize=True``; c = routed_scaling_factor)
 
 Indices are uint32 arrays already under ``mx.stop_gradient``: no user code needs one.
+
+The selection and the combine weights are :class:`~moegrad.mlx.selection.Selection`'s (built
+per call from the config and the selection bias, and handed to the estimator's ``route``); the
+config views and repr text are :class:`moegrad._spec.RouterViews`', shared with PyTorch.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad._spec import (SCORES, RouterConfig, nonfinite_logits_message,
+from moegrad._spec import (RouterConfig, RouterViews, nonfinite_logits_message,
                            nonfinite_tempered_message)
 from moegrad.mlx.estimators import build_estimator
-from moegrad.mlx.ops import counts, topk_indices
+from moegrad.mlx.ops import counts
+from moegrad.mlx.selection import Selection
 
 
 @dataclass
@@ -77,7 +82,7 @@ def flatten_mask(mask, shape: tuple) -> Optional[mx.array]:
     return mask.reshape(-1)
 
 
-class Router(nn.Module):
+class Router(RouterViews, nn.Module):
     """Top-k router with a pluggable gradient estimator (MLX twin of :class:`moegrad.Router`).
 
     Same arguments as the PyTorch router: dim, num_experts, top_k, score, normalize, estimator
@@ -108,21 +113,11 @@ class Router(nn.Module):
         self.estimator = build_estimator(estimator, self.config, **estimator_options)
 
     @property
-    def num_experts(self) -> int:
-        return self.config.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.config.top_k
-
-    @property
     def selection_bias(self) -> Optional[mx.array]:
         return self.get("bias") if self.config.selection_bias else None
 
     def _extra_repr(self) -> str:
-        c = self.config
-        return (f"dim={c.dim}, num_experts={c.num_experts}, top_k={c.top_k}, score={c.score}, "
-                f"normalize={c.normalize}, estimator={self.estimator.name}")
+        return self.config_repr()
 
     def gate_logits(self, flat: mx.array) -> mx.array:
         """[T, D] -> [T, E] fp32 logits x W_g^T."""
@@ -146,7 +141,7 @@ class Router(nn.Module):
             bad = int((~mx.isfinite(z)).any(-1).sum())
             raise ValueError(nonfinite_tempered_message(c.temperature, bad, logits.shape[0]))
         scores = self.score(z)
-        picked = self.estimator.route(flat.astype(mx.float32), z, scores, self)
+        picked = self.estimator.route(flat.astype(mx.float32), z, scores, self.selection())
         if self.training and picked.indices.size:
             rows = picked.indices
             if token_mask is not None:  # padding rows go to an extra bin that is dropped
@@ -161,34 +156,17 @@ class Router(nn.Module):
         """[T, E] tempered logits -> [T, E] scores."""
         return mx.sigmoid(z) if self.config.score == "sigmoid" else mx.softmax(z, axis=-1, precise=True)
 
-    def select_topk(self, scores: mx.array) -> mx.array:
-        """Deterministic selection: [T, E] scores -> [T, K] uint32 indices (descending score).
+    def selection(self) -> Selection:
+        """This call's :class:`~moegrad.mlx.selection.Selection` (config and selection bias)."""
+        return Selection(self.config, self.selection_bias)
 
-        Adds the selection-only bias, applies group-limited top-k, then takes the top-k.
-        """
-        c = self.config
-        choice = mx.stop_gradient(scores)
-        bias = self.selection_bias
-        if bias is not None:
-            choice = choice + bias
-        if c.grouped and choice.shape[0]:
-            t = choice.shape[0]
-            per_group = c.num_experts // c.n_group
-            grouped = choice.reshape(t, c.n_group, per_group)
-            best = mx.topk(grouped, min(2, per_group), axis=-1).sum(-1)  # [T, n_group]
-            keep_groups = topk_indices(best, c.topk_group)  # [T, topk_group]
-            keep = (keep_groups[..., None] == mx.arange(c.n_group)).any(-2)  # [T, n_group]
-            choice = mx.where(keep[..., None], grouped, -mx.inf).reshape(t, c.num_experts)
-        return topk_indices(choice, c.top_k)
+    def select_topk(self, scores: mx.array) -> mx.array:
+        """[T, E] scores -> [T, K] uint32 indices (:meth:`Selection.select_topk`)."""
+        return self.selection().select_topk(scores)
 
     def combine_weights(self, scores: mx.array, indices: mx.array) -> mx.array:
-        """[T, E] scores, [T, K] indices -> [T, K] weights w = c * s_S (/ sum s_S if normalize)."""
-        w = mx.take_along_axis(scores, indices, axis=-1)
-        if self.config.normalize:
-            w = w / (w.sum(-1, keepdims=True) + 1e-20)
-        if self.config.routed_scaling_factor != 1.0:
-            w = w * self.config.routed_scaling_factor
-        return w
+        """[T, E] scores, [T, K] indices -> [T, K] weights (:meth:`Selection.combine_weights`)."""
+        return self.selection().combine_weights(scores, indices)
 
     def reset_load_counts(self) -> mx.array:
         """Return the counts gathered since the last reset and zero them."""

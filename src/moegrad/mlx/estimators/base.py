@@ -1,7 +1,7 @@
 """The MLX estimator interface (the twin of :mod:`moegrad.estimators.base`).
 
 An estimator acts at two points: :meth:`Estimator.route` inside the router ([T, E] scores ->
-[T, K] indices and weights) and :meth:`Estimator.mix` inside :class:`moegrad.mlx.MoE` after the
+[T, K] indices and weights, given the call's :class:`~moegrad.mlx.selection.Selection`) and :meth:`Estimator.mix` inside :class:`moegrad.mlx.MoE` after the
 sparse combine (terms whose forward value is zero and whose backward carries a router gradient
 for the unselected experts: ``dense``, ``default_moe``).
 
@@ -14,17 +14,18 @@ None: MLX's global generator, see ``mx.random.seed``) where PyTorch takes a ``ge
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from moegrad._checks import check_int
-from moegrad._spec import EstimatorSpec, attach_spec, estimator_options
+from moegrad._spec import EstimatorOptions
 from moegrad.mlx.ops import Noise
 
 if TYPE_CHECKING:  # pragma: no cover
-    from moegrad.mlx.routing import Router, RouterConfig, Routing
+    from moegrad.mlx.routing import RouterConfig, Routing
+    from moegrad.mlx.selection import Selection
 
 
 @dataclass
@@ -37,50 +38,41 @@ class Picked:
     noise_std: Optional[mx.array] = None
 
 
+def topk_picked(scores: mx.array, selection: "Selection") -> Picked:
+    """The deterministic top-k decision: [T, E] scores -> indices S = TopK(s + b) and weights
+    c * s_S (renormalised if ``normalize``), as :class:`~moegrad.mlx.selection.Selection` gives them."""
+    indices = selection.select_topk(scores)
+    return Picked(indices, selection.combine_weights(scores, indices))
+
+
 def _check_seed(seed) -> int:
     check_int("seed", seed, 0)
     return seed
 
 
-class Estimator(nn.Module):
-    """Base class. A subclass sets ``name`` and overrides :meth:`route` and, when needed,
-    :meth:`mix` / :meth:`observe`. A built-in name takes its options (with their checks) and
-    its ``samples`` / ``observes_outputs`` flags from :data:`moegrad._spec.ESTIMATORS`; a new
-    name (a user's own estimator) declares ``options`` {name: default} and the flags itself.
-    Each option becomes an attribute of the instance; sampling estimators also take
-    ``seed``."""
+class Estimator(EstimatorOptions, nn.Module):
+    """Base class of the MLX estimators. A subclass sets ``name`` and overrides :meth:`route`
+    (and :meth:`mix` / :meth:`observe` when it needs them); its options, their checks and its
+    flags come from :class:`moegrad._spec.EstimatorOptions`, with ``seed`` (int or None) as the
+    random-number option of the sampling estimators."""
 
-    name: ClassVar[str] = ""
-    options: ClassVar[dict] = {}
-    samples: ClassVar[bool] = False
-    observes_outputs: ClassVar[bool] = False
-    #: the validated option table (:data:`moegrad._spec.ESTIMATORS`, or the class's own options)
-    spec: ClassVar[EstimatorSpec]
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        attach_spec(cls, "seed")
+    rng_option = "seed"
+    check_rng = staticmethod(_check_seed)
 
     def __init__(self, config: "RouterConfig", **options) -> None:
         super().__init__()
         hint = (" (MLX estimators take seed=int instead of a torch generator)"
                 if "generator" in options and self.samples else "")
-        values = estimator_options(self.spec, config, options, "seed", _check_seed, hint)
-        self.config = config
-        for key, value in values.items():
-            setattr(self, key, value)
+        self.set_options(config, options, hint)
         if self.samples:
             self._noise = Noise(self.seed)
 
-    def option_values(self) -> dict:
-        """{option: value} as configured (what from_torch/to_torch carry over)."""
-        return {k: getattr(self, k) for k in self.options}
-
     def _extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.option_values().items())
+        return self.options_repr()
 
-    def route(self, x: mx.array, z: mx.array, scores: mx.array, router: "Router") -> Picked:
-        """x [T, D] fp32, z [T, E] tempered logits, scores [T, E] -> :class:`Picked`."""
+    def route(self, x: mx.array, z: mx.array, scores: mx.array, selection: "Selection") -> Picked:
+        """x [T, D] fp32, z [T, E] tempered logits, scores [T, E], the router's
+        :class:`~moegrad.mlx.selection.Selection` -> :class:`Picked`."""
         raise NotImplementedError(f"{type(self).__name__} must define route()")
 
     def mix(self, y: mx.array, x: mx.array, routing: "Routing", experts) -> mx.array:

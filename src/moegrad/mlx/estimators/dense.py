@@ -10,12 +10,13 @@ DenseMixer's weight s_j / sg(sum_S s) for an unselected expert of a renormalised
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import mlx.core as mx
 
 from moegrad._spec import dense_chunk_tokens
-from moegrad.mlx.estimators.base import Estimator, Picked
+from moegrad.mlx.estimators.base import Estimator, Picked, topk_picked
+from moegrad.mlx.experts import stop_weights
 from moegrad.mlx.ops import selected_mask
 
 
@@ -29,20 +30,22 @@ def unselected_scores(scores: mx.array, indices: mx.array, normalize: bool) -> m
 
 
 def dense_score_grad(grad_y: mx.array, x: mx.array, indices: mx.array, expert_fn: Callable,
-                     weights: tuple, scale: float, chunk_tokens: int) -> mx.array:
+                     weights: Optional[tuple], scale: float, chunk_tokens: int) -> mx.array:
     """dL/ds [T, E] fp32 for the unselected experts: c <g_t, E_i(x_t)>, 0 for i in S.
 
-    grad_y [T, D], x [T, D], indices [T, K]; ``expert_fn(x [t, D], *weights) -> [t, E, D]`` runs
-    on stop-gradient weights ``chunk_tokens`` tokens at a time and its result is consumed
-    chunk by chunk, so the extra memory is about chunk_tokens * E * max(D, H).
+    grad_y [T, D], x [T, D], indices [T, K]; ``expert_fn(x [t, D], weights) -> [t, E, D]`` runs
+    on stop-gradient ``weights`` (an experts module's ``stacked_weights()`` named tuple; None for
+    experts without float weights, which ``expert_fn`` then runs itself) ``chunk_tokens`` tokens
+    at a time and its result is consumed chunk by chunk, so the extra memory is about
+    chunk_tokens * E * max(D, H).
     """
     num_tokens = x.shape[0]
-    weights = tuple(mx.stop_gradient(w) for w in weights)
+    weights = None if weights is None else stop_weights(weights)
     x, grad_y = mx.stop_gradient(x), grad_y.astype(mx.float32)
     parts = []
     for start in range(0, num_tokens, chunk_tokens):
         stop = min(start + chunk_tokens, num_tokens)
-        every = expert_fn(x[start:stop], *weights).astype(mx.float32)  # [t, E, D]
+        every = expert_fn(x[start:stop], weights).astype(mx.float32)  # [t, E, D]
         part = (every * grad_y[start:stop, None, :]).sum(-1)  # [t, E]
         if num_tokens > chunk_tokens:
             mx.eval(part)  # materialise chunk by chunk: one [t, E, H] buffer lives at a time
@@ -53,7 +56,7 @@ def dense_score_grad(grad_y: mx.array, x: mx.array, indices: mx.array, expert_fn
 
 
 def dense_router_grad(y: mx.array, scores: mx.array, x: mx.array, indices: mx.array,
-                      expert_fn: Callable, weights: tuple, scale: float = 1.0,
+                      expert_fn: Callable, weights: Optional[tuple], scale: float = 1.0,
                       chunk_tokens: int = 1024) -> mx.array:
     """Return y unchanged; its VJP adds c <g, E_i(x)> to scores[:, i] for unselected i (pass
     :func:`unselected_scores` for renormalised top-k: the division then scales it by 1 / sum_S s).
@@ -76,7 +79,7 @@ def dense_router_grad(y: mx.array, scores: mx.array, x: mx.array, indices: mx.ar
 
 
 class Dense(Estimator):
-    """``dense``: exact dense straight-through (seed 001; DenseMixer).
+    """``dense``: exact dense straight-through (DenseMixer, Yao et al. 2025).
 
     Forward: as ``topk``. Router gradient: as ``topk`` for i in S; for i not in S,
     dL/ds_i = c <g, E_i(x)> as if y also held c s_i E_i(x); with ``normalize=True``
@@ -90,9 +93,9 @@ class Dense(Estimator):
     """
 
     name = "dense"
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
-        return Picked(indices, router.combine_weights(scores, indices))
+
+    def route(self, x, z, scores, selection) -> Picked:
+        return topk_picked(scores, selection)
 
     def mix(self, y, x, routing, experts):
         if y.shape[0] == 0:
@@ -132,9 +135,8 @@ class DefaultMoE(Estimator):
         self.skipped = mx.zeros((config.num_experts,), dtype=mx.int64)
         self.freeze(keys=["defaults", "seen", "skipped"], recurse=False)
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
-        return Picked(indices, router.combine_weights(scores, indices))
+    def route(self, x, z, scores, selection) -> Picked:
+        return topk_picked(scores, selection)
 
     def mix(self, y, x, routing, experts):
         if y.shape[0] == 0:

@@ -20,7 +20,8 @@ class Gumbel(Estimator):
     """
 
     name = "gumbel"
-    def route(self, x, z, scores, router) -> Picked:
+
+    def route(self, x, z, scores, selection) -> Picked:
         perturbed = z + self._noise.gumbel(z.shape) if self.training else z
         p = mx.softmax(perturbed / self.tau, axis=-1, precise=True)  # [T, E]
         indices = topk_indices(p, self.config.top_k)

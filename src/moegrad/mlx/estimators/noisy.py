@@ -43,7 +43,7 @@ class NoisyTopK(Estimator):
         super().__init__(config, **options)
         self.w_noise = mx.zeros((config.num_experts, config.dim), dtype=mx.float32)
 
-    def route(self, x, z, scores, router) -> Picked:
+    def route(self, x, z, scores, selection) -> Picked:
         sigma = nn.softplus(x @ self.w_noise.astype(mx.float32).T) + self.noise_epsilon  # [T, E]
         noisy = z + self._noise.normal(z.shape) * sigma if self.training else z
         values, indices = topk(noisy, self.config.top_k)

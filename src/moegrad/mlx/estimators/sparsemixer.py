@@ -25,7 +25,8 @@ class SparseMixer(Estimator):
     """
 
     name = "sparsemixer"
-    def route(self, x, z, scores, router) -> Picked:
+
+    def route(self, x, z, scores, selection) -> Picked:
         num_experts = z.shape[-1]
         if z.shape[0] == 0:
             return Picked(mx.zeros((0, self.config.top_k), dtype=mx.uint32),

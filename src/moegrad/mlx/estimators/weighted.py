@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from moegrad.mlx.estimators.base import Estimator, Picked
+from moegrad.mlx.estimators.base import Estimator, Picked, topk_picked
 
 
 class TopK(Estimator):
@@ -18,9 +18,8 @@ class TopK(Estimator):
 
     name = "topk"
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
-        return Picked(indices, router.combine_weights(scores, indices))
+    def route(self, x, z, scores, selection) -> Picked:
+        return topk_picked(scores, selection)
 
 
 class Unweighted(Estimator):
@@ -28,23 +27,23 @@ class Unweighted(Estimator):
 
     name = "unweighted"
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
         return Picked(indices, mx.ones(indices.shape, dtype=scores.dtype))
 
 
 class StraightThrough(Estimator):
     """``straight_through``: w_i = c (1 + s_i - sg(s_i)): value c, dL/ds_i = c <g, e_i> for i in S.
 
-    Seed 002's ``y * (gw - stop_gradient(gw + 1))`` with its sign corrected; raw scores, so
-    ``normalize`` does not change the gradient.
+    The straight-through estimator (Bengio et al. 2013) applied to the combine weights; raw
+    scores, so ``normalize`` does not change the gradient.
     """
 
     name = "straight_through"
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
         s = mx.take_along_axis(scores, indices, axis=-1)
         w = 1.0 + (s - mx.stop_gradient(s))  # exactly 1 in value (no rounding of 1 + s - s)
-        c = router.config.routed_scaling_factor
+        c = selection.config.routed_scaling_factor
         return Picked(indices, w * c if c != 1.0 else w)
