@@ -140,7 +140,7 @@ def _run_case(name, rank, world, same_inputs=False, empty_rank=False, skewed=Fal
                 real = int(r.mask.sum()) if r.mask is not None else flat.shape[0]
                 cap = None if capacity is None else expert_capacity(capacity, real, 2, num_experts)
                 plan = plan_dispatch(r.indices, r.weights, num_experts, cap, keep=r.mask)  # padding left out
-                every = ref.experts.every_expert(flat, *ref.experts.stacked_weights())  # [T, E, D]
+                every = ref.experts.every_expert(flat, ref.experts.stacked_weights())  # [T, E, D]
                 sums.index_add_(0, plan.experts, every[plan.tokens, plan.experts])
                 counts += plan.counts
             ref_est.observe(sums, counts)
@@ -353,7 +353,7 @@ def _window_checks(rank, world, micro=2):
         switch = E * sum_i f_i P_i,  f from all W x (m + 1) shards so far, P from micro-batch m."""
     import torch.distributed as dist
     from moegrad.distributed import expert_parallel
-    from moegrad.losses import BalanceWindow
+    from moegrad.balancing import BalanceWindow
 
     num_experts = _num_experts(world)
     torch.manual_seed(7)

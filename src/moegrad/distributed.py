@@ -63,7 +63,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import numbers
 from typing import Optional
 
@@ -71,10 +70,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moegrad.estimators.base import Estimator
+from moegrad._collectives import (ExchangeStats, all_reduce_detached, all_reduce_share,
+                                  all_to_all_rows, group_rank, group_size, reduce_observation)
+from moegrad._interfaces import ExpertWeights
 from moegrad._spec import dense_chunk_tokens
 from moegrad.estimators.dense import Dense, unselected_mask
-from moegrad.experts import Experts
+from moegrad.experts import Experts, map_weights
+from moegrad.layer import MoE
+from moegrad.routing import flatten_mask, flatten_tokens
 
 #: dtypes the exchange accepts, coded by their index in the header
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -87,120 +90,6 @@ CONVERTED_ESTIMATORS = ("dense",)
 
 def _dtype_code(dtype) -> int:
     return _DTYPES.index(dtype) if dtype in _DTYPES else -1
-
-
-def group_size(group=None) -> int:
-    """Number of ranks in ``group`` (the default group when None)."""
-    return dist.get_world_size(group)
-
-
-def group_rank(group=None) -> int:
-    return dist.get_rank(group)
-
-
-# ---------------------------------------------------------------------------------------------
-# differentiable collectives
-
-
-class _AllToAllRows(torch.autograd.Function):
-    """All-to-all of rows with uneven splits; backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(x, out_splits, in_splits, group, stats):
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, out_splits, in_splits, group, stats = inputs
-        ctx.out_splits, ctx.in_splits, ctx.group, ctx.stats = out_splits, in_splits, group, stats
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_in = grad_out.new_empty(sum(ctx.in_splits), *grad_out.shape[1:])
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.in_splits, ctx.out_splits,
-                               group=ctx.group)
-        if ctx.stats is not None:
-            ctx.stats.add_sent(grad_out, ctx.out_splits, ctx.group)
-        return grad_in, None, None, None, None
-
-
-def all_to_all_rows(x: Tensor, out_splits: list, in_splits: list, group=None, stats=None) -> Tensor:
-    """x [sum(in_splits), ...] -> [sum(out_splits), ...]: rows in_splits[q] go to rank q, rows
-    out_splits[q] come from rank q (``dist.all_to_all_single``). Differentiable: the gradient
-    travels back with the splits swapped. ``stats`` (:class:`ExchangeStats`) counts bytes."""
-    if stats is not None:
-        stats.add_sent(x, in_splits, group)
-    return _AllToAllRows.apply(x, list(out_splits), list(in_splits), group, stats)
-
-
-class _AllReduceShare(torch.autograd.Function):
-    """Sum over ranks; backward multiplies by W (see :func:`all_reduce_share`)."""
-
-    @staticmethod
-    def forward(x, group, world):
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.world = inputs[2]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.world, None, None
-
-
-def all_reduce_share(x: Tensor, group=None) -> Tensor:
-    """S = sum over ranks of x [any shape], for a loss l = f(S) that every rank computes alike.
-
-    The mean over ranks of l is then the global loss f(S). Backward returns W f'(S) dS/dx_r on
-    each rank, so the router gradients summed over ranks are those of sum_r l_r = W f(S), the
-    same convention as the per-rank shares of the other balance losses (DDP's average then gives
-    exactly grad f). No collective runs in backward; only valid when every rank computes the same
-    function of S, which holds for the balance losses.
-    """
-    return _AllReduceShare.apply(x, group, group_size(group))
-
-
-@torch.no_grad()
-def all_reduce_detached(x: Tensor, group=None) -> Tensor:
-    """Sum over ranks of a detached copy of x (counts, statistics: no gradient)."""
-    out = x.detach().clone()
-    dist.all_reduce(out, group=group)
-    return out
-
-
-def reduce_observation(sums: Tensor, counts: Tensor, group=None) -> tuple:
-    """sums [E, D] fp32, counts [E] int -> the same over every rank's tokens (one all-reduce),
-    so ``default_moe`` sees global per-expert means and keeps identical buffers on every rank."""
-    packed = torch.cat([sums.float(), counts.to(sums.device, torch.float32)[:, None]], dim=1)
-    packed = all_reduce_detached(packed, group)
-    return packed[:, :-1], packed[:, -1].round().to(counts.dtype)
-
-
-class ExchangeStats:
-    """Bytes this rank sent to other ranks (forward and backward), for benchmarks."""
-
-    def __init__(self) -> None:
-        self.bytes_sent = 0
-        self.calls = 0
-
-    def add_sent(self, x: Tensor, splits: list, group) -> None:
-        rank = group_rank(group)
-        width = math.prod(x.shape[1:])
-        off_rank = sum(s for q, s in enumerate(splits) if q != rank)
-        self.bytes_sent += off_rank * width * x.element_size()
-        self.calls += 1
-
-    def add_bytes(self, n: int) -> None:
-        self.bytes_sent += int(n)
-
-    def reset(self) -> int:
-        out, self.bytes_sent, self.calls = self.bytes_sent, 0, 0
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,11 +136,11 @@ class ExpertParallelExperts(nn.Module):
     def impl(self) -> str:
         return self.local.impl
 
-    def stacked_weights(self) -> tuple:
-        """The local slices (w1, w3, w2) or (w1, w2), each with L experts."""
+    def stacked_weights(self) -> ExpertWeights:
+        """The local slices as :class:`~moegrad._interfaces.ExpertWeights` (gate, down, up), L experts each."""
         return self.local.stacked_weights()
 
-    def every_expert(self, x: Tensor, *weights: Tensor) -> Tensor:
+    def every_expert(self, x: Tensor, weights: ExpertWeights) -> Tensor:
         raise RuntimeError(
             f"this rank holds only experts [{self.first}, {self.first + self.num_local}) of "
             f"{self.num_experts} (expert parallelism), so it cannot evaluate every expert on its "
@@ -348,7 +237,7 @@ def _all_gather_rows(x: Tensor, group, world: int) -> tuple:
 
 
 def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, experts: ExpertParallelExperts,
-                                 weights: tuple, scale: float, chunk_tokens: int,
+                                 weights: ExpertWeights, scale: float, chunk_tokens: int,
                                  dtype: torch.dtype = torch.float32) -> Tensor:
     """dL/ds [T, E] (``dtype``, the scores' dtype) for the unselected experts, c <g_t, E_i(x_t)>, with the experts sharded.
     (With ``normalize=True`` :class:`ExpertParallelDense` passes s / sg(sum_S s) as the scores,
@@ -362,7 +251,7 @@ def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, exp
     Bytes sent per rank: (W - 1) Tmax (2 D b + 4 L), b the element size of x.
     """
     group, world = experts.group, experts.world
-    weights = tuple(w.detach() for w in weights)
+    weights = map_weights(Tensor.detach, weights)
     with torch.no_grad():
         both = torch.cat([x, grad_y.to(x.dtype)], dim=1)  # [T, 2D]
         gathered, sizes = _all_gather_rows(both, group, world)  # [W, Tmax, 2D]
@@ -372,7 +261,7 @@ def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, exp
         local = torch.zeros(world * most, experts.num_local, dtype=dtype, device=x.device)
         for start in range(0, flat.shape[0], chunk_tokens):
             part = flat[start:start + chunk_tokens]
-            every = experts.local.every_expert(part[:, :dim], *weights)  # [t, L, D]
+            every = experts.local.every_expert(part[:, :dim], weights)  # [t, L, D]
             local[start:start + chunk_tokens] = torch.einsum("tld,td->tl", every.to(dtype),
                                                              part[:, dim:].to(dtype))
         local = local.view(world, most, experts.num_local)
@@ -387,7 +276,8 @@ def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, exp
 
 
 class _DistributedDenseRouterGrad(torch.autograd.Function):
-    """Identity on y; backward adds the dense router gradient with the experts sharded."""
+    """Identity on y; backward adds the dense router gradient with the experts sharded. The
+    weights come in as tensors (the fields of an ExpertWeights, rebuilt in backward)."""
 
     @staticmethod
     def forward(y, scores, x, indices, scale, chunk_tokens, experts, *weights):
@@ -404,7 +294,7 @@ class _DistributedDenseRouterGrad(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, indices, *weights = ctx.saved_tensors
         # always run the collectives: every rank takes part whatever it needs
-        grad_scores = distributed_dense_score_grad(grad_y, x, indices, ctx.experts, tuple(weights),
+        grad_scores = distributed_dense_score_grad(grad_y, x, indices, ctx.experts, ExpertWeights(*weights),
                                                    ctx.scale, ctx.chunk_tokens, ctx.scores_dtype)
         if not ctx.needs_input_grad[1]:
             grad_scores = None
@@ -580,8 +470,6 @@ def _check_inputs_across_ranks(moe, args, kwargs):
     would leave one side waiting in backward until the process-group timeout, so every rank
     raises instead. Differing digests cost one more (collective) gather of every rank's settings,
     to name the fields that differ."""
-    from moegrad.routing import flatten_mask, flatten_tokens
-
     group, world, rank = moe.process_group, moe.experts.world, moe.experts.rank
     x = args[0] if args else kwargs.get("x")
     mask = args[1] if len(args) > 1 else kwargs.get("mask")
@@ -678,8 +566,6 @@ def expert_parallel(moe, group=None):
     at every forward (settings changed later, e.g. ``moe.losses`` on one rank), instead of
     waiting in mismatched collectives until the process-group timeout.
     """
-    from moegrad.layer import MoE
-
     if not isinstance(moe, MoE):
         raise TypeError(f"expert_parallel expects a moegrad.MoE, got {type(moe).__name__}")
     if not dist.is_available() or not dist.is_initialized():

@@ -118,7 +118,7 @@ import inspect
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,10 +126,11 @@ from torch import Tensor, nn
 
 from moegrad import experts as _experts
 from moegrad._checks import check_bool
+from moegrad._interfaces import ExpertWeights
 from moegrad._spec import check_losses
-from moegrad.dispatch import combine_rows, plan_dispatch
 from moegrad.estimators import available as available_estimators
 from moegrad.estimators import build_estimator, get as get_estimator
+from moegrad.layer import run_experts
 from moegrad.losses import balance_losses
 from moegrad.routing import (Router, RouterConfig, Routing, flatten_mask, flatten_tokens,
                              recomputing_in_backward, recomputing_training_forward)
@@ -255,9 +256,10 @@ def _is_silu(act: Callable) -> bool:
 class HFExperts:
     """A view of an HF experts module with the interface moegrad's estimators use.
 
-    ``stacked_weights()`` -> (w1 [E, H, D] gate, w3 [E, H, D] up, w2 [E, D, H] down), views of
-    ``gate_up_proj`` / ``down_proj`` (no copies); ``every_expert(x [t, D], *weights)`` ->
-    [t, E, D]; ``forward(rows [M, D], counts [E])`` -> [M, D]. Holds no state of its own.
+    ``stacked_weights()`` -> :class:`~moegrad._interfaces.ExpertWeights` (gate [E, H, D],
+    down [E, D, H], up [E, H, D]), views of ``gate_up_proj`` / ``down_proj`` (no copies);
+    ``every_expert(x [t, D], weights)`` -> [t, E, D]; ``forward(rows [M, D], counts [E])`` ->
+    [M, D]. Holds no state of its own.
     """
 
     def __init__(self, module: nn.Module, impl: Optional[str]) -> None:
@@ -268,12 +270,12 @@ class HFExperts:
         self.act = module.act_fn
         self.silu = _is_silu(self.act)
 
-    def stacked_weights(self) -> tuple:
+    def stacked_weights(self) -> ExpertWeights:
         """unbind of a [E, 2, H, D] view rather than two slices: backward stacks the two
         gradients into one [E, 2H, D] tensor instead of zero-filling one per slice."""
         gu = self.module.gate_up_proj
-        w1, w3 = gu.view(self.num_experts, 2, self.hidden_dim, self.dim).unbind(1)
-        return w1, w3, self.module.down_proj
+        gate, up = gu.view(self.num_experts, 2, self.hidden_dim, self.dim).unbind(1)
+        return ExpertWeights(gate=gate, down=self.module.down_proj, up=up)
 
     @property
     def unselected_inner_products(self) -> Optional[Callable]:
@@ -284,22 +286,31 @@ class HFExperts:
             return None
         impl = "auto" if self.impl == "hf" else self.impl
 
-        def inner(x: Tensor, grad_y: Tensor, indices: Tensor, w1: Tensor, w3: Tensor,
-                  w2: Tensor) -> Tensor:
-            return _experts.unselected_inner_products(x, grad_y, indices, w1, w2, w3, impl)
+        def inner(x: Tensor, grad_y: Tensor, indices: Tensor, weights: ExpertWeights) -> Tensor:
+            return _experts.unselected_inner_products(x, grad_y, indices, weights, impl)
         return inner
 
-    def every_expert(self, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-        up = torch.einsum("td,ehd->teh", x, w1)
-        gate_up = torch.einsum("td,ehd->teh", x, w3)
-        return torch.einsum("teh,edh->ted", self.act(up) * gate_up, w2)
+    def every_expert(self, x: Tensor, weights: ExpertWeights) -> Tensor:
+        gate_x = torch.einsum("td,ehd->teh", x, weights.gate)
+        up_x = torch.einsum("td,ehd->teh", x, weights.up)
+        return torch.einsum("teh,edh->ted", self.act(gate_x) * up_x, weights.down)
 
     def __call__(self, rows: Tensor, counts: Tensor) -> Tensor:
         grouped = getattr(_experts, "grouped_mlp", None)
         if grouped is not None and self.silu:  # otherwise the HF activation in a loop
-            w1, w3, w2 = self.stacked_weights()
-            return grouped(rows, counts, w1, w2, w3, activation="swiglu", impl=self.impl)
+            gate, down, up = self.stacked_weights()
+            return grouped(rows, counts, gate, down, up, activation="swiglu", impl=self.impl)
         return _expert_loop(rows, counts, self.module.gate_up_proj, self.module.down_proj, self.act)
+
+
+class GptOssWeights(NamedTuple):
+    """GPT-OSS's stacked expert weights: gate_up [E, D, 2H] (gate = even, up = odd columns),
+    gate_up_bias [E, 2H], down [E, H, D], down_bias [E, D]."""
+
+    gate_up: Tensor
+    gate_up_bias: Tensor
+    down: Tensor
+    down_bias: Tensor
 
 
 class GptOssExpertsView:
@@ -318,13 +329,13 @@ class GptOssExpertsView:
         self.hidden_dim = two_h // 2
         self.silu = False
 
-    def stacked_weights(self) -> tuple:
+    def stacked_weights(self) -> GptOssWeights:
         m = self.module
-        return m.gate_up_proj, m.gate_up_proj_bias, m.down_proj, m.down_proj_bias
+        return GptOssWeights(m.gate_up_proj, m.gate_up_proj_bias, m.down_proj, m.down_proj_bias)
 
-    def every_expert(self, x: Tensor, gu: Tensor, gub: Tensor, dn: Tensor, dnb: Tensor) -> Tensor:
-        h = self.module._apply_gate(torch.einsum("td,edh->teh", x, gu) + gub)  # [t, E, H]
-        return torch.einsum("teh,ehd->ted", h, dn) + dnb
+    def every_expert(self, x: Tensor, weights: GptOssWeights) -> Tensor:
+        h = self.module._apply_gate(torch.einsum("td,edh->teh", x, weights.gate_up) + weights.gate_up_bias)
+        return torch.einsum("teh,ehd->ted", h, weights.down) + weights.down_bias  # h: [t, E, H]
 
     def __call__(self, rows: Tensor, counts: Tensor) -> Tensor:
         if rows.shape[0] == 0:
@@ -427,7 +438,7 @@ class HFRouter(Router):
         logits = self._hf_gate(flat)[0]
         z = logits.float()
         scores = torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
-        picked = self.estimator.route(flat.float(), z, scores, self)
+        picked = self.estimator.route(flat.float(), z, scores, self.selection())
         if self.training and not recomputing and picked.indices.numel():
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
             self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.config.num_experts)
@@ -436,21 +447,12 @@ class HFRouter(Router):
                        noise_std=picked.noise_std)
 
     def experts_forward(self, flat: Tensor, routing: Routing) -> Tensor:
-        """flat [T, D] -> [T, D]: dispatch, experts, combine, estimator hook."""
-        experts, estimator = self.hf_experts, self.estimator
-        num_tokens = flat.shape[0]
+        """flat [T, D] -> [T, D]: dispatch, experts, combine, estimator hook
+        (:func:`moegrad.layer.run_experts`; ``impl="hf"``: the HF experts module, then the hook)."""
         if self.impl == "hf":
-            y = experts.module(flat, routing.indices, routing.weights.to(flat.dtype))
-        else:
-            plan = plan_dispatch(routing.indices, routing.weights, self.config.num_experts)
-            rows = experts(flat[plan.tokens], plan.counts)  # [M, D]
-            observe = self.training and estimator.observes_outputs and rows.shape[0]
-            if observe and not recomputing_in_backward():  # once per step under activation checkpointing
-                sums = rows.new_zeros(self.config.num_experts, self.config.dim, dtype=torch.float32)
-                sums.index_add_(0, plan.experts, rows.detach().float())
-                estimator.observe(sums, plan.counts)
-            y = combine_rows(rows, routing.weights, plan, num_tokens)
-        return estimator.mix(y, flat, routing, experts)
+            y = self.hf_experts.module(flat, routing.indices, routing.weights.to(flat.dtype))
+            return self.estimator.mix(y, flat, routing, self.hf_experts)
+        return run_experts(flat, routing, self.hf_experts, self.estimator, training=self.training)[0]
 
 
 # ----------------------------------------------------------------------------- patched forward

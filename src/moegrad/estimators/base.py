@@ -3,7 +3,9 @@
 An estimator decides how the router's top-k turns into combine weights and how the router's
 gradient is formed. It acts at two points:
 
-* :meth:`Estimator.route` inside the router: ``[T, E]`` scores -> ``[T, K]`` indices and weights;
+* :meth:`Estimator.route` inside the router: ``[T, E]`` scores -> ``[T, K]`` indices and weights,
+  given the router's :class:`~moegrad.selection.Selection` (its ``config``, ``select_topk`` and
+  ``combine_weights``: the shared selection-bias, group-limited top-k and weighting rules);
 * :meth:`Estimator.mix` inside :class:`moegrad.MoE`, after the sparse combine: may add terms whose
   forward value is zero (or a documented extra) and whose backward carries a router gradient
   for the unselected experts (``dense``, ``default_moe``).
@@ -22,7 +24,8 @@ from torch import Tensor, nn
 from moegrad._spec import EstimatorSpec, attach_spec, estimator_options
 
 if TYPE_CHECKING:  # pragma: no cover
-    from moegrad.routing import Router, RouterConfig, Routing
+    from moegrad.routing import RouterConfig, Routing
+    from moegrad.selection import Selection
 
 
 @dataclass
@@ -76,8 +79,15 @@ class Estimator(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options if k != "generator")
 
-    def route(self, x: Tensor, z: Tensor, scores: Tensor, router: "Router") -> Picked:
-        """x [T, D] fp32, z [T, E] tempered logits, scores [T, E] -> :class:`Picked`."""
+    def route(self, x: Tensor, z: Tensor, scores: Tensor, selection: "Selection") -> Picked:
+        """x [T, D] fp32, z [T, E] tempered logits, scores [T, E] -> :class:`Picked`.
+
+        ``selection`` (:class:`moegrad.selection.Selection`, built by the router for this call)
+        holds ``config`` (the :class:`~moegrad.routing.RouterConfig`) and the selection-only
+        ``bias``; ``selection.select_topk(scores)`` -> [T, K] indices (bias, group-limited top-k)
+        and ``selection.combine_weights(scores, indices)`` -> [T, K] weights are the router's
+        deterministic rules. (Before, the router itself was passed; it has the same three names,
+        so an estimator written against it works with either.)"""
         raise NotImplementedError
 
     def mix(self, y: Tensor, x: Tensor, routing: "Routing", experts: nn.Module) -> Tensor:
