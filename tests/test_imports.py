@@ -130,6 +130,11 @@ def test_the_graph_has_the_known_edges():
     assert "moegrad.routing" in graph["moegrad.layer"]
     # importing moegrad.estimators.base runs moegrad/estimators/__init__.py
     assert "moegrad.estimators" in graph["moegrad.distributed"]
+    # the collectives are a leaf; the layer and the losses do not import the EP conversion
+    assert graph["moegrad._collectives"] == set()
+    assert not {"moegrad.distributed", "moegrad.balancing"} & (graph["moegrad.layer"] | graph["moegrad.losses"])
+    # estimators get a Selection, never the router module
+    assert not any("moegrad.routing" in graph[name] for name in graph if name.startswith("moegrad.estimators"))
     assert any(name.startswith("moegrad.mlx") for name in graph) and any(
         name.startswith("moegrad.hf") for name in graph)
 

@@ -32,7 +32,7 @@ What is exact, and what is global:
   rank returns its share, scaled so that the mean over ranks of ``aux_loss`` is the loss of the
   whole micro-batch computed on one process: no factor W, and DDP's averaging of the router
   gradient gives exactly the global loss's gradient.
-* Gradient accumulation: with :class:`moegrad.losses.BalanceWindow` the ``switch`` loss's f
+* Gradient accumulation: with :class:`moegrad.balancing.BalanceWindow` the ``switch`` loss's f
   comes from the counts of every rank and every micro-batch since the window's last ``reset()``
   (this one included), P from this micro-batch; at the last micro-batch f is the whole global
   batch's (all W ranks x M micro-batches). Divide each micro-batch's ``aux_loss`` by M like the
@@ -50,6 +50,12 @@ model, reseed per rank afterwards (e.g. ``torch.manual_seed(seed + rank)``) for 
 training). ``dense`` is implemented exactly (:class:`ExpertParallelDense`): its backward
 all-gathers (x, dL/dy) of every token, each rank evaluates its L experts on all W T tokens and
 returns the scores with an all-to-all; see ``benchmarks/expert_parallel.md`` for its cost.
+
+Modules: the collectives (:func:`all_to_all_rows`, :func:`all_reduce_share`,
+:func:`all_reduce_detached`, :func:`reduce_observation`, :class:`ExchangeStats`, :func:`group_size`,
+:func:`group_rank`) live in the leaf module :mod:`moegrad._collectives` and are re-exported here;
+the layer, the balance losses and :class:`moegrad.balancing.BiasBalancer` use them from there,
+so this module (the conversion, which imports the layer) is imported by none of them.
 
 Saving and loading: ``module.state_dict()`` holds only the local slices (``experts.local.w1``
 [L, H, D] ...). :func:`full_state_dict` gathers them into the single-process layout
@@ -294,8 +300,9 @@ class _DistributedDenseRouterGrad(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, indices, *weights = ctx.saved_tensors
         # always run the collectives: every rank takes part whatever it needs
-        grad_scores = distributed_dense_score_grad(grad_y, x, indices, ctx.experts, ExpertWeights(*weights),
-                                                   ctx.scale, ctx.chunk_tokens, ctx.scores_dtype)
+        grad_scores = distributed_dense_score_grad(grad_y, x, indices, ctx.experts,
+                                                   ExpertWeights(*weights), ctx.scale,
+                                                   ctx.chunk_tokens, ctx.scores_dtype)
         if not ctx.needs_input_grad[1]:
             grad_scores = None
         return (grad_y, grad_scores) + (None,) * (5 + len(weights))
@@ -376,7 +383,7 @@ def _settings(moe) -> dict:
     :class:`moegrad.routing.RouterConfig` field), the expert shape and activation, the estimator
     name and option values (for a ``generator`` only whether one is set), the balance losses
     ``[[name, coefficient], ...]`` in call order, the capacity factor, whether a
-    :class:`moegrad.losses.BalanceWindow` is attached and the parameter dtypes.
+    :class:`moegrad.balancing.BalanceWindow` is attached and the parameter dtypes.
     """
     config = moe.router.config
     out = {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
@@ -390,7 +397,7 @@ def _settings(moe) -> dict:
     out["losses"] = (_plain([[name, coef] for name, coef in losses.items()])
                      if isinstance(losses, dict) else _plain(losses))
     out["capacity_factor"] = _plain(moe.capacity_factor)
-    out["balance_window"] = getattr(moe, "balance_window", None) is not None
+    out["balance_window"] = moe.balance_window is not None
     dtypes = []
     for p in moe.parameters():
         if str(p.dtype) not in dtypes:

@@ -101,8 +101,8 @@ def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
     f counts the experts actually selected (``routing.indices``, after any selection bias).
 
     With ``group``: f from the counts of all ranks, this rank's share W * sum_{t here} s'_t / N.
-    With ``window`` (int64 [E + 1], :class:`~moegrad.balancing.BalanceWindow`'s buffer: counts C per expert, then the
-    real-token count N): this call's (global) counts are added to it first, then
+    With ``window`` (int64 [E + 1], :class:`~moegrad.balancing.BalanceWindow`'s buffer: counts C
+    per expert, then the real-token count N): this call's (global) counts are added to it first, then
     f_i = C_i / N over every micro-batch of the window so far; P is still this call's."""
     real = _real(routing)
     n = real.sum()
@@ -257,8 +257,8 @@ def balance_losses(routing: Routing, coefficients: dict[str, float],
                    group=None, window=None) -> tuple[Tensor, dict[str, Tensor]]:
     """-> (sum_name coef * loss, {name: loss}) for one layer call (``group``: expert parallelism,
     see the module docstring; ``window``: the ``switch`` loss's accumulation buffer, see
-    :class:`~moegrad.balancing.BalanceWindow`). With both ``switch`` and ``switch_megatron``, the second is the
-    first / K (one count, one window update)."""
+    :class:`~moegrad.balancing.BalanceWindow`). With both ``switch`` and ``switch_megatron``, the
+    second is the first / K (one count, one window update)."""
     if window is not None and not any(name in coefficients for name in SWITCH_LOSSES):
         raise ValueError(f"window is only used by the switch loss ({' or '.join(SWITCH_LOSSES)}), "
                          f"which is not among the losses {sorted(coefficients)}")
@@ -288,5 +288,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LOSSES", "available", "switch_loss", "switch_megatron_loss", "z_loss", "importance_load_loss", "seq_aux_loss",
+__all__ = ["LOSSES", "available", "switch_loss", "switch_megatron_loss", "z_loss", "importance_load_loss", "seq_aux_loss",  # noqa: F822 (BalanceWindow, BiasBalancer: __getattr__)
            "cv_squared", "balance_losses", "check_losses", "BalanceWindow", "BiasBalancer"]

@@ -7,7 +7,6 @@ g = dL/dy, c = routed_scaling_factor.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from moegrad.estimators.base import Estimator, Picked
 
