@@ -16,7 +16,7 @@ MoE layer and the routers and other weights are replicated:
   mean over ranks of the per-rank losses). The balance losses use global counts: their mean over
   ranks is the loss of the whole global batch, with no factor W;
 * ``--micro-batches M`` accumulates gradients over M micro-batches per optimizer step (DDP's
-  ``no_sync`` until the last one). A ``moegrad.losses.BalanceWindow`` makes the switch loss's
+  ``no_sync`` until the last one). A ``moegrad.BalanceWindow`` makes the switch loss's
   expert fractions f count every micro-batch of the step on every rank (the global batch, as in
   Qwen's global-batch balancing), each micro-batch's loss is divided by M like the task loss, and
   ``window.reset()`` follows ``optimizer.step()``;
@@ -131,7 +131,7 @@ def main(argv=None) -> float:
     ddp = DDP(model, **no_sync)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     # switch-loss counts over every micro-batch of a step, all ranks (registered buffers)
-    window = moegrad.losses.BalanceWindow(model) if args.micro_batches > 1 else None
+    window = moegrad.BalanceWindow(model) if args.micro_batches > 1 else None
     torch.manual_seed(args.seed + rank)  # the model is built: independent sampling noise per rank
     if rank == 0:
         print(f"{world} processes ({'nccl' if cuda else 'gloo'}), {args.experts} experts per layer, "

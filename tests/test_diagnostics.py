@@ -12,6 +12,7 @@ from moegrad.diagnostics import (LoadWindow, WeightRule, clone_with_estimator, c
                                  expert_load, gradient_fidelity, load_cv, max_violation, purity,
                                  reference_gradients, router_entropy, routing_health,
                                  subset_probabilities, weight_rule)
+from moegrad.experts import map_weights
 from tests.conftest import every_expert_ref
 
 
@@ -138,7 +139,7 @@ def test_reference_gradients_match_the_dense_mixture_autograd():
     moe, x, loss = _moe_problem(False)
     ref = reference_gradients(moe, x, loss)
     z = (x.double() @ moe.router.gate.weight.double().T).requires_grad_(True)
-    every = moe.experts.every_expert(x.double(), *(w.double() for w in moe.experts.stacked_weights()))
+    every = moe.experts.every_expert(x.double(), map_weights(torch.Tensor.double, moe.experts.stacked_weights()))
     (g,) = torch.autograd.grad(dense_mixture_loss(z, every.detach(), loss), z)
     assert torch.allclose(ref.logits_dense, g, atol=1e-12)
     assert torch.allclose(ref.gate_exact, ref.logits_exact.T @ x.double(), atol=1e-10)

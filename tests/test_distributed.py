@@ -139,7 +139,7 @@ def _run_case(name, rank, world, same_inputs=False, empty_rank=False, skewed=Fal
                 real = int(r.mask.sum()) if r.mask is not None else flat.shape[0]
                 cap = None if capacity is None else expert_capacity(capacity, real, 2, num_experts)
                 plan = plan_dispatch(r.indices, r.weights, num_experts, cap, keep=r.mask)  # padding left out
-                every = ref.experts.every_expert(flat, *ref.experts.stacked_weights())  # [T, E, D]
+                every = ref.experts.every_expert(flat, ref.experts.stacked_weights())  # [T, E, D]
                 sums.index_add_(0, plan.experts, every[plan.tokens, plan.experts])
                 counts += plan.counts
             ref_est.observe(sums, counts)
@@ -259,7 +259,7 @@ def _bad_input_checks(rank, world):
 
 def _misc_checks(rank, world):
     import torch.distributed as dist
-    from moegrad.distributed import (ExpertParallelExperts, average_expert_grads, expert_parallel,
+    from moegrad.distributed import (average_expert_grads, expert_parallel,
                                      expert_parameter_names, full_state_dict, load_full_state_dict)
     from moegrad.estimators.weighted import TopK
 
@@ -352,7 +352,7 @@ def _window_checks(rank, world, micro=2):
         switch = E * sum_i f_i P_i,  f from all W x (m + 1) shards so far, P from micro-batch m."""
     import torch.distributed as dist
     from moegrad.distributed import expert_parallel
-    from moegrad.losses import BalanceWindow
+    from moegrad.balancing import BalanceWindow
 
     num_experts = _num_experts(world)
     torch.manual_seed(7)

@@ -204,7 +204,7 @@ def test_unselected_inner_products_match_every_expert_reference(impl, activation
     moe = moegrad.MoE(8, 16, e, k, activation=activation, impl=impl).to(dtype)
     x, g = torch.randn(t, 8, dtype=dtype), torch.randn(t, 8, dtype=dtype)
     indices = torch.rand(t, e).topk(k, -1).indices
-    got = moe.experts.unselected_inner_products(x, g, indices, *moe.experts.stacked_weights())
+    got = moe.experts.unselected_inner_products(x, g, indices, moe.experts.stacked_weights())
     want = torch.einsum("ted,td->te", every_expert_ref(x, moe), g)
     want = want.scatter(1, indices, 0.0)
     torch.testing.assert_close(got, want.detach(), **_tol(dtype))

@@ -1,8 +1,6 @@
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moegrad
 from moegrad.routing import RouterConfig

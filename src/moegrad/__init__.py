@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "MoE": "moegrad.layer", "MoEOutput": "moegrad.layer", "MoEStats": "moegrad.layer",
     "Router": "moegrad.routing", "RouterConfig": "moegrad.routing", "Routing": "moegrad.routing",
-    "Experts": "moegrad.experts", "BiasBalancer": "moegrad.losses", "BalanceWindow": "moegrad.losses",
+    "Experts": "moegrad.experts", "BiasBalancer": "moegrad.balancing", "BalanceWindow": "moegrad.balancing",
     "estimators": "moegrad.estimators", "losses": "moegrad.losses",
 }
 

@@ -407,6 +407,7 @@ def bind_losses(namespace: dict) -> dict[str, Callable]:
     ``namespace`` (a framework's losses module: ``LOSSES = bind_losses(globals())``)."""
     return {name: namespace[function] for name, function in LOSS_FUNCTIONS.items()}
 
+
 #: losses that need a particular estimator (the one that produces what they read)
 LOSS_NEEDS_ESTIMATOR = {"importance_load": "noisy_topk"}
 
@@ -432,10 +433,10 @@ def check_losses(losses, estimator: str) -> dict[str, float]:
     return out
 
 
-def balanced_routers(module, gamma, module_type: type, router_type: type, module_kind: str,
-                     router_kind: str) -> tuple[float, list]:
+def balanced_routers(module, gamma, module_type: type, is_router: Callable[[object], bool],
+                     module_kind: str, router_kind: str) -> tuple[float, list]:
     """A ``BiasBalancer(module, gamma)``'s arguments checked -> (gamma as a float, the routers of
-    type ``router_type`` in ``module`` built with ``selection_bias=True``).
+    in ``module`` (``is_router(m)`` true) built with ``selection_bias=True``).
 
     ``module`` must be a ``module_type`` (TypeError naming ``module_kind``, e.g. "nn.Module",
     and the routers it should hold, ``router_kind``, e.g. "moegrad"); ``gamma`` >= 0; a module
@@ -446,7 +447,7 @@ def balanced_routers(module, gamma, module_type: type, router_type: type, module
                         f"Routers built with selection_bias=True (a Router, an MoE or a whole "
                         f"model), got {type(module).__name__}{hint}")
     check_float("gamma", gamma, low=0.0)
-    routers = [m for m in module.modules() if isinstance(m, router_type) and m.config.selection_bias]
+    routers = [m for m in module.modules() if is_router(m) and m.config.selection_bias]
     if not routers:
         raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
                          "build it with selection_bias=True")

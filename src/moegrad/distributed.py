@@ -32,7 +32,7 @@ What is exact, and what is global:
   rank returns its share, scaled so that the mean over ranks of ``aux_loss`` is the loss of the
   whole micro-batch computed on one process: no factor W, and DDP's averaging of the router
   gradient gives exactly the global loss's gradient.
-* Gradient accumulation: with :class:`moegrad.losses.BalanceWindow` the ``switch`` loss's f
+* Gradient accumulation: with :class:`moegrad.balancing.BalanceWindow` the ``switch`` loss's f
   comes from the counts of every rank and every micro-batch since the window's last ``reset()``
   (this one included), P from this micro-batch; at the last micro-batch f is the whole global
   batch's (all W ranks x M micro-batches). Divide each micro-batch's ``aux_loss`` by M like the
@@ -51,6 +51,12 @@ training). ``dense`` is implemented exactly (:class:`ExpertParallelDense`): its 
 all-gathers (x, dL/dy) of every token, each rank evaluates its L experts on all W T tokens and
 returns the scores with an all-to-all; see ``benchmarks/expert_parallel.md`` for its cost.
 
+Modules: the collectives (:func:`all_to_all_rows`, :func:`all_reduce_share`,
+:func:`all_reduce_detached`, :func:`reduce_observation`, :class:`ExchangeStats`, :func:`group_size`,
+:func:`group_rank`) live in the leaf module :mod:`moegrad._collectives` and are re-exported here;
+the layer, the balance losses and :class:`moegrad.balancing.BiasBalancer` use them from there,
+so this module (the conversion, which imports the layer) is imported by none of them.
+
 Saving and loading: ``module.state_dict()`` holds only the local slices (``experts.local.w1``
 [L, H, D] ...). :func:`full_state_dict` gathers them into the single-process layout
 (``experts.w1`` [E, H, D] ...) that a plain MoE loads; :func:`load_full_state_dict` loads such a
@@ -62,7 +68,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import numbers
 from typing import Optional
 
@@ -70,10 +75,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moegrad.estimators.base import Estimator
+from moegrad._collectives import (ExchangeStats, all_reduce_detached, all_reduce_share,
+                                  all_to_all_rows, group_rank, group_size, reduce_observation)
+from moegrad._interfaces import ExpertWeights
 from moegrad._spec import dense_chunk_tokens
 from moegrad.estimators.dense import Dense, unselected_mask
-from moegrad.experts import Experts
+from moegrad.experts import Experts, map_weights
+from moegrad.layer import MoE
+from moegrad.routing import flatten_mask, flatten_tokens
 
 #: dtypes the exchange accepts, coded by their index in the header
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -86,120 +95,6 @@ CONVERTED_ESTIMATORS = ("dense",)
 
 def _dtype_code(dtype) -> int:
     return _DTYPES.index(dtype) if dtype in _DTYPES else -1
-
-
-def group_size(group=None) -> int:
-    """Number of ranks in ``group`` (the default group when None)."""
-    return dist.get_world_size(group)
-
-
-def group_rank(group=None) -> int:
-    return dist.get_rank(group)
-
-
-# ---------------------------------------------------------------------------------------------
-# differentiable collectives
-
-
-class _AllToAllRows(torch.autograd.Function):
-    """All-to-all of rows with uneven splits; backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(x, out_splits, in_splits, group, stats):
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, out_splits, in_splits, group, stats = inputs
-        ctx.out_splits, ctx.in_splits, ctx.group, ctx.stats = out_splits, in_splits, group, stats
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_in = grad_out.new_empty(sum(ctx.in_splits), *grad_out.shape[1:])
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.in_splits, ctx.out_splits,
-                               group=ctx.group)
-        if ctx.stats is not None:
-            ctx.stats.add_sent(grad_out, ctx.out_splits, ctx.group)
-        return grad_in, None, None, None, None
-
-
-def all_to_all_rows(x: Tensor, out_splits: list, in_splits: list, group=None, stats=None) -> Tensor:
-    """x [sum(in_splits), ...] -> [sum(out_splits), ...]: rows in_splits[q] go to rank q, rows
-    out_splits[q] come from rank q (``dist.all_to_all_single``). Differentiable: the gradient
-    travels back with the splits swapped. ``stats`` (:class:`ExchangeStats`) counts bytes."""
-    if stats is not None:
-        stats.add_sent(x, in_splits, group)
-    return _AllToAllRows.apply(x, list(out_splits), list(in_splits), group, stats)
-
-
-class _AllReduceShare(torch.autograd.Function):
-    """Sum over ranks; backward multiplies by W (see :func:`all_reduce_share`)."""
-
-    @staticmethod
-    def forward(x, group, world):
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.world = inputs[2]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.world, None, None
-
-
-def all_reduce_share(x: Tensor, group=None) -> Tensor:
-    """S = sum over ranks of x [any shape], for a loss l = f(S) that every rank computes alike.
-
-    The mean over ranks of l is then the global loss f(S). Backward returns W f'(S) dS/dx_r on
-    each rank, so the router gradients summed over ranks are those of sum_r l_r = W f(S), the
-    same convention as the per-rank shares of the other balance losses (DDP's average then gives
-    exactly grad f). No collective runs in backward; only valid when every rank computes the same
-    function of S, which holds for the balance losses.
-    """
-    return _AllReduceShare.apply(x, group, group_size(group))
-
-
-@torch.no_grad()
-def all_reduce_detached(x: Tensor, group=None) -> Tensor:
-    """Sum over ranks of a detached copy of x (counts, statistics: no gradient)."""
-    out = x.detach().clone()
-    dist.all_reduce(out, group=group)
-    return out
-
-
-def reduce_observation(sums: Tensor, counts: Tensor, group=None) -> tuple:
-    """sums [E, D] fp32, counts [E] int -> the same over every rank's tokens (one all-reduce),
-    so ``default_moe`` sees global per-expert means and keeps identical buffers on every rank."""
-    packed = torch.cat([sums.float(), counts.to(sums.device, torch.float32)[:, None]], dim=1)
-    packed = all_reduce_detached(packed, group)
-    return packed[:, :-1], packed[:, -1].round().to(counts.dtype)
-
-
-class ExchangeStats:
-    """Bytes this rank sent to other ranks (forward and backward), for benchmarks."""
-
-    def __init__(self) -> None:
-        self.bytes_sent = 0
-        self.calls = 0
-
-    def add_sent(self, x: Tensor, splits: list, group) -> None:
-        rank = group_rank(group)
-        width = math.prod(x.shape[1:])
-        off_rank = sum(s for q, s in enumerate(splits) if q != rank)
-        self.bytes_sent += off_rank * width * x.element_size()
-        self.calls += 1
-
-    def add_bytes(self, n: int) -> None:
-        self.bytes_sent += int(n)
-
-    def reset(self) -> int:
-        out, self.bytes_sent, self.calls = self.bytes_sent, 0, 0
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,11 +141,11 @@ class ExpertParallelExperts(nn.Module):
     def impl(self) -> str:
         return self.local.impl
 
-    def stacked_weights(self) -> tuple:
-        """The local slices (w1, w3, w2) or (w1, w2), each with L experts."""
+    def stacked_weights(self) -> ExpertWeights:
+        """The local slices as :class:`~moegrad._interfaces.ExpertWeights` (gate, down, up), L experts each."""
         return self.local.stacked_weights()
 
-    def every_expert(self, x: Tensor, *weights: Tensor) -> Tensor:
+    def every_expert(self, x: Tensor, weights: ExpertWeights) -> Tensor:
         raise RuntimeError(
             f"this rank holds only experts [{self.first}, {self.first + self.num_local}) of "
             f"{self.num_experts} (expert parallelism), so it cannot evaluate every expert on its "
@@ -347,7 +242,7 @@ def _all_gather_rows(x: Tensor, group, world: int) -> tuple:
 
 
 def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, experts: ExpertParallelExperts,
-                                 weights: tuple, scale: float, chunk_tokens: int,
+                                 weights: ExpertWeights, scale: float, chunk_tokens: int,
                                  dtype: torch.dtype = torch.float32) -> Tensor:
     """dL/ds [T, E] (``dtype``, the scores' dtype) for the unselected experts, c <g_t, E_i(x_t)>, with the experts sharded.
     (With ``normalize=True`` :class:`ExpertParallelDense` passes s / sg(sum_S s) as the scores,
@@ -361,7 +256,7 @@ def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, exp
     Bytes sent per rank: (W - 1) Tmax (2 D b + 4 L), b the element size of x.
     """
     group, world = experts.group, experts.world
-    weights = tuple(w.detach() for w in weights)
+    weights = map_weights(Tensor.detach, weights)
     with torch.no_grad():
         both = torch.cat([x, grad_y.to(x.dtype)], dim=1)  # [T, 2D]
         gathered, sizes = _all_gather_rows(both, group, world)  # [W, Tmax, 2D]
@@ -371,7 +266,7 @@ def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, exp
         local = torch.zeros(world * most, experts.num_local, dtype=dtype, device=x.device)
         for start in range(0, flat.shape[0], chunk_tokens):
             part = flat[start:start + chunk_tokens]
-            every = experts.local.every_expert(part[:, :dim], *weights)  # [t, L, D]
+            every = experts.local.every_expert(part[:, :dim], weights)  # [t, L, D]
             local[start:start + chunk_tokens] = torch.einsum("tld,td->tl", every.to(dtype),
                                                              part[:, dim:].to(dtype))
         local = local.view(world, most, experts.num_local)
@@ -386,7 +281,8 @@ def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, exp
 
 
 class _DistributedDenseRouterGrad(torch.autograd.Function):
-    """Identity on y; backward adds the dense router gradient with the experts sharded."""
+    """Identity on y; backward adds the dense router gradient with the experts sharded. The
+    weights come in as tensors (the fields of an ExpertWeights, rebuilt in backward)."""
 
     @staticmethod
     def forward(y, scores, x, indices, scale, chunk_tokens, experts, *weights):
@@ -403,8 +299,9 @@ class _DistributedDenseRouterGrad(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, indices, *weights = ctx.saved_tensors
         # always run the collectives: every rank takes part whatever it needs
-        grad_scores = distributed_dense_score_grad(grad_y, x, indices, ctx.experts, tuple(weights),
-                                                   ctx.scale, ctx.chunk_tokens, ctx.scores_dtype)
+        grad_scores = distributed_dense_score_grad(grad_y, x, indices, ctx.experts,
+                                                   ExpertWeights(*weights), ctx.scale,
+                                                   ctx.chunk_tokens, ctx.scores_dtype)
         if not ctx.needs_input_grad[1]:
             grad_scores = None
         return (grad_y, grad_scores) + (None,) * (5 + len(weights))
@@ -485,7 +382,7 @@ def _settings(moe) -> dict:
     :class:`moegrad.routing.RouterConfig` field), the expert shape and activation, the estimator
     name and option values (for a ``generator`` only whether one is set), the balance losses
     ``[[name, coefficient], ...]`` in call order, the capacity factor, whether a
-    :class:`moegrad.losses.BalanceWindow` is attached and the parameter dtypes.
+    :class:`moegrad.balancing.BalanceWindow` is attached and the parameter dtypes.
     """
     config = moe.router.config
     out = {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
@@ -499,7 +396,7 @@ def _settings(moe) -> dict:
     out["losses"] = (_plain([[name, coef] for name, coef in losses.items()])
                      if isinstance(losses, dict) else _plain(losses))
     out["capacity_factor"] = _plain(moe.capacity_factor)
-    out["balance_window"] = getattr(moe, "balance_window", None) is not None
+    out["balance_window"] = moe.balance_window is not None
     dtypes = []
     for p in moe.parameters():
         if str(p.dtype) not in dtypes:
@@ -579,8 +476,6 @@ def _check_inputs_across_ranks(moe, args, kwargs):
     would leave one side waiting in backward until the process-group timeout, so every rank
     raises instead. Differing digests cost one more (collective) gather of every rank's settings,
     to name the fields that differ."""
-    from moegrad.routing import flatten_mask, flatten_tokens
-
     group, world, rank = moe.process_group, moe.experts.world, moe.experts.rank
     x = args[0] if args else kwargs.get("x")
     mask = args[1] if len(args) > 1 else kwargs.get("mask")
@@ -677,8 +572,6 @@ def expert_parallel(moe, group=None):
     at every forward (settings changed later, e.g. ``moe.losses`` on one rank), instead of
     waiting in mismatched collectives until the process-group timeout.
     """
-    from moegrad.layer import MoE
-
     if not isinstance(moe, MoE):
         raise TypeError(f"expert_parallel expects a moegrad.MoE, got {type(moe).__name__}")
     if not dist.is_available() or not dist.is_initialized():

@@ -2,17 +2,23 @@
 
 Shapes: N routed rows (sorted by expert), D model dim, H hidden dim, E experts,
 C the largest group (padded ``bmm`` layout), R rows of a backend's layout (N, or E*C padded).
-Weights: w1 [E, H, D] (the activated projection, HF "gate"), w3 [E, H, D] (SwiGLU only,
-HF "up"), w2 [E, D, H] (HF "down").
+Weights by role (:class:`moegrad._interfaces.ExpertWeights`; :class:`Experts` keeps them as
+the parameters w1, w3, w2): gate = w1 [E, H, D] (the activated projection, HF "gate_proj"),
+up = w3 [E, H, D] (SwiGLU only, HF "up_proj"), down = w2 [E, D, H] (HF "down_proj").
 
-    swiglu: E_i(x) = w2_i (silu(w1_i x) * (w3_i x))
-    gelu:   E_i(x) = w2_i gelu(w1_i x)
+    swiglu: E_i(x) = down_i (silu(gate_i x) * (up_i x))
+    gelu:   E_i(x) = down_i gelu(gate_i x)
+
+:class:`Experts` implements the experts protocol :class:`moegrad._interfaces.ExpertsModule`:
+``stacked_weights()`` -> ExpertWeights, ``every_expert(x, weights)`` and
+``unselected_inner_products(x, grad_y, indices, weights)`` take that named tuple as one argument.
 
 :func:`grouped_mlp` runs expert e on its ``counts[e]`` consecutive rows with hand-written
-backwards in two autograd nodes: the up-projection (saves the rows) and the activation +
-down-projection (saves the pre-activations h1 = w1 x, h3 = w3 x and recomputes the activation
-in backward). Two nodes rather than one let autograd free h1, h3 and the incoming gradient
-before the up-projection's weight gradients are made (peak memory). The matrix products go
+backwards in two autograd nodes: the up-projection (gate and up, saves the rows) and the
+activation + down-projection (saves the pre-activations gate_x = gate x, up_x = up x and
+recomputes the activation in backward). Two nodes rather than one let autograd free gate_x,
+up_x and the incoming gradient before the up-projection's weight gradients are made (peak
+memory). The matrix products go
 through one of the backends in :data:`IMPLS`:
 
 * ``loop``: one ``torch.mm`` per non-empty expert on row slices (no copies, no padding);
@@ -26,13 +32,14 @@ through one of the backends in :data:`IMPLS`:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moegrad._checks import check_choice, check_int
+from moegrad._interfaces import ExpertWeights
 
 ACTIVATIONS = ("gelu", "swiglu")
 #: grouped-compute backends; "auto" picks one by a measured rule (:func:`choose_impl`)
@@ -204,88 +211,89 @@ _BACKENDS = {"loop": _Loop, "grouped_mm": _GroupedMM, "bmm": _Padded}
 
 
 # ----------------------------------------------------------------------------- the MLP
-def _activate(h1: Tensor, h3: Optional[Tensor]) -> Tensor:
-    """silu(h1) * h3 (one new [R, H] buffer), or gelu(h1) without h3."""
-    return F.silu(h1).mul_(h3) if h3 is not None else F.gelu(h1)
+def _activate(gate_x: Tensor, up_x: Optional[Tensor]) -> Tensor:
+    """silu(gate_x) * up_x (one new [R, H] buffer), or gelu(gate_x) without up_x."""
+    return F.silu(gate_x).mul_(up_x) if up_x is not None else F.gelu(gate_x)
 
 
 class _UpProjection(torch.autograd.Function):
-    """(h1, h3) = (w1 x, w3 x) per group, in the backend's row layout (h3 None for GELU)."""
+    """(gate_x, up_x) = (gate x, up x) per group, in the backend's row layout (up_x None for GELU)."""
 
     @staticmethod
-    def forward(rows, counts, impl, w1, w3):
+    def forward(rows, counts, impl, gate, up):
         ops = _BACKENDS[impl](counts, rows.shape[0])
         x = ops.enter(rows)
-        return ops.linear(x, w1), (ops.linear(x, w3) if w3 is not None else None)
+        return ops.linear(x, gate), (ops.linear(x, up) if up is not None else None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        rows, counts, impl, w1, w3 = inputs
+        rows, counts, impl, gate, up = inputs
         ctx.impl = impl
-        ctx.save_for_backward(rows, counts, w1, w3)
+        ctx.save_for_backward(rows, counts, gate, up)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dh1, dh3):
-        rows, counts, w1, w3 = ctx.saved_tensors
-        need_x, _, _, need_w1, need_w3 = ctx.needs_input_grad
+    def backward(ctx, d_gate_x, d_up_x):
+        rows, counts, gate, up = ctx.saved_tensors
+        need_x, _, _, need_gate, need_up = ctx.needs_input_grad
         ops = _BACKENDS[ctx.impl](counts, rows.shape[0])
         x = ops.enter(rows)
         dx = None  # first, so a backend's temporary is gone before the [E, H, D] weight gradients
         if need_x:
-            for dh, w in ((dh1, w1), (dh3, w3)):
+            for dh, w in ((d_gate_x, gate), (d_up_x, up)):
                 if dh is not None:
                     dx = ops.matmul(dh, w) if dx is None else ops.matmul_add(dh, w, dx)
             dx = ops.exit(dx) if dx is not None else None
-        dw1 = ops.wgrad(dh1, x) if need_w1 and dh1 is not None else None
-        dw3 = ops.wgrad(dh3, x) if need_w3 and dh3 is not None else None
-        return dx, None, None, dw1, dw3
+        d_gate = ops.wgrad(d_gate_x, x) if need_gate and d_gate_x is not None else None
+        d_up = ops.wgrad(d_up_x, x) if need_up and d_up_x is not None else None
+        return dx, None, None, d_gate, d_up
 
 
 class _DownProjection(torch.autograd.Function):
-    """out = w2 act(h1, h3) per group, back in row order; saves h1, h3 and recomputes act."""
+    """out = down act(gate_x, up_x) per group, back in row order; saves gate_x, up_x and
+    recomputes act."""
 
     @staticmethod
-    def forward(h1, h3, counts, impl, w2, num_rows):
+    def forward(gate_x, up_x, counts, impl, down, num_rows):
         ops = _BACKENDS[impl](counts, num_rows)
-        return ops.exit(ops.linear(_activate(h1, h3), w2))
+        return ops.exit(ops.linear(_activate(gate_x, up_x), down))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        h1, h3, counts, impl, w2, num_rows = inputs
+        gate_x, up_x, counts, impl, down, num_rows = inputs
         ctx.impl, ctx.num_rows = impl, num_rows
-        ctx.save_for_backward(h1, h3, counts, w2)
+        ctx.save_for_backward(gate_x, up_x, counts, down)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        h1, h3, counts, w2 = ctx.saved_tensors
-        need_h1, need_h3, _, _, need_w2, _ = ctx.needs_input_grad
+        gate_x, up_x, counts, down = ctx.saved_tensors
+        need_gate_x, need_up_x, _, _, need_down, _ = ctx.needs_input_grad
         if grad_out is None:  # the output was not used
             return None, None, None, None, None, None
         ops = _BACKENDS[ctx.impl](counts, ctx.num_rows)
         g = ops.enter(grad_out.contiguous())  # grouped_mm's products need a dense gradient
-        # at most two new [R, H] buffers live at a time (peak memory): s becomes dh3 and da
-        # becomes dh1 in place
-        s = F.silu(h1) if h3 is not None else None  # computed once, for act and dh3
-        dw2 = None
-        if need_w2:
-            act = s * h3 if s is not None else F.gelu(h1)
-            dw2 = ops.wgrad(g, act)
+        # at most two new [R, H] buffers live at a time (peak memory): s becomes d_up_x and da
+        # becomes d_gate_x in place
+        s = F.silu(gate_x) if up_x is not None else None  # computed once, for act and d_up_x
+        d_down = None
+        if need_down:
+            act = s * up_x if s is not None else F.gelu(gate_x)
+            d_down = ops.wgrad(g, act)
             del act
-        da = ops.matmul(g, w2)  # [R, H]
+        da = ops.matmul(g, down)  # [R, H]
         del g
-        dh3 = s.mul_(da) if h3 is not None and need_h3 else None  # da * silu(h1)
+        d_up_x = s.mul_(da) if up_x is not None and need_up_x else None  # da * silu(gate_x)
         del s
-        dh1 = None
-        if need_h1:
-            if h3 is not None:
-                dh1 = torch.ops.aten.silu_backward.grad_input(da.mul_(h3), h1, grad_input=da)
+        d_gate_x = None
+        if need_gate_x:
+            if up_x is not None:
+                d_gate_x = torch.ops.aten.silu_backward.grad_input(da.mul_(up_x), gate_x, grad_input=da)
             else:
-                dh1 = torch.ops.aten.gelu_backward.grad_input(da, h1, grad_input=da)
-        return dh1, dh3, None, None, dw2, None
+                d_gate_x = torch.ops.aten.gelu_backward.grad_input(da, gate_x, grad_input=da)
+        return d_gate_x, d_up_x, None, None, d_down, None
 
 
 def _check_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor],
@@ -344,39 +352,40 @@ def grouped_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Option
         with torch.autocast(device, enabled=False):
             return grouped_mlp(rows.to(low), counts, w1.to(low), w2.to(low), w3, activation, impl)
     _check_mlp(rows, counts, w1, w2, w3, activation, impl)
-    why_not = grouped_mm_applicable(rows, w1, w2, w3) if impl in ("auto", "grouped_mm") else None
+    gate, down, up = w1, w2, w3
+    why_not = grouped_mm_applicable(rows, gate, down, up) if impl in ("auto", "grouped_mm") else None
     if impl == "grouped_mm" and why_not is not None:
         raise ValueError(f"impl='grouped_mm' cannot run here: {why_not}; use impl='auto', 'loop' or 'bmm'")
     if impl == "auto":
         max_count = int(counts.max()) if rows.shape[0] else 0
-        impl = choose_impl(rows.shape[0], w1.shape[0], max_count, rows.dtype, why_not is None)
+        impl = choose_impl(rows.shape[0], gate.shape[0], max_count, rows.dtype, why_not is None)
     if impl == "grouped_mm":
         # grouped_mm reads the weights through their strides; give it dense operands if needed
-        w1, w2 = _aligned(w1, rows), _aligned(w2, rows)
-        w3 = _aligned(w3, rows) if w3 is not None else None
-    return _apply_mlp(rows.contiguous(), counts, impl, w1, w2, w3)
+        gate, down, up = _aligned(ExpertWeights(gate, down, up), rows)
+    return _apply_mlp(rows.contiguous(), counts, impl, gate, down, up)
 
 
 @torch.compiler.disable
-def _apply_mlp(rows, counts, impl, w1, w2, w3):
+def _apply_mlp(rows, counts, impl, gate, down, up):
     """Runs eagerly under torch.compile: the groups are data-dependent, and grouped_mm's fake
     (meta) kernel accepts only bf16 in torch 2.13, so Dynamo cannot trace the fp32 CPU path."""
-    h1, h3 = _UpProjection.apply(rows, counts, impl, w1, w3)
-    return _DownProjection.apply(h1, h3, counts, impl, w2, rows.shape[0])
+    gate_x, up_x = _UpProjection.apply(rows, counts, impl, gate, up)
+    return _DownProjection.apply(gate_x, up_x, counts, impl, down, rows.shape[0])
 
 
 @torch.no_grad()
-def unselected_inner_products(x: Tensor, grad_y: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-                              w3: Optional[Tensor] = None, impl: str = "auto") -> Tensor:
+def unselected_inner_products(x: Tensor, grad_y: Tensor, indices: Tensor, weights: ExpertWeights,
+                              impl: str = "auto") -> Tensor:
     """<g_t, E_i(x_t)> [t, E] for every expert i not in indices[t], 0 for the selected ones.
 
-    x, grad_y [t, D], indices [t, K]. Only the t*(E-K) unselected (token, expert) pairs are
-    evaluated, grouped by expert through the same backends as :func:`grouped_mlp`, and the
-    down-projection is folded into the inner product: <g, w2_i a_i> = <w2_i^T g, a_i> with
-    a_i = act(w1_i x, w3_i x) [H] (SwiGLU with w3, GELU without), so no [t, E, D] tensor is
-    formed. No gradient (used by the ``dense`` estimator's backward).
+    x, grad_y [t, D], indices [t, K], ``weights`` an :class:`ExpertWeights` (gate, down, up).
+    Only the t*(E-K) unselected (token, expert) pairs are evaluated, grouped by expert through
+    the same backends as :func:`grouped_mlp`, and the down-projection is folded into the inner
+    product: <g, down_i a_i> = <down_i^T g, a_i> with a_i = act(gate_i x, up_i x) [H] (SwiGLU
+    with up, GELU without), so no [t, E, D] tensor is formed. No gradient (used by the
+    ``dense`` estimator's backward).
     """
-    num_tokens, num_experts = x.shape[0], w1.shape[0]
+    num_tokens, num_experts = x.shape[0], weights.gate.shape[0]
     unselected = torch.ones(num_tokens, num_experts, dtype=torch.bool, device=x.device)
     unselected.scatter_(1, indices, False)
     experts, tokens = unselected.t().nonzero().unbind(1)  # [P] pairs sorted by expert
@@ -385,23 +394,31 @@ def unselected_inner_products(x: Tensor, grad_y: Tensor, indices: Tensor, w1: Te
         return out
     counts = torch.bincount(experts, minlength=num_experts)
     rows = x.index_select(0, tokens)
-    if impl in ("auto", "grouped_mm") and grouped_mm_applicable(rows, w1, w2, w3) is not None:
+    if impl in ("auto", "grouped_mm") and grouped_mm_applicable(rows, *weights) is not None:
         impl = "loop" if impl == "auto" else impl
     if impl == "auto":
         impl = choose_impl(rows.shape[0], num_experts, int(counts.max()), rows.dtype, True)
     if impl == "grouped_mm":
-        w1, w2 = _aligned(w1, rows), _aligned(w2, rows)
-        w3 = _aligned(w3, rows) if w3 is not None else None
+        weights = _aligned(weights, rows)
+    gate, down, up = weights
     ops = _BACKENDS[impl](counts, rows.shape[0])
     xs = ops.enter(rows)
-    act = _activate(ops.linear(xs, w1), ops.linear(xs, w3) if w3 is not None else None)
-    act.mul_(ops.matmul(ops.enter(grad_y.index_select(0, tokens).to(x.dtype)), w2))  # u_i * a_i
+    act = _activate(ops.linear(xs, gate), ops.linear(xs, up) if up is not None else None)
+    act.mul_(ops.matmul(ops.enter(grad_y.index_select(0, tokens).to(x.dtype)), down))  # u_i * a_i
     out[tokens, experts] = ops.exit(act.sum(-1, keepdim=True)).squeeze(1)
     return out
 
 
-def _aligned(w: Tensor, rows: Tensor) -> Tensor:
-    return w if grouped_mm_applicable(rows, w) is None else w.contiguous()
+def map_weights(fn: Callable[[Tensor], Tensor], weights: tuple) -> tuple:
+    """``fn`` applied to every tensor of an experts module's weights named tuple (an
+    :class:`ExpertWeights` or the module's own), None entries kept: the same named tuple type.
+    E.g. ``map_weights(Tensor.detach, experts.stacked_weights())``."""
+    return type(weights)(*(None if w is None else fn(w) for w in weights))
+
+
+def _aligned(weights: ExpertWeights, rows: Tensor) -> ExpertWeights:
+    """The weights grouped_mm cannot read through their strides made contiguous."""
+    return map_weights(lambda w: w if grouped_mm_applicable(rows, w) is None else w.contiguous(), weights)
 
 
 # ----------------------------------------------------------------------------- the module
@@ -437,28 +454,25 @@ class Experts(nn.Module):
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
                 f"activation={self.activation}, impl={self.impl}")
 
-    def stacked_weights(self) -> tuple:
-        """(w1, w3, w2) for SwiGLU, (w1, w2) for GELU."""
-        return (self.w1, self.w3, self.w2) if self.w3 is not None else (self.w1, self.w2)
+    def stacked_weights(self) -> ExpertWeights:
+        """ExpertWeights(gate=w1 [E, H, D], down=w2 [E, D, H], up=w3 [E, H, D] or None for GELU)."""
+        return ExpertWeights(gate=self.w1, down=self.w2, up=self.w3)
 
     def forward(self, rows: Tensor, counts: Tensor) -> Tensor:
         """rows [N, D] grouped by expert, counts [E] int -> [N, D] expert outputs."""
         return grouped_mlp(rows, counts, self.w1, self.w2, self.w3, self.activation, self.impl)
 
     def unselected_inner_products(self, x: Tensor, grad_y: Tensor, indices: Tensor,
-                                  *weights: Tensor) -> Tensor:
+                                  weights: ExpertWeights) -> Tensor:
         """[t, E] <g_t, E_i(x_t)> for the unselected experts (see :func:`unselected_inner_products`);
         ``weights`` are this module's :meth:`stacked_weights` (possibly detached)."""
-        w1, w2 = weights[0], weights[-1]
-        w3 = weights[1] if len(weights) == 3 else None
-        return unselected_inner_products(x, grad_y, indices, w1, w2, w3, self.impl)
+        return unselected_inner_products(x, grad_y, indices, weights, self.impl)
 
-    def every_expert(self, x: Tensor, *weights: Tensor) -> Tensor:
+    def every_expert(self, x: Tensor, weights: ExpertWeights) -> Tensor:
         """All experts on all tokens: x [t, D] -> [t, E, D] (used by the ``dense`` estimator).
 
-        ``weights`` are this module's :meth:`stacked_weights` (possibly detached).
+        ``weights`` are this module's :meth:`stacked_weights` (possibly detached or cast).
         """
-        w1, w2 = weights[0], weights[-1]
-        up = torch.einsum("td,ehd->teh", x, w1)
-        gate_up = torch.einsum("td,ehd->teh", x, weights[1]) if len(weights) == 3 else None
-        return torch.einsum("teh,edh->ted", _activate(up, gate_up), w2)
+        gate_x = torch.einsum("td,ehd->teh", x, weights.gate)
+        up_x = torch.einsum("td,ehd->teh", x, weights.up) if weights.up is not None else None
+        return torch.einsum("teh,edh->ted", _activate(gate_x, up_x), weights.down)

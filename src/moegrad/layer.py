@@ -1,6 +1,19 @@
 """The MoE layer: router -> dispatch -> experts -> combine (-> estimator hook) -> balance losses.
 
 Shapes: T tokens, D model dim, H hidden dim, E experts, K top-k, M kept (token, slot) rows.
+
+:func:`run_experts` is the one forward sequence after routing, shared by :class:`MoE` and the
+HF adapter (:mod:`moegrad.hf`)::
+
+    plan  = plan_dispatch(indices, weights, E, capacity, keep=mask)  (token, slot) pairs by expert
+    rows  = experts(gather_rows(x, plan), plan.counts)               [M, D]
+    observe: per-expert sums [E, D] and counts [E] of rows           training, estimators that
+             (all-reduced over the expert-parallel group)            observe outputs, not in
+                                                                     checkpointing's recomputation
+    y     = combine_rows(rows, weights, plan, T)                     [T, D]
+    y     = estimator.mix(y, x, routing, experts)                    dense / default_moe hooks
+
+The caller then adds the balance losses (:func:`moegrad.losses.balance_losses`).
 """
 
 from __future__ import annotations
@@ -11,11 +24,41 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from moegrad._spec import check_capacity_factor, check_losses, expert_capacity
-from moegrad.dispatch import combine_rows, gather_rows, plan_dispatch
+from moegrad._collectives import reduce_observation
+from moegrad._spec import LayerViews, check_capacity_factor, check_losses, expert_capacity
+from moegrad.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispatch
 from moegrad.experts import Experts
 from moegrad.losses import balance_losses
 from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward
+
+
+def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.Module, *,
+                training: bool, capacity: Optional[int] = None,
+                group=None) -> tuple[Tensor, DispatchPlan]:
+    """Dispatch -> experts -> observe -> combine -> ``estimator.mix``: x [T, D] -> (y [T, D], plan).
+
+    ``routing``: the router's decision for x (padding tokens, ``routing.mask`` False, are not
+    sent to any expert); ``experts``: an experts module (:class:`moegrad._interfaces.ExpertsModule`,
+    ``experts(rows [M, D], counts [E]) -> [M, D]``); ``estimator``: the router's estimator;
+    ``training``: the layer's mode (the estimator observes expert outputs in training only);
+    ``capacity``: each expert keeps its ``capacity`` highest-weight pairs (None: dropless);
+    ``group``: the expert-parallel process group, or None. With a group every rank reduces its
+    observation, even without rows, so the ranks run the same collectives. The returned
+    :class:`~moegrad.dispatch.DispatchPlan` holds the load counts (``routed``, ``dropped``).
+    """
+    num_tokens, num_experts = x.shape[0], routing.logits.shape[1]
+    plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, keep=routing.mask)
+    rows = experts(gather_rows(x, plan), plan.counts)  # [M, D]
+    observe = training and estimator.observes_outputs and not recomputing_in_backward()
+    if observe and (rows.shape[0] or group is not None):
+        sums = rows.new_zeros(num_experts, x.shape[1], dtype=torch.float32)
+        sums.index_add_(0, plan.experts, rows.detach().float())
+        counts = plan.counts
+        if group is not None:  # every rank's statistics, so the buffers stay identical
+            sums, counts = reduce_observation(sums, counts, group)
+        estimator.observe(sums, counts)
+    y = combine_rows(rows, routing.weights, plan, num_tokens)
+    return estimator.mix(y, x, routing, experts), plan
 
 
 @dataclass
@@ -43,7 +86,7 @@ class MoEOutput:
     losses: dict = field(default_factory=dict)
 
 
-class MoE(nn.Module):
+class MoE(LayerViews, nn.Module):
     """A sparse Mixture-of-Experts feed-forward layer.
 
     Args:
@@ -83,61 +126,35 @@ class MoE(nn.Module):
         self.capacity_factor = check_capacity_factor(capacity_factor)
         #: expert-parallel process group (set by moegrad.distributed.expert_parallel), else None
         self.process_group = None
+        #: int64 [E + 1] switch-loss counts of a gradient-accumulation window, filled in by
+        #: moegrad.balancing.BalanceWindow (non-persistent); None without a window
+        self.register_buffer("balance_window", None, persistent=False)
 
-    @property
-    def dim(self) -> int:
-        return self.router.config.dim
-
-    @property
-    def num_experts(self) -> int:
-        return self.router.config.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.router.config.top_k
-
-    @property
-    def estimator(self):
-        return self.router.estimator
-
+    # dim, num_experts, top_k, estimator: read-only views of the router (LayerViews)
     def extra_repr(self) -> str:
-        return f"losses={self.losses}, capacity_factor={self.capacity_factor}"
+        return self.config_repr()
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> MoEOutput:
         flat = flatten_tokens(x, self.dim)
-        weight_dtype = self.experts.stacked_weights()[0].dtype
+        weight_dtype = self.experts.stacked_weights().gate.dtype
         if flat.dtype != weight_dtype and not torch.is_autocast_enabled(flat.device.type):
             raise TypeError(
                 f"x has dtype {flat.dtype} but the layer's expert weights have {weight_dtype}; "
                 f"cast the input (x.to({weight_dtype})) or the layer (moe.to({flat.dtype})), or "
                 "run under torch.autocast")
         routing = self.router(x, mask)
-        num_tokens = flat.shape[0]
         capacity = None
         if self.capacity_factor is not None:  # sized by the real tokens: padding takes no capacity
-            real = num_tokens if routing.mask is None else int(routing.mask.sum())
+            real = flat.shape[0] if routing.mask is None else int(routing.mask.sum())
             capacity = expert_capacity(self.capacity_factor, real, self.top_k, self.num_experts)
-        plan = plan_dispatch(routing.indices, routing.weights, self.num_experts, capacity,
-                             keep=routing.mask)
-        rows = self.experts(gather_rows(flat, plan), plan.counts)  # [M, D]
+        group = self.process_group  # set by moegrad.distributed.expert_parallel
         estimator = self.router.estimator
-        group = getattr(self, "process_group", None)  # set by moegrad.distributed.expert_parallel
-        observe = self.training and estimator.observes_outputs and not recomputing_in_backward()
-        if observe and (rows.shape[0] or group is not None):
-            sums = rows.new_zeros(self.num_experts, self.dim, dtype=torch.float32)
-            sums.index_add_(0, plan.experts, rows.detach().float())
-            counts = plan.counts
-            if group is not None:  # every rank's statistics, so the buffers stay identical
-                from moegrad.distributed import reduce_observation
-
-                sums, counts = reduce_observation(sums, counts, group)
-            estimator.observe(sums, counts)
-        y = combine_rows(rows, routing.weights, plan, num_tokens)
-        y = estimator.mix(y, flat, routing, self.experts)
-        # moegrad.losses.BalanceWindow's counts over the micro-batches since its reset (training only)
-        window = getattr(self, "balance_window", None) if self.training else None
+        y, plan = run_experts(flat, routing, self.experts, estimator, training=self.training,
+                              capacity=capacity, group=group)
+        # BalanceWindow's counts over the micro-batches since its reset (training only)
+        window = self.balance_window if self.training else None
         aux_loss, values = balance_losses(routing, self.losses, group, window)
-        skipped = getattr(estimator, "skipped", None)
+        skipped = getattr(estimator, "skipped", None)  # default_moe's buffer, if any
         stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped,
                          skipped_observations=None if skipped is None else skipped.clone())
         return MoEOutput(y.view(x.shape), aux_loss, routing, stats, values)

@@ -1,8 +1,10 @@
-"""Balance losses and auxiliary-loss-free balancing.
+"""Balance losses: pure functions of one layer call's routing.
 
 Shapes: T tokens, E experts, K top-k. Every loss takes the :class:`~moegrad.routing.Routing`
 of one layer call and returns a scalar fp32 tensor; padding tokens (``routing.mask`` False)
-are left out, and a call without real tokens gives 0. Nothing is kept in globals.
+are left out, and a call without real tokens gives 0. Nothing is kept in globals, and no
+module is walked here: the state that spans calls (:class:`~moegrad.balancing.BalanceWindow`,
+:class:`~moegrad.balancing.BiasBalancer`) lives in :mod:`moegrad.balancing`.
 
 =================== ===================================================================
 ``switch``          E * sum_i f_i P_i, f_i = (pairs routed to i) / T, P_i = mean_t s'_ti
@@ -41,25 +43,27 @@ Expert parallelism (``group``, set by :func:`moegrad.distributed.expert_parallel
 sequence counts are summed over the W ranks of the group (no gradient) and each rank returns its
 share of the loss of the whole micro-batch, scaled so that the mean over ranks equals the loss
 one process would compute on every rank's tokens (no factor W); ``importance_load`` sums its
-importance and load over the ranks with :func:`moegrad.distributed.all_reduce_share`. With
+importance and load over the ranks with :func:`moegrad.distributed.all_reduce_share`
+(from :mod:`moegrad._collectives`). With
 ``group=None`` (the default) nothing changes.
 
-Gradient accumulation (:class:`BalanceWindow`, opt-in): the ``switch`` loss takes f from the
-counts of every micro-batch since the window was last reset (all ranks, this micro-batch
-included) instead of this micro-batch alone; P stays this micro-batch's.
+Gradient accumulation (:class:`moegrad.balancing.BalanceWindow`, opt-in): the ``switch`` loss
+takes f from the counts of every micro-batch since the window was last reset (all ranks, this
+micro-batch included), passed in as ``window``, instead of this micro-batch alone; P stays this
+micro-batch's.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional
+from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from moegrad._checks import check_float
-from moegrad._spec import check_losses
-from moegrad.routing import Router, Routing, is_router, recomputing_in_backward
+from moegrad._collectives import all_reduce_detached, all_reduce_share, group_size
+from moegrad._spec import bind_losses, check_losses, loss_names
+from moegrad.routing import Routing, recomputing_in_backward
 
 
 def _real(routing: Routing) -> Tensor:
@@ -84,8 +88,6 @@ def _global(group, *values: Tensor) -> tuple:
     """Sums over the ranks of ``group`` (no gradient) and W; (values, 1) without a group."""
     if group is None:
         return values, 1
-    from moegrad.distributed import all_reduce_detached, group_size
-
     sizes = [v.numel() for v in values]
     flat = all_reduce_detached(torch.cat([v.reshape(-1).double() for v in values]), group)
     parts = [p.view_as(v).to(v.dtype) for p, v in zip(flat.split(sizes), values)]
@@ -98,8 +100,8 @@ def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
     f counts the experts actually selected (``routing.indices``, after any selection bias).
 
     With ``group``: f from the counts of all ranks, this rank's share W * sum_{t here} s'_t / N.
-    With ``window`` (int64 [E + 1], :class:`BalanceWindow`'s buffer: counts C per expert, then the
-    real-token count N): this call's (global) counts are added to it first, then
+    With ``window`` (int64 [E + 1], :class:`~moegrad.balancing.BalanceWindow`'s buffer: counts C
+    per expert, then the real-token count N): this call's (global) counts are added to it first, then
     f_i = C_i / N over every micro-batch of the window so far; P is still this call's."""
     real = _real(routing)
     n = real.sum()
@@ -200,8 +202,6 @@ def importance_load_loss(routing: Routing, group=None) -> Tensor:
     importance = (gates * real).sum(0)
     load = (routing.load_probs * real).sum(0)
     if group is not None:  # the same global sums on every rank (gradient: see all_reduce_share)
-        from moegrad.distributed import all_reduce_share
-
         importance, load = all_reduce_share(torch.stack([importance, load]), group).unbind(0)
     return cv_squared(importance) + cv_squared(load)
 
@@ -234,21 +234,12 @@ def seq_aux_loss(routing: Routing, group=None) -> Tensor:
     return (f * p).sum(1).sum() * share / num_seqs  # this rank's share of the mean over all sequences
 
 
-LOSSES: dict[str, Callable[[Routing], Tensor]] = {
-    "switch": switch_loss,
-    "switch_megatron": switch_megatron_loss,
-    "z_loss": z_loss,
-    "importance_load": importance_load_loss,
-    "seq_aux": seq_aux_loss,
-}
+#: {name: function}, the names of :data:`moegrad._spec.LOSS_FUNCTIONS`
+LOSSES: dict[str, Callable[[Routing], Tensor]] = bind_losses(globals())
+available = loss_names  # sorted names of the balance losses
 
 
-def available() -> list[str]:
-    """Sorted names of the balance losses."""
-    return sorted(LOSSES)
-
-
-#: the losses that take f from counts a :class:`BalanceWindow` can accumulate
+#: the losses that take f from counts a :class:`~moegrad.balancing.BalanceWindow` can accumulate
 SWITCH_LOSSES = ("switch", "switch_megatron")
 
 
@@ -256,8 +247,8 @@ def balance_losses(routing: Routing, coefficients: dict[str, float],
                    group=None, window=None) -> tuple[Tensor, dict[str, Tensor]]:
     """-> (sum_name coef * loss, {name: loss}) for one layer call (``group``: expert parallelism,
     see the module docstring; ``window``: the ``switch`` loss's accumulation buffer, see
-    :class:`BalanceWindow`). With both ``switch`` and ``switch_megatron``, the second is the
-    first / K (one count, one window update)."""
+    :class:`~moegrad.balancing.BalanceWindow`). With both ``switch`` and ``switch_megatron``, the
+    second is the first / K (one count, one window update)."""
     if window is not None and not any(name in coefficients for name in SWITCH_LOSSES):
         raise ValueError(f"window is only used by the switch loss ({' or '.join(SWITCH_LOSSES)}), "
                          f"which is not among the losses {sorted(coefficients)}")
@@ -278,153 +269,5 @@ def balance_losses(routing: Routing, coefficients: dict[str, float],
     return total, {name: values[name] for name in coefficients}
 
 
-class BalanceWindow:
-    """Global-batch ``switch`` loss under gradient accumulation (Qiu et al. 2025, "Demons in the
-    Detail", arXiv 2501.11873: balance over the global batch, not each micro-batch).
-
-    ``BalanceWindow(module)`` gives every :class:`moegrad.MoE` inside ``module`` whose losses
-    include ``switch`` (or ``switch_megatron``, the same f) an int64 buffer ``balance_window`` [E + 1] (non-persistent: not in the state
-    dict): the (token, slot) counts per expert and the number of real tokens of every micro-batch
-    since the last :meth:`reset`, summed over the ranks under expert parallelism. In training
-    mode, micro-batch m = 1..M of the window computes
-
-        f_i = C_i(1..m) / N(1..m)    counts of micro-batches 1..m, this one included (no gradient)
-        P_i = P_i(m)                 this micro-batch's mean normalised score (as without a window)
-        switch = E * sum_i f_i P_i   (with expert parallelism each rank returns its share, as usual)
-
-    so at the last micro-batch f is exactly the whole window's f (every micro-batch of every
-    rank). Earlier micro-batches use the counts seen so far: future counts are not known yet. Eval
-    mode neither reads nor adds to the window; the other losses are unchanged (``z_loss`` has no
-    counts, ``seq_aux`` is per sequence by definition, ``importance_load`` is differentiable in
-    its load). A forward recomputed by activation checkpointing is counted once.
-
-    Scaling: divide each micro-batch's ``aux_loss`` by the number M of micro-batches, like a
-    mean-reduced task loss: ``((task_loss + out.aux_loss) / M).backward()``. The accumulated
-    gradient is then that of (1/M) sum_m E sum_i f_i(1..m) P_i(m); with equal micro-batches and
-    every f replaced by the window's, this is exactly E sum_i f_i P_i over the global batch. No
-    factor W: with expert parallelism the mean over ranks of ``aux_loss`` is the global value and
-    DDP averages the router gradients. Call :meth:`reset` after ``optimizer.step()``::
-
-        window = BalanceWindow(model)
-        for batch in loader:
-            for x in batch.chunk(M):
-                out = model(x)        # model: a moegrad.MoE (sum every layer's aux_loss in a network)
-                ((task_loss(out.y) + out.aux_loss) / M).backward()
-            optimizer.step(); optimizer.zero_grad()
-            window.reset()
-    """
-
-    BUFFER = "balance_window"
-
-    def __init__(self, module: nn.Module) -> None:
-        from moegrad.layer import MoE
-
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"BalanceWindow expects an nn.Module holding moegrad.MoE layers, got "
-                            f"{type(module).__name__}")
-        self.layers = [m for m in module.modules()
-                       if isinstance(m, MoE) and any(name in m.losses for name in SWITCH_LOSSES)]
-        if not self.layers:
-            raise ValueError(f"{type(module).__name__} holds no moegrad.MoE with the switch loss; the "
-                             "window accumulates its counts: build the layers with losses={'switch': c} "
-                             "(or 'switch_megatron')")
-        taken = [m for m in self.layers if self.BUFFER in m._buffers]
-        if taken:
-            raise ValueError(f"{len(taken)} of the {len(self.layers)} MoE layers already belong to a "
-                             "BalanceWindow; reuse it (one window per model)")
-        for m in self.layers:
-            m.register_buffer(self.BUFFER, torch.zeros(m.num_experts + 1, dtype=torch.int64,
-                                                       device=m.router.gate.weight.device),
-                              persistent=False)
-
-    def fractions(self) -> list[Tensor]:
-        """f [E] fp64 of each layer over the window so far (zeros before any real token)."""
-        out = []
-        for m in self.layers:
-            w = getattr(m, self.BUFFER).double()
-            out.append(w[:-1] / w[-1] if w[-1] > 0 else torch.zeros_like(w[:-1]))
-        return out
-
-    @torch.no_grad()
-    def reset(self) -> list[Tensor]:
-        """Start a new window (call after ``optimizer.step()``); returns the finished window's f."""
-        out = self.fractions()
-        for m in self.layers:
-            getattr(m, self.BUFFER).zero_()
-        return out
-
-    def remove(self) -> None:
-        """Detach the window: the layers go back to per-micro-batch counts."""
-        for m in self.layers:
-            del m._buffers[self.BUFFER]
-        self.layers = []
-
-
-class BiasBalancer:
-    """Auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean_load - load_i).
-
-    ``module`` is a Router, an MoE or a whole model: every Router inside it that was built with
-    ``selection_bias=True`` is balanced (with :mod:`moegrad.hf`, DeepSeek-V3's
-    ``e_score_correction_bias``). Loads are the routers' ``load_counts`` buffers, gathered in
-    training mode since the last :meth:`step`; call :meth:`step` after ``optimizer.step()``.
-    The bias changes which experts are selected, never the combine weights.
-
-    Precision: the updates are computed in fp32. A :class:`moegrad.Router` keeps its ``bias`` in
-    fp32 whatever the model's dtype (``model.to(torch.bfloat16)`` leaves it fp32, as
-    Megatron-Core keeps its ``expert_bias``). A bias held in a lower precision by someone else
-    (an HF DeepSeek-V3 model cast with ``.to(torch.bfloat16)`` casts its
-    ``e_score_correction_bias``) is updated through an fp32 master copy kept here: b_fp32 +=
-    update, then the buffer gets b_fp32 rounded to its dtype. In bf16, +1e-3 on 0.5 would round
-    away while -1e-3 applies, so a direct update would drift one way; through the master copy
-    the buffer stays the nearest bf16 value of the exact fp32 sum. The master copy starts from
-    the buffer and starts again from it whenever the buffer no longer equals the rounded copy
-    (it was loaded or set elsewhere); it is not saved with the model.
-    """
-
-    def __init__(self, module: nn.Module, gamma: float = 1e-3) -> None:
-        if not isinstance(module, nn.Module):
-            hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
-            raise TypeError(f"BiasBalancer(module=...) takes an nn.Module holding moegrad Routers built "
-                            f"with selection_bias=True (a Router, an MoE or a whole model), got "
-                            f"{type(module).__name__}{hint}")
-        check_float("gamma", gamma, low=0.0)
-        self.gamma = float(gamma)
-        self.routers: list[Router] = [m for m in module.modules()
-                                      if is_router(m) and m.bias is not None]
-        if not self.routers:
-            raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
-                             "build it with selection_bias=True")
-        self._masters: list[Optional[Tensor]] = [None] * len(self.routers)  # fp32 copies of low-precision biases
-
-    @torch.no_grad()
-    def step(self) -> list[Tensor]:
-        """Update every bias from its counts, reset the counts; returns the loads used."""
-        loads = []
-        for i, router in enumerate(self.routers):
-            load = router.reset_load_counts().float()
-            group = getattr(router, "process_group", None)  # set by moegrad.distributed.expert_parallel
-            if group is not None:  # every rank applies the same update from the global loads
-                from moegrad.distributed import all_reduce_detached
-
-                load = all_reduce_detached(load, group)
-            if load.sum() > 0:
-                self._update(i, router.bias, self.gamma * torch.sign(load.mean() - load))
-            loads.append(load)
-        return loads
-
-    def _update(self, i: int, bias: Tensor, update: Tensor) -> None:
-        """bias += update [E] fp32, through an fp32 master copy when ``bias`` is bf16/fp16."""
-        if bias.dtype in (torch.float32, torch.float64):
-            bias += update.to(bias.dtype)
-            self._masters[i] = None
-            return
-        master = self._masters[i]
-        if master is None or master.device != bias.device or not torch.equal(master.to(bias.dtype), bias):
-            master = bias.float()  # first step, or the buffer changed elsewhere: start from it
-        master += update
-        bias.copy_(master)  # round to nearest
-        self._masters[i] = master
-
-
 __all__ = ["LOSSES", "available", "switch_loss", "switch_megatron_loss", "z_loss", "importance_load_loss", "seq_aux_loss",
-           "cv_squared", "balance_losses", "check_losses", "BalanceWindow", "BiasBalancer"]
+           "cv_squared", "balance_losses", "check_losses"]

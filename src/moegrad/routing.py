@@ -9,7 +9,9 @@ Shapes: T tokens, D model dim, E experts, K top-k.
     w_i = c * s_i / (sum_S s)   [T, K]  (``normalize=True``; c = routed_scaling_factor)
 
 How S and w are formed and how the router gradient flows is the estimator's business
-(:mod:`moegrad.estimators`); the router holds the shared selection and weighting rules.
+(:mod:`moegrad.estimators`); the shared selection and weighting rules are
+:class:`~moegrad.selection.Selection`, which the router builds per call (config + bias) and
+passes to ``estimator.route(x, z, scores, selection)``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moegrad._spec import (SCORES, RouterConfig, nonfinite_logits_message,
+from moegrad._spec import (SCORES, RouterConfig, RouterViews, nonfinite_logits_message,
                            nonfinite_tempered_message)
 from moegrad.estimators import build_estimator
+from moegrad.selection import Selection
 
 __all__ = ["SCORES", "RouterConfig", "Routing", "Router", "flatten_tokens", "flatten_mask",
            "recomputing_in_backward", "recomputing_training_forward", "is_router"]
@@ -125,7 +128,7 @@ def _check_finite_logits(logits: Tensor, z: Tensor, temperature: float) -> None:
     raise ValueError(nonfinite_tempered_message(temperature, bad, logits.shape[0]))
 
 
-class Router(nn.Module):
+class Router(RouterViews, nn.Module):
     """Top-k router with a pluggable gradient estimator.
 
     Args:
@@ -147,6 +150,12 @@ class Router(nn.Module):
     mode since the last :meth:`reset_load_counts` (padding tokens excluded).
     """
 
+    #: the expert-parallel process group, set on the instance by
+    #: :func:`moegrad.distributed.expert_parallel` (:class:`moegrad.balancing.BiasBalancer` then
+    #: all-reduces the loads); None otherwise. A class attribute, so routers that do not run
+    #: ``Router.__init__`` (the HF adapter's) have it too.
+    process_group = None
+
     def __init__(self, dim: int, num_experts: int, top_k: int, *, score: str = "softmax",
                  normalize: bool = False, estimator: str = "topk", temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
@@ -164,19 +173,9 @@ class Router(nn.Module):
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.int64))
         self.estimator = build_estimator(estimator, self.config, **estimator_options)
 
-    # -- convenient read-only views of the config
-    @property
-    def num_experts(self) -> int:
-        return self.config.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.config.top_k
-
+    # num_experts, top_k: read-only views of the config (RouterViews)
     def extra_repr(self) -> str:
-        c = self.config
-        return (f"dim={c.dim}, num_experts={c.num_experts}, top_k={c.top_k}, score={c.score}, "
-                f"normalize={c.normalize}, estimator={self.estimator.name}")
+        return self.config_repr()
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Routing:
         """x: [T, D] or [B, S, D]; mask: optional bool of x's leading shape -> :class:`Routing`."""
@@ -195,7 +194,7 @@ class Router(nn.Module):
             _check_finite_logits(logits, z, self.config.temperature)
         scores = self.score(z)
         recomputing = recomputing_training_forward(self)
-        picked = self.estimator.route(flat, z, scores, self)
+        picked = self.estimator.route(flat, z, scores, self.selection())
         if self.training and picked.indices.numel() and not recomputing:
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
             self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.num_experts)
@@ -208,33 +207,18 @@ class Router(nn.Module):
         """[T, E] tempered logits -> [T, E] scores."""
         return torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
 
-    @torch.no_grad()
-    def select_topk(self, scores: Tensor) -> Tensor:
-        """Deterministic selection: [T, E] scores -> [T, K] int64 indices (descending score).
+    def selection(self) -> Selection:
+        """This call's :class:`~moegrad.selection.Selection`: the config and the current bias."""
+        return Selection(self.config, self.bias)
 
-        Adds the selection-only bias, applies group-limited top-k, then takes the top-k.
-        """
-        c = self.config
-        choice = scores if self.bias is None else scores + self.bias
-        if c.grouped and choice.shape[0]:
-            t = choice.shape[0]
-            per_group = c.num_experts // c.n_group
-            grouped = choice.view(t, c.n_group, per_group)
-            best = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # [T, n_group]
-            keep_groups = best.topk(c.topk_group, dim=-1).indices
-            keep = torch.zeros(t, c.n_group, dtype=torch.bool, device=choice.device)
-            keep.scatter_(1, keep_groups, True)
-            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(t, c.num_experts)
-        return choice.topk(c.top_k, dim=-1).indices
+    def select_topk(self, scores: Tensor) -> Tensor:
+        """[T, E] scores -> [T, K] int64 indices (:meth:`moegrad.selection.Selection.select_topk`)."""
+        return self.selection().select_topk(scores)
 
     def combine_weights(self, scores: Tensor, indices: Tensor) -> Tensor:
-        """[T, E] scores, [T, K] indices -> [T, K] weights w = c * s_S (/ sum s_S if normalize)."""
-        w = scores.gather(1, indices)
-        if self.config.normalize:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        if self.config.routed_scaling_factor != 1.0:
-            w = w * self.config.routed_scaling_factor
-        return w
+        """[T, E] scores, [T, K] indices -> [T, K] weights
+        (:meth:`moegrad.selection.Selection.combine_weights`)."""
+        return self.selection().combine_weights(scores, indices)
 
     def reset_load_counts(self) -> Tensor:
         """Return the counts gathered since the last reset and zero them."""

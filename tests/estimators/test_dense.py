@@ -174,7 +174,7 @@ def test_every_expert_adapter_matches_the_reference():
     x, g = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 6, dtype=torch.float64)
     indices = torch.rand(9, 5).topk(2, -1).indices
     inner = inner_products_from_every_expert(moe.experts.every_expert)
-    got = inner(x, g, indices, *moe.experts.stacked_weights())
+    got = inner(x, g, indices, moe.experts.stacked_weights())
     want = torch.einsum("ted,td->te", every_expert_ref(x, moe), g).scatter(1, indices, 0.0)
     torch.testing.assert_close(got, want.detach())
 

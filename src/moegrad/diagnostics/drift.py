@@ -26,6 +26,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from moegrad.routing import is_router
+
 __all__ = ["compare_routing", "topk_overlap", "js_divergence", "router_layers"]
 
 
@@ -56,8 +58,6 @@ def js_divergence(scores_a: Tensor, scores_b: Tensor) -> Tensor:
 def router_layers(model: nn.Module) -> dict[str, nn.Module]:
     """{qualified name: module} of every :class:`moegrad.Router` in ``model`` (HFRouter
     included), in module order; the model itself, if a Router, is named "router"."""
-    from moegrad.routing import is_router
-
     return {(name or "router"): m for name, m in model.named_modules() if is_router(m)}
 
 

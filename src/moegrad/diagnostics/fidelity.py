@@ -46,8 +46,11 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from moegrad import estimators as registry  # "estimators" names an argument below
 from moegrad._checks import check_choice, check_float, check_int
 from moegrad.diagnostics.expected import WEIGHT_RULES, dense_mixture_loss, expected_loss
+from moegrad.experts import map_weights
+from moegrad.layer import MoE
 
 #: gradients smaller than this fraction of the exact gradient's norm count as zero
 ZERO_TOL = 1e-6
@@ -200,7 +203,8 @@ def reference_gradients(moe, x: Tensor, loss_fn: Callable[[Tensor], Tensor], *, 
     flat = x.reshape(-1, cfg.dim).detach().double()
     weight = moe.router.gate.weight.detach().double().requires_grad_(True)
     with torch.no_grad():
-        every = moe.experts.every_expert(flat, *(w.detach().double() for w in moe.experts.stacked_weights()))
+        weights = map_weights(lambda w: w.detach().double(), moe.experts.stacked_weights())
+        every = moe.experts.every_expert(flat, weights)
     loss64 = lambda y: loss_fn(y).double()  # noqa: E731
     logits = flat @ weight.T
     z = logits / cfg.temperature
@@ -230,8 +234,6 @@ def clone_with_estimator(moe, estimator: str, **options):
     losses are dropped. When ``estimator`` is ``moe``'s own, its options (except ``generator``)
     and its buffers (e.g. default_moe's EMA outputs) are kept too; ``options`` override them.
     """
-    from moegrad.layer import MoE
-
     cfg = moe.router.config
     source = moe.router.estimator
     same = source.name == estimator
@@ -258,9 +260,7 @@ def clone_with_estimator(moe, estimator: str, **options):
 
 def _twin(moe, estimator: str, seed: int, options: dict):
     """clone_with_estimator in training mode, a sampling estimator seeded by ``seed``."""
-    from moegrad import estimators
-
-    cls = estimators.get(estimator)
+    cls = registry.get(estimator)
     if cls.samples and "generator" in cls.options and "generator" not in options:
         options = dict(options, generator=torch.Generator().manual_seed(seed))
     return clone_with_estimator(moe, estimator, **options).train()
@@ -358,8 +358,6 @@ def gradient_fidelity(moe, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
     ``moe`` itself is not modified. Raises ValueError where the exact enumeration cannot model
     ``moe``'s routing (:func:`check_enumerable`).
     """
-    from moegrad import estimators as registry
-
     names = registry.available() if estimators is None else list(estimators)
     for name in names:
         registry.get(name)

@@ -3,7 +3,9 @@
 An estimator decides how the router's top-k turns into combine weights and how the router's
 gradient is formed. It acts at two points:
 
-* :meth:`Estimator.route` inside the router: ``[T, E]`` scores -> ``[T, K]`` indices and weights;
+* :meth:`Estimator.route` inside the router: ``[T, E]`` scores -> ``[T, K]`` indices and weights,
+  given the router's :class:`~moegrad.selection.Selection` (its ``config``, ``select_topk`` and
+  ``combine_weights``: the shared selection-bias, group-limited top-k and weighting rules);
 * :meth:`Estimator.mix` inside :class:`moegrad.MoE`, after the sparse combine: may add terms whose
   forward value is zero (or a documented extra) and whose backward carries a router gradient
   for the unselected experts (``dense``, ``default_moe``).
@@ -14,15 +16,16 @@ Shapes: T tokens, D model dim, E experts, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
 
-from moegrad._spec import EstimatorSpec, attach_spec, estimator_options
+from moegrad._spec import EstimatorOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from moegrad.routing import Router, RouterConfig, Routing
+    from moegrad.routing import RouterConfig, Routing
+    from moegrad.selection import Selection
 
 
 @dataclass
@@ -44,40 +47,31 @@ def check_generator(generator) -> "torch.Generator":
     return generator
 
 
-class Estimator(nn.Module):
-    """Base class. A subclass sets ``name`` and overrides :meth:`route` and, when needed,
-    :meth:`mix` / :meth:`observe`. A built-in name takes its options (with their checks) and
-    its ``samples`` / ``observes_outputs`` flags from :data:`moegrad._spec.ESTIMATORS`; a new
-    name (a user's own estimator) declares ``options`` {name: default} and the flags itself.
-    Each option becomes an attribute of the instance; sampling estimators also take
-    ``generator``."""
+class Estimator(EstimatorOptions, nn.Module):
+    """PyTorch estimators' base class (its options, flags and checks:
+    :class:`moegrad._spec.EstimatorOptions`). A subclass sets ``name`` and overrides
+    :meth:`route` and, when needed, :meth:`mix` / :meth:`observe`; sampling estimators take a
+    ``generator`` (a ``torch.Generator``; None: torch's global one)."""
 
-    name: ClassVar[str] = ""
-    #: option name -> default (from the spec; ``generator`` for sampling estimators)
-    options: ClassVar[dict] = {}
-    #: draws random numbers in training mode (refuses group-limited top-k and selection bias)
-    samples: ClassVar[bool] = False
-    #: wants per-expert sums of expert outputs (:meth:`observe`) in training mode
-    observes_outputs: ClassVar[bool] = False
-    #: the validated option table (:data:`moegrad._spec.ESTIMATORS`, or the class's own options)
-    spec: ClassVar[EstimatorSpec]
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        attach_spec(cls, "generator")
+    rng_option = "generator"
+    check_rng = staticmethod(check_generator)
 
     def __init__(self, config: "RouterConfig", **options) -> None:
         super().__init__()
-        values = estimator_options(self.spec, config, options, "generator", check_generator)
-        self.config = config
-        for key, value in values.items():
-            setattr(self, key, value)
+        self.set_options(config, options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options if k != "generator")
+        return self.options_repr(exclude=("generator",))
 
-    def route(self, x: Tensor, z: Tensor, scores: Tensor, router: "Router") -> Picked:
-        """x [T, D] fp32, z [T, E] tempered logits, scores [T, E] -> :class:`Picked`."""
+    def route(self, x: Tensor, z: Tensor, scores: Tensor, selection: "Selection") -> Picked:
+        """x [T, D] fp32, z [T, E] tempered logits, scores [T, E] -> :class:`Picked`.
+
+        ``selection`` (:class:`moegrad.selection.Selection`, built by the router for this call)
+        holds ``config`` (the :class:`~moegrad.routing.RouterConfig`) and the selection-only
+        ``bias``; ``selection.select_topk(scores)`` -> [T, K] indices (bias, group-limited top-k)
+        and ``selection.combine_weights(scores, indices)`` -> [T, K] weights are the router's
+        deterministic rules. (Before, the router itself was passed; it has the same three names,
+        so an estimator written against it works with either.)"""
         raise NotImplementedError
 
     def mix(self, y: Tensor, x: Tensor, routing: "Routing", experts: nn.Module) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from moegrad._spec import dense_chunk_tokens
 from moegrad.estimators.base import Estimator, Picked
+from moegrad.experts import map_weights
 
 
 def unselected_mask(indices: Tensor, num_experts: int) -> Tensor:
@@ -37,11 +38,11 @@ def unselected_scores(scores: Tensor, indices: Tensor, normalize: bool) -> Tenso
 
 
 def inner_products_from_every_expert(expert_fn: Callable) -> Callable:
-    """Adapt ``expert_fn(x [t, D], *weights) -> [t, E, D]`` (all experts on all tokens, e.g. an
-    HF experts module's ``every_expert``) to the inner-product form :func:`dense_score_grad`
-    takes: (x, g, indices, *weights) -> [t, E] <g_t, E_i(x_t)>, 0 for the selected experts."""
-    def inner(x: Tensor, grad_y: Tensor, indices: Tensor, *weights: Tensor) -> Tensor:
-        every = expert_fn(x, *weights)  # [t, E, D]
+    """Adapt ``expert_fn(x [t, D], weights) -> [t, E, D]`` (all experts on all tokens, an experts
+    module's ``every_expert``) to the inner-product form :func:`dense_score_grad` takes:
+    (x, g, indices, weights) -> [t, E] <g_t, E_i(x_t)>, 0 for the selected experts."""
+    def inner(x: Tensor, grad_y: Tensor, indices: Tensor, weights: tuple) -> Tensor:
+        every = expert_fn(x, weights)  # [t, E, D]
         out = torch.einsum("ted,td->te", every, grad_y.to(every.dtype))
         return out * unselected_mask(indices, out.shape[1]).to(out.dtype)
     return inner
@@ -52,57 +53,61 @@ def dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, inner_fn: Calla
                      dtype: torch.dtype = torch.float32) -> Tensor:
     """dL/ds [T, E] (``dtype``, the scores' dtype) for the unselected experts: c * <g_t, E_i(x_t)>, 0 for i in S.
 
-    grad_y [T, D], x [T, D], indices [T, K]; ``inner_fn(x [t, D], g [t, D], indices [t, K],
-    *weights) -> [t, E]`` gives the unselected inner products (moegrad's
+    grad_y [T, D], x [T, D], indices [T, K]; ``weights``: the experts module's
+    ``stacked_weights()`` named tuple (E leading every tensor); ``inner_fn(x [t, D], g [t, D],
+    indices [t, K], weights) -> [t, E]`` gives the unselected inner products (moegrad's
     :meth:`~moegrad.experts.Experts.unselected_inner_products` evaluates only the T*(E-K)
     unselected pairs; :func:`inner_products_from_every_expert` adapts an all-experts function).
     Evaluated under no_grad on detached weights, ``chunk_tokens`` tokens at a time, so the extra
     memory is about chunk_tokens * E * max(D, H) and no gradient reaches the expert weights.
     """
     num_tokens = x.shape[0]
-    weights = tuple(w.detach() for w in weights)
+    weights = map_weights(Tensor.detach, weights)
     out = torch.zeros(num_tokens, weights[0].shape[0], dtype=dtype, device=x.device)
     with torch.no_grad():
         for start in range(0, num_tokens, chunk_tokens):
             part = slice(start, min(start + chunk_tokens, num_tokens))
-            out[part] = inner_fn(x[part], grad_y[part], indices[part], *weights).to(dtype)
+            out[part] = inner_fn(x[part], grad_y[part], indices[part], weights).to(dtype)
         if scale != 1.0:
             out.mul_(scale)
     return out
 
 
 class _DenseRouterGrad(torch.autograd.Function):
-    """Identity on y; backward adds dL/ds_i = c <g, E_i(x)> for unselected i (see dense_score_grad)."""
+    """Identity on y; backward adds dL/ds_i = c <g, E_i(x)> for unselected i (see dense_score_grad).
+    The weights come in as tensors (``kind`` is their named tuple type, rebuilt in backward)."""
 
     @staticmethod
-    def forward(y, scores, x, indices, scale, chunk_tokens, inner_fn, *weights):
+    def forward(y, scores, x, indices, scale, chunk_tokens, inner_fn, kind, *weights):
         return y.view_as(y)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, scores, x, indices, scale, chunk_tokens, inner_fn, *weights = inputs
+        _, scores, x, indices, scale, chunk_tokens, inner_fn, kind, *weights = inputs
         ctx.save_for_backward(x, indices, *weights)
         ctx.scores_dtype = scores.dtype
-        ctx.scale, ctx.chunk_tokens, ctx.inner_fn = scale, chunk_tokens, inner_fn
+        ctx.scale, ctx.chunk_tokens, ctx.inner_fn, ctx.kind = scale, chunk_tokens, inner_fn, kind
 
     @staticmethod
     def backward(ctx, grad_y):
         x, indices, *weights = ctx.saved_tensors
         grad_scores = None
         if ctx.needs_input_grad[1]:
-            grad_scores = dense_score_grad(grad_y, x, indices, ctx.inner_fn, tuple(weights),
+            grad_scores = dense_score_grad(grad_y, x, indices, ctx.inner_fn, ctx.kind(*weights),
                                            ctx.scale, ctx.chunk_tokens, ctx.scores_dtype)
-        return (grad_y, grad_scores) + (None,) * (5 + len(weights))
+        return (grad_y, grad_scores) + (None,) * (6 + len(weights))
 
 
 def dense_router_grad(y: Tensor, scores: Tensor, x: Tensor, indices: Tensor, inner_fn: Callable,
                       weights: tuple, scale: float = 1.0, chunk_tokens: int = 1024) -> Tensor:
     """Return y unchanged; in backward, send c <g, E_i(x)> to scores[:, i] for unselected i.
 
-    y [T, D], scores [T, E] fp32, x [T, D], indices [T, K]; see :func:`dense_score_grad`.
-    For renormalised top-k pass :func:`unselected_scores` (autograd then divides by sum_S s).
+    y [T, D], scores [T, E] fp32, x [T, D], indices [T, K], ``weights`` the experts module's
+    named tuple; see :func:`dense_score_grad`. For renormalised top-k pass
+    :func:`unselected_scores` (autograd then divides by sum_S s).
     """
-    return _DenseRouterGrad.apply(y, scores, x, indices, scale, chunk_tokens, inner_fn, *weights)
+    return _DenseRouterGrad.apply(y, scores, x, indices, scale, chunk_tokens, inner_fn,
+                                  type(weights), *weights)
 
 
 class Dense(Estimator):
@@ -123,9 +128,9 @@ class Dense(Estimator):
     """
 
     name = "dense"
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
-        return Picked(indices, router.combine_weights(scores, indices))
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
+        return Picked(indices, selection.combine_weights(scores, indices))
 
     def mix(self, y, x, routing, experts):
         if not (torch.is_grad_enabled() and routing.scores.requires_grad) or y.shape[0] == 0:
@@ -133,7 +138,7 @@ class Dense(Estimator):
         weights = experts.stacked_weights()
         chunk = dense_chunk_tokens(self.chunk_tokens, experts.dim, experts.hidden_dim,
                                    experts.num_experts)
-        inner = getattr(experts, "unselected_inner_products", None)
+        inner = getattr(experts, "unselected_inner_products", None)  # optional in ExpertsModule
         if inner is None:  # expert modules without the fast path (e.g. HF with a non-SiLU act)
             inner = inner_products_from_every_expert(experts.every_expert)
         return dense_router_grad(y, self._unselected_scores(routing), x, routing.indices, inner,
@@ -175,9 +180,9 @@ class DefaultMoE(Estimator):
         self.register_buffer("skipped", torch.zeros(config.num_experts, dtype=torch.int64),
                              persistent=False)
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
-        return Picked(indices, router.combine_weights(scores, indices))
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
+        return Picked(indices, selection.combine_weights(scores, indices))
 
     def mix(self, y, x, routing, experts):
         wants_grad = torch.is_grad_enabled() and routing.scores.requires_grad

@@ -23,7 +23,7 @@ class Gumbel(Estimator):
     """
 
     name = "gumbel"
-    def route(self, x, z, scores, router) -> Picked:
+    def route(self, x, z, scores, selection) -> Picked:
         perturbed = z + self._gumbel(z) if self.training else z
         p = torch.softmax(perturbed / self.tau, dim=-1)  # [T, E]
         indices = p.detach().topk(self.config.top_k, dim=-1).indices

@@ -47,7 +47,7 @@ class NoisyTopK(Estimator):
         super().__init__(config, **options)
         self.w_noise = nn.Parameter(torch.zeros(config.num_experts, config.dim))
 
-    def route(self, x, z, scores, router) -> Picked:
+    def route(self, x, z, scores, selection) -> Picked:
         sigma = F.softplus(F.linear(x, self.w_noise.to(x.dtype))) + self.noise_epsilon  # [T, E]
         if self.training:
             eps = torch.randn(z.shape, generator=self.generator, device=z.device, dtype=z.dtype)

@@ -30,7 +30,7 @@ class SparseMixer(Estimator):
     """
 
     name = "sparsemixer"
-    def route(self, x, z, scores, router) -> Picked:
+    def route(self, x, z, scores, selection) -> Picked:
         current = z
         picks, weights = [], []
         for _ in range(self.config.top_k):

@@ -7,7 +7,6 @@ g = dL/dy, c = routed_scaling_factor.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from moegrad.estimators.base import Estimator, Picked
 
@@ -23,9 +22,9 @@ class TopK(Estimator):
 
     name = "topk"
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
-        return Picked(indices, router.combine_weights(scores, indices))
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
+        return Picked(indices, selection.combine_weights(scores, indices))
 
 
 class Unweighted(Estimator):
@@ -38,8 +37,8 @@ class Unweighted(Estimator):
 
     name = "unweighted"
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
         return Picked(indices, torch.ones(indices.shape, dtype=scores.dtype, device=scores.device))
 
 
@@ -54,9 +53,9 @@ class StraightThrough(Estimator):
 
     name = "straight_through"
 
-    def route(self, x, z, scores, router) -> Picked:
-        indices = router.select_topk(scores)
+    def route(self, x, z, scores, selection) -> Picked:
+        indices = selection.select_topk(scores)
         s = scores.gather(1, indices)
         w = (s - s.detach()) + 1.0  # exactly 1 forward
-        c = router.config.routed_scaling_factor
+        c = selection.config.routed_scaling_factor
         return Picked(indices, w * c if c != 1.0 else w)

@@ -15,13 +15,14 @@ estimators that need the unselected experts' outputs (``dense``).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moegrad import experts as _experts
+from moegrad._interfaces import ExpertWeights
 
 __all__ = ["IMPLS", "HFExperts", "GptOssExpertsView"]
 
@@ -65,9 +66,10 @@ def _is_silu(act: Callable) -> bool:
 class HFExperts:
     """A view of an HF experts module with the interface moegrad's estimators use.
 
-    ``stacked_weights()`` -> (w1 [E, H, D] gate, w3 [E, H, D] up, w2 [E, D, H] down), views of
-    ``gate_up_proj`` / ``down_proj`` (no copies); ``every_expert(x [t, D], *weights)`` ->
-    [t, E, D]; ``forward(rows [M, D], counts [E])`` -> [M, D]. Holds no state of its own.
+    ``stacked_weights()`` -> :class:`~moegrad._interfaces.ExpertWeights` (gate [E, H, D],
+    down [E, D, H], up [E, H, D]), views of ``gate_up_proj`` / ``down_proj`` (no copies);
+    ``every_expert(x [t, D], weights)`` -> [t, E, D]; ``forward(rows [M, D], counts [E])`` ->
+    [M, D]. Holds no state of its own.
     """
 
     def __init__(self, module: nn.Module, impl: Optional[str]) -> None:
@@ -78,12 +80,12 @@ class HFExperts:
         self.act = module.act_fn
         self.silu = _is_silu(self.act)
 
-    def stacked_weights(self) -> tuple:
+    def stacked_weights(self) -> ExpertWeights:
         """unbind of a [E, 2, H, D] view rather than two slices: backward stacks the two
         gradients into one [E, 2H, D] tensor instead of zero-filling one per slice."""
         gu = self.module.gate_up_proj
-        w1, w3 = gu.view(self.num_experts, 2, self.hidden_dim, self.dim).unbind(1)
-        return w1, w3, self.module.down_proj
+        gate, up = gu.view(self.num_experts, 2, self.hidden_dim, self.dim).unbind(1)
+        return ExpertWeights(gate=gate, down=self.module.down_proj, up=up)
 
     @property
     def unselected_inner_products(self) -> Optional[Callable]:
@@ -94,22 +96,31 @@ class HFExperts:
             return None
         impl = "auto" if self.impl == "hf" else self.impl
 
-        def inner(x: Tensor, grad_y: Tensor, indices: Tensor, w1: Tensor, w3: Tensor,
-                  w2: Tensor) -> Tensor:
-            return _experts.unselected_inner_products(x, grad_y, indices, w1, w2, w3, impl)
+        def inner(x: Tensor, grad_y: Tensor, indices: Tensor, weights: ExpertWeights) -> Tensor:
+            return _experts.unselected_inner_products(x, grad_y, indices, weights, impl)
         return inner
 
-    def every_expert(self, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-        up = torch.einsum("td,ehd->teh", x, w1)
-        gate_up = torch.einsum("td,ehd->teh", x, w3)
-        return torch.einsum("teh,edh->ted", self.act(up) * gate_up, w2)
+    def every_expert(self, x: Tensor, weights: ExpertWeights) -> Tensor:
+        gate_x = torch.einsum("td,ehd->teh", x, weights.gate)
+        up_x = torch.einsum("td,ehd->teh", x, weights.up)
+        return torch.einsum("teh,edh->ted", self.act(gate_x) * up_x, weights.down)
 
     def __call__(self, rows: Tensor, counts: Tensor) -> Tensor:
         grouped = getattr(_experts, "grouped_mlp", None)
         if grouped is not None and self.silu:  # otherwise the HF activation in a loop
-            w1, w3, w2 = self.stacked_weights()
-            return grouped(rows, counts, w1, w2, w3, activation="swiglu", impl=self.impl)
+            gate, down, up = self.stacked_weights()
+            return grouped(rows, counts, gate, down, up, activation="swiglu", impl=self.impl)
         return _expert_loop(rows, counts, self.module.gate_up_proj, self.module.down_proj, self.act)
+
+
+class GptOssWeights(NamedTuple):
+    """GPT-OSS's stacked expert weights: gate_up [E, D, 2H] (gate = even, up = odd columns),
+    gate_up_bias [E, 2H], down [E, H, D], down_bias [E, D]."""
+
+    gate_up: Tensor
+    gate_up_bias: Tensor
+    down: Tensor
+    down_bias: Tensor
 
 
 class GptOssExpertsView:
@@ -128,13 +139,13 @@ class GptOssExpertsView:
         self.hidden_dim = two_h // 2
         self.silu = False
 
-    def stacked_weights(self) -> tuple:
+    def stacked_weights(self) -> GptOssWeights:
         m = self.module
-        return m.gate_up_proj, m.gate_up_proj_bias, m.down_proj, m.down_proj_bias
+        return GptOssWeights(m.gate_up_proj, m.gate_up_proj_bias, m.down_proj, m.down_proj_bias)
 
-    def every_expert(self, x: Tensor, gu: Tensor, gub: Tensor, dn: Tensor, dnb: Tensor) -> Tensor:
-        h = self.module._apply_gate(torch.einsum("td,edh->teh", x, gu) + gub)  # [t, E, H]
-        return torch.einsum("teh,ehd->ted", h, dn) + dnb
+    def every_expert(self, x: Tensor, weights: GptOssWeights) -> Tensor:
+        h = self.module._apply_gate(torch.einsum("td,edh->teh", x, weights.gate_up) + weights.gate_up_bias)
+        return torch.einsum("teh,ehd->ted", h, weights.down) + weights.down_bias  # h: [t, E, H]
 
     def __call__(self, rows: Tensor, counts: Tensor) -> Tensor:
         if rows.shape[0] == 0:

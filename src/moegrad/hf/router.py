@@ -22,12 +22,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from moegrad.dispatch import combine_rows, plan_dispatch
 from moegrad.estimators import build_estimator
 from moegrad.hf.experts import GptOssExpertsView, HFExperts
 from moegrad.hf.families import Family
+from moegrad.layer import run_experts
 from moegrad.routing import (Router, Routing, flatten_mask, flatten_tokens,
-                             recomputing_in_backward, recomputing_training_forward)
+                             recomputing_training_forward)
 
 __all__ = ["HFRouter", "routers"]
 
@@ -106,10 +106,14 @@ class HFRouter(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    #: never expert-parallel (read by moegrad.BiasBalancer, as a Router's)
+    process_group = None
+
     # the Router's views and its selection and weighting rules, read from ``config``, ``bias``
     # and ``load_counts`` (the estimators call them on the router they route for)
     num_experts = Router.num_experts
     top_k = Router.top_k
+    selection = Router.selection
     select_topk = Router.select_topk
     combine_weights = Router.combine_weights
     reset_load_counts = Router.reset_load_counts
@@ -133,7 +137,7 @@ class HFRouter(nn.Module):
         logits = self._hf_gate(flat)[0]
         z = logits.float()
         scores = torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
-        picked = self.estimator.route(flat.float(), z, scores, self)
+        picked = self.estimator.route(flat.float(), z, scores, self.selection())
         if self.training and not recomputing and picked.indices.numel():
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
             self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.config.num_experts)
@@ -142,21 +146,12 @@ class HFRouter(nn.Module):
                        noise_std=picked.noise_std)
 
     def experts_forward(self, flat: Tensor, routing: Routing) -> Tensor:
-        """flat [T, D] -> [T, D]: dispatch, experts, combine, estimator hook."""
-        experts, estimator = self.hf_experts, self.estimator
-        num_tokens = flat.shape[0]
+        """flat [T, D] -> [T, D]: dispatch, experts, combine, estimator hook
+        (:func:`moegrad.layer.run_experts`; ``impl="hf"``: the HF experts module, then the hook)."""
         if self.impl == "hf":
-            y = experts.module(flat, routing.indices, routing.weights.to(flat.dtype))
-        else:
-            plan = plan_dispatch(routing.indices, routing.weights, self.config.num_experts)
-            rows = experts(flat[plan.tokens], plan.counts)  # [M, D]
-            observe = self.training and estimator.observes_outputs and rows.shape[0]
-            if observe and not recomputing_in_backward():  # once per step under activation checkpointing
-                sums = rows.new_zeros(self.config.num_experts, self.config.dim, dtype=torch.float32)
-                sums.index_add_(0, plan.experts, rows.detach().float())
-                estimator.observe(sums, plan.counts)
-            y = combine_rows(rows, routing.weights, plan, num_tokens)
-        return estimator.mix(y, flat, routing, experts)
+            y = self.hf_experts.module(flat, routing.indices, routing.weights.to(flat.dtype))
+            return self.estimator.mix(y, flat, routing, self.hf_experts)
+        return run_experts(flat, routing, self.hf_experts, self.estimator, training=self.training)[0]
 
 
 def routers(model: nn.Module) -> list[HFRouter]:

@@ -30,7 +30,7 @@ class BiasBalancer:
     """
 
     def __init__(self, module: nn.Module, gamma: float = 1e-3) -> None:
-        self.gamma, self.routers = balanced_routers(module, gamma, nn.Module, Router,
+        self.gamma, self.routers = balanced_routers(module, gamma, nn.Module, lambda m: isinstance(m, Router),
                                                     "mlx.nn.Module", "moegrad.mlx")
 
     def step(self) -> list:

@@ -50,7 +50,7 @@ def moe_flops(moe, out, *, input_grad: bool) -> dict:
     tokens, top_k = routing.indices.shape
     experts = moe.experts
     dim, hidden, num_experts = experts.dim, experts.hidden_dim, experts.num_experts
-    mats = len(experts.stacked_weights())
+    mats = 2 if experts.stacked_weights().up is None else 3  # gate, down (+ up for SwiGLU)
     if moe.capacity_factor is None and routing.mask is None:
         pairs = tokens * top_k  # dropless, no padding: every selected pair is evaluated
     else:

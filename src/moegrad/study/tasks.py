@@ -297,7 +297,7 @@ class Clusters(Task):
                 "purity": purity(out.routing.indices[:, 0], c, self.num_experts, self.num_classes)}
 
     def probe(self, model):
-        x, c = self.val[0][:256], self.val[1][:256]
+        x = self.val[0][:256]
         target = self.val_target[:256]
         return Probe(model, x, lambda y: ((y - target.to(y.dtype)) ** 2).mean(-1))
 
