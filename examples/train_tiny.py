@@ -36,7 +36,8 @@ def main(argv=None) -> float:
         teacher.router.gate.weight.mul_(4.0)  # a teacher with decisive routing
         scale = teacher(torch.randn(4096, dim)).y.std()  # report the loss relative to Var(target)
     student = moegrad.MoE(dim, hidden, args.experts, args.top_k, estimator=args.estimator,
-                          losses={"switch": 1e-2, **({"importance_load": 1e-2} if args.estimator == "noisy_topk" else {})})
+                          losses={"switch": 1e-2,
+                                  **({"importance_load": 1e-2} if args.estimator == "noisy_topk" else {})})
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     print(f"training a {args.experts}-expert top-{args.top_k} MoE with estimator={args.estimator!r}")
     start = time.perf_counter()

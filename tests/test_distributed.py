@@ -172,7 +172,7 @@ def _run_case(name, rank, world, same_inputs=False, empty_rank=False, skewed=Fal
                              for n in ("w1", "w3", "w2") if getattr(ref.experts, n) is not None)
     res["expert_grad_norm"] = float(sum(_grad(p).norm() for p in ep.experts.parameters()))
     router_diff = 0.0
-    for (n, p), (_, p_ref) in zip(ep.router.named_parameters(), ref.router.named_parameters()):
+    for (_, p), (_, p_ref) in zip(ep.router.named_parameters(), ref.router.named_parameters()):
         g = _grad(p).clone()
         dist.all_reduce(g)
         router_diff = max(router_diff, _maxdiff(g, _grad(p_ref)))

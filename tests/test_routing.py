@@ -6,8 +6,9 @@ import moegrad
 from moegrad.routing import RouterConfig
 
 
-def test_seed000_hand_written_topk_backward_through_router():
-    """Seed 000: softmax -> topk -> squared loss; autograd equals the hand-written backward."""
+def test_hand_written_topk_backward_through_router():
+    """softmax -> topk -> squared loss: autograd equals the backward written out by hand on Zhihu
+    (zhihu.com/question/11071292653)."""
     dim, experts, k, bs = 16, 8, 2, 2
     label = torch.randn(bs, k)
     a = torch.randn(bs, dim, requires_grad=True)

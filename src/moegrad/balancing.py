@@ -35,9 +35,10 @@ class BalanceWindow:
     Detail", arXiv 2501.11873: balance over the global batch, not each micro-batch).
 
     ``BalanceWindow(module)`` gives every :class:`moegrad.MoE` inside ``module`` whose losses
-    include ``switch`` (or ``switch_megatron``, the same f) an int64 buffer ``balance_window`` [E + 1] (non-persistent: not in the state
-    dict; the MoE declares it empty, None, until a window fills it): the (token, slot) counts per expert and the number of real tokens of every micro-batch
-    since the last :meth:`reset`, summed over the ranks under expert parallelism. In training
+    include ``switch`` (or ``switch_megatron``, the same f) an int64 buffer ``balance_window``
+    [E + 1] (non-persistent: not in the state dict; the MoE declares it empty, None, until a
+    window fills it): the (token, slot) counts per expert and the number of real tokens of every
+    micro-batch since the last :meth:`reset`, summed over the ranks under expert parallelism. In training
     mode, micro-batch m = 1..M of the window computes
 
         f_i = C_i(1..m) / N(1..m)    counts of micro-batches 1..m, this one included (no gradient)

@@ -43,13 +43,14 @@ What is exact, and what is global:
   :func:`average_expert_grads` after backward so both follow the same mean-over-ranks objective.
 
 Estimators: ``topk``, ``unweighted``, ``straight_through``, ``gumbel``, ``noisy_topk`` and
-``sparsemixer`` route each token on its own rank and need nothing more. Sampling ones draw
-from each rank's generator (or the global RNG): as every rank seeds identically to build the
-model, reseed per rank afterwards (e.g. ``torch.manual_seed(seed + rank)``) for independent noise. ``default_moe`` all-reduces its per-expert sums and counts before
-``observe`` so its default vectors stay identical on every rank (E * D fp32 per layer call in
-training). ``dense`` is implemented exactly (:class:`ExpertParallelDense`): its backward
-all-gathers (x, dL/dy) of every token, each rank evaluates its L experts on all W T tokens and
-returns the scores with an all-to-all; see ``benchmarks/expert_parallel.md`` for its cost.
+``sparsemixer`` route each token on its own rank and need nothing more. Sampling ones draw from
+each rank's generator (or the global RNG): as every rank seeds identically to build the model,
+reseed per rank afterwards (e.g. ``torch.manual_seed(seed + rank)``) for independent noise.
+``default_moe`` all-reduces its per-expert sums and counts before ``observe`` so its default
+vectors stay identical on every rank (E * D fp32 per layer call in training). ``dense`` is
+implemented exactly (:class:`ExpertParallelDense`): its backward all-gathers (x, dL/dy) of every
+token, each rank evaluates its L experts on all W T tokens and returns the scores with an
+all-to-all; see ``benchmarks/expert_parallel.md`` for its cost.
 
 Modules: the collectives (:func:`all_to_all_rows`, :func:`all_reduce_share`,
 :func:`all_reduce_detached`, :func:`reduce_observation`, :class:`ExchangeStats`, :func:`group_size`,
@@ -244,7 +245,8 @@ def _all_gather_rows(x: Tensor, group, world: int) -> tuple:
 def distributed_dense_score_grad(grad_y: Tensor, x: Tensor, indices: Tensor, experts: ExpertParallelExperts,
                                  weights: ExpertWeights, scale: float, chunk_tokens: int,
                                  dtype: torch.dtype = torch.float32) -> Tensor:
-    """dL/ds [T, E] (``dtype``, the scores' dtype) for the unselected experts, c <g_t, E_i(x_t)>, with the experts sharded.
+    """dL/ds [T, E] (``dtype``, the scores' dtype) for the unselected experts, c <g_t, E_i(x_t)>,
+    with the experts sharded.
     (With ``normalize=True`` :class:`ExpertParallelDense` passes s / sg(sum_S s) as the scores,
     so autograd divides this by sum_S s, as single-process ``dense``.)
 

@@ -269,5 +269,6 @@ def balance_losses(routing: Routing, coefficients: dict[str, float],
     return total, {name: values[name] for name in coefficients}
 
 
-__all__ = ["LOSSES", "available", "switch_loss", "switch_megatron_loss", "z_loss", "importance_load_loss", "seq_aux_loss",
+__all__ = ["LOSSES", "available", "switch_loss", "switch_megatron_loss", "z_loss", "importance_load_loss",
+           "seq_aux_loss",
            "cv_squared", "balance_losses", "check_losses"]

@@ -38,7 +38,8 @@ class Routing:
 
     logits [T, E] fp32 gate logits; scores [T, E] fp32 softmax/sigmoid of logits/temperature;
     indices [T, K] int64 selected experts; weights [T, K] fp32 combine weights (differentiable
-    as the estimator defines). (fp64 inputs are routed in fp64, for gradient checks.) ``shape`` is the leading shape of the input ((T,) or (B, S)).
+    as the estimator defines). (fp64 inputs are routed in fp64, for gradient checks.) ``shape``
+    is the leading shape of the input ((T,) or (B, S)).
     ``mask`` [T] bool marks real (non-padding) tokens, None when every token is real.
     ``load_probs`` [T, E] is the smooth load P(x, i) of ``noisy_topk`` (None otherwise) and
     ``noise_std`` [T, E] its noise scale.

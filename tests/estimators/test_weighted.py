@@ -91,8 +91,8 @@ def test_straight_through_equals_y_times_one_plus_s_minus_sg_s(normalize):
     torch.testing.assert_close(moe.router.gate.weight.grad, ref_gate.grad)
 
 
-def test_seed002_sign_bug_is_not_reproduced():
-    """Seed 002's ``gw - sg(gw + 1)`` has value -1: our straight-through keeps the output sign."""
+def test_mlx_issue_652_sign_bug_is_not_reproduced():
+    """ml-explore/mlx#652's ``gw - sg(gw + 1)`` has value -1: our straight-through keeps the output sign."""
     moe, x = _layer("straight_through", top_k=1), _x()
     ref = _layer("unweighted", top_k=1)
     ref.load_state_dict(moe.state_dict())

@@ -40,8 +40,9 @@ def test_bias_balancer_matches_torch():
 # --------------------------------------------------------------------------- issue 11
 @pytest.mark.parametrize("bad", [[1], "model", None])
 def test_bias_balancer_names_module_and_what_it_takes(bad):
-    with pytest.raises(TypeError, match=r"BiasBalancer\(module=\.\.\.\) takes an mlx.nn.Module holding "
-                                        rf"moegrad.mlx Routers built with selection_bias=True.*got {type(bad).__name__}"):
+    with pytest.raises(TypeError, match=r"BiasBalancer\(module=\.\.\.\) takes an mlx.nn.Module "
+                                        r"holding moegrad.mlx Routers built with selection_bias=True"
+                                        rf".*got {type(bad).__name__}"):
         mgx.BiasBalancer(bad)
     with pytest.raises(TypeError, match="got list; pass the model"):
         mgx.BiasBalancer([mgx.MoE(4, 8, 4, 1, selection_bias=True)])

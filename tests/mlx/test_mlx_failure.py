@@ -1,4 +1,4 @@
-"""The failure seed 002 describes and the fix: with top-1 and renormalised weights, ``topk``
+"""The failure the MLX issue ml-explore/mlx#652 describes and the fix: with top-1 and renormalised weights, ``topk``
 (and mlx-lm's stop_gradient routing) gives the router exactly zero task gradient; ``dense``
 gives it the exact dense straight-through gradient, checked against an independent reference
 that evaluates every expert, while expert weights and input keep ``topk``'s gradients."""

@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, cfg: dict, timeout:
         if world == 1:
             result["baseline_s"] = _step_time(moe, x, cfg["steps"], cfg["warmup"], lambda: None)
         expert_parallel(moe)
-        barrier = lambda: dist.barrier()
+        barrier = dist.barrier
         elapsed = None
         for _ in range(cfg["warmup"]):
             moe(x).y.square().mean().backward()

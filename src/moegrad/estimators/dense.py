@@ -111,7 +111,8 @@ def dense_router_grad(y: Tensor, scores: Tensor, x: Tensor, indices: Tensor, inn
 
 
 class Dense(Estimator):
-    """``dense``: exact dense straight-through (seed 001; DenseMixer, Yao et al. 2025).
+    """``dense``: exact dense straight-through (straight-through as in Bengio et al.
+    2013; DenseMixer, Yao et al. 2025).
 
     Forward: as ``topk`` (sparse, y = sum_S w_i e_i). Router gradient: as ``topk`` for i in S;
     for i not in S, dL/ds_i = c * <g, E_i(x)> as if y also held c * s_i E_i(x), and with

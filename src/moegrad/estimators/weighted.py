@@ -12,7 +12,8 @@ from moegrad.estimators.base import Estimator, Picked
 
 
 class TopK(Estimator):
-    """``topk``: what torch.topk + gather gives (Mixtral, seeds 000/003).
+    """``topk``: what torch.topk + gather gives (Mixtral; its backward is the
+    one written out by hand on Zhihu, zhihu.com/question/11071292653).
 
     Forward: y = sum_{i in S} w_i e_i with w = c * s_S (renormalised over S if ``normalize``).
     Router gradient: plain autograd, dL/ds_i = <g, e_i> * dw/ds_i for i in S and 0 otherwise,
@@ -31,7 +32,7 @@ class Unweighted(Estimator):
     """``unweighted``: y = sum_{i in S} e_i, the weights are constant ones.
 
     Router gradient: none (the router learns only from balance losses). A control that shows
-    why the multiplication by the gate matters (seed 002). ``normalize`` and
+    why the multiplication by the gate matters (ml-explore/mlx#652). ``normalize`` and
     ``routed_scaling_factor`` do not apply.
     """
 
@@ -46,8 +47,8 @@ class StraightThrough(Estimator):
     """``straight_through``: unit weights forward, gradient as if y = c * sum_{i in S} s_i e_i.
 
     Weights w_i = c * (1 + s_i - sg(s_i)) (value c, derivative c): dL/ds_i = c <g, e_i> for
-    i in S, 0 otherwise. This is seed 002's ``y * (gw - stop_gradient(gw + 1))`` with the sign
-    corrected (the seed's form negates the output). The raw scores are used, so ``normalize``
+    i in S, 0 otherwise. This is ``y * (gw - stop_gradient(gw + 1))`` from the MLX issue
+    ml-explore/mlx#652 with the sign corrected (that form negates the output). The raw scores are used, so ``normalize``
     does not change the gradient (top-1 renormalised still trains the router).
     """
 

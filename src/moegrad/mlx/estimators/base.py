@@ -1,9 +1,10 @@
 """The MLX estimator interface (the twin of :mod:`moegrad.estimators.base`).
 
 An estimator acts at two points: :meth:`Estimator.route` inside the router ([T, E] scores ->
-[T, K] indices and weights, given the call's :class:`~moegrad.mlx.selection.Selection`) and :meth:`Estimator.mix` inside :class:`moegrad.mlx.MoE` after the
-sparse combine (terms whose forward value is zero and whose backward carries a router gradient
-for the unselected experts: ``dense``, ``default_moe``).
+[T, K] indices and weights, given the call's :class:`~moegrad.mlx.selection.Selection`) and
+:meth:`Estimator.mix` inside :class:`moegrad.mlx.MoE` after the sparse combine (terms whose
+forward value is zero and whose backward carries a router gradient for the unselected experts:
+``dense``, ``default_moe``).
 
 Shapes: T tokens, D model dim, E experts, K top-k.
 
