@@ -238,5 +238,21 @@ def test_switch_megatron_with_a_balance_window_counts_once():
 def test_public_names_are_these_classes_and_losses_holds_only_functions():
     assert moegrad.BiasBalancer is BiasBalancer and moegrad.BalanceWindow is BalanceWindow
     assert not {"BalanceWindow", "BiasBalancer"} & set(losses.__all__)
-    assert not hasattr(losses, "BalanceWindow") and not hasattr(losses, "BiasBalancer")
 
+
+
+@pytest.mark.parametrize("module, name, new", [
+    ("moegrad.losses", "BiasBalancer", "moegrad.balancing"),
+    ("moegrad.losses", "BalanceWindow", "moegrad.balancing"),
+    ("moegrad.distributed", "init_process_group_for_tests", "moegrad._testing"),
+    ("moegrad.distributed", "free_port", "moegrad._testing"),
+])
+def test_moved_names_still_import_from_their_old_module_with_a_deprecation_warning(module, name, new):
+    import importlib
+
+    old = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=rf"{module}.{name} has moved to {new}.{name}"):
+        value = getattr(old, name)
+    assert value is getattr(importlib.import_module(new), name)
+    with pytest.raises(AttributeError, match="has no attribute 'Balancer'"):
+        _ = old.Balancer

@@ -209,3 +209,19 @@ def test_unselected_inner_products_match_every_expert_reference(impl, activation
     want = want.scatter(1, indices, 0.0)
     torch.testing.assert_close(got, want.detach(), **_tol(dtype))
     assert got.shape == (t, e) and not got.requires_grad
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_stacked_weights_are_named_by_role_in_the_former_tuple_order(activation):
+    """ExpertWeights(gate=w1, up=w3, down=w2): a former ``w1, w3, w2 = stacked_weights()`` still
+    unpacks right for SwiGLU; GELU has up=None (a 2-name unpack fails loudly)."""
+    experts = moegrad.Experts(4, 6, 3, activation)
+    weights = experts.stacked_weights()
+    assert weights.gate is experts.w1 and weights.down is experts.w2 and weights.up is experts.w3
+    assert weights.activation == activation
+    w1, w3, w2 = weights
+    assert w1 is experts.w1 and w3 is experts.w3 and w2 is experts.w2
+    if activation == "gelu":
+        assert w3 is None
+        with pytest.raises(ValueError, match="too many values"):
+            w1, w2 = weights

@@ -28,16 +28,23 @@ from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
 
 
 class ExpertWeights(NamedTuple):
-    """The stacked weights of E SwiGLU / GELU experts (see the module docstring for shapes)."""
+    """The stacked weights of E SwiGLU / GELU experts (see the module docstring for shapes), in
+    the order of moegrad's former ``(w1, w3, w2)`` tuple; ``up`` is None for GELU experts."""
 
     gate: Any
+    up: Optional[Any]
     down: Any
-    up: Optional[Any] = None
 
     @property
     def activation(self) -> str:
         """"swiglu" when there is an ``up`` projection, else "gelu"."""
         return "gelu" if self.up is None else "swiglu"
+
+
+def rebuild_weights(kind: type, values) -> tuple:
+    """A weights tuple of type ``kind`` (a named tuple such as :class:`ExpertWeights`, or a
+    plain tuple) from its entries in order (e.g. tensors saved for backward)."""
+    return kind._make(values) if hasattr(kind, "_make") else tuple(values)
 
 
 @runtime_checkable

@@ -79,6 +79,7 @@ from torch import Tensor, nn
 from moegrad._collectives import (ExchangeStats, all_reduce_detached, all_reduce_share,
                                   all_to_all_rows, group_rank, group_size, reduce_observation)
 from moegrad._interfaces import ExpertWeights
+from moegrad._moved import moved_names
 from moegrad._spec import dense_chunk_tokens
 from moegrad.estimators.dense import Dense, unselected_mask
 from moegrad.experts import Experts, map_weights
@@ -686,6 +687,10 @@ def load_full_state_dict(module: nn.Module, state: dict, strict: bool = True):
             state[f"{head}local.{name}"] = full[m.first:m.first + m.num_local]
     return module.load_state_dict(state, strict=strict)
 
+
+#: moved to moegrad._testing (test helpers); still importable from here with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"init_process_group_for_tests": "moegrad._testing",
+                                     "free_port": "moegrad._testing"})
 
 __all__ = ["expert_parallel", "ExpertParallelExperts", "ExpertParallelDense", "all_to_all_rows",
            "all_reduce_share", "all_reduce_detached", "reduce_observation", "ExchangeStats",

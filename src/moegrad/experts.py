@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moegrad._checks import check_choice, check_int
-from moegrad._interfaces import ExpertWeights
+from moegrad._interfaces import ExpertWeights, rebuild_weights
 
 ACTIVATIONS = ("gelu", "swiglu")
 #: grouped-compute backends; "auto" picks one by a measured rule (:func:`choose_impl`)
@@ -361,7 +361,7 @@ def grouped_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Option
         impl = choose_impl(rows.shape[0], gate.shape[0], max_count, rows.dtype, why_not is None)
     if impl == "grouped_mm":
         # grouped_mm reads the weights through their strides; give it dense operands if needed
-        gate, down, up = _aligned(ExpertWeights(gate, down, up), rows)
+        gate, up, down = _aligned(ExpertWeights(gate, up, down), rows)
     return _apply_mlp(rows.contiguous(), counts, impl, gate, down, up)
 
 
@@ -378,7 +378,7 @@ def unselected_inner_products(x: Tensor, grad_y: Tensor, indices: Tensor, weight
                               impl: str = "auto") -> Tensor:
     """<g_t, E_i(x_t)> [t, E] for every expert i not in indices[t], 0 for the selected ones.
 
-    x, grad_y [t, D], indices [t, K], ``weights`` an :class:`ExpertWeights` (gate, down, up).
+    x, grad_y [t, D], indices [t, K], ``weights`` an :class:`ExpertWeights` (gate, up, down).
     Only the t*(E-K) unselected (token, expert) pairs are evaluated, grouped by expert through
     the same backends as :func:`grouped_mlp`, and the down-projection is folded into the inner
     product: <g, down_i a_i> = <down_i^T g, a_i> with a_i = act(gate_i x, up_i x) [H] (SwiGLU
@@ -400,7 +400,7 @@ def unselected_inner_products(x: Tensor, grad_y: Tensor, indices: Tensor, weight
         impl = choose_impl(rows.shape[0], num_experts, int(counts.max()), rows.dtype, True)
     if impl == "grouped_mm":
         weights = _aligned(weights, rows)
-    gate, down, up = weights
+    gate, up, down = weights
     ops = _BACKENDS[impl](counts, rows.shape[0])
     xs = ops.enter(rows)
     act = _activate(ops.linear(xs, gate), ops.linear(xs, up) if up is not None else None)
@@ -413,7 +413,7 @@ def map_weights(fn: Callable[[Tensor], Tensor], weights: tuple) -> tuple:
     """``fn`` applied to every tensor of an experts module's weights named tuple (an
     :class:`ExpertWeights` or the module's own), None entries kept: the same named tuple type.
     E.g. ``map_weights(Tensor.detach, experts.stacked_weights())``."""
-    return type(weights)(*(None if w is None else fn(w) for w in weights))
+    return rebuild_weights(type(weights), [None if w is None else fn(w) for w in weights])
 
 
 def _aligned(weights: ExpertWeights, rows: Tensor) -> ExpertWeights:
@@ -455,7 +455,7 @@ class Experts(nn.Module):
                 f"activation={self.activation}, impl={self.impl}")
 
     def stacked_weights(self) -> ExpertWeights:
-        """ExpertWeights(gate=w1 [E, H, D], down=w2 [E, D, H], up=w3 [E, H, D] or None for GELU)."""
+        """ExpertWeights(gate=w1 [E, H, D], up=w3 [E, H, D] or None for GELU, down=w2 [E, D, H])."""
         return ExpertWeights(gate=self.w1, down=self.w2, up=self.w3)
 
     def forward(self, rows: Tensor, counts: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_back
 
 
 def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.Module, *,
-                training: bool, capacity: Optional[int] = None,
+                training: bool, capacity_factor: Optional[float] = None,
                 group=None) -> tuple[Tensor, DispatchPlan]:
     """Dispatch -> experts -> observe -> combine -> ``estimator.mix``: x [T, D] -> (y [T, D], plan).
 
@@ -41,12 +41,17 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
     sent to any expert); ``experts``: an experts module (:class:`moegrad._interfaces.ExpertsModule`,
     ``experts(rows [M, D], counts [E]) -> [M, D]``); ``estimator``: the router's estimator;
     ``training``: the layer's mode (the estimator observes expert outputs in training only);
-    ``capacity``: each expert keeps its ``capacity`` highest-weight pairs (None: dropless);
+    ``capacity_factor``: each expert keeps its ceil(c * T_real * K / E) highest-weight pairs,
+    T_real the real tokens (padding takes no capacity); None: dropless;
     ``group``: the expert-parallel process group, or None. With a group every rank reduces its
     observation, even without rows, so the ranks run the same collectives. The returned
     :class:`~moegrad.dispatch.DispatchPlan` holds the load counts (``routed``, ``dropped``).
     """
     num_tokens, num_experts = x.shape[0], routing.logits.shape[1]
+    capacity = None
+    if capacity_factor is not None:
+        real = num_tokens if routing.mask is None else int(routing.mask.sum())
+        capacity = expert_capacity(capacity_factor, real, routing.indices.shape[1], num_experts)
     plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, keep=routing.mask)
     rows = experts(gather_rows(x, plan), plan.counts)  # [M, D]
     observe = training and estimator.observes_outputs and not recomputing_in_backward()
@@ -143,14 +148,10 @@ class MoE(LayerViews, nn.Module):
                 f"cast the input (x.to({weight_dtype})) or the layer (moe.to({flat.dtype})), or "
                 "run under torch.autocast")
         routing = self.router(x, mask)
-        capacity = None
-        if self.capacity_factor is not None:  # sized by the real tokens: padding takes no capacity
-            real = flat.shape[0] if routing.mask is None else int(routing.mask.sum())
-            capacity = expert_capacity(self.capacity_factor, real, self.top_k, self.num_experts)
         group = self.process_group  # set by moegrad.distributed.expert_parallel
         estimator = self.router.estimator
         y, plan = run_experts(flat, routing, self.experts, estimator, training=self.training,
-                              capacity=capacity, group=group)
+                              capacity_factor=self.capacity_factor, group=group)
         # BalanceWindow's counts over the micro-batches since its reset (training only)
         window = self.balance_window if self.training else None
         aux_loss, values = balance_losses(routing, self.losses, group, window)

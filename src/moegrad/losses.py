@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from moegrad._collectives import all_reduce_detached, all_reduce_share, group_size
+from moegrad._moved import moved_names
 from moegrad._spec import bind_losses, check_losses, loss_names
 from moegrad.routing import Routing, recomputing_in_backward
 
@@ -268,6 +269,10 @@ def balance_losses(routing: Routing, coefficients: dict[str, float],
         total = total + coefficients[name] * values[name]
     return total, {name: values[name] for name in coefficients}
 
+
+#: moved to moegrad.balancing; still importable from here with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"BalanceWindow": "moegrad.balancing",
+                                     "BiasBalancer": "moegrad.balancing"})
 
 __all__ = ["LOSSES", "available", "switch_loss", "switch_megatron_loss", "z_loss", "importance_load_loss",
            "seq_aux_loss",

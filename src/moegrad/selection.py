@@ -12,8 +12,10 @@ Shapes: T tokens, E experts, K top-k, G = ``n_group`` expert groups of E / G exp
 The router (:class:`moegrad.Router`, and the HF adapter's router) builds one :class:`Selection`
 per call from its configuration and its bias buffer and hands it to the estimator's
 ``route(x, z, scores, selection)``: the estimator gets these rules, not the router module.
-A user estimator written against the router (``router.select_topk``,
-``router.combine_weights``, ``router.config``) keeps working, as the names are the same.
+A :class:`Selection` also has the router's ``config``, ``bias``, ``num_experts`` and ``top_k``,
+so a user estimator written when ``route`` received the router keeps working if it reads only
+those and ``select_topk`` / ``combine_weights``; other router attributes (``gate``,
+``training``, ``load_counts``) are not passed any more (AttributeError naming ``Selection``).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moegrad._spec import RouterConfig
+from moegrad._spec import RouterConfig, RouterViews
 
 __all__ = ["Selection"]
 
 
 @dataclass(frozen=True, eq=False)
-class Selection:
+class Selection(RouterViews):
     """``config``: the router's :class:`~moegrad.routing.RouterConfig`; ``bias``: [E] fp32
     selection-only bias (auxiliary-loss-free balancing; it changes S, never the weights) or None."""
 

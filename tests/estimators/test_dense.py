@@ -343,3 +343,28 @@ def test_default_moe_observe_counts_each_skipped_expert():
     est.observe(torch.full((5, 6), 1e6), torch.ones(5, dtype=torch.int64))  # 5e5 > fp16 max
     assert torch.isfinite(est.defaults).all()
     assert est.skipped.tolist() == [1, 2, 2, 1, 1]
+
+
+def test_dense_router_grad_takes_a_plain_tuple_of_weights():
+    """An experts module whose weights are a plain tuple (no named fields) gets the same
+    router gradient as with the named tuple."""
+    from moegrad.estimators.dense import dense_router_grad, inner_products_from_every_expert
+
+    torch.manual_seed(0)
+    experts = moegrad.Experts(4, 6, 5)
+    x, indices = torch.randn(3, 4), torch.tensor([[0, 1], [2, 3], [4, 0]])
+    named = experts.stacked_weights()
+    plain = (named.gate, named.up, named.down)
+
+    def every(x, weights):
+        return experts.every_expert(x, type(named)._make(weights))
+
+    grads = []
+    for weights in (named, plain):
+        scores = torch.rand(3, 5, requires_grad=True)
+        y = dense_router_grad(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), scores, x,
+                              indices, inner_products_from_every_expert(every), weights)
+        y.sum().backward()
+        grads.append(scores.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])

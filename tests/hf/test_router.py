@@ -17,6 +17,16 @@ import moegrad.hf as mh  # noqa: E402
 from tests.hf.models import NO_TOP1, TOP1, ids, maxabs, router_weight_grads, tiny, tiny_top1  # noqa: E402
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_repr_of_a_patched_model_names_the_router_view(family):
+    """print(model) of a patched model shows each block's router view (family, config, impl)."""
+    model = tiny(family)
+    mh.patch(model, estimator="dense")
+    text = repr(model)
+    assert "(moegrad_router): HFRouter(" in text and mh.routers(model)
+    assert f"family={family}, dim=32, num_experts=" in text and "estimator=dense" in text
+
+
 def test_router_view_follows_the_router_contract():
     """HFRouter(x [B, S, D], mask) -> Routing like moegrad.Router, padding left out of counts."""
     model = tiny("qwen3_moe").train()

@@ -91,3 +91,11 @@ def test_bias_balancer_after_set_dtype_bf16_applies_updates_exactly_as_in_fp32()
     assert np.array_equal(got, ref)  # symmetric: +1e-3 and -1e-3 both apply, as in fp32
     assert np.abs(got[-1, :2] - np.array(START[:2])).max() < 1e-6  # no drift
     assert np.abs(got[-1, 2:] - np.array([START[2] + 0.12, START[3] - 0.12])).max() < 1e-5
+
+
+def test_the_former_losses_name_still_imports_with_a_deprecation_warning():
+    from moegrad.mlx import balancing, losses
+
+    with pytest.warns(DeprecationWarning, match="moegrad.mlx.losses.BiasBalancer has moved to "
+                                                "moegrad.mlx.balancing.BiasBalancer"):
+        assert losses.BiasBalancer is balancing.BiasBalancer is mgx.BiasBalancer

@@ -229,7 +229,7 @@ def test_unsupported_gate_and_expert_layers_are_refused_at_patch_time():
 
 
 def test_switch_experts_are_moegrad_experts_by_role():
-    """SwitchExperts: ExpertWeights(gate, down, up) of the SwitchGLU; its call on expert-sorted
+    """SwitchExperts: ExpertWeights(gate, up, down) of the SwitchGLU; its call on expert-sorted
     rows and every_expert equal the SwitchGLU's own output per (token, expert)."""
     from moegrad._interfaces import ExpertWeights
 

@@ -70,8 +70,8 @@ class Estimator(EstimatorOptions, nn.Module):
         holds ``config`` (the :class:`~moegrad.routing.RouterConfig`) and the selection-only
         ``bias``; ``selection.select_topk(scores)`` -> [T, K] indices (bias, group-limited top-k)
         and ``selection.combine_weights(scores, indices)`` -> [T, K] weights are the router's
-        deterministic rules. (Before, the router itself was passed; it has the same three names,
-        so an estimator written against it works with either.)"""
+        deterministic rules; ``num_experts`` and ``top_k`` view the config. (Before, the router
+        itself was passed: an estimator that reads only these names works with either.)"""
         raise NotImplementedError
 
     def mix(self, y: Tensor, x: Tensor, routing: "Routing", experts: nn.Module) -> Tensor:

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from moegrad._interfaces import rebuild_weights
 from moegrad._spec import dense_chunk_tokens
 from moegrad.estimators.base import Estimator, Picked
 from moegrad.experts import map_weights
@@ -93,7 +94,7 @@ class _DenseRouterGrad(torch.autograd.Function):
         x, indices, *weights = ctx.saved_tensors
         grad_scores = None
         if ctx.needs_input_grad[1]:
-            grad_scores = dense_score_grad(grad_y, x, indices, ctx.inner_fn, ctx.kind(*weights),
+            grad_scores = dense_score_grad(grad_y, x, indices, ctx.inner_fn, rebuild_weights(ctx.kind, weights),
                                            ctx.scale, ctx.chunk_tokens, ctx.scores_dtype)
         return (grad_y, grad_scores) + (None,) * (6 + len(weights))
 

@@ -108,7 +108,7 @@ class HFExperts:
     def __call__(self, rows: Tensor, counts: Tensor) -> Tensor:
         grouped = getattr(_experts, "grouped_mlp", None)
         if grouped is not None and self.silu:  # otherwise the HF activation in a loop
-            gate, down, up = self.stacked_weights()
+            gate, up, down = self.stacked_weights()
             return grouped(rows, counts, gate, down, up, activation="swiglu", impl=self.impl)
         return _expert_loop(rows, counts, self.module.gate_up_proj, self.module.down_proj, self.act)
 

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from moegrad._spec import RouterViews
 from moegrad.estimators import build_estimator
 from moegrad.hf.experts import GptOssExpertsView, HFExperts
 from moegrad.hf.families import Family
@@ -32,7 +33,7 @@ from moegrad.routing import (Router, Routing, flatten_mask, flatten_tokens,
 __all__ = ["HFRouter", "routers"]
 
 
-class HFRouter(nn.Module):
+class HFRouter(RouterViews, nn.Module):
     """moegrad's router view of an HF MoE block (attached as ``block.moegrad_router``).
 
     It owns no parameters of the HF model and adds no persistent state: the HF gate is read
@@ -111,15 +112,13 @@ class HFRouter(nn.Module):
 
     # the Router's views and its selection and weighting rules, read from ``config``, ``bias``
     # and ``load_counts`` (the estimators call them on the router they route for)
-    num_experts = Router.num_experts
-    top_k = Router.top_k
     selection = Router.selection
     select_topk = Router.select_topk
     combine_weights = Router.combine_weights
     reset_load_counts = Router.reset_load_counts
 
     def extra_repr(self) -> str:
-        return (f"family={self.family.name}, {Router.extra_repr(self)}, impl={self.impl}, "
+        return (f"family={self.family.name}, {self.config_repr()}, impl={self.impl}, "
                 f"losses={self.losses}")
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None,

@@ -29,6 +29,7 @@ from typing import Callable
 
 import mlx.core as mx
 
+from moegrad._moved import moved_names
 from moegrad._spec import bind_losses, loss_names
 from moegrad.mlx.ops import one_hot, selected_mask
 from moegrad.mlx.routing import Routing
@@ -136,3 +137,7 @@ def balance_losses(routing: Routing, coefficients: dict) -> tuple:
     for name, value in values.items():
         total = total + coefficients[name] * value
     return total, values
+
+
+#: moved to moegrad.mlx.balancing; still importable from here with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"BiasBalancer": "moegrad.mlx.balancing"})

@@ -20,12 +20,13 @@ from typing import Optional
 
 import mlx.core as mx
 
-from moegrad._spec import RouterConfig
+from moegrad._spec import RouterConfig, RouterViews
 from moegrad.mlx.ops import topk_indices
 
 
-class Selection:
-    """``config`` (:class:`RouterConfig`) and ``bias`` ([E] fp32 selection-only bias, or None)."""
+class Selection(RouterViews):
+    """``config`` (:class:`RouterConfig`) and ``bias`` ([E] fp32 selection-only bias, or None);
+    ``num_experts``, ``top_k``: views of the config."""
 
     def __init__(self, config: RouterConfig, bias: Optional[mx.array] = None) -> None:
         self.config = config
