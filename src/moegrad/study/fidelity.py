@@ -193,7 +193,7 @@ def shared_checkpoint_fidelity(task, checkpoints, estimators, *, taus=(1.0,), sa
                 if zero:
                     per[name]["zero_gradient_at"].append(ckpt["label"])
     first = [c["step"] == 0 for c in checkpoints]
-    for name, d in per.items():
+    for d in per.values():
         d["step0"] = {t: _mean([v for v, f in zip(d["cos_exact"][t], first) if f]) for t in taus}
         d["mean_after_step0"] = {t: _mean([v for v, f in zip(d["cos_exact"][t], first) if not f])
                                  for t in taus}

@@ -55,11 +55,11 @@ def run_grid(grid: dict, *, out: Path, command: str = "moegrad study",
         plans.append((cell, cell_name(cell), spec, fidelity))
     if len({name for _, name, _, _ in plans}) != len(plans):
         raise ValueError("two grid cells have the same name; make the grid values distinct")
-    for cell, name, spec, _ in plans:
+    for _, name, spec, _ in plans:
         spec.price(bar, name)
     bar.start()
     docs = []
-    for cell, name, spec, fidelity in plans:
+    for _, name, spec, fidelity in plans:
         cmd = (cell_commands or {}).get(name, f"{command}  # grid cell {name}")
         docs.append(run_cell(spec, out / name, cmd, bar, name, fidelity))
     bar.close()

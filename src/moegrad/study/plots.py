@@ -274,7 +274,7 @@ def write_summary_plot(docs: list[dict], path: Path) -> None:
                              squeeze=False)
     width = 0.7
     for ax, metric in zip(axes.flat, metrics):
-        for j, (cell, d) in enumerate(zip(cells, docs)):
+        for j, d in enumerate(docs):
             st = style(j)
             off = (j - (len(docs) - 1) / 2) * width / max(1, len(docs))
             for k, n in enumerate(names):

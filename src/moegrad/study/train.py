@@ -20,8 +20,9 @@ distribution) and trains on the shifted one (:meth:`~moegrad.study.task.Task.shi
 the run then also has ``before`` (the checkpoint's held-out loss and purity on the shifted
 distribution, under the fine-tuning estimator's forward: the same for the estimators that
 keep ``topk``'s forward, different for those with unit weights such as ``unweighted``,
-``straight_through`` or top-1 ``noisy_topk``, and for ``sparsemixer``) and ``drift`` (:func:`moegrad.diagnostics.compare_routing` between the
-checkpoint and the fine-tuned model on the validation inputs).
+``straight_through`` or top-1 ``noisy_topk``, and for ``sparsemixer``) and ``drift``
+(:func:`moegrad.diagnostics.compare_routing` between the checkpoint and the fine-tuned model on
+the validation inputs).
 """
 
 from __future__ import annotations
