@@ -8,9 +8,12 @@ import math
 import matplotlib.figure
 import pytest
 
+from moegrad.study.conclusions import conclusions, verdicts
+from moegrad.study.markdown import num
+from moegrad.study.metrics import aggregate
 from moegrad.study.plots import _curves, identical_groups, write_plots
-from moegrad.study.report import (aggregate, conclusions, num, summary_entry, verdicts,
-                                  write_grid_summary, write_report)
+from moegrad.study.report import write_report
+from moegrad.study.summary import summary_entry, write_grid_summary
 
 T975_5 = 2.570582  # t_{0.975, 5} from a t table
 TOPK = [0.30, 0.32, 0.28, 0.31, 0.29, 0.33]

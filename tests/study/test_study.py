@@ -8,7 +8,9 @@ import torch
 
 from moegrad import estimators
 from moegrad.cli import build_parser, main
-from moegrad.study.report import FIELDS, aggregate, conclusions, write_report
+from moegrad.study.conclusions import conclusions
+from moegrad.study.metrics import FIELDS, aggregate
+from moegrad.study.report import write_report
 from moegrad.study.tasks import Clusters, get_task
 from moegrad.study.train import train_run
 

@@ -1,13 +1,32 @@
 """``moegrad study``: train the same small MoE model with each estimator and compare.
 
-* :mod:`~moegrad.study.tasks`: ``clusters`` (ground-truth routing known) and
-  :mod:`~moegrad.study.charlm` (a char-level transformer LM on pydoc_data.topics);
-* :mod:`~moegrad.study.train`: one run under a step and a wall-clock budget;
-* :mod:`~moegrad.study.report` and :mod:`~moegrad.study.plots`: metrics.json, report.md, PNGs;
-* :mod:`~moegrad.study.cli`: the command line (:func:`run_study` is its library form).
+* tasks: :mod:`~moegrad.study.task` (the interface), :mod:`~moegrad.study.clusters` (ground-truth
+  routing known), :mod:`~moegrad.study.charlm` (a char-level transformer LM on
+  pydoc_data.topics) and their table :mod:`~moegrad.study.tasks`;
+* one run: :mod:`~moegrad.study.train` (under a step and a wall-clock budget), with
+  :mod:`~moegrad.study.flops` and :mod:`~moegrad.study.fidelity`;
+* one cell: :mod:`~moegrad.study.settings` (resolved, checked settings),
+  :mod:`~moegrad.study.runner` (:func:`run_study`), :mod:`~moegrad.study.progress`;
+* a grid of cells: :mod:`~moegrad.study.grid` and :mod:`~moegrad.study.grid_runner`;
+* the outputs: :mod:`~moegrad.study.metrics` (metrics.json), :mod:`~moegrad.study.stats`,
+  :mod:`~moegrad.study.conclusions`, :mod:`~moegrad.study.markdown`,
+  :mod:`~moegrad.study.report` (report.md), :mod:`~moegrad.study.summary` (a grid's
+  summary.md) and :mod:`~moegrad.study.plots` (PNGs);
+* :mod:`~moegrad.study.cli`: the command line.
 """
 
-from moegrad.study.cli import run_study
+from __future__ import annotations
+
 from moegrad.study.tasks import TASKS, Task, get_task
 
 __all__ = ["run_study", "TASKS", "Task", "get_task"]
+
+
+def __getattr__(name: str):
+    """``run_study``, imported on first use: it imports matplotlib (the plots), which
+    ``moegrad --help`` (importing :mod:`moegrad.study.cli`, hence this package) must not."""
+    if name != "run_study":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from moegrad.study.runner import run_study
+
+    return run_study

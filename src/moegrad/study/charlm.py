@@ -9,6 +9,8 @@ D model dim, V vocabulary.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 
 import torch
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 
 import moegrad
 from moegrad._checks import check_choice, check_float, check_int
-from moegrad.study.tasks import ROUTER_INITS, TASKS, Task
+from moegrad.study.task import ROUTER_INITS, Task
 
 #: standard-library modules whose source (``inspect.getsource``, in this order) is the
 #: fine-tuning text of ``charlm``: about 0.65M characters of Python code on CPython 3.11
@@ -31,10 +33,10 @@ def load_text(corpus: str = "pydoc") -> str:
     docs); ``"stdlib"``: the source of :data:`STDLIB_MODULES` joined by blank lines."""
     check_choice("corpus", corpus, CORPORA)
     if corpus == "stdlib":
-        import importlib
-        import inspect
-
         return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in STDLIB_MODULES)
+    # imported here, not at the top: pydoc_data.topics is 0.5 MB of data read only by this
+    # corpus, and stripped-down Python builds may lack it; the task table (hence this module)
+    # is imported by ``moegrad --help`` and by the clusters task, which must not need it
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
@@ -195,6 +197,3 @@ class CharLM(Task):
         total = sum(float(self.loss(model, b)[0]) for b in self.val) / len(self.val)
         model.train(was)
         return {"val_loss": total, "bits_per_char": total / math.log(2)}
-
-
-TASKS["charlm"] = CharLM

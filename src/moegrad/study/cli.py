@@ -45,22 +45,26 @@ examples:
 from __future__ import annotations
 
 import argparse
-import inspect
-import itertools
 import math
 import shlex
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
 from moegrad import estimators as registry
+from moegrad.experts import IMPLS
+from moegrad.losses import available as available_losses
+from moegrad.study.grid import GRID_KEYS, cell_name, grid_cells
+from moegrad.study.progress import Progress
+from moegrad.study.settings import (FIDELITY_TAUS, FIDELITY_TRAJECTORIES, FLAGS, TASK_KNOBS,
+                                    task_kwargs)
+from moegrad.study.tasks import REGIMES, ROUTER_INITS, TASKS
 
-#: grid keys, in the order cell names list them
-GRID_KEYS = ("task", "regime", "top_k", "experts", "losses", "router_init", "lr")
-#: trajectories whose checkpoints (steps 0, 1/4, 1/2, end of seed 0) every estimator's router
-#: gradient is measured on (moegrad.study.fidelity.shared_checkpoint_fidelity)
-FIDELITY_TRAJECTORIES = ("topk", "dense")
+#: the names this module had before its split; those defined elsewhere stay importable from here
+#: (run_study and run_grid through :func:`__getattr__`, like :func:`run` imports them)
+__all__ = ["add_arguments", "run", "GRID_KEYS", "grid_cells", "cell_name", "Progress",
+           "TASK_KNOBS", "task_kwargs", "FIDELITY_TAUS", "FIDELITY_TRAJECTORIES",
+           "run_study", "run_grid"]  # noqa: F822 (provided by __getattr__)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -77,17 +81,15 @@ def _estimators(text: str) -> list[str]:
 
 def _loss_set(text: str, sep: str = ",") -> dict:
     """'none' or NAME=COEF terms joined by ``sep`` (and always by '+') -> {name: coef}."""
-    from moegrad.losses import available
-
     if text.strip().lower() in ("", "none"):
         return {}
     out = {}
     for part in text.replace("+", sep).split(sep):
         name, eq, value = part.partition("=")
         name = name.strip()
-        if not eq or name not in available():
+        if not eq or name not in available_losses():
             raise argparse.ArgumentTypeError(
-                f"losses expect name=coefficient pairs with names from {available()} (or "
+                f"losses expect name=coefficient pairs with names from {available_losses()} (or "
                 f"'none'), got {part!r}")
         try:
             coef = float(value)
@@ -144,9 +146,6 @@ def _choice(allowed):
 
 
 def _grid_parsers() -> dict:
-    from moegrad.study.tasks import REGIMES, ROUTER_INITS, TASKS, get_task
-
-    get_task("clusters")  # registers every task
     return {"top_k": _positive_int, "experts": _positive_int,
             "losses": lambda v: _loss_set(v, "+"), "router_init": _choice(ROUTER_INITS),
             "lr": _positive_float, "regime": _choice(REGIMES), "task": _choice(sorted(TASKS))}
@@ -185,10 +184,6 @@ class _GridAction(argparse.Action):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moegrad.experts import IMPLS
-    from moegrad.study.tasks import REGIMES, ROUTER_INITS, TASKS, get_task
-
-    get_task("clusters")  # registers every task
     parser.add_argument("--task", default="clusters", choices=sorted(TASKS),
                         help="what to train on (default: clusters)")
     parser.add_argument("--estimators", type=_estimators, default=None, metavar="A,B,...",
@@ -268,463 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-# ----------------------------------------------------------------------------- settings
-#: task -> {option name (run_study keyword): the task constructor's argument}
-TASK_KNOBS = {"clusters": {"top_k": "top_k", "experts": "num_experts", "router_init": "router_init",
-                           "lr": "lr", "clusters": "num_classes", "dim": "dim"},
-              "charlm": {"top_k": "top_k", "experts": "num_experts", "router_init": "router_init",
-                         "lr": "lr", "layers": "layers", "width": "dim"}}
-_FLAGS = {"top_k": "--top-k", "experts": "--experts", "router_init": "--router-init",
-          "lr": "--lr", "clusters": "--clusters", "dim": "--dim", "layers": "--layers",
-          "width": "--width"}
-
-
-def task_kwargs(task_name: str, options: dict) -> dict:
-    """Options of run_study (``top_k``, ``experts``, ``router_init``, ``lr``, ``clusters``,
-    ``dim``, ``layers``, ``width``; None = the task's default) -> the task constructor's
-    keyword arguments, checked: ValueError naming the command-line option and what is allowed."""
-    from moegrad.study.tasks import get_task
-
-    cls = get_task(task_name)
-    knobs = TASK_KNOBS.get(task_name, {})
-    for key, value in options.items():
-        if value is not None and key not in knobs:
-            applies = [t for t, k in TASK_KNOBS.items() if key in k]
-            raise ValueError(f"{_FLAGS[key]} applies to --task {' or '.join(applies)} only, "
-                             f"not {task_name}")
-    kwargs = {knobs[k]: v for k, v in options.items() if v is not None}
-    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()}
-    merged = {**{k: defaults.get(k) for k in knobs.values()}, **kwargs}
-    experts, top_k = merged["num_experts"], merged["top_k"]
-    if top_k > experts:
-        raise ValueError(f"--top-k {top_k} exceeds --experts {experts}; choose 1 <= top-k <= experts")
-    if task_name == "clusters" and experts < merged["num_classes"]:
-        raise ValueError(f"--experts {experts} is fewer than the {merged['num_classes']} clusters "
-                         "(--clusters); the clusters task needs --experts >= --clusters")
-    if task_name == "charlm" and merged["dim"] % defaults["heads"]:
-        raise ValueError(f"--width {merged['dim']} must be a multiple of the "
-                         f"{defaults['heads']} attention heads")
-    return kwargs
-
-
-def cell_name(cell: dict) -> str:
-    """A short directory name from a grid cell's values, e.g. ``k2_e16_switch0.01``."""
-    parts = []
-    for key in GRID_KEYS:
-        if key not in cell:
-            continue
-        v = cell[key]
-        if key == "top_k":
-            parts.append(f"k{v}")
-        elif key == "experts":
-            parts.append(f"e{v}")
-        elif key == "losses":
-            parts.append("+".join(f"{n}{c:g}" for n, c in v.items()) or "noloss")
-        elif key == "router_init":
-            parts.append(f"init-{v}")
-        elif key == "lr":
-            parts.append(f"lr{v:g}")
-        else:
-            parts.append(str(v))
-    return "_".join(parts) or "default"
-
-
-# ----------------------------------------------------------------------------- progress
-class Progress:
-    """A tqdm bar over the estimated seconds of the whole study (or grid).
-
-    tqdm's own ETA divides the steps left by the recent step rate; in a study the runs differ
-    in speed (``dense`` costs more per step than ``topk``, evaluations and gradient diagnostics
-    come in bursts, charlm is slower than clusters), so that estimate is wrong at the start
-    and jumps between runs. Instead every run is priced before training from a short warm-up
-    (:func:`moegrad.study.train.time_costs`: 3 timed steps, one evaluation, one diagnostic per
-    estimator on a throwaway model), the bar's total is the sum of those prices in seconds,
-    each step advances it by its run's price per step (evaluations and diagnostics spread
-    over the steps), and tqdm's rate is the average since the start (smoothing 0), so the ETA
-    is sensible from the first steps and corrects itself if the machine is busier than during
-    the warm-up. The postfix shows the current run and the steps done.
-    """
-
-    def __init__(self, enabled: bool, desc: str) -> None:
-        self.enabled, self.desc = enabled, desc
-        self.total, self.bar, self.steps_total, self.steps_done = 0.0, None, 0, 0
-        self._costs: dict = {}
-
-    def price(self, key, task, names, *, losses, diag: bool, diag_samples: int, tau: float) -> dict:
-        """Measure (once per key) the time costs of each estimator on ``task``."""
-        from moegrad.study.train import time_costs
-
-        if not self.enabled:
-            return {}
-        if key not in self._costs:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "estimator=.* gives the router no task gradient",
-                                        UserWarning)
-                self._costs[key] = {n: time_costs(task, n, losses=losses, diag=diag,
-                                                  diag_samples=diag_samples, tau=tau)
-                                    for n in names}
-        return self._costs[key]
-
-    def add(self, seconds: float, steps: int = 0) -> None:
-        self.total += seconds
-        self.steps_total += steps
-
-    def start(self) -> None:
-        if self.enabled and self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=max(self.total, 1e-9), smoothing=0.0, file=sys.stderr,
-                            desc=self.desc, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
-                            "[{elapsed}<{remaining}]{postfix}")
-
-    def run(self, label: str, steps: int, seconds: float):
-        """-> (on_step callback, finish callback) for one run priced ``seconds``."""
-        per_step = seconds / max(steps, 1)
-        state = {"done": 0.0}
-
-        def on_step() -> None:
-            self.steps_done += 1
-            state["done"] += per_step
-            if self.bar is not None:
-                self._advance(per_step)
-                if self.steps_done % 50 == 0:
-                    self.bar.set_postfix_str(f"{label}, step {self.steps_done}/{self.steps_total}",
-                                             refresh=False)
-
-        def finish(steps_run: int = steps) -> None:
-            self.steps_done += steps - steps_run  # steps a time-limited run did not take
-            if self.bar is not None:
-                self._advance(seconds - state["done"])
-
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{label}, step {self.steps_done}/{self.steps_total}")
-        return on_step, finish
-
-    def _advance(self, seconds: float) -> None:
-        """Move the bar by ``seconds`` of priced work, never past its total (float sums of the
-        per-step shares can overshoot it by rounding, which tqdm shows as a negative ETA)."""
-        seconds = min(seconds, self.bar.total - self.bar.n)
-        if seconds > 0:
-            self.bar.update(seconds)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _run_seconds(cost: dict, steps: int, eval_every: int, diag_every: int) -> float:
-    if not cost:
-        return float(steps)
-    evals = steps // eval_every + 2
-    diags = (steps // diag_every + 2) if diag_every else 0
-    return steps * cost["step"] + evals * cost["eval"] + diags * cost["diag"]
-
-
-# ----------------------------------------------------------------------------- the study
-class _Cell:
-    """Everything run_study resolved for one cell (defaults applied, checked)."""
-
-    def __init__(self, task_name, names, *, quick, steps, seeds, time_budget, losses, eval_every,
-                 diag_every, diag_samples, tau, impl, regime, pretrain_steps, options,
-                 flops_budget=None) -> None:
-        from moegrad.experts import IMPLS
-        from moegrad.study.tasks import REGIMES, get_task
-
-        self.cls = get_task(task_name)
-        self.task_name = task_name
-        self.names = list(names or registry.available())
-        default_steps, default_seeds = self.cls.quick if quick else self.cls.full
-        self.steps = steps or default_steps
-        self.seeds = seeds or default_seeds
-        self.time_budget = time_budget if time_budget is not None else (60.0 if quick else 300.0)
-        if not (isinstance(self.time_budget, (int, float)) and self.time_budget > 0):
-            raise ValueError(f"time_budget={self.time_budget} must be > 0 seconds")
-        self.eval_every = eval_every or max(1, self.steps // 20)
-        self.diag_every = max(1, self.steps // 5) if diag_every is None else diag_every
-        if impl not in IMPLS:
-            raise ValueError(f"impl={impl!r} is not supported; choose one of {list(IMPLS)}")
-        if self.diag_every < 0:
-            raise ValueError(f"diag_every={self.diag_every} must be >= 0 (0 skips the diagnostics)")
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau={tau} must be a finite number > 0 (the temperature of the "
-                             "sampled top-k policy of the exact reference)")
-        regime = regime or "scratch"
-        if regime not in REGIMES:
-            raise ValueError(f"regime={regime!r} is not supported; choose one of {list(REGIMES)}")
-        self.regime, self.quick, self.impl, self.tau = regime, quick, impl, tau
-        self.diag_samples = diag_samples
-        if flops_budget is not None and not (isinstance(flops_budget, (int, float))
-                                             and math.isfinite(flops_budget) and flops_budget > 0):
-            raise ValueError(f"flops_budget={flops_budget} must be a finite number > 0")
-        self.flops_budget = flops_budget
-        self.pretrain_steps = pretrain_steps or self.steps
-        self.losses = dict(losses or {})
-        self.kwargs = task_kwargs(task_name, options)
-        self.cls(0, **self.kwargs)  # the task's own checks, before anything runs
-
-    def task(self, seed: int):
-        task = self.cls(seed, **self.kwargs)
-        task.impl = self.impl
-        return task
-
-    def fidelity_names(self) -> list:
-        return [n for n in FIDELITY_TRAJECTORIES if n in self.names] or self.names[:1]
-
-    def checkpoint_steps(self) -> tuple:
-        from moegrad.study.train import END
-
-        return tuple(sorted({0, self.steps // 4, self.steps // 2})) + (END,)
-
-    def price(self, progress: Progress, key) -> None:
-        """Add this cell's estimated seconds to ``progress`` (warm-up measured); keeps the
-        per-estimator costs in ``self.costs`` (and ``self.pretrain_cost``)."""
-        self.costs, self.pretrain_cost = {}, {}
-        if not progress.enabled:
-            return
-        task = self.task(0)
-        self.costs = progress.price(key, task, self.names, losses=self.losses,
-                                    diag=bool(self.diag_every), diag_samples=self.diag_samples,
-                                    tau=self.tau)
-        if self.regime == "finetune":
-            self.pretrain_cost = progress.price(("pretrain", key), task, ["topk"],
-                                                losses={"switch": 0.01}, diag=False,
-                                                diag_samples=1, tau=self.tau)["topk"]
-        for _ in range(self.seeds):
-            if self.regime == "finetune":
-                progress.add(_run_seconds(self.pretrain_cost, self.pretrain_steps,
-                                          self.eval_every, 0), self.pretrain_steps)
-            for n in self.names:
-                progress.add(self.run_seconds(n), self.steps)
-        progress.add(self.fidelity_seconds())
-
-    def run_seconds(self, name: str) -> float:
-        return _run_seconds(getattr(self, "costs", {}).get(name, {}), self.steps,
-                            self.eval_every, self.diag_every)
-
-    def fidelity_seconds(self) -> float:
-        """Estimated cost of the shared-checkpoint fidelity (0 for tasks without a probe)."""
-        costs = getattr(self, "costs", {})
-        if not costs or not self.cls.has_truth:
-            return 0.0
-        ckpts = 1 + (len(self.checkpoint_steps()) - 1) * len(self.fidelity_names())
-        return ckpts * sum(costs[n]["diag"] for n in self.names) * len(FIDELITY_TAUS)
-
-
-#: temperatures of the exact reference in the shared-checkpoint fidelity (a tau sweep)
-FIDELITY_TAUS = (0.5, 1.0, 2.0)
-
-
-def run_study(task_name: str = "clusters", estimators: Optional[list] = None, *, quick: bool = False,
-              steps: Optional[int] = None, seeds: Optional[int] = None,
-              time_budget: Optional[float] = None, losses: Optional[dict] = None,
-              eval_every: Optional[int] = None, diag_every: Optional[int] = None,
-              diag_samples: int = 8, tau: float = 1.0, impl: str = "auto",
-              out: Optional[Path] = None, progress=True, command: str = "moegrad study",
-              top_k: Optional[int] = None, experts: Optional[int] = None,
-              router_init: Optional[str] = None, lr: Optional[float] = None,
-              clusters: Optional[int] = None, dim: Optional[int] = None,
-              layers: Optional[int] = None, width: Optional[int] = None,
-              regime: str = "scratch", pretrain_steps: Optional[int] = None,
-              flops_budget: Optional[float] = None, cell: Optional[str] = None,
-              fidelity: bool = True) -> dict:
-    """Run a study (one cell) and write its directory; returns the metrics.json document.
-
-    ``top_k`` ... ``width`` set the task (None: the task's default, see :data:`TASK_KNOBS`);
-    ``regime`` "scratch" or "finetune"; ``progress``: True/False or a :class:`Progress`
-    shared by the cells of a grid; ``fidelity``: measure every estimator's router gradient on
-    shared checkpoints of seed 0 (tasks with a probe). Raises ValueError on bad settings
-    before training anything.
-    """
-    options = {"top_k": top_k, "experts": experts, "router_init": router_init, "lr": lr,
-               "clusters": clusters, "dim": dim, "layers": layers, "width": width}
-    spec = _Cell(task_name, estimators, quick=quick, steps=steps, seeds=seeds,
-                 time_budget=time_budget, losses=losses, eval_every=eval_every,
-                 diag_every=diag_every, diag_samples=diag_samples, tau=tau, impl=impl,
-                 regime=regime, pretrain_steps=pretrain_steps, options=options,
-                 flops_budget=flops_budget)
-    out = Path(out or f"study-{task_name}")
-    own = not isinstance(progress, Progress)
-    bar = Progress(bool(progress), f"study {task_name}") if own else progress
-    if own:
-        spec.price(bar, "cell")
-        bar.start()
-    doc = _run_cell(spec, out, command, bar, cell, fidelity)
-    if own:
-        bar.close()
-    return doc
-
-
-def _run_cell(spec: _Cell, out: Path, command: str, bar: Progress, cell: Optional[str],
-              fidelity: bool) -> dict:
-    from moegrad.study.plots import write_plots
-    from moegrad.study.report import aggregate, write_report
-    from moegrad.study.train import pretrain, state_copy, train_run
-
-    out.mkdir(parents=True, exist_ok=True)
-    runs, pretrained, checkpoints, fid_task = [], [], [], None
-    for seed in range(spec.seeds):
-        task = spec.task(seed)
-        init_state, info = None, None
-        if spec.regime == "finetune":
-            seconds = _run_seconds(getattr(spec, "pretrain_cost", {}), spec.pretrain_steps,
-                                   spec.eval_every, 0)
-            on_step, finish = bar.run(f"pretrain topk seed {seed}", spec.pretrain_steps, seconds)
-            init_state, info = pretrain(task, seed, steps=spec.pretrain_steps,
-                                        time_budget=spec.time_budget, eval_every=spec.eval_every,
-                                        on_step=on_step)
-            finish(info["steps"])
-            pretrained.append(info)
-            task = task.shifted()
-            task.impl = spec.impl
-        if seed == 0:
-            fid_task = task
-        for name in spec.names:
-            keep = (seed == 0 and fidelity and spec.cls.has_truth
-                    and name in spec.fidelity_names())
-            on_step, finish = bar.run(f"{name} seed {seed}", spec.steps, spec.run_seconds(name))
-            with warnings.catch_warnings():  # the study measures these on purpose (report.md says so)
-                warnings.filterwarnings("ignore", "estimator=.* gives the router no task gradient",
-                                        UserWarning)
-                run = train_run(
-                    task, name, seed, steps=spec.steps, time_budget=spec.time_budget,
-                    eval_every=spec.eval_every, diag_every=spec.diag_every,
-                    diag_samples=spec.diag_samples, tau=spec.tau, losses=spec.losses,
-                    on_step=on_step, regime=spec.regime, init_state=init_state,
-                    checkpoints=spec.checkpoint_steps() if keep else (),
-                    on_checkpoint=(lambda step, model, name=name: _keep(checkpoints, name, step,
-                                                                        state_copy(model)))
-                    if keep else None)
-            finish(run["steps"])
-            if info is not None:
-                run["pretrain"] = info
-            runs.append(run)
-    args = {"steps": spec.steps, "seeds": spec.seeds, "time_budget": spec.time_budget,
-            "losses": spec.losses, "eval_every": spec.eval_every, "diag_every": spec.diag_every,
-            "diag_samples": spec.diag_samples, "tau": spec.tau, "impl": spec.impl,
-            "quick": spec.quick, "estimators": spec.names, "regime": spec.regime,
-            "cell": cell or "default"}
-    if spec.flops_budget is not None:
-        args["flops_budget"] = spec.flops_budget
-    if spec.regime == "finetune":
-        args["pretrain_steps"] = spec.pretrain_steps
-    doc = aggregate(runs, fid_task, args)
-    doc.setdefault("settings", runs[0]["settings"])
-    doc.setdefault("cell", cell or "default")
-    if pretrained:
-        doc["pretrain"] = pretrained
-    if checkpoints and spec.cls.has_truth:
-        on_step, finish = bar.run("shared-checkpoint fidelity", 0, spec.fidelity_seconds())
-        result = _shared_fidelity(fid_task, checkpoints, spec)
-        if result is not None:
-            doc["fidelity"] = result
-        finish(0)
-    doc["runs"] = runs
-    write_plots(runs, doc, out)
-    write_report(doc, out, command)
-    return doc
-
-
-def _keep(checkpoints: list, name: str, step: int, state: dict) -> None:
-    """Add a checkpoint of trajectory ``name``; the step-0 state is the same for every
-    trajectory (same seed, same initial or pretrained weights), so it is kept once, as
-    ``start@0``."""
-    if step == 0:
-        if any(c["step"] == 0 for c in checkpoints):
-            return
-        checkpoints.append({"label": "start@0", "step": 0, "state": state})
-    else:
-        checkpoints.append({"label": f"{name}@{step}", "step": step, "state": state})
-
-
-def _shared_fidelity(task, checkpoints: list, spec: _Cell) -> Optional[dict]:
-    """moegrad.study.fidelity.shared_checkpoint_fidelity on seed 0's checkpoints."""
-    try:
-        from moegrad.study.fidelity import shared_checkpoint_fidelity
-    except ImportError:
-        print("moegrad study: moegrad.study.fidelity.shared_checkpoint_fidelity is not available "
-              "in this version; no shared-checkpoint fidelity in metrics.json", file=sys.stderr)
-        return None
-    taus = tuple(sorted(set(FIDELITY_TAUS) | {spec.tau}))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "estimator=.* gives the router no task gradient",
-                                UserWarning)
-        return shared_checkpoint_fidelity(task, checkpoints, spec.names, taus=taus,
-                                          samples=spec.diag_samples, seed=0)
-
-
-# ----------------------------------------------------------------------------- the grid
-def grid_cells(grid: dict) -> list[dict]:
-    """{key: [values]} -> the cross product as a list of {key: value} (keys in grid order)."""
-    for key in grid:
-        if key not in GRID_KEYS:
-            raise ValueError(f"grid key {key!r} is unknown; choose from {list(GRID_KEYS)}")
-        if not grid[key]:
-            raise ValueError(f"grid key {key!r} has no values")
-    keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
-
-
-def run_grid(grid: dict, *, out: Path, command: str = "moegrad study",
-             cell_commands: Optional[dict] = None, progress: bool = True, **study) -> list[dict]:
-    """Run :func:`run_study` for every cell of ``grid`` ({key: [values]}, keys from
-    :data:`GRID_KEYS`) into ``out/<cell name>`` and write the grid summary
-    (``moegrad.study.report.write_grid_summary``). ``study`` holds run_study's other keywords
-    (the base every cell starts from; a key of the grid must not be among them). Every cell is
-    checked before anything trains. Returns the per-cell documents."""
-    names = {"top_k": "top_k", "experts": "experts", "losses": "losses",
-             "router_init": "router_init", "lr": "lr", "regime": "regime", "task": "task_name"}
-    for key in grid:
-        if study.get(names.get(key, key)) is not None and key != "task":
-            raise ValueError(f"{key} is both in the grid and given as its own option "
-                             f"({_FLAGS.get(key, '--' + key.replace('_', '-'))}); give it once")
-    out = Path(out)
-    cells = grid_cells(grid)
-    bar = Progress(progress, "study grid")
-    plans = []
-    for cell in cells:
-        kwargs = dict(study)
-        for key, value in cell.items():
-            kwargs[names[key]] = value
-        task_name = kwargs.pop("task_name", "clusters")
-        options = {k: kwargs.pop(k, None) for k in ("top_k", "experts", "router_init", "lr",
-                                                    "clusters", "dim", "layers", "width")}
-        if len({c.get("task") for c in cells}) > 1:  # a knob of the other task: not this cell's
-            knobs = TASK_KNOBS[task_name]
-            options = {k: (v if k in knobs else None) for k, v in options.items()}
-        spec = _Cell(task_name, kwargs.pop("estimators", None), quick=kwargs.pop("quick", False),
-                     steps=kwargs.pop("steps", None), seeds=kwargs.pop("seeds", None),
-                     time_budget=kwargs.pop("time_budget", None),
-                     losses=kwargs.pop("losses", None), eval_every=kwargs.pop("eval_every", None),
-                     diag_every=kwargs.pop("diag_every", None),
-                     diag_samples=kwargs.pop("diag_samples", 8), tau=kwargs.pop("tau", 1.0),
-                     impl=kwargs.pop("impl", "auto"), regime=kwargs.pop("regime", None),
-                     pretrain_steps=kwargs.pop("pretrain_steps", None), options=options,
-                     flops_budget=kwargs.pop("flops_budget", None))
-        fidelity = kwargs.pop("fidelity", True)
-        if kwargs:
-            raise TypeError(f"run_grid got unexpected keywords {sorted(kwargs)}")
-        plans.append((cell, cell_name(cell), spec, fidelity))
-    if len({name for _, name, _, _ in plans}) != len(plans):
-        raise ValueError("two grid cells have the same name; make the grid values distinct")
-    for cell, name, spec, _ in plans:
-        spec.price(bar, name)
-    bar.start()
-    docs = []
-    for cell, name, spec, fidelity in plans:
-        cmd = (cell_commands or {}).get(name, f"{command}  # grid cell {name}")
-        docs.append(_run_cell(spec, out / name, cmd, bar, name, fidelity))
-    bar.close()
-    try:
-        from moegrad.study.report import write_grid_summary
-    except ImportError:
-        print("moegrad study: this version of moegrad.study.report has no write_grid_summary; "
-              f"wrote the {len(docs)} cells but no summary.md/summary.png", file=sys.stderr)
-    else:
-        write_grid_summary(docs, out, command)
-    return docs
-
-
+# ----------------------------------------------------------------------------- the command
 def _cell_commands(argv: list, cells: list, out: Path) -> dict:
     """The command that reproduces each grid cell alone: argv without --grid and --out, plus
     the cell's values as options and --out <out>/<cell>."""
@@ -746,7 +285,7 @@ def _cell_commands(argv: list, cells: list, out: Path) -> dict:
         base.append(a)
         i += 1
     result = {}
-    knob_task = {_FLAGS[k]: t for t, knobs in TASK_KNOBS.items() for k in knobs
+    knob_task = {FLAGS[k]: t for t, knobs in TASK_KNOBS.items() for k in knobs
                  if k not in ("top_k", "experts", "router_init", "lr")}
     for cell in cells:
         mine, j = [], 0
@@ -759,7 +298,7 @@ def _cell_commands(argv: list, cells: list, out: Path) -> dict:
             j += 1
         extra = []
         for key, v in cell.items():
-            flag = {"task": "--task", "regime": "--regime"}.get(key, _FLAGS.get(key, "--losses"))
+            flag = {"task": "--task", "regime": "--regime"}.get(key, FLAGS.get(key, "--losses"))
             if key == "losses":
                 v = ",".join(f"{n}={c:g}" for n, c in v.items()) or "none"
             extra += [flag, str(v)]
@@ -769,8 +308,14 @@ def _cell_commands(argv: list, cells: list, out: Path) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------- the command
 def run(args: argparse.Namespace) -> int:
+    """``moegrad study``: run the study (or the grid) the parsed ``args`` describe."""
+    # imported here, not at the top: the runners write the plots, so they import matplotlib
+    # (about 0.8 s), which ``moegrad --help`` and ``moegrad study --help`` (this module's
+    # add_arguments) must not pay, and which is an optional dependency (the ``study`` extra)
+    from moegrad.study.grid_runner import run_grid
+    from moegrad.study.runner import run_study
+
     argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "study" else []
     command = ("moegrad study " + " ".join(shlex.quote(a) for a in argv)).strip()
     common = dict(quick=args.quick, steps=args.steps, seeds=args.seeds,
@@ -788,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
             if "task" in grid and "--task" in " ".join(argv).split():
                 given.append("task")
             if given:
-                raise ValueError(f"{_FLAGS.get(given[0], '--' + given[0].replace('_', '-'))} is "
+                raise ValueError(f"{FLAGS.get(given[0], '--' + given[0].replace('_', '-'))} is "
                                  f"also a --grid key ({given[0]}); give it in one place only")
             out = args.out or Path("study-grid" if "task" in grid else f"study-{args.task}")
             if "task" not in grid:
@@ -831,3 +376,15 @@ def _print_summary(doc: dict, indent: str = "  ", title: Optional[str] = None) -
         spread = f" ± {stat['sd']:.4f}" if stat.get("sd") is not None and stat["n"] > 1 else ""
         print(f"{indent}{name:18s} final val loss {stat['mean']:.4f}{spread} (n = {stat['n']})")
     print(f"{indent}verdicts from paired tests against topk: report.md")
+
+
+def __getattr__(name: str):
+    """``run_study`` and ``run_grid``, imported on first use: they import matplotlib, which
+    the parser does not (see :func:`run`)."""
+    if name == "run_study":
+        from moegrad.study.runner import run_study as value
+    elif name == "run_grid":
+        from moegrad.study.grid_runner import run_grid as value
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return value

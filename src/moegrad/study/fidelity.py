@@ -33,14 +33,13 @@ import torch
 from moegrad import estimators as registry
 from moegrad._checks import check_float, check_int
 from moegrad.diagnostics import estimator_gradients, fidelity, reference_gradients, weight_rule
+from moegrad.routing import is_router
 
 __all__ = ["shared_checkpoint_fidelity", "load_checkpoint"]
 
 
 def _estimator_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
     """state_dict prefixes of the estimators' own state (one per router)."""
-    from moegrad.routing import is_router
-
     return tuple(f"{name}.estimator." if name else "estimator."
                  for name, m in model.named_modules() if is_router(m))
 
@@ -109,7 +108,7 @@ def shared_checkpoint_fidelity(task, checkpoints, estimators, *, taus=(1.0,), sa
                                seed: int = 0, options: Optional[dict] = None) -> dict:
     """Every estimator's router gradient on every checkpoint, against the exact gradient at each tau.
 
-    ``task``: a :class:`moegrad.study.tasks.Task` with a probe (e.g. ``clusters``; a task whose
+    ``task``: a :class:`moegrad.study.task.Task` with a probe (e.g. ``clusters``; a task whose
     exact gradient is not enumerable, such as ``charlm``, raises ValueError). ``checkpoints``:
     ``[{"label": str, "step": int, "state": state_dict}]`` of models trained on ``task`` (unique
     labels). ``estimators``: names; ``taus``: temperatures of the reference's sampling policy;
@@ -194,7 +193,7 @@ def shared_checkpoint_fidelity(task, checkpoints, estimators, *, taus=(1.0,), sa
                 if zero:
                     per[name]["zero_gradient_at"].append(ckpt["label"])
     first = [c["step"] == 0 for c in checkpoints]
-    for name, d in per.items():
+    for d in per.values():
         d["step0"] = {t: _mean([v for v, f in zip(d["cos_exact"][t], first) if f]) for t in taus}
         d["mean_after_step0"] = {t: _mean([v for v, f in zip(d["cos_exact"][t], first) if not f])
                                  for t in taus}

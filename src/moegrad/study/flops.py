@@ -30,7 +30,7 @@ m weight matrices per expert (3 for SwiGLU: w1, w3, w2; 2 for GELU: w1, w2):
               of coef 2 T E D; ``noisy_topk``: the noise gate x W_noise^T, priced as the router gate
 
 The remaining layers of a model (attention, embeddings, head) are counted by the task's
-:meth:`~moegrad.study.tasks.Task.backbone_flops`; they are the same for every estimator.
+:meth:`~moegrad.study.task.Task.backbone_flops`; they are the same for every estimator.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def moe_flops(moe, out, *, input_grad: bool) -> dict:
 
 def step_flops(task, model, batch, outs) -> dict:
     """FLOPs of one training step of ``task``'s ``model`` on ``batch`` whose MoE layers gave
-    ``outs`` (in :meth:`~moegrad.study.tasks.Task.moes` order): a dict per component and
+    ``outs`` (in :meth:`~moegrad.study.task.Task.moes` order): a dict per component and
     ``"total"``."""
     total = dict.fromkeys(COMPONENTS, 0)
     for moe, out in zip(task.moes(model), outs):

@@ -15,6 +15,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from moegrad.study.metrics import (BASELINE, TESTED, by_tau, effect_vs_baseline,  # noqa: E402
+                                   grid_metrics, grid_names)
 
 _DASHES = ("-", (0, (6, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (3, 1, 1, 1, 1, 1)),
            (0, (10, 3)), (0, (2, 3)), (0, (6, 2, 1, 2, 1, 2)))
@@ -210,16 +214,14 @@ def write_plots(runs: list[dict], doc: dict, out: Path) -> list[str]:
 
     fid = doc.get("fidelity")
     if fid and fid.get("estimators"):
-        from moegrad.study.report import _by_tau
-
         fig, ax = plt.subplots(figsize=(9, 4))
         est = list(fid["estimators"])
         xs = np.arange(len(est))
         taus = fid.get("taus", [])
         for j, tau in enumerate(taus):
             st = style(j)
-            ys = [_by_tau(fid["estimators"][n].get("mean_after_step0", {}), tau) for n in est]
-            y0 = [_by_tau(fid["estimators"][n].get("step0", {}), tau) for n in est]
+            ys = [by_tau(fid["estimators"][n].get("mean_after_step0", {}), tau) for n in est]
+            y0 = [by_tau(fid["estimators"][n].get("step0", {}), tau) for n in est]
             off = (j - (len(taus) - 1) / 2) * 0.15
             ax.plot(xs + off, [np.nan if v is None else v for v in ys], ls="none",
                     marker=st["marker"], color=st["color"], ms=7,
@@ -264,20 +266,15 @@ def write_summary_plot(docs: list[dict], path: Path) -> None:
     """Effect size vs ``topk`` per estimator and cell (one panel per tested metric): the mean
     paired difference with its 95% CI; filled markers significant after Holm, hollow markers
     not distinguishable, crosses too few seeds for a test."""
-    from matplotlib.lines import Line2D
-
-    from moegrad.study.report import (BASELINE, TESTED, _grid_metrics, _grid_names,
-                                      effect_vs_baseline)
-
-    metrics = _grid_metrics(docs) or ["final_loss"]
-    names = _grid_names(docs)
+    metrics = grid_metrics(docs) or ["final_loss"]
+    names = grid_names(docs)
     cells = [d.get("cell", f"cell {i}") for i, d in enumerate(docs)]
     panel = max(4.5, 0.8 * len(names) + 2.5)
     fig, axes = plt.subplots(1, len(metrics), figsize=(panel * len(metrics) + 2.5, 4.5),
                              squeeze=False)
     width = 0.7
     for ax, metric in zip(axes.flat, metrics):
-        for j, (cell, d) in enumerate(zip(cells, docs)):
+        for j, d in enumerate(docs):
             st = style(j)
             off = (j - (len(docs) - 1) / 2) * width / max(1, len(docs))
             for k, n in enumerate(names):

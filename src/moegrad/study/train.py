@@ -16,12 +16,13 @@ Compute: ``history["flops"]`` is the cumulative training FLOPs at each evaluatio
 
 Regimes: ``scratch`` trains from the task's initialisation; ``finetune`` starts from a
 pretrained state (:func:`pretrain`: ``topk`` + switch loss 0.01 on the task's own
-distribution) and trains on the shifted one (:meth:`~moegrad.study.tasks.Task.shifted`);
+distribution) and trains on the shifted one (:meth:`~moegrad.study.task.Task.shifted`);
 the run then also has ``before`` (the checkpoint's held-out loss and purity on the shifted
 distribution, under the fine-tuning estimator's forward: the same for the estimators that
 keep ``topk``'s forward, different for those with unit weights such as ``unweighted``,
-``straight_through`` or top-1 ``noisy_topk``, and for ``sparsemixer``) and ``drift`` (:func:`moegrad.diagnostics.compare_routing` between the
-checkpoint and the fine-tuned model on the validation inputs).
+``straight_through`` or top-1 ``noisy_topk``, and for ``sparsemixer``) and ``drift``
+(:func:`moegrad.diagnostics.compare_routing` between the checkpoint and the fine-tuned model on
+the validation inputs).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from moegrad.diagnostics import (LoadWindow, compare_routing, gradient_fidelity,
                                  max_violation, router_entropy)
 from moegrad.study.fidelity import load_checkpoint
 from moegrad.study.flops import COMPONENTS, step_flops
-from moegrad.study.tasks import REGIMES
+from moegrad.study.task import REGIMES
 
 #: the pretraining recipe of ``--regime finetune``
 PRETRAIN_ESTIMATOR = "topk"
@@ -72,7 +73,7 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
 
     ``ms_per_step`` is the median step time (robust to other processes stealing the CPU for a
     while); ``ms_per_step_mean`` is train_time / steps. ``settings`` records the cell
-    (:meth:`~moegrad.study.tasks.Task.settings` plus regime and losses).
+    (:meth:`~moegrad.study.task.Task.settings` plus regime and losses).
 
     ``on_step()`` is called after every optimiser step (the progress bar).
     ``regime="finetune"`` needs ``init_state`` (from :func:`pretrain`) and ``task`` the shifted
