@@ -13,6 +13,7 @@ import ast
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -142,6 +143,26 @@ def test_the_graph_has_the_known_edges():
 def test_module_level_imports_have_no_cycle():
     cycle = _find_cycle(_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def _layout_order() -> list:
+    """The top-level modules and subpackages in the order README's Layout lists them."""
+    readme = (SRC.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1].split("\ntests/", 1)[0]
+    names = re.findall(r"(?:^\s{4}|\s{3})(\w+)(?:\.py|/)\s", block, flags=re.M)
+    return list(dict.fromkeys(names))
+
+
+def test_no_module_imports_one_listed_below_it_in_readme_layout():
+    """README's Layout lists the package bottom-up: each module-level import goes to a module
+    listed above (or inside the same subpackage)."""
+    order = _layout_order()
+    top = {name: name.split(".")[1] for name in MODULES if name.count(".")}
+    assert set(top.values()) - {"__init__"} <= set(order), set(top.values()) - set(order)
+    upward = sorted((a, b) for a, targets in _graph().items() for b in targets
+                    if a in top and b in top and top[a] != top[b] and top[a] in order
+                    and top[b] in order and order.index(top[b]) > order.index(top[a]))
+    assert not upward, upward
 
 
 #: run in a fresh interpreter: import the framework once, then fork one child per module, which
