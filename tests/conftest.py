@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,11 +14,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """PyTorch on one intra-op thread meanwhile (the thread count is restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def expert_ref(x, moe, e):
     """Expert e of ``moe`` on x [t, D] written from the weights: w2 (silu(w1 x) * (w3 x))."""
     ex = moe.experts
-    up = x @ ex.w1[e].T
-    h = F.silu(up) * (x @ ex.w3[e].T) if ex.w3 is not None else F.gelu(up)
+    gate = x @ ex.w1[e].T
+    h = F.silu(gate) * (x @ ex.w3[e].T) if ex.w3 is not None else F.gelu(gate)
     return h @ ex.w2[e].T
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tests.conftest import one_torch_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models: one intra-op thread is faster than two on a shared CPU (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield

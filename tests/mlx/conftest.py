@@ -8,12 +8,11 @@ The previous thread count is restored after each module.
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tests.conftest import one_torch_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _torch_single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
