@@ -20,6 +20,7 @@ _EXPORTS = {
     "MoE": "moegrad.layer", "MoEOutput": "moegrad.layer", "MoEStats": "moegrad.layer",
     "Router": "moegrad.routing", "RouterConfig": "moegrad.routing", "Routing": "moegrad.routing",
     "Experts": "moegrad.experts", "BiasBalancer": "moegrad.balancing", "BalanceWindow": "moegrad.balancing",
+    "QuantileBalancer": "moegrad.balancing",
     "estimators": "moegrad.estimators", "losses": "moegrad.losses",
 }
 

@@ -13,7 +13,9 @@ name things the same way, from one place:
   ``available``, ``get``, ``build_estimator``;
 * :data:`LOSS_NAMES`, :func:`bind_losses` and :func:`check_losses`: the balance-loss names,
   each framework's functions bound to them by name, and the ``losses=`` checks;
-  :func:`balanced_routers`: a ``BiasBalancer``'s argument checks;
+  :func:`balanced_routers`: a ``BiasBalancer``'s argument checks; :func:`quantile_balanced_routers`,
+  :func:`quantile_range`, :func:`quantile_rank`, :func:`histogram_quantile`: a
+  ``QuantileBalancer``'s argument checks, histogram range and quantile rule;
 * :func:`expert_capacity` and :func:`dense_chunk_tokens`: two sizing rules;
 * :func:`warn_if_no_task_gradient`: the top-1 renormalised trap, said at construction;
 * the messages for non-finite router logits.
@@ -433,6 +435,25 @@ def check_losses(losses, estimator: str) -> dict[str, float]:
     return out
 
 
+def selection_bias_routers(module, module_type: type, is_router: Callable[[object], bool],
+                           module_kind: str, router_kind: str, owner: str = "BiasBalancer") -> list:
+    """The routers (``is_router(m)`` true) in ``module`` built with ``selection_bias=True``.
+
+    ``module`` must be a ``module_type`` (TypeError naming ``owner``, ``module_kind``, e.g.
+    "nn.Module", and the routers it should hold, ``router_kind``, e.g. "moegrad"); a module
+    without such a router is a ValueError naming the fix."""
+    if not isinstance(module, module_type):
+        hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
+        raise TypeError(f"{owner}(module=...) takes an {module_kind} holding {router_kind} "
+                        f"Routers built with selection_bias=True (a Router, an MoE or a whole "
+                        f"model), got {type(module).__name__}{hint}")
+    routers = [m for m in module.modules() if is_router(m) and m.config.selection_bias]
+    if not routers:
+        raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
+                         f"build it with selection_bias=True ({owner} sets that bias)")
+    return routers
+
+
 def balanced_routers(module, gamma, module_type: type, is_router: Callable[[object], bool],
                      module_kind: str, router_kind: str) -> tuple[float, list]:
     """A ``BiasBalancer(module, gamma)``'s arguments checked -> (gamma as a float, the routers of
@@ -441,17 +462,62 @@ def balanced_routers(module, gamma, module_type: type, is_router: Callable[[obje
     ``module`` must be a ``module_type`` (TypeError naming ``module_kind``, e.g. "nn.Module",
     and the routers it should hold, ``router_kind``, e.g. "moegrad"); ``gamma`` >= 0; a module
     without such a router is a ValueError."""
-    if not isinstance(module, module_type):
-        hint = "; pass the model (or one layer) itself" if isinstance(module, (list, tuple)) else ""
-        raise TypeError(f"BiasBalancer(module=...) takes an {module_kind} holding {router_kind} "
-                        f"Routers built with selection_bias=True (a Router, an MoE or a whole "
-                        f"model), got {type(module).__name__}{hint}")
+    routers = selection_bias_routers(module, module_type, is_router, module_kind, router_kind)
     check_float("gamma", gamma, low=0.0)
-    routers = [m for m in module.modules() if is_router(m) and m.config.selection_bias]
-    if not routers:
-        raise ValueError(f"{type(module).__name__} holds no Router with a selection bias; "
-                         "build it with selection_bias=True")
     return float(gamma), routers
+
+
+#: QuantileBalancer's default number of histogram bins per expert
+QUANTILE_BINS = 4096
+
+
+def quantile_balanced_routers(module, bins, module_type: type, is_router: Callable[[object], bool],
+                              module_kind: str, router_kind: str) -> tuple[int, list]:
+    """A ``QuantileBalancer(module, bins)``'s arguments checked -> (bins, the routers).
+
+    ``bins`` is an int >= 2; every router needs top_k < num_experts (with K == E every expert
+    takes every token: the (K+1)-th score and the K/E quantile are undefined)."""
+    routers = selection_bias_routers(module, module_type, is_router, module_kind, router_kind,
+                                     owner="QuantileBalancer")
+    check_int("bins", bins, 2)
+    full = [r for r in routers if r.config.top_k >= r.config.num_experts]
+    if full:
+        c = full[0].config
+        raise ValueError(f"QuantileBalancer needs top_k < num_experts, got top_k={c.top_k} with "
+                         f"num_experts={c.num_experts} in {len(full)} router(s): every expert "
+                         "already takes every token (no (K+1)-th score, no K/E quantile to balance)")
+    return bins, routers
+
+
+def quantile_range(bias_min: float, bias_max: float) -> tuple[float, float]:
+    """The histogram range [lo, hi) of d_tj = alpha_t - s_tj for a bias with these extremes.
+
+    Scores are in [0, 1] (softmax or sigmoid at any temperature) and alpha_t, the (K+1)-th
+    largest biased score s_t + b, lies in [min_j s_tj + b_min, max_j s_tj + b_max], so
+    d in [b_min - 1, b_max + 1]: nothing is clamped. The bias changes only in ``step()``, so one
+    step's histograms (every micro-batch, every rank: all hold the same bias) share one range."""
+    return float(bias_min) - 1.0, float(bias_max) + 1.0
+
+
+def quantile_rank(top_k: int, num_experts: int, num_tokens: int) -> int:
+    """m = ceil(K N / E), in integers: the 1-based rank of the K/E quantile of N values.
+
+    The bias of an expert is its m-th smallest d_tj = alpha_t - s_tj (the K/E quantile, "inverted
+    CDF" rule: the smallest value with at least K N / E values <= it). Token t picks expert j
+    when s_tj + b_j > alpha_t, i.e. d_tj < b_j: about K N / E tokens, the balanced load."""
+    return -(-top_k * num_tokens // num_experts)
+
+
+def histogram_quantile(counts: list, rank: int, lo: float, width: float) -> float:
+    """Plain-list statement of the rule both frameworks implement with cumsum + searchsorted:
+    the centre of the first bin whose cumulative count reaches ``rank`` (>= 1). The m-th
+    smallest value lies in that bin, so the result is within width / 2 of it."""
+    total = 0
+    for i, c in enumerate(counts):
+        total += c
+        if total >= rank:
+            return lo + (i + 0.5) * width
+    raise ValueError(f"rank={rank} exceeds the {total} values in the histogram")
 
 
 # ----------------------------------------------------------------------------- dispatch

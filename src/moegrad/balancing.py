@@ -1,4 +1,5 @@
-"""Balancing state kept across layer calls: :class:`BalanceWindow` and :class:`BiasBalancer`.
+"""Balancing state kept across layer calls: :class:`BalanceWindow`, :class:`BiasBalancer` and
+:class:`QuantileBalancer`.
 
 The balance losses themselves are pure functions of one layer call's
 :class:`~moegrad.routing.Routing` (:mod:`moegrad.losses`). The two objects here walk a model
@@ -8,7 +9,10 @@ for its :class:`moegrad.MoE` layers / :class:`moegrad.Router` s and keep what sp
   gradient-accumulation step (each layer's ``balance_window`` buffer [E + 1], read by
   :meth:`moegrad.MoE.forward` and passed to :func:`moegrad.losses.balance_losses`);
 * :class:`BiasBalancer`: DeepSeek-V3's auxiliary-loss-free selection bias,
-  b_i += gamma * sign(mean_load - load_i), from the routers' ``load_counts`` [E].
+  b_i += gamma * sign(mean_load - load_i), from the routers' ``load_counts`` [E];
+* :class:`QuantileBalancer`: Kimi K3's quantile balancing, b_j = K/E quantile of
+  (alpha_t - s_tj) over the global batch, from per-expert histograms [E, bins] filled by a
+  forward hook on each router.
 
 Shapes: E experts. Under expert parallelism the counts are summed over the ranks
 (:mod:`moegrad._collectives`).
@@ -24,10 +28,11 @@ from torch import Tensor, nn
 from moegrad._collectives import all_reduce_detached
 from moegrad.layer import MoE
 from moegrad.losses import SWITCH_LOSSES
-from moegrad._spec import balanced_routers
-from moegrad.routing import is_router
+from moegrad._spec import (QUANTILE_BINS, balanced_routers, quantile_balanced_routers, quantile_range,
+                           quantile_rank)
+from moegrad.routing import Routing, is_router, recomputing_in_backward
 
-__all__ = ["BalanceWindow", "BiasBalancer"]
+__all__ = ["BalanceWindow", "BiasBalancer", "QuantileBalancer"]
 
 
 class BalanceWindow:
@@ -163,3 +168,155 @@ class BiasBalancer:
         master += update
         bias.copy_(master)  # round to nearest
         self._masters[i] = master
+
+
+class QuantileBalancer:
+    """Quantile balancing (Kimi K3 technical report, sec. 2.3.3): an auxiliary-loss-free
+    selection bias set, not nudged, once per optimizer step.
+
+    ``module`` is a Router, an MoE or a whole model: every router in it built with
+    ``selection_bias=True`` is balanced (with :mod:`moegrad.hf`, DeepSeek-V3's
+    ``e_score_correction_bias``), as :class:`BiasBalancer` finds them. For a router with E
+    experts, top-k K < E, raw scores s_t [E] (softmax or sigmoid, in [0, 1]) and the bias b used
+    by the forward:
+
+        alpha_t = (K+1)-th largest of s_t + b          the admission threshold of token t
+        d_tj    = alpha_t - s_tj                       [T, E]
+        b'_j    = m-th smallest d_tj over the N real tokens of the step, m = ceil(K N / E)
+        b_new   = b' - mean_j b'_j                     (centred)
+
+    The tokens are all micro-batches of every training-mode forward since the last
+    :meth:`step` and, under expert parallelism (``router.process_group``), of every rank.
+    Why this balances: token t selects j when s_tj + b_j beats alpha_t, i.e. d_tj < b_j; with
+    b_j the K/E quantile of d_.j, about K N / E tokens do, the balanced load (with the other
+    experts' thresholds alpha held at this step's values: a coordinate-wise fixed point,
+    re-estimated every step). Centring changes no selection. ``s`` is the raw score and alpha
+    uses the current bias; the combine weights stay the unbiased scores' (the bias only
+    selects).
+
+    The quantile comes from a histogram: ``bins`` equal bins per expert over
+    [b_min - 1, b_max + 1) (b the bias at the step's first forward; d always lies in that range,
+    :func:`moegrad._spec.quantile_range`), int64 counts [E, bins] per router, summed over the
+    ranks in :meth:`step`. b'_j is the centre of the bin holding the m-th smallest value
+    (:func:`moegrad._spec.histogram_quantile`), so it is within half a bin width,
+    (b_max - b_min + 2) / (2 bins), of the sorted value. Counting happens in a forward hook
+    (``register_forward_hook`` on each router, reading the returned :class:`Routing`'s
+    ``scores`` and ``mask``): training mode only, padding tokens excluded, a forward re-run by
+    activation checkpointing counted once, eval mode not at all. Memory: E * bins * 8 bytes
+    per router (E = 64, bins = 4096: 2 MiB).
+
+    Usage: ``balancer = QuantileBalancer(model)``; after each ``optimizer.step()``, call
+    ``balancer.step()`` (returns the loads [E] of the finished step, like
+    :meth:`BiasBalancer.step`, and resets the routers' ``load_counts``). :meth:`remove`
+    detaches the hooks. Do not also attach a :class:`BiasBalancer` to the same routers.
+
+    Precision: the new bias is computed in fp32 and written into the router's bias (a
+    :class:`moegrad.Router` keeps it fp32). A lower-precision bias (an HF DeepSeek-V3 model cast
+    to bf16) gets the new value rounded to nearest: unlike BiasBalancer's small increments,
+    a value that is set each step does not accumulate rounding, so no fp32 master copy is kept.
+
+    Group-limited top-k (``n_group``): alpha is the (K+1)-th biased score over all experts,
+    as in the K3 definition, not within the kept groups.
+
+    Differences from other implementations (read, not copied): Megatron-Core's
+    ``quantile_balancing`` routing (NVIDIA/Megatron-LM PR 5349) subtracts its bias
+    (top-k of s - beta, so beta = -b), takes a per-micro-batch quantile by top-k over tokens,
+    averages it over micro-batches and data-parallel ranks and optionally blends with an EMA;
+    later versions use a histogram with a learned range (``qb_bin_bounds``, 1000 bins). Here
+    the quantile is of the whole global batch (one histogram over micro-batches and ranks,
+    not a mean of per-micro-batch quantiles), the range is exact from the bias, and there is
+    no EMA.
+    """
+
+    def __init__(self, module: nn.Module, bins: int = QUANTILE_BINS) -> None:
+        self.bins, self.routers = quantile_balanced_routers(module, bins, nn.Module, is_router,
+                                                            "nn.Module", "moegrad")
+        taken = [r for r in self.routers
+                 if any(getattr(h, "quantile_balancer", False) for h in r._forward_hooks.values())]
+        if taken:
+            raise ValueError(f"{len(taken)} of the {len(self.routers)} routers already belong to a "
+                             "QuantileBalancer; reuse it or call its remove() first")
+        self.histograms: list[Tensor] = []
+        self._ranges: list[Optional[tuple[float, float]]] = [None] * len(self.routers)
+        self._handles = []
+        for i, router in enumerate(self.routers):
+            self.histograms.append(torch.zeros(router.config.num_experts, self.bins, dtype=torch.int64,
+                                               device=router.gate.weight.device))
+            self._handles.append(router.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i: int):
+        def hook(router, args, routing) -> None:
+            if isinstance(routing, Routing) and router.training and not recomputing_in_backward():
+                self._accumulate(i, router, routing)
+        hook.quantile_balancer = True  # marks the router as taken
+        return hook
+
+    def range(self, i: int) -> tuple[float, float]:
+        """(lo, bin width) of router i's histogram this step."""
+        if self._ranges[i] is None:
+            bias = self.routers[i].bias.detach().float()
+            lo, hi = quantile_range(float(bias.min()), float(bias.max()))
+            self._ranges[i] = (lo, (hi - lo) / self.bins)
+        return self._ranges[i]
+
+    @torch.no_grad()
+    def _accumulate(self, i: int, router: nn.Module, routing: Routing) -> None:
+        """Add this call's d_tj = alpha_t - s_tj [T, E] of the real tokens to histogram i."""
+        scores = routing.scores.detach()
+        if routing.mask is not None:
+            scores = scores[routing.mask]
+        if not scores.shape[0]:
+            return
+        k, e = router.config.top_k, router.config.num_experts
+        alpha = (scores + router.bias.to(scores.dtype)).topk(k + 1, dim=-1).values[:, k]  # [T]
+        lo, width = self.range(i)
+        d = alpha[:, None] - scores  # [T, E]
+        which = ((d - lo) / width).floor().long().clamp_(0, self.bins - 1)
+        which += torch.arange(e, device=which.device) * self.bins
+        hist = self.histograms[i]
+        hist.view(-1).add_(torch.bincount(which.reshape(-1), minlength=e * self.bins).to(hist.device))
+
+    @torch.no_grad()
+    def biases(self) -> list[Tensor]:
+        """The centred biases b_new [E] fp32 the histograms so far give (summed over the ranks
+        under expert parallelism: a collective, call it on every rank); None for a router that
+        saw no real token."""
+        out = []
+        for i, router in enumerate(self.routers):
+            hist = self.histograms[i]
+            if router.process_group is not None:
+                hist = all_reduce_detached(hist, router.process_group)
+            n = int(hist[0].sum())
+            if n == 0:
+                out.append(None)
+                continue
+            rank = quantile_rank(router.config.top_k, router.config.num_experts, n)
+            cum = hist.cumsum(1)  # [E, bins]
+            target = torch.full((cum.shape[0], 1), rank, dtype=cum.dtype, device=cum.device)
+            index = torch.searchsorted(cum, target).squeeze(1)  # first bin with cum >= rank
+            lo, width = self.range(i)
+            b = lo + (index.double() + 0.5) * width
+            out.append((b - b.mean()).float())
+        return out
+
+    @torch.no_grad()
+    def step(self) -> list[Tensor]:
+        """Set every bias from its histograms, reset them and the routers' ``load_counts``;
+        returns the loads [E] fp32 of the finished step (summed over the ranks)."""
+        loads = []
+        for i, (router, bias) in enumerate(zip(self.routers, self.biases())):
+            if bias is not None:
+                router.bias.copy_(bias)  # rounds to nearest for a bf16 bias (see the docstring)
+            self.histograms[i].zero_()
+            self._ranges[i] = None
+            load = router.reset_load_counts().float()
+            if router.process_group is not None:
+                load = all_reduce_detached(load, router.process_group)
+            loads.append(load)
+        return loads
+
+    def remove(self) -> None:
+        """Detach the hooks: the routers keep their current bias and are no longer counted."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.routers, self.histograms, self._ranges = [], [], [], []
