@@ -1,11 +1,20 @@
-"""Balancing state across layer calls (moegrad.balancing): BalanceWindow, BiasBalancer."""
+"""Balancing state across layer calls (moegrad.balancing): BalanceWindow, BiasBalancer,
+QuantileBalancer."""
+
+import json
+import math
+import os
+import time
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import moegrad
 from moegrad import losses
-from moegrad.balancing import BalanceWindow, BiasBalancer
+from moegrad._spec import histogram_quantile
+from moegrad.balancing import BalanceWindow, BiasBalancer, QuantileBalancer
+from moegrad.diagnostics import max_violation
 
 
 def test_bias_balancer_moves_bias_towards_balance_and_keeps_weights():
@@ -256,3 +265,186 @@ def test_moved_names_still_import_from_their_old_module_with_a_deprecation_warni
     assert value is getattr(importlib.import_module(new), name)
     with pytest.raises(AttributeError, match="has no attribute 'Balancer'"):
         _ = old.Balancer
+
+
+# ----------------------------------------------------------------------------- QuantileBalancer
+def _k3_reference(scores, masks, bias, top_k):
+    """The K3 bias by sorting (no histogram): alpha_t = (K+1)-th largest of s_t + b, d = alpha - s
+    over the real tokens of every micro-batch, b'_j = ceil(K N / E)-th smallest d_.j, centred."""
+    s = torch.cat([sc[m] for sc, m in zip(scores, masks)]).detach().double()  # [N, E]
+    n, e = s.shape
+    alpha = (s + bias.double()).sort(dim=-1, descending=True).values[:, top_k]
+    d = (alpha[:, None] - s).sort(dim=0).values
+    b = d[math.ceil(top_k * n / e) - 1]
+    return b - b.mean(), d, n
+
+
+def _skewed_moe(e=8, k=2, d=16, strength=2.0, score="softmax", seed=0):
+    """An MoE whose gate favours experts 0 and 1 along a direction u the data leans to."""
+    torch.manual_seed(seed)
+    moe = moegrad.MoE(d, 16, e, k, selection_bias=True, losses={}, score=score)
+    u = torch.randn(d)
+    u /= u.norm()
+    with torch.no_grad():
+        moe.router.gate.weight[:2] += strength * u
+    return moe, u
+
+
+@pytest.mark.parametrize("score,bins", [("softmax", 4096), ("sigmoid", 512)])
+def test_quantile_balancer_matches_the_sorted_k3_formula(score, bins):
+    moe, u = _skewed_moe(e=6, k=2, score=score)
+    with torch.no_grad():
+        moe.router.bias.copy_(torch.tensor([0.1, -0.2, 0.05, 0.0, 0.3, -0.25]))  # alpha uses it
+    bias0 = moe.router.bias.clone()
+    qb = QuantileBalancer(moe, bins=bins)
+    gen = torch.Generator().manual_seed(1)
+    scores, masks = [], []
+    for tokens in (40, 27):  # 2 micro-batches with padding
+        x = torch.randn(tokens, 16, generator=gen) + u
+        mask = torch.rand(tokens, generator=gen) > 0.3
+        scores.append(moe(x, mask).routing.scores)
+        masks.append(mask)
+    ref, d, n = _k3_reference(scores, masks, bias0, 2)
+    width = (float(bias0.max()) - float(bias0.min()) + 2) / bins
+    assert int(qb.histograms[0].sum()) == n * 6  # every real (token, expert) pair once
+    loads = qb.step()
+    assert abs(float(loads[0].sum()) - 2 * n) < 1e-6
+    b = moe.router.bias
+    assert b.dtype == torch.float32
+    assert float((b.double() - ref).abs().max()) <= width  # centring keeps the half-width bound x2
+    assert abs(float(b.sum())) < 1e-5
+    # direction: the uncentred b'_j has at least K/E of the d_.j at or below it, fewer strictly
+    # below (token t takes expert j when d_tj < b_j: about K N / E tokens, not (1 - K/E) N)
+    raw = d[math.ceil(2 * n / 6) - 1]
+    assert bool(((d <= raw).double().mean(0) >= 2 / 6).all())
+    assert bool(((d < raw).double().mean(0) < 2 / 6).all())
+    assert int(qb.histograms[0].sum()) == 0
+
+
+def test_histogram_quantile_rule_on_plain_lists():
+    # values 0.1, 0.1, 0.6, 0.9 in 4 bins over [0, 1): rank 3 of 4 is in bin 2 (centre 0.625)
+    assert histogram_quantile([2, 0, 1, 1], 3, 0.0, 0.25) == 0.625
+    assert histogram_quantile([2, 0, 1, 1], 1, 0.0, 0.25) == 0.125
+    with pytest.raises(ValueError, match="rank=5"):
+        histogram_quantile([2, 0, 1, 1], 5, 0.0, 0.25)
+
+
+def test_quantile_balancer_approaches_balance_faster_than_bias_balancer():
+    def run(make, steps=15):
+        moe, u = _skewed_moe()
+        moe.requires_grad_(False)  # gate frozen: only the bias moves
+        balancer = make(moe)
+        gen = torch.Generator().manual_seed(2)
+        out = []
+        for _ in range(steps):
+            for _ in range(2):
+                moe(torch.randn(256, 16, generator=gen) + u)
+            out.append(max_violation(balancer.step()[0]))
+        return out
+
+    qb, bias = run(QuantileBalancer), run(BiasBalancer)
+    assert qb[0] == pytest.approx(bias[0]) and qb[0] > 1.0  # same skewed start
+    tail = sum(qb[-5:]) / 5
+    assert tail < 0.35, qb
+    assert tail < sum(bias[-5:]) / 5, (qb, bias)
+
+
+def test_quantile_balancer_counts_checkpointed_forward_once_and_eval_not_at_all():
+    moe, u = _skewed_moe(e=4, k=1)
+    qb = QuantileBalancer(moe)
+    x = (torch.randn(10, 16) + u).requires_grad_(True)
+    out = checkpoint(lambda t: moe(t).y, x, use_reentrant=False)
+    out.sum().backward()
+    assert int(qb.histograms[0].sum()) == 10 * 4
+    moe.eval()
+    moe(x)
+    assert int(qb.histograms[0].sum()) == 10 * 4
+    before = moe.router.bias.clone()
+    moe.train()
+    qb.histograms[0].zero_()
+    qb.step()  # nothing counted: the bias stays
+    assert torch.equal(moe.router.bias, before)
+
+
+def test_quantile_balancer_remove_and_errors():
+    moe, _ = _skewed_moe(e=4, k=1)
+    qb = QuantileBalancer(moe, bins=16)
+    with pytest.raises(ValueError, match="already belong to a QuantileBalancer"):
+        QuantileBalancer(moe)
+    qb.remove()
+    moe(torch.randn(5, 16))
+    QuantileBalancer(moe)  # free again
+    with pytest.raises(ValueError, match="bins=1"):
+        QuantileBalancer(moegrad.MoE(4, 8, 4, 1, selection_bias=True), bins=1)
+    with pytest.raises(TypeError, match="bins must be an int"):
+        QuantileBalancer(moegrad.MoE(4, 8, 4, 1, selection_bias=True), bins=8.0)
+    with pytest.raises(ValueError, match="selection_bias=True"):
+        QuantileBalancer(moegrad.MoE(4, 8, 4, 1))
+    with pytest.raises(ValueError, match="top_k < num_experts"):
+        QuantileBalancer(moegrad.MoE(4, 8, 4, 4, selection_bias=True))
+    with pytest.raises(TypeError, match="QuantileBalancer"):
+        QuantileBalancer([moe])
+
+
+def _qb_inputs(rank, micro):
+    gen = torch.Generator().manual_seed(100 + 10 * rank + micro)
+    x = torch.randn(12, 8, generator=gen)
+    return x, torch.rand(12, generator=gen) > 0.25
+
+
+def _qb_moe():
+    torch.manual_seed(5)
+    moe = moegrad.MoE(8, 12, 4, 1, selection_bias=True, losses={})
+    with torch.no_grad():
+        moe.router.gate.weight[0] += 1.0
+    return moe
+
+
+def _qb_worker(rank, world, port, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from moegrad._testing import init_process_group_for_tests
+    from moegrad.distributed import expert_parallel
+
+    init_process_group_for_tests(rank, world, port, 20.0)
+    try:
+        moe = expert_parallel(_qb_moe())
+        qb = QuantileBalancer(moe, bins=256)
+        for micro in range(2):
+            moe(*_qb_inputs(rank, micro))
+        loads = qb.step()
+        result = {"bias": moe.router.bias.tolist(), "loads": loads[0].tolist()}
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result if "result" in locals() else {}, f)
+        dist.destroy_process_group()
+
+
+def test_quantile_balancer_two_ranks_equal_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    from moegrad._testing import free_port
+
+    ctx = mp.start_processes(_qb_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 60
+    try:
+        while not ctx.join(timeout=1.0):
+            assert time.monotonic() < deadline, "the 2-process group did not finish in 60 s"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    moe = _qb_moe()  # one process, every micro-batch of both ranks
+    qb = QuantileBalancer(moe, bins=256)
+    for rank in range(2):
+        for micro in range(2):
+            moe(*_qb_inputs(rank, micro))
+    loads = qb.step()
+    for res in results:
+        assert res["bias"] == moe.router.bias.tolist()
+        assert res["loads"] == loads[0].tolist()
+    assert moe.router.bias.abs().max() > 0
