@@ -99,3 +99,38 @@ def test_the_former_losses_name_still_imports_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="moegrad.mlx.losses.BiasBalancer has moved to "
                                                 "moegrad.mlx.balancing.BiasBalancer"):
         assert losses.BiasBalancer is balancing.BiasBalancer is mgx.BiasBalancer
+
+
+# --------------------------------------------------------------------------- QuantileBalancer
+def test_quantile_balancer_matches_torch_within_a_bin():
+    torch.manual_seed(4)
+    tm = moegrad.MoE(8, 12, 6, 2, selection_bias=True, losses={})
+    with torch.no_grad():
+        tm.router.gate.weight[:2] += 1.0
+        tm.router.bias.copy_(torch.tensor([0.1, -0.2, 0.05, 0.0, 0.3, -0.25]))
+    mm = mgx.from_torch(tm)
+    tq, mq = moegrad.QuantileBalancer(tm, bins=1024), mgx.QuantileBalancer(mm, bins=1024)
+    width = (0.3 + 0.25 + 2) / 1024
+    gen = torch.Generator().manual_seed(0)
+    for tokens in (30, 17):  # 2 micro-batches with padding
+        x = torch.randn(tokens, 8, generator=gen)
+        mask = torch.rand(tokens, generator=gen) > 0.3
+        tm(x, mask)
+        mm(to_mx(x), to_mx(mask))
+    assert int(mq.histograms[0].sum()) == int(tq.histograms[0].sum())
+    t_loads, m_loads = tq.step(), mq.step()
+    assert max_diff(m_loads[0], t_loads[0]) == 0
+    assert max_diff(mm.router.bias, tm.router.bias) <= width
+    assert mm.router.bias.dtype == mx.float32 and abs(float(mm.router.bias.sum())) < 1e-5
+    assert int(mq.histograms[0].sum()) == 0
+    mm.eval()
+    mm(to_mx(torch.randn(5, 8)))
+    assert int(mq.histograms[0].sum()) == 0  # eval mode counts nothing
+    mq.remove()
+    assert mm.router.observer is None
+    with pytest.raises(ValueError, match="bins=1"):
+        mgx.QuantileBalancer(mm, bins=1)
+    with pytest.raises(ValueError, match="top_k < num_experts"):
+        mgx.QuantileBalancer(mgx.MoE(8, 12, 2, 2, selection_bias=True))
+    with pytest.raises(ValueError, match="selection_bias=True"):
+        mgx.QuantileBalancer(mgx.MoE(8, 12, 6, 2))

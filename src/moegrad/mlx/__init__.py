@@ -14,7 +14,7 @@ Layout (one file per concept, mirroring the PyTorch package): ``routing`` (Route
 ``selection`` (Selection: top-k and combine weights), ``estimators/``, ``dispatch``,
 ``experts`` (Experts, ExpertWeights by role), ``layer`` (MoE and ``run_experts``, the forward
 sequence after the router), ``losses`` (balance losses of a Routing), ``balancing``
-(BiasBalancer), ``lm`` (mlx-lm blocks), ``convert``. Configuration, validation and names shared
+(BiasBalancer, QuantileBalancer), ``lm`` (mlx-lm blocks), ``convert``. Configuration, validation and names shared
 with PyTorch are in the framework-free ``moegrad._spec`` / ``moegrad._interfaces``.
 
 This subpackage imports only ``mlx`` and those pure-Python modules; torch is imported inside
@@ -25,9 +25,9 @@ from moegrad.mlx import estimators, losses
 from moegrad.mlx.convert import from_torch, to_torch
 from moegrad.mlx.experts import Experts
 from moegrad.mlx.layer import MoE, MoEOutput, MoEStats
-from moegrad.mlx.balancing import BiasBalancer
+from moegrad.mlx.balancing import BiasBalancer, QuantileBalancer
 from moegrad.mlx.ops import topk
 from moegrad.mlx.routing import Router, RouterConfig, Routing
 
 __all__ = ["MoE", "MoEOutput", "MoEStats", "Router", "RouterConfig", "Routing", "Experts",
-           "BiasBalancer", "estimators", "losses", "topk", "from_torch", "to_torch"]
+           "BiasBalancer", "QuantileBalancer", "estimators", "losses", "topk", "from_torch", "to_torch"]

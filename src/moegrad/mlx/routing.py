@@ -94,6 +94,10 @@ class Router(RouterViews, nn.Module):
     (token, slot) pairs routed in training mode since :meth:`reset_load_counts`.
     """
 
+    #: called as ``observer(router, routing)`` after every training-mode call (MLX has no forward
+    #: hooks; :class:`moegrad.mlx.QuantileBalancer` sets it), None otherwise
+    observer = None
+
     def __init__(self, dim: int, num_experts: int, top_k: int, *, score: str = "softmax",
                  normalize: bool = False, estimator: str = "topk", temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
@@ -147,9 +151,12 @@ class Router(RouterViews, nn.Module):
             if token_mask is not None:  # padding rows go to an extra bin that is dropped
                 rows = mx.where(token_mask[:, None], rows, self.num_experts)
             self.load_counts = self.load_counts + counts(rows, self.num_experts + 1)[:-1]
-        return Routing(logits=logits, scores=scores, indices=picked.indices, weights=picked.weights,
-                       shape=shape, mask=token_mask, load_probs=picked.load_probs,
-                       noise_std=picked.noise_std)
+        routing = Routing(logits=logits, scores=scores, indices=picked.indices, weights=picked.weights,
+                          shape=shape, mask=token_mask, load_probs=picked.load_probs,
+                          noise_std=picked.noise_std)
+        if self.training and self.observer is not None:  # e.g. QuantileBalancer's histograms
+            self.observer(self, routing)
+        return routing
 
     # -- shared rules the estimators build on
     def score(self, z: mx.array) -> mx.array:
