@@ -448,3 +448,16 @@ def test_quantile_balancer_two_ranks_equal_the_global_batch(tmp_path):
         assert res["bias"] == moe.router.bias.tolist()
         assert res["loads"] == loads[0].tolist()
     assert moe.router.bias.abs().max() > 0
+
+
+def test_balancing_skewed_example_runs_briefly(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "balancing_skewed.py"
+    main = runpy.run_path(str(example))["main"]
+    out = tmp_path / "plot.png"
+    summary = main(["--steps", "5", "--seeds", "2", "--out", str(out)])
+    assert out.stat().st_size > 0
+    assert set(summary) == {"switch", "bias", "quantile"}
+    assert summary["quantile"]["final"] < summary["bias"]["final"]
