@@ -461,3 +461,25 @@ def test_balancing_skewed_example_runs_briefly(tmp_path):
     assert out.stat().st_size > 0
     assert set(summary) == {"switch", "bias", "quantile"}
     assert summary["quantile"]["final"] < summary["bias"]["final"]
+
+
+def test_quantile_balancer_sets_a_patched_deepseek_v3_correction_bias():
+    pytest.importorskip("transformers")
+    import moegrad.hf as mh
+    from tests.hf.models import ids, tiny
+
+    model = tiny("deepseek_v3").train()
+    mh.patch(model)
+    qb = QuantileBalancer(model, bins=512)
+    router = mh.routers(model)[0]
+    hf_bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    assert router.bias is hf_bias
+    model(ids(8))
+    routing = router.last_routing
+    assert routing.mask is None
+    ref, _, _ = _k3_reference([routing.scores], [torch.ones(routing.num_tokens, dtype=torch.bool)],
+                              hf_bias.clone(), router.top_k)
+    width = (float(hf_bias.max()) - float(hf_bias.min()) + 2) / 512
+    qb.step()
+    assert float((hf_bias.double() - ref).abs().max()) <= width
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in model.state_dict()
