@@ -234,3 +234,45 @@ def test_topk_routing_is_the_default_and_unchanged():
     assert a.router.config.routing == "topk" and "routing" not in repr(a)
     assert torch.equal(a(x).y, b(x).y)
     assert "routing=sinkhorn" in repr(moegrad.MoE(8, 16, 4, 2, routing="sinkhorn"))
+
+
+@pytest.mark.parametrize("estimator", SINKHORN_ESTIMATORS)
+def test_a_patched_hf_model_routes_with_sinkhorn_in_training_and_keeps_its_eval_forward(estimator):
+    pytest.importorskip("transformers")
+    import moegrad.hf as mh
+    from tests.hf.models import ids, tiny
+
+    reference = tiny("qwen3_moe")
+    changes = estimator in ("unweighted", "straight_through")  # unit weights forward
+    if changes:
+        with pytest.raises(ValueError, match="would change the forward.*Estimators that keep it: "
+                                             r"\['default_moe', 'dense', 'topk'\]"):
+            mh.patch(tiny("qwen3_moe"), estimator, routing="sinkhorn")
+    model = mh.patch(tiny("qwen3_moe"), estimator, routing="sinkhorn", losses={"switch": 1e-2},
+                     allow_forward_change=changes)
+    router = mh.routers(model)[0]
+    assert router.config.routing == "sinkhorn"
+    if not changes:
+        with torch.no_grad():  # eval: plain top-k, the family's own forward
+            torch.testing.assert_close(model(ids()).logits, reference(ids()).logits)
+    model.train()
+    x = torch.randn(20, router.config.dim)
+    r = router(x)
+    assert torch.equal(r.indices, _balanced(r.scores.detach()).topk(2, dim=-1).indices)
+    out = model(ids(), labels=ids())
+    out.loss.backward()
+    grad = router.gate.weight.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+
+
+def test_hf_patch_refuses_sinkhorn_where_it_cannot_apply():
+    pytest.importorskip("transformers")
+    import moegrad.hf as mh
+    from tests.hf.models import tiny
+
+    with pytest.raises(ValueError, match="routing='sinkhorn' with selection_bias"):
+        mh.patch(tiny("deepseek_v3"), routing="sinkhorn")
+    with pytest.raises(ValueError, match="samples its selection.*routing='sinkhorn'"):
+        mh.patch(tiny("qwen3_moe"), "gumbel", routing="sinkhorn", allow_forward_change=True)
+    with pytest.raises(ValueError, match="routing='remoe' is planned"):
+        mh.patch(tiny("qwen3_moe"), routing="remoe")
