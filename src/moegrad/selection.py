@@ -26,6 +26,13 @@ megatron/core/transformer/moe/router.py ``sinkhorn_load_balancing`` and moe_util
 training mode S = TopK(P) with P the Sinkhorn balancing of the scores, in eval mode
 S = TopK(s) as for ``topk``; the combine weights are the router's own scores at S either way,
 so every estimator that selects with :meth:`Selection.select_topk` keeps its gradient path.
+Where moegrad differs from Megatron-Core (besides :func:`sinkhorn`'s own notes): Megatron
+weighs with sigmoid(logits) for K = 1 and softmax(logits) for K > 1 whatever its score
+function, moegrad with the router's rule (score, ``normalize``, ``routed_scaling_factor``) and
+balances the tempered scores; Megatron refuses an aux loss with Sinkhorn, moegrad allows the
+balance losses (redundant, not wrong). As in Megatron the balance is over the tokens of one
+call on one rank: padding tokens take part (the mask is not passed to the selection) and
+expert-parallel ranks balance their own tokens.
 """
 
 from __future__ import annotations
