@@ -423,6 +423,8 @@ MISMATCHES = {
                         "capacity_factor: None on rank(s) [0], 1.0 on rank(s) [1]"),
     "normalize": ({}, {"normalize": True}, False, ["normalize"],
                   "normalize: False on rank(s) [0], True on rank(s) [1]"),
+    "routing": ({}, {"routing": "sinkhorn"}, False, ["routing"],
+                "routing: 'topk' on rank(s) [0], 'sinkhorn' on rank(s) [1]"),
     "losses_changed": ({}, {"losses": {"z_loss": 0.01}}, True, ["losses"],
                        "losses: [['switch', 0.1]] on rank(s) [0], [['z_loss', 0.01]] on rank(s) [1]"),
     "estimator_option_changed": ({"estimator": "gumbel"}, {"tau": 0.5}, True, ["estimator option tau"],

@@ -10,7 +10,7 @@ import torch
 
 import moegrad
 from moegrad.estimators import Estimator, Picked
-from moegrad.selection import Selection
+from moegrad.selection import Selection, sinkhorn
 
 
 def _reference_topk(scores, bias, n_group, topk_group, k):
@@ -70,3 +70,209 @@ def test_an_estimator_written_against_the_router_names_works_with_a_selection():
     torch.testing.assert_close(r.weights, top.values / 2)
     with pytest.raises(AttributeError, match="Selection"):
         _ = router.selection().gate
+
+
+# ----------------------------------------------------------------------------- Sinkhorn selection
+def _megatron_sinkhorn(cost, tol=1e-4):
+    """A transcription of Megatron-Core's ``moe_utils.sinkhorn`` (megatron/core/transformer/moe/
+    moe_utils.py): exp of the logits, d0 rows to 1/T, d1 columns to 1/E, eps 1e-8, until the
+    mean |change of d1| <= tol, no iteration cap. moegrad's :func:`moegrad.selection.sinkhorn`
+    differs in taking the scores rather than exp(logits) (the same P for softmax scores, another
+    one for sigmoid scores) and in capping the iterations (SINKHORN_MAX_ITERS)."""
+    cost = torch.exp(cost)
+    d0 = torch.ones(cost.size(0), dtype=cost.dtype)
+    d1 = torch.ones(cost.size(1), dtype=cost.dtype)
+    eps, error, d1_old = 1e-8, 1e9, d1
+    while error > tol:
+        d0 = (1 / d0.size(0)) * 1 / (torch.sum(d1 * cost, 1) + eps)
+        d1 = (1 / d1.size(0)) * 1 / (torch.sum(d0.unsqueeze(1) * cost, 0) + eps)
+        error = torch.mean(torch.abs(d1_old - d1))
+        d1_old = d1
+    return d1 * cost * d0.unsqueeze(1)
+
+
+def _balanced(scores, tol=1e-4, max_iters=1000):
+    """Sinkhorn written as alternating normalisation of the matrix itself: rows to 1/T, then
+    columns to 1/E, stopping when the mean change of the accumulated column factors is <= tol
+    (the same rule as the scaling vectors of Megatron/moegrad, reached another way)."""
+    t, e = scores.shape
+    p = scores.clone()
+    cols = torch.ones(e, dtype=scores.dtype)
+    for _ in range(max_iters):
+        p = p / p.sum(1, keepdim=True) / t
+        factor = 1.0 / (e * p.sum(0))
+        p = p * factor
+        change = (cols * factor - cols).abs().mean()
+        cols = cols * factor
+        if change <= tol:
+            break
+    return p
+
+
+def _skewed_logits(t=64, e=8, seed=0):
+    """[T, E] logits whose plain top-k overloads experts 0 and 1."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(t, e, generator=gen)
+    z[:, :2] += 2.0
+    return z
+
+
+def test_sinkhorn_is_doubly_stochastic_and_equals_the_written_out_normalisation():
+    z = _skewed_logits().double()
+    s = torch.softmax(z, -1)
+    p = sinkhorn(s, tol=1e-12)
+    t, e = s.shape
+    torch.testing.assert_close(p.sum(0), torch.full((e,), 1 / e, dtype=p.dtype))
+    torch.testing.assert_close(p.sum(1), torch.full((t,), 1 / t, dtype=p.dtype))
+    torch.testing.assert_close(p, _balanced(s, tol=1e-12))
+    # the default tolerance: columns exact, rows within 2% of 1/T
+    q = sinkhorn(s.float())
+    torch.testing.assert_close(q.sum(0), torch.full((e,), 1 / e), rtol=1e-5, atol=0)
+    assert float((q.sum(1) * t - 1).abs().max()) < 0.02
+    torch.testing.assert_close(q, _balanced(s.float()), rtol=1e-4, atol=1e-9)
+
+
+def test_sinkhorn_equals_megatron_for_softmax_scores_and_differs_for_sigmoid():
+    z = _skewed_logits(seed=1).double()
+    torch.testing.assert_close(sinkhorn(torch.softmax(z, -1)), _megatron_sinkhorn(z),
+                               rtol=1e-6, atol=1e-12)
+    assert torch.equal(sinkhorn(torch.softmax(z, -1)).topk(2).indices,
+                       _megatron_sinkhorn(z).topk(2).indices)
+    # sigmoid scores: moegrad balances sigmoid(z), Megatron exp(z) (the same as our rule on
+    # the cost exp(log sigmoid(z)) only through a different matrix)
+    ours = sinkhorn(torch.sigmoid(z))
+    torch.testing.assert_close(ours, _megatron_sinkhorn(torch.nn.functional.logsigmoid(z)),
+                               rtol=1e-6, atol=1e-12)
+    assert not torch.allclose(ours, _megatron_sinkhorn(z), rtol=1e-3)
+
+
+def test_sinkhorn_of_no_tokens_is_empty():
+    assert sinkhorn(torch.zeros(0, 4)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("score,normalize,scale", [("softmax", False, 1.0), ("sigmoid", True, 2.5)])
+def test_sinkhorn_router_selects_top_k_of_the_balanced_scores_in_training_only(score, normalize,
+                                                                               scale):
+    torch.manual_seed(0)
+    router = moegrad.Router(6, 8, 2, routing="sinkhorn", score=score, normalize=normalize,
+                            routed_scaling_factor=scale)
+    with torch.no_grad():
+        router.gate.weight.mul_(3.0)
+        router.gate.weight[:2] += 1.0  # experts 0, 1 favoured
+    x = torch.randn(64, 6) + 0.5
+    r = router(x)
+    s = torch.sigmoid(r.logits) if score == "sigmoid" else torch.softmax(r.logits, -1)
+    torch.testing.assert_close(r.scores, s)
+    expect = _balanced(s.detach()).topk(2, dim=-1).indices
+    assert torch.equal(r.indices, expect)
+    plain = s.detach().topk(2, dim=-1).indices
+    assert not torch.equal(r.indices, plain)
+    # more balanced than plain top-k: the busiest expert gets fewer pairs
+    busiest = [int(torch.bincount(i.reshape(-1), minlength=8).max()) for i in (r.indices, plain)]
+    assert busiest[0] < busiest[1]
+    # the weights are the router's own scores at S (combine rule of topk), gradient included
+    w = s.gather(1, r.indices)
+    if normalize:
+        w = w / w.sum(-1, keepdim=True)
+    torch.testing.assert_close(r.weights, scale * w)
+    g = torch.randn(64, 2)
+    (gr,) = torch.autograd.grad((r.weights * g).sum(), router.gate.weight, retain_graph=True)
+    (ge,) = torch.autograd.grad((scale * w * g).sum(), router.gate.weight)
+    torch.testing.assert_close(gr, ge)
+    # eval mode: plain top-k
+    router.eval()
+    assert torch.equal(router(x).indices, plain)
+    assert router.selection().training is False
+
+
+def test_sinkhorn_with_group_limited_top_k_masks_groups_of_the_balanced_matrix():
+    gen = torch.Generator().manual_seed(3)
+    router = moegrad.Router(6, 8, 3, routing="sinkhorn", n_group=4, topk_group=2)
+    scores = torch.softmax(torch.randn(32, 8, generator=gen) * 2, -1)
+    got = router.selection().select_topk(scores)
+    expect = _reference_topk(_balanced(scores), None, 4, 2, 3)
+    assert torch.equal(got, expect)
+
+
+SINKHORN_ESTIMATORS = ["topk", "unweighted", "straight_through", "dense", "default_moe"]
+
+
+@pytest.mark.parametrize("estimator", SINKHORN_ESTIMATORS)
+def test_moe_with_sinkhorn_runs_forward_and_backward_for_each_deterministic_estimator(estimator):
+    torch.manual_seed(0)
+    moe = moegrad.MoE(8, 16, 4, 2, routing="sinkhorn", estimator=estimator)
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    out = moe(x)
+    s = out.routing.scores.detach()
+    assert torch.equal(out.routing.indices, _balanced(s).topk(2, dim=-1).indices)
+    (out.y.square().mean() + out.aux_loss).backward()
+    grad = moe.router.gate.weight.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+    assert bool(torch.isfinite(x.grad).all())
+    assert int(moe.router.load_counts.sum()) == 32 * 2
+
+
+@pytest.mark.parametrize("estimator", ["gumbel", "noisy_topk", "sparsemixer"])
+def test_sampling_estimators_refuse_sinkhorn(estimator):
+    with pytest.raises(ValueError, match="samples its selection.*routing='sinkhorn'"):
+        moegrad.MoE(8, 16, 4, 2, routing="sinkhorn", estimator=estimator)
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "remoe"])
+def test_planned_routings_are_refused_as_not_implemented(routing):
+    with pytest.raises(ValueError, match=f"routing='{routing}' is planned.*not implemented yet"
+                                         r".*\['sinkhorn', 'topk'\]"):
+        moegrad.Router(8, 4, 2, routing=routing)
+
+
+def test_topk_routing_is_the_default_and_unchanged():
+    torch.manual_seed(0)
+    a = moegrad.MoE(8, 16, 4, 2)
+    torch.manual_seed(0)
+    b = moegrad.MoE(8, 16, 4, 2, routing="topk")
+    x = torch.randn(16, 8)
+    assert a.router.config.routing == "topk" and "routing" not in repr(a)
+    assert torch.equal(a(x).y, b(x).y)
+    assert "routing=sinkhorn" in repr(moegrad.MoE(8, 16, 4, 2, routing="sinkhorn"))
+
+
+@pytest.mark.parametrize("estimator", SINKHORN_ESTIMATORS)
+def test_a_patched_hf_model_routes_with_sinkhorn_in_training_and_keeps_its_eval_forward(estimator):
+    pytest.importorskip("transformers")
+    import moegrad.hf as mh
+    from tests.hf.models import ids, tiny
+
+    reference = tiny("qwen3_moe")
+    changes = estimator in ("unweighted", "straight_through")  # unit weights forward
+    if changes:
+        with pytest.raises(ValueError, match="would change the forward.*Estimators that keep it: "
+                                             r"\['default_moe', 'dense', 'topk'\]"):
+            mh.patch(tiny("qwen3_moe"), estimator, routing="sinkhorn")
+    model = mh.patch(tiny("qwen3_moe"), estimator, routing="sinkhorn", losses={"switch": 1e-2},
+                     allow_forward_change=changes)
+    router = mh.routers(model)[0]
+    assert router.config.routing == "sinkhorn"
+    if not changes:
+        with torch.no_grad():  # eval: plain top-k, the family's own forward
+            torch.testing.assert_close(model(ids()).logits, reference(ids()).logits)
+    model.train()
+    x = torch.randn(20, router.config.dim)
+    r = router(x)
+    assert torch.equal(r.indices, _balanced(r.scores.detach()).topk(2, dim=-1).indices)
+    out = model(ids(), labels=ids())
+    out.loss.backward()
+    grad = router.gate.weight.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+
+
+def test_hf_patch_refuses_sinkhorn_where_it_cannot_apply():
+    pytest.importorskip("transformers")
+    import moegrad.hf as mh
+    from tests.hf.models import tiny
+
+    with pytest.raises(ValueError, match="routing='sinkhorn' with selection_bias"):
+        mh.patch(tiny("deepseek_v3"), routing="sinkhorn")
+    with pytest.raises(ValueError, match="samples its selection.*routing='sinkhorn'"):
+        mh.patch(tiny("qwen3_moe"), "gumbel", routing="sinkhorn", allow_forward_change=True)
+    with pytest.raises(ValueError, match="routing='remoe' is planned"):
+        mh.patch(tiny("qwen3_moe"), routing="remoe")

@@ -69,6 +69,14 @@ BAD_INPUTS = [
     ({"losses": {"importance_load": 1.0}}, ValueError, "noisy_topk"),
     ({"capacity_factor": 0.0}, ValueError, "capacity_factor"),
     ({"capacity_factor": "1"}, TypeError, "capacity_factor"),
+    ({"routing": "nope"}, ValueError, r"routing='nope' is unknown; choose one of \['sinkhorn', 'topk'\]"),
+    ({"routing": None}, ValueError, "routing=None"),
+    ({"routing": "expert_choice"}, ValueError, "routing='expert_choice' is planned.*not implemented"),
+    ({"routing": "remoe"}, ValueError, "routing='remoe' is planned.*not implemented"),
+    ({"routing": "sinkhorn", "selection_bias": True}, ValueError, "routing='sinkhorn' with selection_bias"),
+    ({"routing": "sinkhorn", "estimator": "gumbel"}, ValueError, "samples its selection"),
+    ({"routing": "sinkhorn", "estimator": "noisy_topk"}, ValueError, "routing='sinkhorn'"),
+    ({"routing": "sinkhorn", "estimator": "sparsemixer"}, ValueError, "routing='sinkhorn'"),
 ]
 
 

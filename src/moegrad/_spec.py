@@ -3,7 +3,9 @@
 Everything here is plain Python (no torch, no mlx, no numpy), so both frameworks validate and
 name things the same way, from one place:
 
-* :class:`RouterConfig`: the router settings and their checks;
+* :class:`RouterConfig`: the router settings and their checks; :data:`ROUTINGS` the routing
+  methods (``routing=``) and :data:`SINKHORN_TOL` / :data:`SINKHORN_MAX_ITERS` /
+  :data:`SINKHORN_EPS`, the Sinkhorn selection's constants;
   :class:`RouterViews` / :class:`LayerViews`: the read-only views both frameworks' routers and
   layers give of them (``num_experts``, ``top_k``, ...) and their repr text;
 * :data:`ESTIMATORS`: the estimator names, their options with defaults and checks, and which
@@ -37,6 +39,32 @@ from moegrad._checks import check_bool, check_choice, check_float, check_int
 
 SCORES = ("sigmoid", "softmax")
 
+#: the routing methods (``routing=``): "topk" token-choice top-k of the (biased) scores;
+#: "sinkhorn" (Megatron-Core's ``moe_router_load_balancing_type="sinkhorn"``) selects in
+#: training mode the top-k of the Sinkhorn-balanced scores and weighs with the scores
+#: themselves (:func:`moegrad.selection.sinkhorn`)
+ROUTINGS = ("sinkhorn", "topk")
+#: named in DESIGN.md section 7 and planned (issue 14), refused until implemented
+PLANNED_ROUTINGS = ("expert_choice", "remoe")
+#: Sinkhorn stops when the mean absolute change of the column scaling is <= SINKHORN_TOL
+#: (Megatron-Core's tol=1e-4) or after SINKHORN_MAX_ITERS iterations (Megatron has no cap);
+#: SINKHORN_EPS keeps the divisions finite (Megatron's 1e-8)
+SINKHORN_TOL = 1e-4
+SINKHORN_MAX_ITERS = 1000
+SINKHORN_EPS = 1e-8
+
+
+def check_routing(routing) -> str:
+    """``routing`` -> itself if implemented; ValueError naming the allowed values otherwise
+    (a planned one says it is not implemented yet)."""
+    if isinstance(routing, str) and routing in PLANNED_ROUTINGS:
+        raise ValueError(f"routing={routing!r} is planned (issue 14) but not implemented yet; "
+                         f"choose one of {list(ROUTINGS)}")
+    if not isinstance(routing, str) or routing not in ROUTINGS:
+        raise ValueError(f"routing={routing!r} is unknown; choose one of {list(ROUTINGS)} "
+                         f"({list(PLANNED_ROUTINGS)} are planned)")
+    return routing
+
 
 @dataclass
 class RouterConfig:
@@ -53,9 +81,11 @@ class RouterConfig:
     topk_group: Optional[int] = None
     selection_bias: bool = False
     check_finite: bool = True
+    routing: str = "topk"
 
     def __post_init__(self) -> None:
         check_int("dim", self.dim, 1)
+        check_routing(self.routing)
         for name in ("normalize", "selection_bias", "check_finite"):
             setattr(self, name, check_bool(name, getattr(self, name)))
         check_int("num_experts", self.num_experts, 1)
@@ -77,6 +107,12 @@ class RouterConfig:
                 raise ValueError(
                     f"top_k={self.top_k} is more than the {reachable} experts in topk_group="
                     f"{self.topk_group} groups of {self.num_experts // self.n_group}")
+        if self.routing == "sinkhorn" and self.selection_bias:
+            raise ValueError(
+                "routing='sinkhorn' with selection_bias=True: Sinkhorn's column scaling already "
+                "is a per-expert balancing correction, recomputed for every batch, so a learned "
+                "selection bias (BiasBalancer) has nothing left to do and the two would fight; "
+                "use routing='sinkhorn' with selection_bias=False, or routing='topk' with the bias")
 
     @property
     def grouped(self) -> bool:
@@ -97,8 +133,9 @@ class RouterViews:
 
     def config_repr(self) -> str:
         c = self.config
+        routing = "" if c.routing == "topk" else f", routing={c.routing}"
         return (f"dim={c.dim}, num_experts={c.num_experts}, top_k={c.top_k}, score={c.score}, "
-                f"normalize={c.normalize}, estimator={self.estimator.name}")
+                f"normalize={c.normalize}{routing}, estimator={self.estimator.name}")
 
 
 class LayerViews:
@@ -238,7 +275,8 @@ def estimator_options(spec: EstimatorSpec, config: RouterConfig, options: dict, 
     ``rng_option`` is the framework's random-number option (``"generator"`` in PyTorch,
     ``"seed"`` in MLX), taken by sampling estimators only and checked by ``check_rng(value)``.
     Unknown options are a TypeError listing the known ones (``hint`` is appended); a sampling
-    estimator with group-limited top-k or a selection bias is a ValueError.
+    estimator with group-limited top-k, a selection bias or ``routing="sinkhorn"`` is a
+    ValueError.
     """
     name = spec.name
     known = dict(spec.options)
@@ -254,6 +292,11 @@ def estimator_options(spec: EstimatorSpec, config: RouterConfig, options: dict, 
             f"estimator {name!r} samples its selection, which group-limited top-k "
             "(n_group/topk_group) and selection_bias cannot be combined with; use a "
             f"deterministic estimator {list(DETERMINISTIC)} there")
+    if spec.samples and config.routing != "topk":
+        raise ValueError(
+            f"estimator {name!r} samples its selection, so routing={config.routing!r} (which "
+            "changes the deterministic top-k an estimator takes from Selection.select_topk) "
+            f"cannot apply to it; use routing='topk', or one of {list(DETERMINISTIC)}")
     values = {}
     for key, (default, check) in known.items():
         values[key] = check(key, options[key]) if key in options else default

@@ -98,7 +98,7 @@ class MoE(LayerViews, nn.Module):
         dim, hidden_dim, num_experts, top_k: D, H, E, K.
         estimator: the router gradient estimator (:func:`moegrad.estimators.available`);
             extra keyword arguments are its options.
-        score, normalize, temperature, routed_scaling_factor, n_group, topk_group,
+        routing, score, normalize, temperature, routed_scaling_factor, n_group, topk_group,
             selection_bias, check_finite: see :class:`moegrad.Router`.
         activation: "swiglu" (default) or "gelu".
         impl: grouped expert compute backend (:data:`moegrad.experts.IMPLS`), "auto" by default.
@@ -114,14 +114,15 @@ class MoE(LayerViews, nn.Module):
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *,
-                 estimator: str = "topk", score: str = "softmax", normalize: bool = False,
+                 routing: str = "topk", estimator: str = "topk", score: str = "softmax", normalize: bool = False,
                  activation: str = "swiglu", impl: str = "auto", losses: Optional[dict] = None,
                  capacity_factor: Optional[float] = None, temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, selection_bias: bool = False,
                  check_finite: bool = True, **estimator_options) -> None:
         super().__init__()
-        self.router = Router(dim, num_experts, top_k, score=score, normalize=normalize,
+        self.router = Router(dim, num_experts, top_k, routing=routing, score=score,
+                             normalize=normalize,
                              estimator=estimator, temperature=temperature,
                              routed_scaling_factor=routed_scaling_factor, n_group=n_group,
                              topk_group=topk_group, selection_bias=selection_bias,

@@ -134,6 +134,12 @@ class Router(RouterViews, nn.Module):
 
     Args:
         dim: model dimension D.  num_experts: E.  top_k: K in 1..E.
+        routing: "topk" (default): S = TopK(s + b). "sinkhorn" (Megatron-Core's sinkhorn
+            load balancing): in training mode S = TopK of the Sinkhorn-balanced scores
+            (:func:`moegrad.selection.sinkhorn`), in eval mode plain top-k; the weights are the
+            scores at S as for "topk". It needs an estimator that selects deterministically
+            (not gumbel/noisy_topk/sparsemixer) and no ``selection_bias``; group-limited top-k
+            then masks groups of the balanced matrix. ("expert_choice", "remoe": planned.)
         score: "softmax" or "sigmoid" applied to logits / temperature.
         normalize: renormalise the K selected scores to sum to 1 (estimators that define their
             own weights say so in their docstring).
@@ -157,7 +163,8 @@ class Router(RouterViews, nn.Module):
     #: ``Router.__init__`` (the HF adapter's) have it too.
     process_group = None
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, *, score: str = "softmax",
+    def __init__(self, dim: int, num_experts: int, top_k: int, *, routing: str = "topk",
+                 score: str = "softmax",
                  normalize: bool = False, estimator: str = "topk", temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, selection_bias: bool = False,
@@ -165,7 +172,7 @@ class Router(RouterViews, nn.Module):
         super().__init__()
         self.config = RouterConfig(dim, num_experts, top_k, score, normalize, temperature,
                                    routed_scaling_factor, n_group, topk_group,
-                                   selection_bias, check_finite)
+                                   selection_bias, check_finite, routing)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         if self.config.selection_bias:
             self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
@@ -209,8 +216,9 @@ class Router(RouterViews, nn.Module):
         return torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
 
     def selection(self) -> Selection:
-        """This call's :class:`~moegrad.selection.Selection`: the config and the current bias."""
-        return Selection(self.config, self.bias)
+        """This call's :class:`~moegrad.selection.Selection`: the config, the current bias and
+        the mode (training or eval)."""
+        return Selection(self.config, self.bias, self.training)
 
     def select_topk(self, scores: Tensor) -> Tensor:
         """[T, E] scores -> [T, K] int64 indices (:meth:`moegrad.selection.Selection.select_topk`)."""

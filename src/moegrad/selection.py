@@ -3,6 +3,8 @@
 Shapes: T tokens, E experts, K top-k, G = ``n_group`` expert groups of E / G experts.
 
     choice = s + b                       [T, E]  b: the optional selection-only bias
+    choice = Sinkhorn(s)                 [T, E]  instead, with ``routing="sinkhorn"`` in
+                                         training mode (:func:`sinkhorn`; eval: choice = s)
     group-limited top-k (DeepSeek-V3):   keep the ``topk_group`` groups whose two best choices
                                          sum highest, the other experts get -inf
     S = TopK(choice)                     [T, K]  (:meth:`Selection.select_topk`, no gradient)
@@ -15,7 +17,22 @@ per call from its configuration and its bias buffer and hands it to the estimato
 A :class:`Selection` also has the router's ``config``, ``bias``, ``num_experts`` and ``top_k``,
 so a user estimator written when ``route`` received the router keeps working if it reads only
 those and ``select_topk`` / ``combine_weights``; other router attributes (``gate``,
-``training``, ``load_counts``) are not passed any more (AttributeError naming ``Selection``).
+``training``, ``load_counts``) are not passed any more (AttributeError naming ``Selection``);
+``selection.training`` is the router's mode (it decides whether ``routing="sinkhorn"`` balances).
+
+Sinkhorn selection (``routing="sinkhorn"``, Megatron-Core's ``sinkhorn`` load-balancing type,
+megatron/core/transformer/moe/router.py ``sinkhorn_load_balancing`` and moe_utils.py
+``sinkhorn``; Clark et al. 2022, "Unified Scaling Laws for Routed Language Models"): in
+training mode S = TopK(P) with P the Sinkhorn balancing of the scores, in eval mode
+S = TopK(s) as for ``topk``; the combine weights are the router's own scores at S either way,
+so every estimator that selects with :meth:`Selection.select_topk` keeps its gradient path.
+Where moegrad differs from Megatron-Core (besides :func:`sinkhorn`'s own notes): Megatron
+weighs with sigmoid(logits) for K = 1 and softmax(logits) for K > 1 whatever its score
+function, moegrad with the router's rule (score, ``normalize``, ``routed_scaling_factor``) and
+balances the tempered scores; Megatron refuses an aux loss with Sinkhorn, moegrad allows the
+balance losses (redundant, not wrong). As in Megatron the balance is over the tokens of one
+call on one rank: padding tokens take part (the mask is not passed to the selection) and
+expert-parallel ranks balance their own tokens.
 """
 
 from __future__ import annotations
@@ -26,27 +43,74 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moegrad._spec import RouterConfig, RouterViews
+from moegrad._spec import (SINKHORN_EPS, SINKHORN_MAX_ITERS, SINKHORN_TOL, RouterConfig,
+                           RouterViews)
 
-__all__ = ["Selection"]
+__all__ = ["Selection", "sinkhorn"]
+
+
+@torch.compiler.disable
+@torch.no_grad()
+def sinkhorn(cost: Tensor, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_MAX_ITERS,
+             eps: float = SINKHORN_EPS) -> Tensor:
+    """Sinkhorn-Knopp balancing of a positive [T, E] matrix C -> P = diag(d0) C diag(d1) [T, E].
+
+    Alternates, starting from d1 = 1:
+
+        d0 = (1/T) / (C d1 + eps)        rows of P sum to 1/T
+        d1 = (1/E) / (C^T d0 + eps)      columns of P sum to 1/E (exactly, after this step)
+
+    until mean |d1 - d1_previous| <= ``tol`` or ``max_iters`` iterations. P is then (to the
+    tolerance) a transport plan with uniform marginals: every token has mass 1/T and every
+    expert receives 1/E, so T * P has rows summing to 1 and columns to T/E. Row-wise top-k of
+    P is invariant to P's overall scale, hence to these normalisation constants.
+
+    Same iteration, scaling, starting point, stopping rule and eps as Megatron-Core's
+    ``moe_utils.sinkhorn``; differences: Megatron takes C = exp(logits), moegrad the router's
+    scores (identical P for ``score="softmax"``, whose row normalisation the first d0 step
+    absorbs; for ``score="sigmoid"`` P is the balancing of sigmoid(z), not of exp(z), and
+    cannot overflow); Megatron loops without a cap, moegrad stops after ``max_iters``. Runs
+    without gradient (the selection is a constant) and eagerly under torch.compile (the
+    tolerance test reads a value on the host each iteration, as Megatron's does).
+    """
+    t, e = cost.shape
+    if t == 0:
+        return cost.clone()
+    d1 = torch.ones(e, dtype=cost.dtype, device=cost.device)
+    for _ in range(max_iters):
+        d0 = (1.0 / t) / ((d1 * cost).sum(1) + eps)  # [T]
+        new = (1.0 / e) / ((d0[:, None] * cost).sum(0) + eps)  # [E]
+        error = (new - d1).abs().mean()
+        d1 = new
+        if bool(error <= tol):
+            break
+    return d0[:, None] * cost * d1
 
 
 @dataclass(frozen=True, eq=False)
 class Selection(RouterViews):
     """``config``: the router's :class:`~moegrad.routing.RouterConfig`; ``bias``: [E] fp32
-    selection-only bias (auxiliary-loss-free balancing; it changes S, never the weights) or None."""
+    selection-only bias (auxiliary-loss-free balancing; it changes S, never the weights) or None;
+    ``training``: the router's mode (``routing="sinkhorn"`` balances in training mode only)."""
 
     config: RouterConfig
     bias: Optional[Tensor] = None
+    training: bool = False
 
     @torch.no_grad()
     def select_topk(self, scores: Tensor) -> Tensor:
         """Deterministic selection: [T, E] scores -> [T, K] int64 indices (descending score).
 
-        Adds the selection-only bias, applies group-limited top-k, then takes the top-k.
+        With ``routing="sinkhorn"`` in training mode the scores are first balanced by
+        :func:`sinkhorn`; adds the selection-only bias, applies group-limited top-k (on the
+        balanced matrix for Sinkhorn), then takes the top-k.
         """
         c = self.config
-        choice = scores if self.bias is None else scores + self.bias
+        choice = scores
+        if c.routing == "sinkhorn" and self.training:
+            choice = sinkhorn(scores)
+        if self.bias is not None:
+            choice = choice + self.bias
         if c.grouped and choice.shape[0]:
             t = choice.shape[0]
             per_group = c.num_experts // c.n_group

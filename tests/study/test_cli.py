@@ -20,7 +20,7 @@ def test_every_setting_option_is_in_help(capsys):
     text = capsys.readouterr().out
     for option in ("--top-k", "--experts", "--losses", "--router-init", "--lr", "--clusters",
                    "--dim", "--layers", "--width", "--regime", "--pretrain-steps", "--grid",
-                   "--flops-budget",
+                   "--flops-budget", "--routing", "sinkhorn", "routing=topk,sinkhorn",
                    "zero", "normal", "uniform", "scratch", "finetune",
                    "losses=none,switch=0.01", "joined by '+'"):
         assert option in text, option
@@ -56,7 +56,8 @@ def test_options_parse_into_settings():
     (["--flops-budget", "0"], "argument --flops-budget: expected a finite number > 0, got 0"),
     (["--losses", "switch=-1"], "argument --losses: coefficient of 'switch' must be a finite number >= 0"),
     (["--grid", "bogus=1,2"], "argument --grid: grid items are KEY=V1,V2,... with KEY one of task, "
-                              "regime, top_k, experts, losses, router_init, lr; got 'bogus=1,2'"),
+                              "regime, top_k, experts, losses, router_init, lr, routing; got "
+                              "'bogus=1,2'"),
     (["--grid", "top_k"], "argument --grid: grid items are KEY=V1,V2,..."),
     (["--grid", "top_k=1,1"], "argument --grid: grid item 'top_k=1,1' repeats the value '1'"),
     (["--grid", "top_k=1,"], "argument --grid: grid item 'top_k=1,' has an empty value"),
@@ -138,7 +139,8 @@ def test_grid_runs_every_cell_with_its_settings(tmp_path, capsys):
         cell = out / f"k{k}"
         doc = json.loads((cell / "metrics.json").read_text())
         expected = {"task": "clusters", "regime": "scratch", "top_k": k, "num_experts": 4,
-                    "losses": {}, "router_init": "zero", "lr": 0.003, "num_classes": 4, "dim": 16}
+                    "losses": {}, "router_init": "zero", "lr": 0.003, "routing": "topk",
+                    "num_classes": 4, "dim": 16}
         assert doc["settings"] == expected
         assert doc["cell"] == f"k{k}" and doc["args"]["flops_budget"] == 1e6
         assert len(doc["runs"]) == 4
@@ -253,3 +255,52 @@ def test_public_names_stay_importable_from_the_modules_that_defined_them():
         assert all(hasattr(module, name) for name in module.__all__), module.__name__
     with pytest.raises(AttributeError):
         cli.no_such_name  # noqa: B018
+
+
+def test_routing_option_and_grid_key_build_every_moe_with_it_and_record_it(tmp_path, monkeypatch):
+    built = []
+    original = Clusters.build
+
+    def recording(self, estimator, options, losses, seed):
+        model = original(self, estimator, options, losses, seed)
+        built.append((estimator, [m.router.config.routing for m in self.moes(model)]))
+        return model
+
+    monkeypatch.setattr(Clusters, "build", recording)
+    out = tmp_path / "grid"
+    code = main(["study", "--estimators", "topk,dense", "--steps", "4", "--seeds", "1",
+                 "--eval-every", "2", "--diag-every", "0", "--no-progress", "--top-k", "2",
+                 "--grid", "routing=topk,sinkhorn", "--out", str(out)])
+    assert code == 0
+    for routing in ("topk", "sinkhorn"):
+        doc = json.loads((out / routing / "metrics.json").read_text())
+        assert doc["settings"]["routing"] == routing and doc["cell"] == routing
+        assert all(r["settings"]["routing"] == routing for r in doc["runs"])
+        assert "| routing (selection method) | " + routing + " |" in (out / routing / "report.md").read_text()
+        assert f"--routing {routing} --out {out / routing}" in (out / routing / "report.md").read_text()
+    assert {r for _, rs in built for r in rs} == {"topk", "sinkhorn"}
+    single = tmp_path / "one"
+    assert main(["study", "--estimators", "topk", "--steps", "2", "--seeds", "1", "--diag-every",
+                 "0", "--no-progress", "--routing", "sinkhorn", "--out", str(single)]) == 0
+    assert json.loads((single / "metrics.json").read_text())["settings"]["routing"] == "sinkhorn"
+
+
+def test_sinkhorn_study_runs_the_deterministic_estimators_and_refuses_sampling_ones(capsys):
+    from moegrad.study.settings import Cell
+
+    common = dict(quick=True, steps=2, seeds=1, time_budget=None, losses=None, eval_every=None,
+                  diag_every=0, diag_samples=1, tau=1.0, impl="auto", regime=None,
+                  pretrain_steps=None, options={})
+    cell = Cell("clusters", None, routing="sinkhorn", **common)
+    assert cell.names == ["default_moe", "dense", "straight_through", "topk", "unweighted"]
+    assert cell.task(0).routing == "sinkhorn"
+    with pytest.raises(ValueError, match=r"--routing sinkhorn cannot be combined with the sampling "
+                                         r"estimator\(s\) \['gumbel'\]"):
+        Cell("clusters", ["topk", "gumbel"], routing="sinkhorn", **common)
+    with pytest.raises(ValueError, match="routing='remoe' is planned"):
+        Cell("clusters", None, routing="remoe", **common)
+    assert main(["study", "--routing", "sinkhorn", "--estimators", "noisy_topk", "--steps", "2",
+                 "--no-progress", "--out", "unused"]) == 2
+    assert "cannot be combined with the sampling estimator(s) ['noisy_topk']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["study", "--routing", "expert_choice"])

@@ -13,8 +13,9 @@ def test_run_records_settings_flops_and_no_time_limit():
     run = train_run(task, "topk", 0, steps=6, time_budget=60, eval_every=2, diag_every=0,
                     losses={"switch": 0.01})
     assert run["settings"] == {"task": "clusters", "top_k": 1, "num_experts": 8,
-                               "router_init": "zero", "lr": 0.003, "num_classes": 4, "dim": 16,
-                               "regime": "scratch", "losses": {"switch": 0.01}}
+                               "router_init": "zero", "lr": 0.003, "routing": "topk",
+                               "num_classes": 4, "dim": 16, "regime": "scratch",
+                               "losses": {"switch": 0.01}}
     assert run["time_limited"] is False and run["stopped_by"] == "steps"
     h = run["history"]
     # hand count per step (T = 64, D = 16, H = 32, E = 8, K = 1): experts 2 D H T (3 + 3 + 1),

@@ -8,6 +8,8 @@ For one config (d, f, E, k, T) :func:`build_cases` makes, in the order they are 
 * ``hf/eager``, ``hf/grouped_mm``: transformers' ``MixtralSparseMoeBlock`` (when it imports);
 * ``moegrad/compiled``: ``torch.compile`` of the ``auto`` layer;
 * ``estimator/<name>``: the ``auto`` layer with each estimator;
+* ``routing/sinkhorn``: the ``auto`` layer (topk) with ``routing="sinkhorn"`` in training mode
+  (the Sinkhorn iterations' cost next to ``estimator/topk``, on the same random router);
 * ``router``: the router alone.
 
 :func:`run_torch` times them (medians of interleaved rounds) and measures ``saved_mb``
@@ -164,9 +166,10 @@ def build_cases(config: tuple, args) -> list:
     y_of = lambda out: out.y  # noqa: E731
     cases = [_dense_ideal(d, f, k, t, dtype, gen)]
 
-    def layer(impl="auto", estimator="topk"):
+    def layer(impl="auto", estimator="topk", routing="topk"):
         torch.manual_seed(args.seed)
-        return MoE(d, f, e, k, impl=impl, estimator=estimator, losses={}).to(dtype)
+        return MoE(d, f, e, k, impl=impl, estimator=estimator, losses={},
+                   routing=routing).to(dtype)
 
     for impl in args.impls:
         cases.append(_layer_case(f"moegrad/{impl}", "moegrad", layer(impl), x, g, y_of))
@@ -182,6 +185,8 @@ def build_cases(config: tuple, args) -> list:
     estimators = ["topk"] + [n for n in args.estimators if n != "topk"]
     for name in estimators:
         cases.append(_layer_case(f"estimator/{name}", "estimator", layer("auto", name), x, g, y_of))
+    cases.append(_layer_case("routing/sinkhorn", "routing", layer("auto", routing="sinkhorn"), x, g,
+                             y_of))
     router = layer("auto").router
     cases.append(_layer_case("router", "router", router, x, torch.randn(t, k, generator=gen),
                              lambda r: r.weights))

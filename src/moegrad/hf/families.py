@@ -49,8 +49,10 @@ class Family:
         module = sys.modules.get(self.module)
         return getattr(module, self.block, None) if module is not None else None
 
-    def router_config(self, block: nn.Module) -> RouterConfig:
-        """The :class:`RouterConfig` equal to the HF gate's routing rule."""
+    def router_config(self, block: nn.Module, routing: str = "topk") -> RouterConfig:
+        """The :class:`RouterConfig` equal to the HF gate's routing rule (``routing="topk"``);
+        ``routing="sinkhorn"`` balances the training-mode selection (:class:`moegrad.Router`),
+        which a family with a selection bias (DeepSeek-V3) refuses."""
         gate, experts = getattr(block, self.gate), block.experts
         dim, num_experts = gate.weight.shape[1], gate.weight.shape[0]
         if experts.gate_up_proj.shape[0] != num_experts or experts.down_proj.shape[0] != num_experts:
@@ -68,7 +70,8 @@ class Family:
             normalize = bool(gate.norm_topk_prob)
         return RouterConfig(dim, num_experts, top_k, score=self.score, normalize=normalize,
                             routed_scaling_factor=scale, n_group=groups[0], topk_group=groups[1],
-                            selection_bias=self.correction_bias, check_finite=False)
+                            selection_bias=self.correction_bias, check_finite=False,
+                            routing=routing)
 
     def default_options(self, block: nn.Module, estimator: str) -> dict:
         """Estimator options taken from the HF config (PhiMoE: jitter_eps)."""

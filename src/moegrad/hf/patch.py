@@ -14,7 +14,7 @@ from typing import Optional
 from torch import nn
 
 from moegrad._checks import check_bool
-from moegrad._spec import check_losses
+from moegrad._spec import check_losses, check_routing
 from moegrad.estimators import get as get_estimator
 from moegrad.hf.experts import IMPLS
 from moegrad.hf.families import _family_of, supported
@@ -32,8 +32,8 @@ def _checkpointing(model: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = None,
-          impl: Optional[str] = None, *, allow_forward_change: bool = False,
-          **estimator_options) -> nn.Module:
+          impl: Optional[str] = None, *, routing: str = "topk",
+          allow_forward_change: bool = False, **estimator_options) -> nn.Module:
     """Patch, in place, every supported sparse MoE block of ``model``; returns ``model``.
 
     Args:
@@ -48,6 +48,9 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
         impl: expert compute: None (= "auto") or a :data:`moegrad.experts.IMPLS` name
             (moegrad's grouped compute, :func:`moegrad.experts.grouped_mlp`), or "hf" (the
             block's own experts module and transformers' ``experts_implementation``).
+        routing: "topk" (default, the family's rule) or "sinkhorn" (training-mode selection on
+            the Sinkhorn-balanced scores, eval unchanged; see :class:`moegrad.Router`; not with
+            DeepSeek-V3's selection bias).
         allow_forward_change: accept an estimator whose eval-mode forward differs from the
             family's (see :mod:`moegrad.hf.policy` and docs/hf.md); default False refuses it.
 
@@ -62,6 +65,7 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not supported; choose one of {list(IMPLS)}")
     get_estimator(estimator)
+    check_routing(routing)
     allow_forward_change = check_bool("allow_forward_change", allow_forward_change)
     coefficients = check_losses(losses, estimator)
     name = type(model).__name__
@@ -88,7 +92,8 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
             raise ValueError(f"impl={impl!r} is not available for {family.name} experts (biases, "
                              "clamped GLU); use impl=None (a per-expert loop) or 'hf'")
     routers = [HFRouter(m, f, estimator, coefficients, impl,
-                        {**f.default_options(m, estimator), **estimator_options}) for m, f in blocks]
+                        {**f.default_options(m, estimator), **estimator_options}, routing)
+               for m, f in blocks]
     if not allow_forward_change:
         for (block, family), router in zip(blocks, routers):
             why = _forward_change(family, router.config, router.estimator,

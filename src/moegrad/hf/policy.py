@@ -100,8 +100,8 @@ def _keeping(family: Family, block: nn.Module, config: RouterConfig) -> list[str
     """The estimator names that keep ``family``'s forward with their default options."""
     keep = []
     for name in available_estimators():
-        if family.correction_bias and get_estimator(name).samples:
-            continue
+        if (family.correction_bias or config.routing != "topk") and get_estimator(name).samples:
+            continue  # refused with this routing (a ValueError when built)
         default = family.default_options(block, name)
         with warnings.catch_warnings():  # probes for the error message, not the user's choice
             warnings.simplefilter("ignore", UserWarning)

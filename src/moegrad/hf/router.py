@@ -55,10 +55,10 @@ class HFRouter(RouterViews, nn.Module):
     router_contract = True
 
     def __init__(self, block: nn.Module, family: Family, estimator: str, losses: dict,
-                 impl: Optional[str], options: dict) -> None:
+                 impl: Optional[str], options: dict, routing: str = "topk") -> None:
         super().__init__()
         self.family = family
-        self.config = family.router_config(block)
+        self.config = family.router_config(block, routing)
         object.__setattr__(self, "_hf_gate", getattr(block, family.gate))  # not a submodule
         view = GptOssExpertsView if family.experts == "gpt_oss" else HFExperts
         self.hf_experts = view(block.experts, impl)  # a plain object: no state of its own

@@ -20,7 +20,7 @@ from moegrad.mlx.experts import WEIGHT_NAMES
 from moegrad.mlx.layer import MoE
 from moegrad.mlx.routing import Router
 
-_ROUTER_FIELDS = ("score", "normalize", "temperature", "routed_scaling_factor", "n_group",
+_ROUTER_FIELDS = ("routing", "score", "normalize", "temperature", "routed_scaling_factor", "n_group",
                   "topk_group", "selection_bias", "check_finite")
 _MX_DTYPES = {"torch.float32": mx.float32, "torch.float16": mx.float16,
               "torch.bfloat16": mx.bfloat16, "torch.float64": mx.float32,

@@ -85,7 +85,7 @@ def flatten_mask(mask, shape: tuple) -> Optional[mx.array]:
 class Router(RouterViews, nn.Module):
     """Top-k router with a pluggable gradient estimator (MLX twin of :class:`moegrad.Router`).
 
-    Same arguments as the PyTorch router: dim, num_experts, top_k, score, normalize, estimator
+    Same arguments as the PyTorch router: dim, num_experts, top_k, routing, score, normalize, estimator
     (a name from :func:`moegrad.mlx.estimators.available`, extra keywords are its options),
     temperature, routed_scaling_factor, n_group/topk_group, selection_bias, check_finite.
 
@@ -98,7 +98,8 @@ class Router(RouterViews, nn.Module):
     #: hooks; :class:`moegrad.mlx.QuantileBalancer` sets it), None otherwise
     observer = None
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, *, score: str = "softmax",
+    def __init__(self, dim: int, num_experts: int, top_k: int, *, routing: str = "topk",
+                 score: str = "softmax",
                  normalize: bool = False, estimator: str = "topk", temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, selection_bias: bool = False,
@@ -106,7 +107,7 @@ class Router(RouterViews, nn.Module):
         super().__init__()
         self.config = RouterConfig(dim, num_experts, top_k, score, normalize, temperature,
                                    routed_scaling_factor, n_group, topk_group, selection_bias,
-                                   check_finite)
+                                   check_finite, routing)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         frozen = ["load_counts"]
         if self.config.selection_bias:
@@ -164,8 +165,8 @@ class Router(RouterViews, nn.Module):
         return mx.sigmoid(z) if self.config.score == "sigmoid" else mx.softmax(z, axis=-1, precise=True)
 
     def selection(self) -> Selection:
-        """This call's :class:`~moegrad.mlx.selection.Selection` (config and selection bias)."""
-        return Selection(self.config, self.selection_bias)
+        """This call's :class:`~moegrad.mlx.selection.Selection` (config, selection bias, mode)."""
+        return Selection(self.config, self.selection_bias, self.training)
 
     def select_topk(self, scores: mx.array) -> mx.array:
         """[T, E] scores -> [T, K] uint32 indices (:meth:`Selection.select_topk`)."""

@@ -4,6 +4,8 @@
 Shapes: T tokens, E experts, K top-k. A :class:`Selection` is built by the router for each call
 from its :class:`~moegrad._spec.RouterConfig` and its optional selection-only bias b [E]:
 
+    P = Sinkhorn(s)             [T, E]  with ``routing="sinkhorn"`` in training mode
+                                        (:func:`sinkhorn`), then S = TopK(P) (eval: TopK(s))
     S = TopK(s + b)             [T, K]  group-limited top-k (DeepSeek-V3) may first mask whole
                                         groups of experts: keep the ``topk_group`` groups whose
                                         two best biased scores sum highest
@@ -20,22 +22,52 @@ from typing import Optional
 
 import mlx.core as mx
 
-from moegrad._spec import RouterConfig, RouterViews
+from moegrad._spec import (SINKHORN_EPS, SINKHORN_MAX_ITERS, SINKHORN_TOL, RouterConfig,
+                           RouterViews)
 from moegrad.mlx.ops import topk_indices
 
 
+def sinkhorn(cost: mx.array, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_MAX_ITERS,
+             eps: float = SINKHORN_EPS) -> mx.array:
+    """Sinkhorn-Knopp balancing of a positive [T, E] matrix C -> P = diag(d0) C diag(d1) [T, E]
+    (no gradient): from d1 = 1, d0 = (1/T) / (C d1 + eps), d1 = (1/E) / (C^T d0 + eps) until
+    mean |d1 - d1_previous| <= ``tol`` or ``max_iters`` iterations; rows of P sum to 1/T (to
+    the tolerance), columns to 1/E. The same maths, constants and differences from
+    Megatron-Core as :func:`moegrad.selection.sinkhorn` (the tolerance test evaluates the graph
+    each iteration, so this does not run under ``mx.compile``)."""
+    cost = mx.stop_gradient(cost)
+    t, e = cost.shape
+    if t == 0:
+        return cost
+    d1 = mx.ones((e,), dtype=cost.dtype)
+    for _ in range(max_iters):
+        d0 = (1.0 / t) / ((d1 * cost).sum(1) + eps)  # [T]
+        new = (1.0 / e) / ((d0[:, None] * cost).sum(0) + eps)  # [E]
+        error = mx.abs(new - d1).mean()
+        d1 = new
+        if float(error) <= tol:
+            break
+    return d0[:, None] * cost * d1
+
+
 class Selection(RouterViews):
-    """``config`` (:class:`RouterConfig`) and ``bias`` ([E] fp32 selection-only bias, or None);
+    """``config`` (:class:`RouterConfig`), ``bias`` ([E] fp32 selection-only bias, or None) and
+    ``training`` (the router's mode: ``routing="sinkhorn"`` balances in training mode only);
     ``num_experts``, ``top_k``: views of the config."""
 
-    def __init__(self, config: RouterConfig, bias: Optional[mx.array] = None) -> None:
+    def __init__(self, config: RouterConfig, bias: Optional[mx.array] = None,
+                 training: bool = False) -> None:
         self.config = config
         self.bias = bias
+        self.training = training
 
     def select_topk(self, scores: mx.array) -> mx.array:
-        """[T, E] scores -> [T, K] uint32 indices (descending biased score, no gradient)."""
+        """[T, E] scores -> [T, K] uint32 indices (descending biased score, no gradient); with
+        ``routing="sinkhorn"`` in training mode the top-k of :func:`sinkhorn` of the scores."""
         c = self.config
         choice = mx.stop_gradient(scores)
+        if c.routing == "sinkhorn" and self.training:
+            choice = sinkhorn(choice)
         if self.bias is not None:
             choice = choice + self.bias
         if c.grouped and choice.shape[0]:

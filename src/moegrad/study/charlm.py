@@ -149,7 +149,7 @@ class CharLM(Task):
                          hidden_dim=self.hidden_dim, batch_size=self.batch_size, lr=self.lr,
                          val_batches=len(self.val), router_init=self.router_init,
                          corpus="stdlib")
-        new.impl = self.impl
+        new.impl, new.routing = self.impl, self.routing
         return new
 
     def val_inputs(self) -> list:
@@ -177,7 +177,7 @@ class CharLM(Task):
         torch.manual_seed(seed)
         make = lambda: moegrad.MoE(self.dim, self.hidden_dim, self.num_experts, self.top_k,  # noqa: E731
                                    estimator=estimator, losses=losses, impl=self.impl,
-                                   **options)
+                                   routing=self.routing, **options)
         model = CharModel(self.vocab, self.context, self.dim, self.heads, self.layers, make)
         return self.init_routers(model)
 

@@ -18,7 +18,10 @@ downloaded. ``--quick`` (8 estimators x 2 seeds x 800 steps) takes well under a 
 CPU cores; the default run is 5 seeds x 3000 steps.
 
 Settings (recorded in every run's ``settings``): --top-k, --experts, --losses, --router-init,
---lr, the task's knobs (clusters: --clusters, --dim; charlm: --layers, --width) and --regime.
+--lr, --routing, the task's knobs (clusters: --clusters, --dim; charlm: --layers, --width) and
+--regime. ``--routing sinkhorn`` builds every MoE layer with ``routing="sinkhorn"`` (training
+selection on Sinkhorn-balanced scores, :class:`moegrad.Router`) and runs the deterministic
+estimators only.
 Unset options keep the task's defaults (clusters: top-1, 8 experts, zero router, no loss).
 
 Regimes: ``scratch`` (default) trains from initialisation. ``finetune`` pretrains the model
@@ -29,7 +32,8 @@ topics) and reports the held-out loss before and after and the routing drift.
 
 Grid: --grid KEY=V1,V2 [KEY=V1,V2 ...] runs the cross product of the values, each cell in
 its own subdirectory of --out named from its values (e.g. k2_switch0.01), then a summary over
-the cells. Keys: top_k, experts, losses, router_init, lr, regime, task. A losses value is
+the cells. Keys: top_k, experts, losses, router_init, lr, regime, routing, task. A losses
+value is
 "none" or NAME=COEF terms joined by "+" (commas separate the grid's values), e.g.
   --grid top_k=1,2 losses=none,switch=0.01,switch=0.01+z_loss=0.001
 A key given in --grid cannot also be given as its own option.
@@ -40,6 +44,8 @@ examples:
   moegrad study --estimators topk,dense --losses switch=0.01 --top-k 2 --out study-switch
   moegrad study --quick --grid top_k=1,2 losses=none,switch=0.01 --out study-grid
   moegrad study --quick --regime finetune --estimators topk,dense
+  moegrad study --quick --routing sinkhorn
+  moegrad study --quick --estimators topk,dense --grid routing=topk,sinkhorn
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from pathlib import Path
 from typing import Optional
 
 from moegrad import estimators as registry
+from moegrad._spec import ROUTINGS
 from moegrad.experts import IMPLS
 from moegrad.losses import available as available_losses
 from moegrad.study.grid import GRID_KEYS, cell_name, grid_cells
@@ -148,7 +155,8 @@ def _choice(allowed):
 def _grid_parsers() -> dict:
     return {"top_k": _positive_int, "experts": _positive_int,
             "losses": lambda v: _loss_set(v, "+"), "router_init": _choice(ROUTER_INITS),
-            "lr": _positive_float, "regime": _choice(REGIMES), "task": _choice(sorted(TASKS))}
+            "lr": _positive_float, "regime": _choice(REGIMES), "task": _choice(sorted(TASKS)),
+            "routing": _choice(ROUTINGS)}
 
 
 def _grid_item(text: str) -> tuple:
@@ -231,6 +239,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scratch (default) or finetune: pretrain with topk + switch=0.01 "
                              "once per seed, then fine-tune with each estimator on a shifted "
                              "distribution; reports loss before/after and routing drift")
+    parser.add_argument("--routing", type=_choice(ROUTINGS), default=None,
+                        metavar="{" + ",".join(ROUTINGS) + "}",
+                        help="routing= of every MoE layer (pretraining included): topk (default) "
+                             "or sinkhorn (training-mode top-k of the Sinkhorn-balanced scores, "
+                             "Megatron-Core's sinkhorn; deterministic estimators only)")
     parser.add_argument("--pretrain-steps", type=_positive_int, default=None,
                         help="finetune regime: pretraining steps (default: --steps)")
     parser.add_argument("--grid", nargs="+", type=_grid_item, action=_GridAction, default=None,
@@ -238,7 +251,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the cross product of the values, one subdirectory of --out per "
                              f"cell; keys: {', '.join(GRID_KEYS)}. losses values: 'none' or "
                              "NAME=COEF terms joined by '+', e.g. losses=none,switch=0.01,"
-                             "switch=0.01+z_loss=0.001")
+                             "switch=0.01+z_loss=0.001; routing=topk,sinkhorn compares the "
+                             "routing methods")
     parser.add_argument("--flops-budget", type=_positive_float, default=None, metavar="FLOPS",
                         help="training FLOPs at which the report compares losses (loss at equal "
                              "FLOPs; FLOPs per step are counted from what each step evaluated: "
@@ -298,7 +312,8 @@ def _cell_commands(argv: list, cells: list, out: Path) -> dict:
             j += 1
         extra = []
         for key, v in cell.items():
-            flag = {"task": "--task", "regime": "--regime"}.get(key, FLAGS.get(key, "--losses"))
+            flag = {"task": "--task", "regime": "--regime",
+                    "routing": "--routing"}.get(key, FLAGS.get(key, "--losses"))
             if key == "losses":
                 v = ",".join(f"{n}={c:g}" for n, c in v.items()) or "none"
             extra += [flag, str(v)]
@@ -325,7 +340,8 @@ def run(args: argparse.Namespace) -> int:
                   dim=args.dim, layers=args.layers, width=args.width,
                   pretrain_steps=args.pretrain_steps, flops_budget=args.flops_budget)
     cells = {"top_k": args.top_k, "experts": args.experts, "losses": args.losses,
-             "router_init": args.router_init, "lr": args.lr, "regime": args.regime}
+             "router_init": args.router_init, "lr": args.lr, "regime": args.regime,
+             "routing": args.routing}
     try:
         if args.grid:
             grid = dict(args.grid)

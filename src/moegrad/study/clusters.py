@@ -129,7 +129,8 @@ class Clusters(Task):
     def build(self, estimator, options, losses, seed):
         torch.manual_seed(seed)
         model = moegrad.MoE(self.dim, self.hidden_dim, self.num_experts, self.top_k,
-                            estimator=estimator, losses=losses, impl=self.impl, **options)
+                            estimator=estimator, losses=losses, impl=self.impl,
+                            routing=self.routing, **options)
         return self.init_routers(model)
 
     def draw(self, g):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 #: grid keys, in the order cell names list them
-GRID_KEYS = ("task", "regime", "top_k", "experts", "losses", "router_init", "lr")
+GRID_KEYS = ("task", "regime", "top_k", "experts", "losses", "router_init", "lr", "routing")
 
 
 def grid_cells(grid: dict) -> list[dict]:

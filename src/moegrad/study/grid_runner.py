@@ -21,7 +21,8 @@ def run_grid(grid: dict, *, out: Path, command: str = "moegrad study",
     (the base every cell starts from; a key of the grid must not be among them). Every cell is
     checked before anything trains. Returns the per-cell documents."""
     names = {"top_k": "top_k", "experts": "experts", "losses": "losses",
-             "router_init": "router_init", "lr": "lr", "regime": "regime", "task": "task_name"}
+             "router_init": "router_init", "lr": "lr", "regime": "regime", "task": "task_name",
+             "routing": "routing"}
     for key in grid:
         if study.get(names.get(key, key)) is not None and key != "task":
             raise ValueError(f"{key} is both in the grid and given as its own option "
@@ -48,7 +49,8 @@ def run_grid(grid: dict, *, out: Path, command: str = "moegrad study",
                     diag_samples=kwargs.pop("diag_samples", 8), tau=kwargs.pop("tau", 1.0),
                     impl=kwargs.pop("impl", "auto"), regime=kwargs.pop("regime", None),
                     pretrain_steps=kwargs.pop("pretrain_steps", None), options=options,
-                    flops_budget=kwargs.pop("flops_budget", None))
+                    flops_budget=kwargs.pop("flops_budget", None),
+                    routing=kwargs.pop("routing", None))
         fidelity = kwargs.pop("fidelity", True)
         if kwargs:
             raise TypeError(f"run_grid got unexpected keywords {sorted(kwargs)}")

@@ -33,7 +33,8 @@ __all__ = ["FIELDS", "TESTED", "BASELINE", "DAGGER", "time_limited", "loss_at_ti
 _SETTING_NAMES = {"task": "task", "regime": "regime", "top_k": "experts per token (top-k)",
                   "num_experts": "experts per MoE layer", "losses": "balance losses",
                   "router_init": "router initialisation", "lr": "learning rate (Adam)",
-                  "num_classes": "clusters", "dim": "model dimension", "layers": "layers"}
+                  "num_classes": "clusters", "dim": "model dimension", "layers": "layers",
+                  "routing": "routing (selection method)"}
 
 
 def settings_lines(doc: dict) -> list[str]:

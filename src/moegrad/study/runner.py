@@ -29,12 +29,13 @@ def run_study(task_name: str = "clusters", estimators: Optional[list] = None, *,
               layers: Optional[int] = None, width: Optional[int] = None,
               regime: str = "scratch", pretrain_steps: Optional[int] = None,
               flops_budget: Optional[float] = None, cell: Optional[str] = None,
-              fidelity: bool = True) -> dict:
+              fidelity: bool = True, routing: Optional[str] = None) -> dict:
     """Run a study (one cell) and write its directory; returns the metrics.json document.
 
     ``top_k`` ... ``width`` set the task (None: the task's default, see
     :data:`~moegrad.study.settings.TASK_KNOBS`);
-    ``regime`` "scratch" or "finetune"; ``progress``: True/False or a :class:`Progress`
+    ``regime`` "scratch" or "finetune"; ``routing`` every MoE layer's ``routing=`` (None:
+    "topk"; "sinkhorn" runs the deterministic estimators only); ``progress``: True/False or a :class:`Progress`
     shared by the cells of a grid; ``fidelity``: measure every estimator's router gradient on
     shared checkpoints of seed 0 (tasks with a probe). Raises ValueError on bad settings
     before training anything.
@@ -45,7 +46,7 @@ def run_study(task_name: str = "clusters", estimators: Optional[list] = None, *,
                 time_budget=time_budget, losses=losses, eval_every=eval_every,
                 diag_every=diag_every, diag_samples=diag_samples, tau=tau, impl=impl,
                 regime=regime, pretrain_steps=pretrain_steps, options=options,
-                flops_budget=flops_budget)
+                flops_budget=flops_budget, routing=routing)
     out = Path(out or f"study-{task_name}")
     own = not isinstance(progress, Progress)
     bar = Progress(bool(progress), f"study {task_name}") if own else progress
@@ -78,7 +79,7 @@ def run_cell(spec: Cell, out: Path, command: str, bar: Progress, cell: Optional[
             finish(info["steps"])
             pretrained.append(info)
             task = task.shifted()
-            task.impl = spec.impl
+            task.impl, task.routing = spec.impl, spec.routing
         if seed == 0:
             fid_task = task
         for name in spec.names:

@@ -8,6 +8,7 @@ import inspect
 import math
 
 from moegrad import estimators as registry
+from moegrad._spec import DETERMINISTIC, check_routing
 from moegrad.experts import IMPLS
 from moegrad.study.progress import Progress, run_seconds
 from moegrad.study.tasks import REGIMES, get_task
@@ -21,7 +22,7 @@ TASK_KNOBS = {"clusters": {"top_k": "top_k", "experts": "num_experts", "router_i
 #: option name (run_study keyword) -> its command-line flag
 FLAGS = {"top_k": "--top-k", "experts": "--experts", "router_init": "--router-init",
          "lr": "--lr", "clusters": "--clusters", "dim": "--dim", "layers": "--layers",
-         "width": "--width"}
+         "width": "--width", "routing": "--routing"}
 #: trajectories whose checkpoints (steps 0, 1/4, 1/2, end of seed 0) every estimator's router
 #: gradient is measured on (moegrad.study.fidelity.shared_checkpoint_fidelity)
 FIDELITY_TRAJECTORIES = ("topk", "dense")
@@ -59,14 +60,23 @@ class Cell:
     """Everything run_study resolved for one cell (defaults applied, checked).
 
     ``task(seed)`` builds the task, ``price(progress, key)`` adds the cell's estimated seconds
-    to a :class:`~moegrad.study.progress.Progress`."""
+    to a :class:`~moegrad.study.progress.Progress`. ``routing`` (None = "topk") is every MoE
+    layer's ``routing=`` (pretraining included); a routing other than "topk" takes the
+    deterministic estimators only (all of them by default)."""
 
     def __init__(self, task_name, names, *, quick, steps, seeds, time_budget, losses, eval_every,
                  diag_every, diag_samples, tau, impl, regime, pretrain_steps, options,
-                 flops_budget=None) -> None:
+                 flops_budget=None, routing=None) -> None:
         self.cls = get_task(task_name)
         self.task_name = task_name
-        self.names = list(names or registry.available())
+        self.routing = check_routing("topk" if routing is None else routing)
+        usable = registry.available() if self.routing == "topk" else list(DETERMINISTIC)
+        self.names = list(names or usable)
+        refused = [n for n in self.names if n not in usable]
+        if refused:
+            raise ValueError(f"--routing {self.routing} cannot be combined with the sampling "
+                             f"estimator(s) {refused} (they select by sampling); choose from "
+                             f"{usable}")
         default_steps, default_seeds = self.cls.quick if quick else self.cls.full
         self.steps = steps or default_steps
         self.seeds = seeds or default_seeds
@@ -98,7 +108,7 @@ class Cell:
 
     def task(self, seed: int):
         task = self.cls(seed, **self.kwargs)
-        task.impl = self.impl
+        task.impl, task.routing = self.impl, self.routing
         return task
 
     def fidelity_names(self) -> list:

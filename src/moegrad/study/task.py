@@ -61,6 +61,8 @@ class Task:
     full = (1500, 5)
     #: expert compute backend passed to every moegrad.MoE (see moegrad.experts.IMPLS)
     impl = "auto"
+    #: routing method passed to every moegrad.MoE (``routing=``, :data:`moegrad._spec.ROUTINGS`)
+    routing = "topk"
     #: initial router weights, one of :data:`ROUTER_INITS`
     router_init = "zero"
     #: whether the MoE layers' input carries a gradient (then the backward also computes the
@@ -134,9 +136,9 @@ class Task:
 
     def settings(self) -> dict:
         """The cell settings this task fixes (JSON-ready): task, top_k, num_experts,
-        router_init, lr and the task's own knobs (the run adds regime and losses)."""
+        router_init, lr, routing and the task's own knobs (the run adds regime and losses)."""
         return {"task": self.name, "top_k": self.top_k, "num_experts": self.num_experts,
-                "router_init": self.router_init, "lr": self.lr}
+                "router_init": self.router_init, "lr": self.lr, "routing": self.routing}
 
     def init_routers(self, model: nn.Module) -> nn.Module:
         """Apply :attr:`router_init` to every MoE layer's gate; returns the model."""
