@@ -367,6 +367,24 @@ def test_quantile_balancer_counts_checkpointed_forward_once_and_eval_not_at_all(
     assert torch.equal(moe.router.bias, before)
 
 
+def test_quantile_balancer_refuses_a_bias_changed_outside_its_range_mid_step():
+    """The histogram range holds for the bias extremes the step began with: a bias moved
+    outside them before step() would be clamped into the end bins, so it is refused; reset()
+    starts the step again."""
+    moe, u = _skewed_moe(e=4, k=1)
+    qb = QuantileBalancer(moe, bins=64)
+    moe(torch.randn(12, 16) + u)
+    with torch.no_grad():
+        moe.router.bias -= 3.0  # changes no selection, but every d of the next forward is out of range
+    with pytest.raises(ValueError, match="bias of router 0 changed during a step.*reset"):
+        moe(torch.randn(12, 16) + u)
+    qb.reset()
+    assert int(qb.histograms[0].sum()) == 0
+    moe(torch.randn(12, 16) + u)
+    assert int(qb.histograms[0].sum()) == 12 * 4
+    qb.step()
+
+
 def test_quantile_balancer_remove_and_errors():
     moe, _ = _skewed_moe(e=4, k=1)
     qb = QuantileBalancer(moe, bins=16)

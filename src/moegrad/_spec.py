@@ -542,6 +542,20 @@ def quantile_range(bias_min: float, bias_max: float) -> tuple[float, float]:
     return float(bias_min) - 1.0, float(bias_max) + 1.0
 
 
+def check_quantile_bias(router: int, bias_min: float, bias_max: float, first: tuple) -> None:
+    """A QuantileBalancer's histogram range holds for every bias inside the extremes ``first``
+    (b_min, b_max) the step began with; a bias moved outside them since (a user's edit,
+    ``load_state_dict``, a second balancer) would put values outside the range, which must
+    not be clamped into the end bins silently: ValueError saying how to fix it."""
+    if bias_min < first[0] or bias_max > first[1]:
+        raise ValueError(
+            f"QuantileBalancer: the selection bias of router {router} changed during a step (its "
+            f"range went from [{first[0]:.6g}, {first[1]:.6g}] to [{bias_min:.6g}, {bias_max:.6g}]); "
+            "the balancer sets the bias in step() and its histograms assume it stays until then. "
+            "Change the bias only right after step() (or call reset()), and attach no other "
+            "balancer to the same routers")
+
+
 def quantile_rank(top_k: int, num_experts: int, num_tokens: int) -> int:
     """m = ceil(K N / E), in integers: the 1-based rank of the K/E quantile of N values.
 

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from moegrad._collectives import all_reduce_detached
 from moegrad.layer import MoE
 from moegrad.losses import SWITCH_LOSSES
-from moegrad._spec import (QUANTILE_BINS, balanced_routers, quantile_balanced_routers, quantile_range,
-                           quantile_rank)
+from moegrad._spec import (QUANTILE_BINS, balanced_routers, check_quantile_bias, quantile_balanced_routers,
+                           quantile_range, quantile_rank)
 from moegrad.routing import Routing, is_router, recomputing_in_backward
 
 __all__ = ["BalanceWindow", "BiasBalancer", "QuantileBalancer"]
@@ -198,7 +198,7 @@ class QuantileBalancer:
     [b_min - 1, b_max + 1) (b the bias at the step's first forward; d always lies in that range,
     :func:`moegrad._spec.quantile_range`), int64 counts [E, bins] per router, summed over the
     ranks in :meth:`step`. b'_j is the centre of the bin holding the m-th smallest value
-    (:func:`moegrad._spec.histogram_quantile`), so it is within half a bin width,
+    (:func:`moegrad._spec.histogram_quantile`), so it is within half a bin width (one bin after centring),
     (b_max - b_min + 2) / (2 bins), of the sorted value. Counting happens in a forward hook
     (``register_forward_hook`` on each router, reading the returned :class:`Routing`'s
     ``scores`` and ``mask``): training mode only, padding tokens excluded, a forward re-run by
@@ -252,12 +252,17 @@ class QuantileBalancer:
         return hook
 
     def range(self, i: int) -> tuple[float, float]:
-        """(lo, bin width) of router i's histogram this step."""
+        """(lo, bin width) of router i's histogram this step, set from the bias at the step's
+        first forward; a later forward whose bias left that bias's extremes is a ValueError
+        (:func:`moegrad._spec.check_quantile_bias`), never a silent clamp."""
+        bias = self.routers[i].bias.detach().float()
+        extremes = (float(bias.min()), float(bias.max()))
         if self._ranges[i] is None:
-            bias = self.routers[i].bias.detach().float()
-            lo, hi = quantile_range(float(bias.min()), float(bias.max()))
-            self._ranges[i] = (lo, (hi - lo) / self.bins)
-        return self._ranges[i]
+            lo, hi = quantile_range(*extremes)
+            self._ranges[i] = (lo, (hi - lo) / self.bins, extremes)
+        else:
+            check_quantile_bias(i, *extremes, self._ranges[i][2])
+        return self._ranges[i][:2]
 
     @torch.no_grad()
     def _accumulate(self, i: int, router: nn.Module, routing: Routing) -> None:
@@ -304,16 +309,21 @@ class QuantileBalancer:
         """Set every bias from its histograms, reset them and the routers' ``load_counts``;
         returns the loads [E] fp32 of the finished step (summed over the ranks)."""
         loads = []
-        for i, (router, bias) in enumerate(zip(self.routers, self.biases())):
+        for router, bias in zip(self.routers, self.biases()):
             if bias is not None:
                 router.bias.copy_(bias)  # rounds to nearest for a bf16 bias (see the docstring)
-            self.histograms[i].zero_()
-            self._ranges[i] = None
             load = router.reset_load_counts().float()
             if router.process_group is not None:
                 load = all_reduce_detached(load, router.process_group)
             loads.append(load)
+        self.reset()
         return loads
+
+    def reset(self) -> None:
+        """Forget what the histograms counted since the last :meth:`step` (the biases stay)."""
+        for i, hist in enumerate(self.histograms):
+            hist.zero_()
+            self._ranges[i] = None
 
     def remove(self) -> None:
         """Detach the hooks: the routers keep their current bias and are no longer counted."""

@@ -128,6 +128,15 @@ def test_quantile_balancer_matches_torch_within_a_bin():
     assert int(mq.histograms[0].sum()) == 0  # eval mode counts nothing
     mq.remove()
     assert mm.router.observer is None
+    mq = mgx.QuantileBalancer(mm.train(), bins=1024)
+    mm(to_mx(torch.randn(5, 8)))
+    mm.router.bias = mm.router.bias + 3.0  # outside the step's range: refused, not clamped
+    with pytest.raises(ValueError, match="bias of router 0 changed during a step"):
+        mm(to_mx(torch.randn(5, 8)))
+    mq.reset()
+    mm(to_mx(torch.randn(5, 8)))
+    assert int(mq.histograms[0].sum()) == 5 * 6
+    mq.remove()
     with pytest.raises(ValueError, match="bins=1"):
         mgx.QuantileBalancer(mm, bins=1)
     with pytest.raises(ValueError, match="top_k < num_experts"):

@@ -20,8 +20,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad._spec import (QUANTILE_BINS, balanced_routers, quantile_balanced_routers, quantile_range,
-                           quantile_rank)
+from moegrad._spec import (QUANTILE_BINS, balanced_routers, check_quantile_bias, quantile_balanced_routers,
+                           quantile_range, quantile_rank)
 from moegrad.mlx.ops import counts
 from moegrad.mlx.routing import Router, Routing
 
@@ -58,7 +58,7 @@ class QuantileBalancer:
     ``observer`` (MLX has no forward hooks) that adds, in training mode, the real tokens'
     d_tj = alpha_t - s_tj (alpha_t the (K+1)-th largest of s_t + b) to an int64 histogram
     [E, bins] over [b_min - 1, b_max + 1). :meth:`step` (after the optimizer update) sets
-    b = the centred ceil(K N / E)-th smallest d per expert, within half a bin width of the
+    b = the centred ceil(K N / E)-th smallest d per expert, within half a bin width (one after centring) of the
     sorted value, resets the histograms and ``load_counts`` and returns the step's loads.
     No expert parallelism on MLX. :meth:`remove` detaches the observers.
     """
@@ -82,12 +82,16 @@ class QuantileBalancer:
         return observe
 
     def range(self, i: int) -> tuple:
-        """(lo, bin width) of router i's histogram this step."""
+        """(lo, bin width) of router i's histogram this step (as in PyTorch: a bias that left
+        the step's first extremes is a ValueError, :func:`moegrad._spec.check_quantile_bias`)."""
+        bias = self.routers[i].bias
+        extremes = (float(bias.min()), float(bias.max()))
         if self._ranges[i] is None:
-            bias = self.routers[i].bias
-            lo, hi = quantile_range(float(bias.min()), float(bias.max()))
-            self._ranges[i] = (lo, (hi - lo) / self.bins)
-        return self._ranges[i]
+            lo, hi = quantile_range(*extremes)
+            self._ranges[i] = (lo, (hi - lo) / self.bins, extremes)
+        else:
+            check_quantile_bias(i, *extremes, self._ranges[i][2])
+        return self._ranges[i][:2]
 
     def _accumulate(self, i: int, router: Router, routing: Routing) -> None:
         scores = mx.stop_gradient(routing.scores).astype(mx.float32)  # [T, E]
@@ -123,13 +127,18 @@ class QuantileBalancer:
     def step(self) -> list:
         """Set every bias, reset the histograms and ``load_counts``; returns the loads [E]."""
         loads = []
-        for i, (router, bias) in enumerate(zip(self.routers, self.biases())):
+        for router, bias in zip(self.routers, self.biases()):
             if bias is not None:
                 router.bias = bias.astype(mx.float32)
-            self.histograms[i] = mx.zeros_like(self.histograms[i])
-            self._ranges[i] = None
             loads.append(router.reset_load_counts().astype(mx.float32))
+        self.reset()
         return loads
+
+    def reset(self) -> None:
+        """Forget what the histograms counted since the last :meth:`step` (the biases stay)."""
+        for i, hist in enumerate(self.histograms):
+            self.histograms[i] = mx.zeros_like(hist)
+            self._ranges[i] = None
 
     def remove(self) -> None:
         """Detach the observers: the routers keep their bias and are no longer counted."""
