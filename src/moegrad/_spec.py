@@ -45,6 +45,9 @@ SCORES = ("sigmoid", "softmax")
 #: themselves (:func:`moegrad.selection.sinkhorn`); "expert_choice" (Zhou et al. 2022): each
 #: expert takes its top-c tokens by score (:meth:`moegrad.selection.Selection.select_expert_choice`)
 ROUTINGS = ("expert_choice", "sinkhorn", "topk")
+#: the token-choice routings (a token's experts are its top-k of some matrix): what consumers
+#: that read ``Routing.indices`` as "token t's K experts" (moegrad study) take
+TOKEN_CHOICE_ROUTINGS = ("sinkhorn", "topk")
 #: named in DESIGN.md section 7 and planned (issue 14), refused until implemented
 PLANNED_ROUTINGS = ("remoe",)
 #: the estimators expert-choice routing takes: its weights are the gathered scores with plain
