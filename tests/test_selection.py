@@ -218,11 +218,10 @@ def test_sampling_estimators_refuse_sinkhorn(estimator):
         moegrad.MoE(8, 16, 4, 2, routing="sinkhorn", estimator=estimator)
 
 
-@pytest.mark.parametrize("routing", ["expert_choice", "remoe"])
-def test_planned_routings_are_refused_as_not_implemented(routing):
-    with pytest.raises(ValueError, match=f"routing='{routing}' is planned.*not implemented yet"
-                                         r".*\['sinkhorn', 'topk'\]"):
-        moegrad.Router(8, 4, 2, routing=routing)
+def test_planned_routings_are_refused_as_not_implemented():
+    with pytest.raises(ValueError, match="routing='remoe' is planned.*not implemented yet"
+                                         r".*\['expert_choice', 'sinkhorn', 'topk'\]"):
+        moegrad.Router(8, 4, 2, routing="remoe")
 
 
 def test_topk_routing_is_the_default_and_unchanged():
@@ -276,3 +275,154 @@ def test_hf_patch_refuses_sinkhorn_where_it_cannot_apply():
         mh.patch(tiny("qwen3_moe"), "gumbel", routing="sinkhorn", allow_forward_change=True)
     with pytest.raises(ValueError, match="routing='remoe' is planned"):
         mh.patch(tiny("qwen3_moe"), routing="remoe")
+
+
+# ----------------------------------------------------------------------------- expert choice
+
+
+def _expert_choice_reference(x, gate, experts, k, capacity_factor=None, mask=None, scale=1.0,
+                             score="softmax"):
+    """Zhou et al. 2022 written out expert by expert: s = softmax(x W^T) [T, E]; c =
+    min(ceil(f T_real K / E), T_real); for e: the top-c real tokens by s[:, e] (ties: earlier
+    token) each add r * s_te * E_e(x_t). Returns (y [T, D], chosen [T, E] bool, c)."""
+    import math
+
+    t, e = x.shape[0], gate.shape[0]
+    logits = x @ gate.T
+    s = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
+    real = list(range(t)) if mask is None else [i for i in range(t) if bool(mask[i])]
+    c = min(math.ceil((1.0 if capacity_factor is None else capacity_factor) * len(real) * k / e),
+            len(real))
+    y = torch.zeros_like(x)
+    chosen = torch.zeros(t, e, dtype=torch.bool)
+    for j in range(e):
+        order = sorted(real, key=lambda i: (-float(s[i, j].detach()), i))[:c]
+        for i in order:
+            chosen[i, j] = True
+            y = y.index_add(0, torch.tensor([i]), (scale * s[i, j] * experts(j, x[i:i + 1])))
+    return y, chosen, c
+
+
+def _expert_fn(moe):
+    w = moe.experts.stacked_weights()
+
+    def run(j, xi):  # SwiGLU expert j: (silu(x Wg^T) * x Wu^T) Wd^T
+        return (torch.nn.functional.silu(xi @ w.gate[j].T) * (xi @ w.up[j].T)) @ w.down[j].T
+    return run
+
+
+@pytest.mark.parametrize("t,capacity_factor,scale,score", [
+    (13, None, 1.0, "softmax"), (13, 1.5, 2.0, "softmax"), (7, 0.3, 1.0, "sigmoid"),
+    (3, 4.0, 1.0, "softmax")])  # last: c = ceil(4*3*2/4) = 6 > T = 3, so every expert takes all
+def test_expert_choice_equals_the_per_expert_loop_forward_and_gradients(t, capacity_factor, scale,
+                                                                         score):
+    torch.manual_seed(0)
+    moe = moegrad.MoE(6, 10, 4, 2, routing="expert_choice", capacity_factor=capacity_factor,
+                      routed_scaling_factor=scale, score=score).double()
+    x = torch.randn(t, 6, dtype=torch.float64, requires_grad=True)
+    out = moe(x)
+    gate = moe.router.gate.weight
+    params = [gate, *moe.experts.parameters()]
+    ref, chosen, c = _expert_choice_reference(x, gate, _expert_fn(moe), 2, capacity_factor,
+                                              scale=scale, score=score)
+    assert c == min(t, c) and torch.equal(out.routing.chosen, chosen)
+    assert (chosen.sum(0) == c).all()  # every expert exactly c tokens (all T when T < c)
+    torch.testing.assert_close(out.y, ref)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad((out.y * g).sum(), [x, *params])
+    want = torch.autograd.grad((ref * g).sum(), [x, *params])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert got[1].abs().sum() > 0  # the router learns through the gathered scores
+    assert torch.equal(out.stats.tokens_per_expert, torch.full((4,), c))
+    assert int(out.stats.dropped) == 0
+    assert int(out.stats.unrouted_tokens) == sum(1 for i in range(t) if not chosen[i].any())
+    assert out.aux_loss.item() == 0.0 and out.losses == {}
+
+
+def test_expert_choice_padding_is_never_chosen_and_capacity_counts_real_tokens():
+    torch.manual_seed(1)
+    moe = moegrad.MoE(6, 10, 4, 2, routing="expert_choice").double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 6:] = False
+    mask[1, 4:] = False  # 10 real tokens: c = ceil(10 * 2 / 4) = 5 (18 tokens would give 9)
+    x[~mask] = 100.0  # padding that would win every expert's choice if it were eligible
+    out = moe(x, mask)
+    flat_mask = mask.reshape(-1)
+    ref, chosen, c = _expert_choice_reference(x.reshape(-1, 6), moe.router.gate.weight,
+                                              _expert_fn(moe), 2, mask=flat_mask)
+    assert c == 5 and torch.equal(out.routing.chosen, chosen)
+    assert not out.routing.chosen[~flat_mask].any()
+    torch.testing.assert_close(out.y.reshape(-1, 6), ref)
+    assert (out.y.reshape(-1, 6)[~flat_mask] == 0).all()
+    assert torch.equal(out.stats.tokens_per_expert, torch.full((4,), 5))
+    unrouted = int((~chosen.any(1) & flat_mask).sum())
+    assert int(out.stats.unrouted_tokens) == unrouted
+    before = moe.router.load_counts.clone()
+    moe(x, mask)
+    assert torch.equal(moe.router.load_counts - before, torch.full((4,), 5))
+
+
+def test_expert_choice_unrouted_tokens_and_several_experts_per_token():
+    """A token that every expert scores highest gets all E experts; with c = 1 the others none."""
+    moe = moegrad.MoE(4, 8, 4, 1, routing="expert_choice", capacity_factor=0.5, score="sigmoid")
+    with torch.no_grad():  # c = ceil(0.5 * 8 * 1 / 4) = 1
+        moe.router.gate.weight.copy_(torch.eye(4))
+    x = torch.zeros(8, 4)
+    x[3] = 5.0  # sigmoid(5) beats sigmoid(0) for every expert
+    out = moe(x)
+    assert out.routing.chosen[3].all() and int(out.routing.chosen.sum()) == 4
+    assert int(out.stats.unrouted_tokens) == 7
+    assert torch.equal(out.stats.tokens_per_expert, torch.ones(4, dtype=torch.int64))
+    assert (out.y[torch.arange(8) != 3] == 0).all() and out.y[3].abs().sum() > 0
+
+
+def test_expert_choice_eval_selects_as_training_and_z_loss_is_allowed():
+    torch.manual_seed(3)
+    moe = moegrad.MoE(6, 10, 4, 2, routing="expert_choice", losses={"z_loss": 1e-3})
+    x = torch.randn(17, 6)
+    train = moe(x)
+    moe.eval()
+    with torch.no_grad():
+        ev = moe(x)
+    assert torch.equal(train.routing.chosen, ev.routing.chosen)
+    torch.testing.assert_close(train.y, ev.y)
+    z = torch.logsumexp(train.routing.logits, -1).pow(2).mean()
+    torch.testing.assert_close(train.losses["z_loss"], z)
+    torch.testing.assert_close(train.aux_loss, 1e-3 * z)
+
+
+def test_expert_choice_selection_rule_and_plan_with_per_pair_keep():
+    from moegrad.dispatch import plan_dispatch
+    gen = torch.Generator().manual_seed(4)
+    router = moegrad.Router(6, 5, 2, routing="expert_choice", capacity_factor=1.3)
+    scores = torch.rand(11, 5, generator=gen)
+    chosen = router.selection().select_expert_choice(scores)
+    c = -(-13 * 11 * 2 // 50)  # ceil(1.3 * 11 * 2 / 5) = ceil(5.72) = 6
+    assert c == 6 and (chosen.sum(0) == c).all()
+    for j in range(5):
+        want = set(sorted(range(11), key=lambda i: -float(scores[i, j]))[:c])
+        assert set(chosen[:, j].nonzero().flatten().tolist()) == want
+    indices = torch.arange(5).expand(11, 5)
+    plan = plan_dispatch(indices, scores * chosen, 5, keep=chosen)
+    assert torch.equal(plan.routed, torch.full((5,), c)) and int(plan.dropped) == 0
+    assert plan.pairs.shape[0] == 5 * c
+    assert torch.equal(plan.tokens, chosen.T.nonzero()[:, 1])  # expert-major, tokens ascending
+    with pytest.raises(ValueError, match=r"keep must be a bool tensor \[T=11\] or \[T, K=5\]"):
+        plan_dispatch(indices, scores, 5, keep=chosen[:, :2])
+
+
+def test_expert_choice_refusals():
+    with pytest.raises(ValueError, match="capacity_factor=1.0 applies to routing='expert_choice' only"):
+        moegrad.Router(8, 4, 2, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="estimator 'unweighted' with routing='expert_choice'"):
+        moegrad.Router(8, 4, 2, routing="expert_choice", estimator="unweighted")
+    with pytest.raises(ValueError, match=r"losses \['seq_aux', 'switch'\] with routing='expert_choice'"):
+        moegrad.MoE(8, 16, 4, 2, routing="expert_choice", losses={"switch": 1.0, "seq_aux": 1.0})
+    with pytest.raises(ValueError, match="routing='expert_choice' is not supported by moegrad.hf.patch"):
+        import torch.nn as nn
+        from moegrad.hf import patch
+        patch(nn.Linear(2, 2), routing="expert_choice")
+    assert moegrad.MoE(8, 16, 4, 2, routing="expert_choice").losses == {}
+    assert moegrad.MoE(8, 16, 4, 2).losses == {"switch": 1e-2}

@@ -42,10 +42,20 @@ SCORES = ("sigmoid", "softmax")
 #: the routing methods (``routing=``): "topk" token-choice top-k of the (biased) scores;
 #: "sinkhorn" (Megatron-Core's ``moe_router_load_balancing_type="sinkhorn"``) selects in
 #: training mode the top-k of the Sinkhorn-balanced scores and weighs with the scores
-#: themselves (:func:`moegrad.selection.sinkhorn`)
-ROUTINGS = ("sinkhorn", "topk")
+#: themselves (:func:`moegrad.selection.sinkhorn`); "expert_choice" (Zhou et al. 2022): each
+#: expert takes its top-c tokens by score (:meth:`moegrad.selection.Selection.select_expert_choice`)
+ROUTINGS = ("expert_choice", "sinkhorn", "topk")
+#: the token-choice routings (a token's experts are its top-k of some matrix): what consumers
+#: that read ``Routing.indices`` as "token t's K experts" (moegrad study) take
+TOKEN_CHOICE_ROUTINGS = ("sinkhorn", "topk")
 #: named in DESIGN.md section 7 and planned (issue 14), refused until implemented
-PLANNED_ROUTINGS = ("expert_choice", "remoe")
+PLANNED_ROUTINGS = ("remoe",)
+#: the estimators expert-choice routing takes: its weights are the gathered scores with plain
+#: autograd; the other estimators' maths is about a token's choice of K experts
+EXPERT_CHOICE_ESTIMATORS = ("topk",)
+#: the balance losses expert-choice routing takes: it is balanced by construction (every expert
+#: gets exactly c tokens), so only the logit-size z_loss means something
+EXPERT_CHOICE_LOSSES = ("z_loss",)
 #: Sinkhorn stops when the mean absolute change of the column scaling is <= SINKHORN_TOL
 #: (Megatron-Core's tol=1e-4) or after SINKHORN_MAX_ITERS iterations (Megatron has no cap);
 #: SINKHORN_EPS keeps the divisions finite (Megatron's 1e-8)
@@ -82,10 +92,18 @@ class RouterConfig:
     selection_bias: bool = False
     check_finite: bool = True
     routing: str = "topk"
+    capacity_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
         check_int("dim", self.dim, 1)
         check_routing(self.routing)
+        if self.capacity_factor is not None:
+            if self.routing != "expert_choice":
+                raise ValueError(
+                    f"RouterConfig capacity_factor={self.capacity_factor!r} applies to "
+                    f"routing='expert_choice' only (got routing={self.routing!r}); token-choice "
+                    "capacity is the layer's capacity_factor")
+            check_float("capacity_factor", self.capacity_factor, low=0.0, low_open=True)
         for name in ("normalize", "selection_bias", "check_finite"):
             setattr(self, name, check_bool(name, getattr(self, name)))
         check_int("num_experts", self.num_experts, 1)
@@ -113,6 +131,20 @@ class RouterConfig:
                 "is a per-expert balancing correction, recomputed for every batch, so a learned "
                 "selection bias (BiasBalancer) has nothing left to do and the two would fight; "
                 "use routing='sinkhorn' with selection_bias=False, or routing='topk' with the bias")
+        if self.routing == "expert_choice":
+            for name, bad, why in (
+                    ("selection_bias", self.selection_bias, "expert choice is balanced by "
+                     "construction (every expert takes exactly c tokens), a selection bias has "
+                     "nothing to correct"),
+                    ("n_group", self.n_group is not None, "group-limited top-k restricts a "
+                     "token's choice of experts, and under expert choice the experts choose"),
+                    ("normalize", self.normalize, "the paper's gating weights are the scores "
+                     "themselves; a token may have zero or several experts, so there is no "
+                     "fixed set to renormalise over")):
+                if bad:
+                    value = getattr(self, name)
+                    raise ValueError(f"routing='expert_choice' with {name}={value!r}: {why}; "
+                                     f"leave {name} at its default")
 
     @property
     def grouped(self) -> bool:
@@ -134,6 +166,8 @@ class RouterViews:
     def config_repr(self) -> str:
         c = self.config
         routing = "" if c.routing == "topk" else f", routing={c.routing}"
+        if c.capacity_factor is not None:
+            routing += f", capacity_factor={c.capacity_factor}"
         return (f"dim={c.dim}, num_experts={c.num_experts}, top_k={c.top_k}, score={c.score}, "
                 f"normalize={c.normalize}{routing}, estimator={self.estimator.name}")
 
@@ -292,6 +326,12 @@ def estimator_options(spec: EstimatorSpec, config: RouterConfig, options: dict, 
             f"estimator {name!r} samples its selection, which group-limited top-k "
             "(n_group/topk_group) and selection_bias cannot be combined with; use a "
             f"deterministic estimator {list(DETERMINISTIC)} there")
+    if config.routing == "expert_choice" and name not in EXPERT_CHOICE_ESTIMATORS:
+        raise ValueError(
+            f"estimator {name!r} with routing='expert_choice': the estimators' maths is about a "
+            "token choosing K experts, while under expert choice the experts choose tokens and "
+            "the weights are the gathered scores with plain autograd; use estimator="
+            f"{' or '.join(repr(e) for e in EXPERT_CHOICE_ESTIMATORS)}")
     if spec.samples and config.routing != "topk":
         raise ValueError(
             f"estimator {name!r} samples its selection, so routing={config.routing!r} (which "
@@ -457,8 +497,9 @@ def bind_losses(namespace: dict) -> dict[str, Callable]:
 LOSS_NEEDS_ESTIMATOR = {"importance_load": "noisy_topk"}
 
 
-def check_losses(losses, estimator: str) -> dict[str, float]:
-    """Validate ``{name: coefficient}`` for a layer using ``estimator`` -> {name: float}."""
+def check_losses(losses, estimator: str, routing: str = "topk") -> dict[str, float]:
+    """Validate ``{name: coefficient}`` for a layer using ``estimator`` and ``routing``
+    -> {name: float}; ``routing="expert_choice"`` takes only :data:`EXPERT_CHOICE_LOSSES`."""
     if losses is None:
         return {}
     if not isinstance(losses, dict):
@@ -470,6 +511,13 @@ def check_losses(losses, estimator: str) -> dict[str, float]:
             raise ValueError(f"loss {name!r} is unknown; choose from {list(LOSS_NAMES)}")
         check_float(f"losses[{name!r}]", coef, low=0.0)
         out[name] = float(coef)
+    if routing == "expert_choice":
+        bad = sorted(set(out) - set(EXPERT_CHOICE_LOSSES))
+        if bad:
+            raise ValueError(
+                f"losses {bad} with routing='expert_choice': expert choice is balanced by "
+                "construction (every expert takes exactly c tokens), so the balance losses have "
+                f"nothing to balance; allowed: {list(EXPERT_CHOICE_LOSSES)} (or {{}})")
     for name in out:
         needs = LOSS_NEEDS_ESTIMATOR.get(name)
         if needs is not None and estimator != needs:
@@ -581,6 +629,14 @@ def histogram_quantile(counts: list, rank: int, lo: float, width: float) -> floa
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     """ceil(capacity_factor * T * K / E): the (token, slot) pairs each expert keeps."""
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def expert_choice_capacity(capacity_factor: Optional[float], num_tokens: int, top_k: int,
+                           num_experts: int) -> int:
+    """Tokens each expert takes under expert choice: c = min(ceil(f * T * K / E), T) with
+    f = ``capacity_factor`` (1 when None) and T the real tokens (Zhou et al. 2022, k = n c / e)."""
+    f = 1.0 if capacity_factor is None else capacity_factor
+    return min(math.ceil(f * num_tokens * top_k / num_experts), num_tokens)
 
 
 def check_capacity_factor(capacity_factor) -> Optional[float]:

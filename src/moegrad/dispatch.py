@@ -55,6 +55,8 @@ def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,
     counted (a second stable sort, by weight, comes first). ``keep`` [T] bool (a padding mask,
     True = real token): the pairs of the other tokens are left out altogether: they get no row
     (slot -1, zero output), take no capacity and are neither routed nor dropped in the counts.
+    ``keep`` [T, K] bool does the same per pair (expert-choice routing: indices [T, E] every
+    expert, keep the pairs the experts chose).
     """
     if indices.dim() != 2 or indices.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"indices must be an int64 tensor [T, K], got {indices.dtype} of shape "
@@ -73,10 +75,10 @@ def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,
                          f"got values in {int(flat.min())}..{int(flat.max())}")
     key, num_real = flat, n  # sort key: the expert id, E for a padding pair (sorts last, cut off)
     if keep is not None:
-        if keep.shape != indices.shape[:1] or keep.dtype != torch.bool:
-            raise ValueError(f"keep must be a bool tensor [T={indices.shape[0]}], got {keep.dtype} "
-                             f"of shape {tuple(keep.shape)}")
-        real = keep.repeat_interleave(top_k)  # [N]
+        if keep.shape not in (indices.shape[:1], indices.shape) or keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool tensor [T={indices.shape[0]}] or [T, K="
+                             f"{top_k}], got {keep.dtype} of shape {tuple(keep.shape)}")
+        real = keep.repeat_interleave(top_k) if keep.dim() == 1 else keep.reshape(-1)  # [N]
         key, num_real = torch.where(real, flat, num_experts), int(real.sum())
     routed = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
     arange = torch.arange(n, device=flat.device)

@@ -592,7 +592,10 @@ def expert_parallel(moe, group=None):
     world = group_size(group)
     # these depend on settings that may differ per rank: raise them on every rank together
     problem = None
-    if name not in LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS:
+    if moe.router.config.routing == "expert_choice":
+        problem = ValueError("routing='expert_choice' is not supported under expert parallelism "
+                             "yet (the experts would choose among each rank's tokens only)")
+    elif name not in LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS:
         problem = ValueError(
             f"estimator {name!r} is not known to work under expert parallelism (its mix step may "
             f"need every expert on every rank); use one of {sorted(LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS)}")

@@ -42,17 +42,22 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
     ``experts(rows [M, D], counts [E]) -> [M, D]``); ``estimator``: the router's estimator;
     ``training``: the layer's mode (the estimator observes expert outputs in training only);
     ``capacity_factor``: each expert keeps its ceil(c * T_real * K / E) highest-weight pairs,
-    T_real the real tokens (padding takes no capacity); None: dropless;
+    T_real the real tokens (padding takes no capacity); None: dropless (expert-choice routing,
+    ``routing.chosen`` set, dispatches exactly the chosen pairs and ignores it: the router
+    applied its capacity);
     ``group``: the expert-parallel process group, or None. With a group every rank reduces its
     observation, even without rows, so the ranks run the same collectives. The returned
     :class:`~moegrad.dispatch.DispatchPlan` holds the load counts (``routed``, ``dropped``).
     """
     num_tokens, num_experts = x.shape[0], routing.logits.shape[1]
     capacity = None
+    keep = routing.mask
+    if routing.chosen is not None:  # expert choice: the router's choice is the capacity
+        keep, capacity_factor = routing.chosen, None
     if capacity_factor is not None:
         real = num_tokens if routing.mask is None else int(routing.mask.sum())
         capacity = expert_capacity(capacity_factor, real, routing.indices.shape[1], num_experts)
-    plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, keep=routing.mask)
+    plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, keep=keep)
     rows = experts(gather_rows(x, plan), plan.counts)  # [M, D]
     observe = training and estimator.observes_outputs and not recomputing_in_backward()
     if observe and (rows.shape[0] or group is not None):
@@ -71,11 +76,16 @@ class MoEStats:
     """tokens_per_expert [E] int64: (token, slot) pairs the router assigned to each expert;
     dropped: 0-d int64, pairs dropped by capacity (0 when dropless); skipped_observations:
     ``default_moe`` only (else None), [E] int64 running count of expert-output observations
-    left out of its EMA for not being finite (a copy of the estimator's ``skipped``)."""
+    left out of its EMA for not being finite (a copy of the estimator's ``skipped``);
+    unrouted_tokens: ``routing="expert_choice"`` only (else None), 0-d int64, real tokens no
+    expert chose (their sparse output is 0). Under expert choice ``tokens_per_expert`` is the
+    tokens each expert chose, exactly c per expert, and ``dropped`` is 0 (nothing is dropped
+    after the choice: tokens beyond an expert's top-c were never routed to it)."""
 
     tokens_per_expert: Tensor
     dropped: Tensor
     skipped_observations: Optional[Tensor] = None
+    unrouted_tokens: Optional[Tensor] = None
 
 
 @dataclass
@@ -103,9 +113,12 @@ class MoE(LayerViews, nn.Module):
         activation: "swiglu" (default) or "gelu".
         impl: grouped expert compute backend (:data:`moegrad.experts.IMPLS`), "auto" by default.
         losses: ``{name: coefficient}`` balance losses (:mod:`moegrad.losses`); default
-            ``{"switch": 1e-2}``, ``{}`` for none.
+            ``{"switch": 1e-2}``, ``{}`` for none. With ``routing="expert_choice"`` the default
+            is ``{}`` and only ``z_loss`` is taken (balanced by construction).
         capacity_factor: None (dropless, default) or c > 0: each expert keeps its
             ceil(c * T * K / E) highest-weight pairs; the rest contribute zero and are counted.
+            With ``routing="expert_choice"`` it is the router's f: each expert takes
+            min(ceil(f * T * K / E), T) tokens (f = 1 when None), see :class:`moegrad.Router`.
 
     ``forward(x [T, D] or [B, S, D], mask=None) -> MoEOutput``; ``mask`` (bool, x's leading
     shape, True = real token) keeps padding out of everything: padding tokens are not sent to
@@ -126,9 +139,12 @@ class MoE(LayerViews, nn.Module):
                              estimator=estimator, temperature=temperature,
                              routed_scaling_factor=routed_scaling_factor, n_group=n_group,
                              topk_group=topk_group, selection_bias=selection_bias,
-                             check_finite=check_finite, **estimator_options)
+                             check_finite=check_finite,
+                             capacity_factor=capacity_factor if routing == "expert_choice" else None,
+                             **estimator_options)
         self.experts = Experts(dim, hidden_dim, num_experts, activation, impl)
-        self.losses = check_losses({"switch": 1e-2} if losses is None else losses, estimator)
+        default_losses = {} if routing == "expert_choice" else {"switch": 1e-2}
+        self.losses = check_losses(default_losses if losses is None else losses, estimator, routing)
         self.capacity_factor = check_capacity_factor(capacity_factor)
         #: expert-parallel process group (set by moegrad.distributed.expert_parallel), else None
         self.process_group = None
@@ -157,6 +173,11 @@ class MoE(LayerViews, nn.Module):
         window = self.balance_window if self.training else None
         aux_loss, values = balance_losses(routing, self.losses, group, window)
         skipped = getattr(estimator, "skipped", None)  # default_moe's buffer, if any
+        unrouted = None
+        if routing.chosen is not None:
+            none = ~routing.chosen.any(1)
+            unrouted = (none if routing.mask is None else none & routing.mask).sum()
         stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped,
-                         skipped_observations=None if skipped is None else skipped.clone())
+                         skipped_observations=None if skipped is None else skipped.clone(),
+                         unrouted_tokens=unrouted)
         return MoEOutput(y.view(x.shape), aux_loss, routing, stats, values)

@@ -43,6 +43,10 @@ class Routing:
     ``mask`` [T] bool marks real (non-padding) tokens, None when every token is real.
     ``load_probs`` [T, E] is the smooth load P(x, i) of ``noisy_topk`` (None otherwise) and
     ``noise_std`` [T, E] its noise scale.
+    ``chosen`` [T, E] bool: with ``routing="expert_choice"`` only (else None), which pairs are
+    real: indices is then every expert [T, E] (indices[t, j] = j), weights [T, E] are
+    r * s * chosen, and only the pairs with chosen True are dispatched (padding never is).
+    Code reading ``indices`` as "the experts of token t" must read ``chosen`` too.
     """
 
     logits: Tensor
@@ -53,6 +57,7 @@ class Routing:
     mask: Optional[Tensor] = None
     load_probs: Optional[Tensor] = None
     noise_std: Optional[Tensor] = None
+    chosen: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -139,7 +144,13 @@ class Router(RouterViews, nn.Module):
             (:func:`moegrad.selection.sinkhorn`), in eval mode plain top-k; the weights are the
             scores at S as for "topk". It needs an estimator that selects deterministically
             (not gumbel/noisy_topk/sparsemixer) and no ``selection_bias``; group-limited top-k
-            then masks groups of the balanced matrix. ("expert_choice", "remoe": planned.)
+            then masks groups of the balanced matrix. "expert_choice" (Zhou et al. 2022): each
+            expert takes its c = min(ceil(f * T * K / E), T) highest-scoring real tokens
+            (f = ``capacity_factor``, 1 if None), the weights are r * s at the chosen pairs
+            (``Routing.chosen``), a token gets 0..E experts; the same in train and eval; takes
+            estimator="topk" only, no ``normalize``/``selection_bias``/``n_group``; a token's
+            experts depend on the other (also future) tokens of the call, so it is not causal
+            (:mod:`moegrad.selection`). ("remoe": planned.)
         score: "softmax" or "sigmoid" applied to logits / temperature.
         normalize: renormalise the K selected scores to sum to 1 (estimators that define their
             own weights say so in their docstring).
@@ -152,6 +163,7 @@ class Router(RouterViews, nn.Module):
         selection_bias: register a bias buffer ``bias`` [E] added to the scores for selection
             only (auxiliary-loss-free balancing, see :class:`moegrad.BiasBalancer`).
         check_finite: raise if the logits contain NaN/Inf (costs one reduction per call).
+        capacity_factor: ``routing="expert_choice"`` only: f in c above (None: 1).
 
     Buffers: ``load_counts`` [E] int64, (token, slot) pairs routed to each expert in training
     mode since the last :meth:`reset_load_counts` (padding tokens excluded).
@@ -168,11 +180,12 @@ class Router(RouterViews, nn.Module):
                  normalize: bool = False, estimator: str = "topk", temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, selection_bias: bool = False,
-                 check_finite: bool = True, **estimator_options) -> None:
+                 check_finite: bool = True, capacity_factor: Optional[float] = None,
+                 **estimator_options) -> None:
         super().__init__()
         self.config = RouterConfig(dim, num_experts, top_k, score, normalize, temperature,
                                    routed_scaling_factor, n_group, topk_group,
-                                   selection_bias, check_finite, routing)
+                                   selection_bias, check_finite, routing, capacity_factor)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         if self.config.selection_bias:
             self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
@@ -202,6 +215,8 @@ class Router(RouterViews, nn.Module):
             _check_finite_logits(logits, z, self.config.temperature)
         scores = self.score(z)
         recomputing = recomputing_training_forward(self)
+        if self.config.routing == "expert_choice":
+            return self._route_expert_choice(logits, scores, shape, token_mask, recomputing)
         picked = self.estimator.route(flat, z, scores, self.selection())
         if self.training and picked.indices.numel() and not recomputing:
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
@@ -209,6 +224,21 @@ class Router(RouterViews, nn.Module):
         return Routing(logits=logits, scores=scores, indices=picked.indices, weights=picked.weights,
                        shape=shape, mask=token_mask, load_probs=picked.load_probs,
                        noise_std=picked.noise_std)
+
+    def _route_expert_choice(self, logits: Tensor, scores: Tensor, shape: tuple,
+                             token_mask: Optional[Tensor], recomputing: bool) -> Routing:
+        """Expert choice: every expert takes its top-c real tokens; indices [T, E] = every
+        expert, weights = r * s * chosen (plain autograd through the scores)."""
+        chosen = self.selection().select_expert_choice(scores, token_mask)  # [T, E] bool
+        t, e = scores.shape
+        indices = torch.arange(e, device=scores.device).expand(t, e)
+        weights = scores * chosen.to(scores.dtype)
+        if self.config.routed_scaling_factor != 1.0:
+            weights = weights * self.config.routed_scaling_factor
+        if self.training and t and not recomputing:
+            self.load_counts += chosen.sum(0)
+        return Routing(logits=logits, scores=scores, indices=indices, weights=weights,
+                       shape=shape, mask=token_mask, chosen=chosen)
 
     # -- shared rules the estimators build on
     def score(self, z: Tensor) -> Tensor:

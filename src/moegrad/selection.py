@@ -33,6 +33,25 @@ balances the tempered scores; Megatron refuses an aux loss with Sinkhorn, moegra
 balance losses (redundant, not wrong). As in Megatron the balance is over the tokens of one
 call on one rank: padding tokens take part (the mask is not passed to the selection) and
 expert-parallel ranks balance their own tokens.
+
+Expert-choice selection (``routing="expert_choice"``; Zhou et al. 2022, "Mixture-of-Experts
+with Expert Choice Routing", arXiv 2202.09368): the experts choose the tokens,
+
+    c = min(ceil(f * T * K / E), T)      tokens per expert (f = capacity_factor, 1 if None;
+                                         T the real tokens, :func:`moegrad._spec.expert_choice_capacity`)
+    C[:, e] = TopC(s[:, e])              [T, E] bool, each column has exactly c True
+                                         (:meth:`Selection.select_expert_choice`, no gradient)
+    w = r * s * C                        [T, E]  r = routed_scaling_factor; no renormalisation
+
+so y_t = sum_{e: C[t, e]} r s_te E_e(x_t): a token gets zero, one or several experts. The router
+gradient is plain autograd through the gathered scores (as ``topk``). Padding tokens are never
+chosen and do not count in T. Training and eval select the same way.
+Causality caveat: a token's experts depend on the other tokens of the call, future ones
+included, so an autoregressive LM trained this way cannot generate token by token with the same
+routing (the paper's caveat; a fix is a per-sequence or causal variant, not provided here).
+Differences from the paper: it takes softmax scores; moegrad the router's score function
+(softmax or sigmoid, with temperature); the paper's optional per-token cap on experts
+(its entropy-regularised LP variant) is not implemented.
 """
 
 from __future__ import annotations
@@ -44,7 +63,7 @@ import torch
 from torch import Tensor
 
 from moegrad._spec import (SINKHORN_EPS, SINKHORN_MAX_ITERS, SINKHORN_TOL, RouterConfig,
-                           RouterViews)
+                           RouterViews, expert_choice_capacity)
 
 __all__ = ["Selection", "sinkhorn"]
 
@@ -121,6 +140,27 @@ class Selection(RouterViews):
             keep.scatter_(1, keep_groups, True)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(t, c.num_experts)
         return choice.topk(c.top_k, dim=-1).indices
+
+    @torch.no_grad()
+    def select_expert_choice(self, scores: Tensor, mask: Optional[Tensor] = None,
+                             capacity: Optional[int] = None) -> Tensor:
+        """Expert choice: [T, E] scores (and ``mask`` [T] bool, True = real token) -> [T, E]
+        bool C with C[t, e] True iff expert e takes token t: each expert takes its
+        c = ``capacity`` (by default :func:`~moegrad._spec.expert_choice_capacity` of the
+        real tokens) highest-scoring real tokens (ties: the earlier token)."""
+        c = self.config
+        t, e = scores.shape
+        real = t if mask is None else int(mask.sum())
+        if capacity is None:
+            capacity = expert_choice_capacity(c.capacity_factor, real, c.top_k, c.num_experts)
+        chosen = torch.zeros(t, e, dtype=torch.bool, device=scores.device)
+        if capacity == 0:
+            return chosen
+        choice = scores if mask is None else scores.masked_fill(~mask[:, None], float("-inf"))
+        # stable descending sort so ties go to the earlier token, as in plan_dispatch
+        top = torch.argsort(choice, dim=0, descending=True, stable=True)[:capacity]  # [c, E]
+        chosen.scatter_(0, top, True)
+        return chosen
 
     def combine_weights(self, scores: Tensor, indices: Tensor) -> Tensor:
         """[T, E] scores, [T, K] indices -> [T, K] weights w = c * s_S (/ sum s_S if normalize)."""

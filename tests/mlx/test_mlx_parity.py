@@ -141,3 +141,22 @@ def test_one_expert_and_k_equals_e_match_torch(estimator, num_experts, top_k):
     _, m, _ = compare(build(estimator, dict(num_experts=num_experts, top_k=top_k)), (9, 16))
     picked = np.sort(np.array(m["out"].routing.indices), axis=1)
     assert (picked == np.arange(num_experts)).all()
+
+
+@pytest.mark.parametrize("kwargs,shape,mask", [
+    (dict(routing="expert_choice", losses={}), (24, 16), None),
+    (dict(routing="expert_choice", capacity_factor=1.5, score="sigmoid", routed_scaling_factor=2.0,
+          losses={"z_loss": 1e-3}), (2, 12, 16), None),
+    (dict(routing="expert_choice", num_experts=4, top_k=1, capacity_factor=0.5, losses={}), (2, 9, 16),
+     np.array([[True] * 7 + [False] * 2, [True] * 4 + [False] * 5])),
+], ids=["default", "sigmoid-scaled-cf1.5-zloss", "padding-cf0.5"])
+def test_expert_choice_matches_torch(kwargs, shape, mask):
+    """routing='expert_choice': the same chosen pairs, outputs, gradients and stats in both
+    frameworks (training and eval select alike)."""
+    tm = build("topk", kwargs)
+    mm, m, t = compare(tm, shape, mask)
+    assert np.array_equal(np.array(m["out"].routing.chosen), t["out"].routing.chosen.numpy())
+    assert int(m["out"].stats.unrouted_tokens) == int(t["out"].stats.unrouted_tokens)
+    assert max_diff(mm.router.load_counts, tm.router.load_counts) == 0
+    tpe = t["out"].stats.tokens_per_expert
+    assert (tpe == tpe[0]).all() and int(t["out"].stats.dropped) == 0

@@ -154,3 +154,28 @@ def test_mlx_moe_with_sinkhorn_trains_for_each_deterministic_estimator_and_refus
     for estimator in ("gumbel", "noisy_topk", "sparsemixer"):
         with pytest.raises(ValueError, match="samples its selection.*routing='sinkhorn'"):
             mgx.MoE(8, 16, 4, 2, routing="sinkhorn", estimator=estimator)
+
+
+def test_mlx_expert_choice_takes_each_experts_top_c_real_tokens_in_training_and_eval():
+    rng = np.random.default_rng(0)
+    router = mgx.Router(4, 5, 2, routing="expert_choice", capacity_factor=1.3)
+    scores = rng.random((11, 5)).astype(np.float32)
+    mask = np.array([True] * 9 + [False] * 2)
+    scores[~mask] = 2.0  # padding would win every column if it were eligible
+    c = 5  # min(ceil(1.3 * 9 real * 2 / 5), 9) = ceil(4.68)
+    want = np.zeros((11, 5), dtype=bool)
+    for j in range(5):
+        want[sorted(range(9), key=lambda i: (-scores[i, j], i))[:c], j] = True
+    for training in (True, False):
+        router.train(training)
+        got = np.array(router.selection().select_expert_choice(mx.array(scores), mx.array(mask)))
+        assert np.array_equal(got, want)
+    x = mx.array(rng.standard_normal((11, 4)).astype(np.float32))
+    router.train(True)
+    a = router(x, mx.array(mask))
+    router.eval()
+    b = router(x, mx.array(mask))
+    assert np.array_equal(np.array(a.chosen), np.array(b.chosen))
+    assert np.array(a.chosen).sum(0).tolist() == [c] * 5 and not np.array(a.chosen)[~mask].any()
+    assert np.array(router.load_counts).tolist() == [c] * 5  # training call only
+    np.testing.assert_allclose(np.array(a.weights), np.array(a.scores) * np.array(a.chosen))

@@ -10,6 +10,8 @@ For one config (d, f, E, k, T) :func:`build_cases` makes, in the order they are 
 * ``estimator/<name>``: the ``auto`` layer with each estimator;
 * ``routing/sinkhorn``: the ``auto`` layer (topk) with ``routing="sinkhorn"`` in training mode
   (the Sinkhorn iterations' cost next to ``estimator/topk``, on the same random router);
+* ``routing/expert_choice``: the ``auto`` layer with ``routing="expert_choice"`` (experts take
+  their top-c tokens, c = T * K / E; same weights as ``estimator/topk``);
 * ``router``: the router alone.
 
 :func:`run_torch` times them (medians of interleaved rounds) and measures ``saved_mb``
@@ -187,6 +189,8 @@ def build_cases(config: tuple, args) -> list:
         cases.append(_layer_case(f"estimator/{name}", "estimator", layer("auto", name), x, g, y_of))
     cases.append(_layer_case("routing/sinkhorn", "routing", layer("auto", routing="sinkhorn"), x, g,
                              y_of))
+    cases.append(_layer_case("routing/expert_choice", "routing",
+                             layer("auto", routing="expert_choice"), x, g, y_of))
     router = layer("auto").router
     cases.append(_layer_case("router", "router", router, x, torch.randn(t, k, generator=gen),
                              lambda r: r.weights))

@@ -66,6 +66,9 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
         raise ValueError(f"impl={impl!r} is not supported; choose one of {list(IMPLS)}")
     get_estimator(estimator)
     check_routing(routing)
+    if routing == "expert_choice":
+        raise ValueError("routing='expert_choice' is not supported by moegrad.hf.patch (the HF "
+                         "adapter routes token-choice); choose 'topk' or 'sinkhorn'")
     allow_forward_change = check_bool("allow_forward_change", allow_forward_change)
     coefficients = check_losses(losses, estimator)
     name = type(model).__name__

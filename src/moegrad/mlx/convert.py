@@ -92,7 +92,7 @@ def from_torch(module):
         opts = _options(module.estimator, drop="generator", add="seed")
         c = module.config
         out = Router(c.dim, c.num_experts, c.top_k, estimator=module.estimator.name,
-                     **_router_kwargs(c), **opts)
+                     capacity_factor=c.capacity_factor, **_router_kwargs(c), **opts)
         _copy_router_from_torch(module, out)
     else:
         raise TypeError(f"from_torch expects a moegrad.MoE or moegrad.Router, got {type(module).__name__}")
@@ -154,7 +154,7 @@ def to_torch(module):
         opts = _options(module.estimator, drop="seed", add="generator")
         c = module.config
         out = moegrad.Router(c.dim, c.num_experts, c.top_k, estimator=module.estimator.name,
-                             **_router_kwargs(c), **opts)
+                             capacity_factor=c.capacity_factor, **_router_kwargs(c), **opts)
         _copy_router_to_torch(module, out)
         _restore_low_precision(out.gate, module.gate.weight.dtype)
     else:

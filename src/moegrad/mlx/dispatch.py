@@ -38,11 +38,20 @@ def plan_dispatch(indices: mx.array, weights: mx.array, num_experts: int,
 
     With ``capacity``, each expert keeps its ``capacity`` pairs of highest weight (ties: the
     earlier pair); the rest are dropped and counted. ``keep`` [T] bool (padding mask, True =
-    real token): the other tokens' pairs are left out (no row, no capacity, not counted).
+    real token): the other tokens' pairs are left out (no row, no capacity, not counted);
+    ``keep`` [T, K] bool does the same per pair (expert-choice routing).
     """
     top_k = indices.shape[1]
     flat = mx.stop_gradient(indices).reshape(-1).astype(mx.uint32)
-    real = None if keep is None else mx.repeat(keep.astype(mx.bool_), top_k)  # [N]
+    if keep is not None and tuple(keep.shape) not in ((indices.shape[0],), tuple(indices.shape)):
+        raise ValueError(f"keep must be a bool array [T={indices.shape[0]}] or [T, K={top_k}], "
+                         f"got shape {tuple(keep.shape)}")
+    if keep is None:
+        real = None
+    elif keep.ndim == 2:
+        real = keep.astype(mx.bool_).reshape(-1)  # [N]
+    else:
+        real = mx.repeat(keep.astype(mx.bool_), top_k)  # [N]
     # padding pairs get the key E: they sort after every expert and are cut off
     key = flat if real is None else mx.where(real, flat, num_experts).astype(mx.uint32)
     routed = histogram(key, num_experts + 1)[:num_experts]

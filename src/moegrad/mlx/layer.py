@@ -32,11 +32,14 @@ from moegrad.mlx.routing import Router, Routing, flatten_tokens
 class MoEStats:
     """tokens_per_expert [E] int64: (token, slot) pairs assigned per expert; dropped: 0-d int64;
     skipped_observations: ``default_moe`` only (else None), [E] int64 running count of
-    observations left out of its EMA for not being finite (the estimator's ``skipped``)."""
+    observations left out of its EMA for not being finite (the estimator's ``skipped``);
+    unrouted_tokens: ``routing="expert_choice"`` only (else None), 0-d int64 real tokens no
+    expert chose (``tokens_per_expert`` is then c per expert, ``dropped`` 0; as in PyTorch)."""
 
     tokens_per_expert: mx.array
     dropped: mx.array
     skipped_observations: Optional[mx.array] = None
+    unrouted_tokens: Optional[mx.array] = None
 
 
 @dataclass
@@ -68,10 +71,13 @@ def run_experts(flat: mx.array, routing: Routing, experts, estimator, *, trainin
     num_tokens, dim = flat.shape
     num_experts = routing.logits.shape[1]
     capacity = None
+    keep = routing.mask
+    if routing.chosen is not None:  # expert choice: the router applied its capacity
+        keep, capacity_factor = routing.chosen, None
     if capacity_factor is not None:  # sized by the real tokens: padding takes no capacity
         real = num_tokens if routing.mask is None else int(routing.mask.sum())
         capacity = expert_capacity(capacity_factor, real, routing.indices.shape[1], num_experts)
-    plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, keep=routing.mask)
+    plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, keep=keep)
     rows = experts(flat[plan.tokens], plan.experts)  # [M, D]
     if training and estimator.observes_outputs and rows.shape[0]:
         sums = mx.zeros((num_experts, dim), dtype=mx.float32)
@@ -104,11 +110,14 @@ class MoE(LayerViews, nn.Module):
                              estimator=estimator, temperature=temperature,
                              routed_scaling_factor=routed_scaling_factor, n_group=n_group,
                              topk_group=topk_group, selection_bias=selection_bias,
-                             check_finite=check_finite, **estimator_options)
+                             check_finite=check_finite,
+                             capacity_factor=capacity_factor if routing == "expert_choice" else None,
+                             **estimator_options)
         self.experts = Experts(dim, hidden_dim, num_experts, activation)
         # a tuple of pairs, not a dict: MLX modules would treat a dict attribute as a subtree
-        self._losses = tuple(check_losses({"switch": 1e-2} if losses is None else losses,
-                                          estimator).items())
+        default_losses = {} if routing == "expert_choice" else {"switch": 1e-2}
+        self._losses = tuple(check_losses(default_losses if losses is None else losses,
+                                          estimator, routing).items())
         self.capacity_factor = check_capacity_factor(capacity_factor)
 
     @property
@@ -125,6 +134,11 @@ class MoE(LayerViews, nn.Module):
         y, plan = run_experts(flat, routing, self.experts, estimator, training=self.training,
                               capacity_factor=self.capacity_factor)
         aux_loss, values = balance_losses(routing, self.losses)
+        unrouted = None
+        if routing.chosen is not None:
+            none = ~routing.chosen.any(1)
+            unrouted = (none if routing.mask is None else none & routing.mask).astype(mx.int64).sum()
         stats = MoEStats(tokens_per_expert=plan.routed, dropped=plan.dropped,
-                         skipped_observations=getattr(estimator, "skipped", None))
+                         skipped_observations=getattr(estimator, "skipped", None),
+                         unrouted_tokens=unrouted)
         return MoEOutput(y.reshape(x.shape).astype(x.dtype), aux_loss, routing, stats, values)

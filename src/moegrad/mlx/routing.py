@@ -36,7 +36,9 @@ class Routing:
 
     logits [T, E] fp32; scores [T, E] fp32; indices [T, K] uint32 (no gradient); weights
     [T, K] fp32 (differentiable as the estimator defines); ``shape`` the input's leading shape;
-    ``mask`` [T] bool real tokens or None; ``load_probs``/``noise_std`` [T, E] (``noisy_topk``).
+    ``mask`` [T] bool real tokens or None; ``load_probs``/``noise_std`` [T, E] (``noisy_topk``);
+    ``chosen`` [T, E] bool (``routing="expert_choice"`` only): indices are then every expert
+    [T, E], weights r * s * chosen, and only the chosen pairs are dispatched.
     """
 
     logits: mx.array
@@ -47,6 +49,7 @@ class Routing:
     mask: Optional[mx.array] = None
     load_probs: Optional[mx.array] = None
     noise_std: Optional[mx.array] = None
+    chosen: Optional[mx.array] = None
 
     @property
     def num_tokens(self) -> int:
@@ -87,7 +90,8 @@ class Router(RouterViews, nn.Module):
 
     Same arguments as the PyTorch router: dim, num_experts, top_k, routing, score, normalize, estimator
     (a name from :func:`moegrad.mlx.estimators.available`, extra keywords are its options),
-    temperature, routed_scaling_factor, n_group/topk_group, selection_bias, check_finite.
+    temperature, routed_scaling_factor, n_group/topk_group, selection_bias, check_finite,
+    capacity_factor (``routing="expert_choice"`` only).
 
     Arrays: ``gate.weight`` [E, D] (trainable); frozen state (saved with the weights, never
     trained): ``bias`` [E] fp32 when ``selection_bias``, ``load_counts`` [E] int64 counts of
@@ -103,11 +107,12 @@ class Router(RouterViews, nn.Module):
                  normalize: bool = False, estimator: str = "topk", temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, selection_bias: bool = False,
-                 check_finite: bool = True, **estimator_options) -> None:
+                 check_finite: bool = True, capacity_factor: Optional[float] = None,
+                 **estimator_options) -> None:
         super().__init__()
         self.config = RouterConfig(dim, num_experts, top_k, score, normalize, temperature,
                                    routed_scaling_factor, n_group, topk_group, selection_bias,
-                                   check_finite, routing)
+                                   check_finite, routing, capacity_factor)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         frozen = ["load_counts"]
         if self.config.selection_bias:
@@ -146,6 +151,8 @@ class Router(RouterViews, nn.Module):
             bad = int((~mx.isfinite(z)).any(-1).sum())
             raise ValueError(nonfinite_tempered_message(c.temperature, bad, logits.shape[0]))
         scores = self.score(z)
+        if c.routing == "expert_choice":
+            return self._route_expert_choice(logits, scores, shape, token_mask)
         picked = self.estimator.route(flat.astype(mx.float32), z, scores, self.selection())
         if self.training and picked.indices.size:
             rows = picked.indices
@@ -156,6 +163,23 @@ class Router(RouterViews, nn.Module):
                           shape=shape, mask=token_mask, load_probs=picked.load_probs,
                           noise_std=picked.noise_std)
         if self.training and self.observer is not None:  # e.g. QuantileBalancer's histograms
+            self.observer(self, routing)
+        return routing
+
+    def _route_expert_choice(self, logits, scores, shape, token_mask) -> Routing:
+        """Expert choice (:meth:`Selection.select_expert_choice`): indices [T, E] every expert,
+        weights r * s * chosen (the gradient flows through the scores)."""
+        chosen = self.selection().select_expert_choice(scores, token_mask)  # [T, E] bool
+        t, e = scores.shape
+        indices = mx.broadcast_to(mx.arange(e, dtype=mx.uint32), (t, e))
+        weights = scores * chosen.astype(scores.dtype)
+        if self.config.routed_scaling_factor != 1.0:
+            weights = weights * self.config.routed_scaling_factor
+        if self.training and t:
+            self.load_counts = self.load_counts + chosen.astype(mx.int64).sum(0)
+        routing = Routing(logits=logits, scores=scores, indices=indices, weights=weights,
+                          shape=shape, mask=token_mask, chosen=chosen)
+        if self.training and self.observer is not None:
             self.observer(self, routing)
         return routing
 

@@ -12,6 +12,10 @@ from its :class:`~moegrad._spec.RouterConfig` and its optional selection-only bi
     w_i = c * s_i / (sum_S s)   [T, K]  (``normalize=True``; else w_i = c * s_i;
                                         c = routed_scaling_factor)
 
+Expert choice (``routing="expert_choice"``, :meth:`Selection.select_expert_choice`): every
+expert takes its c = min(ceil(f T K / E), T) highest-scoring real tokens, as in
+:mod:`moegrad.selection` (the rule, the caveats and the differences from the paper are there).
+
 The estimators' ``route(x, z, scores, selection)`` receive it; an estimator that selects
 deterministically calls :meth:`Selection.select_topk` and :meth:`Selection.combine_weights`.
 """
@@ -23,7 +27,7 @@ from typing import Optional
 import mlx.core as mx
 
 from moegrad._spec import (SINKHORN_EPS, SINKHORN_MAX_ITERS, SINKHORN_TOL, RouterConfig,
-                           RouterViews)
+                           RouterViews, expert_choice_capacity)
 from moegrad.mlx.ops import topk_indices
 
 
@@ -79,6 +83,26 @@ class Selection(RouterViews):
             keep = (keep_groups[..., None] == mx.arange(c.n_group)).any(-2)  # [T, n_group]
             choice = mx.where(keep[..., None], grouped, -mx.inf).reshape(t, c.num_experts)
         return topk_indices(choice, c.top_k)
+
+    def select_expert_choice(self, scores: mx.array, mask: Optional[mx.array] = None,
+                             capacity: Optional[int] = None) -> mx.array:
+        """Expert choice: [T, E] scores (``mask`` [T] bool real tokens) -> [T, E] bool, True
+        where expert e takes token t: each expert its c highest-scoring real tokens (ties: the
+        earlier token; c by default :func:`~moegrad._spec.expert_choice_capacity` of the real
+        tokens). No gradient."""
+        c = self.config
+        t, e = scores.shape
+        real = t if mask is None else int(mask.sum())
+        if capacity is None:
+            capacity = expert_choice_capacity(c.capacity_factor, real, c.top_k, c.num_experts)
+        choice = mx.stop_gradient(scores)
+        if mask is not None:
+            choice = mx.where(mask[:, None], choice, -mx.inf)
+        if capacity == 0 or t == 0:
+            return mx.zeros((t, e), dtype=mx.bool_)
+        order = mx.argsort(-choice, axis=0)  # [T, E] tokens by descending score per expert
+        rank = mx.argsort(order, axis=0)  # [T, E] each token's place in its expert's order
+        return rank < capacity
 
     def combine_weights(self, scores: mx.array, indices: mx.array) -> mx.array:
         """[T, E] scores, [T, K] indices -> [T, K] weights w = c * s_S (/ sum s_S if normalize)."""

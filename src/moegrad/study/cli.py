@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Optional
 
 from moegrad import estimators as registry
-from moegrad._spec import ROUTINGS
+from moegrad._spec import TOKEN_CHOICE_ROUTINGS as ROUTINGS
 from moegrad.experts import IMPLS
 from moegrad.losses import available as available_losses
 from moegrad.study.grid import GRID_KEYS, cell_name, grid_cells

@@ -70,6 +70,9 @@ class Cell:
         self.cls = get_task(task_name)
         self.task_name = task_name
         self.routing = check_routing("topk" if routing is None else routing)
+        if self.routing == "expert_choice":
+            raise ValueError("routing='expert_choice' is not supported by moegrad study yet (its "
+                             "metrics read Routing.indices as each token's top-k experts)")
         usable = registry.available() if self.routing == "topk" else list(DETERMINISTIC)
         self.names = list(names or usable)
         refused = [n for n in self.names if n not in usable]
