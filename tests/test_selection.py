@@ -146,6 +146,25 @@ def test_sinkhorn_equals_megatron_for_softmax_scores_and_differs_for_sigmoid():
     assert not torch.allclose(ours, _megatron_sinkhorn(z), rtol=1e-3)
 
 
+def test_sinkhorn_balances_the_real_tokens_only():
+    """Padding rows carry no mass: the real rows of P equal the balancing of the real rows alone,
+    and a router with a mask selects for its real tokens what it would without the padding."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.softmax(torch.randn(40, 8, generator=gen) * 2, -1)
+    mask = torch.rand(40, generator=gen) > 0.5
+    scores[~mask] = torch.softmax(torch.tensor([5.0, 4.0, 0, 0, 0, 0, 0, 0]), -1)  # identical pads
+    balanced = sinkhorn(scores, mask=mask)
+    torch.testing.assert_close(balanced[mask], sinkhorn(scores[mask]))
+    assert not balanced[~mask].any()
+    assert not sinkhorn(scores, mask=torch.zeros(40, dtype=torch.bool)).any()
+    router = moegrad.Router(6, 8, 2, routing="sinkhorn").train()
+    x = torch.randn(40, 6, generator=gen)
+    x[~mask] = x[~mask][0]  # identical padding vectors, as a padded batch has
+    masked = router(x, mask).indices[mask]
+    alone = router(x[mask]).indices
+    assert torch.equal(masked, alone)
+
+
 def test_sinkhorn_of_no_tokens_is_empty():
     assert sinkhorn(torch.zeros(0, 4)).shape == (0, 4)
 

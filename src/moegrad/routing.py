@@ -217,7 +217,7 @@ class Router(RouterViews, nn.Module):
         recomputing = recomputing_training_forward(self)
         if self.config.routing == "expert_choice":
             return self._route_expert_choice(logits, scores, shape, token_mask, recomputing)
-        picked = self.estimator.route(flat, z, scores, self.selection())
+        picked = self.estimator.route(flat, z, scores, self.selection(token_mask))
         if self.training and picked.indices.numel() and not recomputing:
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
             self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.num_experts)
@@ -245,10 +245,10 @@ class Router(RouterViews, nn.Module):
         """[T, E] tempered logits -> [T, E] scores."""
         return torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
 
-    def selection(self) -> Selection:
-        """This call's :class:`~moegrad.selection.Selection`: the config, the current bias and
-        the mode (training or eval)."""
-        return Selection(self.config, self.bias, self.training)
+    def selection(self, mask: Optional[Tensor] = None) -> Selection:
+        """This call's :class:`~moegrad.selection.Selection`: the config, the current bias, the
+        mode (training or eval) and the call's token mask [T] (None: every token is real)."""
+        return Selection(self.config, self.bias, self.training, mask)
 
     def select_topk(self, scores: Tensor) -> Tensor:
         """[T, E] scores -> [T, K] int64 indices (:meth:`moegrad.selection.Selection.select_topk`)."""

@@ -71,7 +71,7 @@ __all__ = ["Selection", "sinkhorn"]
 @torch.compiler.disable
 @torch.no_grad()
 def sinkhorn(cost: Tensor, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_MAX_ITERS,
-             eps: float = SINKHORN_EPS) -> Tensor:
+             eps: float = SINKHORN_EPS, mask: Optional[Tensor] = None) -> Tensor:
     """Sinkhorn-Knopp balancing of a positive [T, E] matrix C -> P = diag(d0) C diag(d1) [T, E].
 
     Alternates, starting from d1 = 1:
@@ -79,7 +79,10 @@ def sinkhorn(cost: Tensor, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_
         d0 = (1/T) / (C d1 + eps)        rows of P sum to 1/T
         d1 = (1/E) / (C^T d0 + eps)      columns of P sum to 1/E (exactly, after this step)
 
-    until mean |d1 - d1_previous| <= ``tol`` or ``max_iters`` iterations. P is then (to the
+    until mean |d1 - d1_previous| <= ``tol`` or ``max_iters`` iterations. ``mask`` [T] bool
+    (True = real token): padding rows carry no mass (d0 = 0, T counts the real tokens only), so
+    P of the real rows equals the balancing of the real rows alone and padding pulls no expert's
+    column down; the padding rows of P are 0. P is then (to the
     tolerance) a transport plan with uniform marginals: every token has mass 1/T and every
     expert receives 1/E, so T * P has rows summing to 1 and columns to T/E. Row-wise top-k of
     P is invariant to P's overall scale, hence to these normalisation constants.
@@ -93,11 +96,15 @@ def sinkhorn(cost: Tensor, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_
     tolerance test reads a value on the host each iteration, as Megatron's does).
     """
     t, e = cost.shape
-    if t == 0:
-        return cost.clone()
+    rows = None if mask is None else mask.to(cost.dtype)
+    real = t if mask is None else int(mask.sum())
+    if real == 0:
+        return torch.zeros_like(cost)
     d1 = torch.ones(e, dtype=cost.dtype, device=cost.device)
     for _ in range(max_iters):
-        d0 = (1.0 / t) / ((d1 * cost).sum(1) + eps)  # [T]
+        d0 = (1.0 / real) / ((d1 * cost).sum(1) + eps)  # [T]
+        if rows is not None:
+            d0 = d0 * rows
         new = (1.0 / e) / ((d0[:, None] * cost).sum(0) + eps)  # [E]
         error = (new - d1).abs().mean()
         d1 = new
@@ -110,11 +117,13 @@ def sinkhorn(cost: Tensor, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_
 class Selection(RouterViews):
     """``config``: the router's :class:`~moegrad.routing.RouterConfig`; ``bias``: [E] fp32
     selection-only bias (auxiliary-loss-free balancing; it changes S, never the weights) or None;
-    ``training``: the router's mode (``routing="sinkhorn"`` balances in training mode only)."""
+    ``training``: the router's mode (``routing="sinkhorn"`` balances in training mode only);
+    ``mask``: [T] bool of the call's real tokens or None (Sinkhorn balances the real ones)."""
 
     config: RouterConfig
     bias: Optional[Tensor] = None
     training: bool = False
+    mask: Optional[Tensor] = None
 
     @torch.no_grad()
     def select_topk(self, scores: Tensor) -> Tensor:
@@ -127,7 +136,7 @@ class Selection(RouterViews):
         c = self.config
         choice = scores
         if c.routing == "sinkhorn" and self.training:
-            choice = sinkhorn(scores)
+            choice = sinkhorn(scores, mask=self.mask)
         if self.bias is not None:
             choice = choice + self.bias
         if c.grouped and choice.shape[0]:

@@ -179,3 +179,12 @@ def test_mlx_expert_choice_takes_each_experts_top_c_real_tokens_in_training_and_
     assert np.array(a.chosen).sum(0).tolist() == [c] * 5 and not np.array(a.chosen)[~mask].any()
     assert np.array(router.load_counts).tolist() == [c] * 5  # training call only
     np.testing.assert_allclose(np.array(a.weights), np.array(a.scores) * np.array(a.chosen))
+
+
+def test_mlx_sinkhorn_balances_the_real_tokens_only():
+    rng = np.random.default_rng(3)
+    scores = rng.random((30, 6)).astype(np.float32)
+    mask = rng.random(30) > 0.4
+    got = np.array(sinkhorn(mx.array(scores), mask=mx.array(mask)))
+    np.testing.assert_allclose(got[mask], np.array(sinkhorn(mx.array(scores[mask]))), rtol=1e-5, atol=1e-7)
+    assert not got[~mask].any()

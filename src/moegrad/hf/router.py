@@ -136,7 +136,7 @@ class HFRouter(RouterViews, nn.Module):
         logits = self._hf_gate(flat)[0]
         z = logits.float()
         scores = torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
-        picked = self.estimator.route(flat.float(), z, scores, self.selection())
+        picked = self.estimator.route(flat.float(), z, scores, self.selection(token_mask))
         if self.training and not recomputing and picked.indices.numel():
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
             self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.config.num_experts)

@@ -153,7 +153,7 @@ class Router(RouterViews, nn.Module):
         scores = self.score(z)
         if c.routing == "expert_choice":
             return self._route_expert_choice(logits, scores, shape, token_mask)
-        picked = self.estimator.route(flat.astype(mx.float32), z, scores, self.selection())
+        picked = self.estimator.route(flat.astype(mx.float32), z, scores, self.selection(token_mask))
         if self.training and picked.indices.size:
             rows = picked.indices
             if token_mask is not None:  # padding rows go to an extra bin that is dropped
@@ -188,9 +188,10 @@ class Router(RouterViews, nn.Module):
         """[T, E] tempered logits -> [T, E] scores."""
         return mx.sigmoid(z) if self.config.score == "sigmoid" else mx.softmax(z, axis=-1, precise=True)
 
-    def selection(self) -> Selection:
-        """This call's :class:`~moegrad.mlx.selection.Selection` (config, selection bias, mode)."""
-        return Selection(self.config, self.selection_bias, self.training)
+    def selection(self, mask: Optional[mx.array] = None) -> Selection:
+        """This call's :class:`~moegrad.mlx.selection.Selection` (config, selection bias, mode,
+        the call's token mask [T] or None)."""
+        return Selection(self.config, self.selection_bias, self.training, mask)
 
     def select_topk(self, scores: mx.array) -> mx.array:
         """[T, E] scores -> [T, K] uint32 indices (:meth:`Selection.select_topk`)."""

@@ -32,20 +32,25 @@ from moegrad.mlx.ops import topk_indices
 
 
 def sinkhorn(cost: mx.array, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_MAX_ITERS,
-             eps: float = SINKHORN_EPS) -> mx.array:
+             eps: float = SINKHORN_EPS, mask: Optional[mx.array] = None) -> mx.array:
     """Sinkhorn-Knopp balancing of a positive [T, E] matrix C -> P = diag(d0) C diag(d1) [T, E]
     (no gradient): from d1 = 1, d0 = (1/T) / (C d1 + eps), d1 = (1/E) / (C^T d0 + eps) until
     mean |d1 - d1_previous| <= ``tol`` or ``max_iters`` iterations; rows of P sum to 1/T (to
     the tolerance), columns to 1/E. The same maths, constants and differences from
-    Megatron-Core as :func:`moegrad.selection.sinkhorn` (the tolerance test evaluates the graph
+    Megatron-Core as :func:`moegrad.selection.sinkhorn`, including ``mask`` [T] bool: padding
+    rows carry no mass (the tolerance test evaluates the graph
     each iteration, so this does not run under ``mx.compile``)."""
     cost = mx.stop_gradient(cost)
     t, e = cost.shape
-    if t == 0:
-        return cost
+    rows = None if mask is None else mask.astype(cost.dtype)
+    real = t if mask is None else int(mask.sum())
+    if real == 0:
+        return mx.zeros_like(cost)
     d1 = mx.ones((e,), dtype=cost.dtype)
     for _ in range(max_iters):
-        d0 = (1.0 / t) / ((d1 * cost).sum(1) + eps)  # [T]
+        d0 = (1.0 / real) / ((d1 * cost).sum(1) + eps)  # [T]
+        if rows is not None:
+            d0 = d0 * rows
         new = (1.0 / e) / ((d0[:, None] * cost).sum(0) + eps)  # [E]
         error = mx.abs(new - d1).mean()
         d1 = new
@@ -57,13 +62,15 @@ def sinkhorn(cost: mx.array, tol: float = SINKHORN_TOL, max_iters: int = SINKHOR
 class Selection(RouterViews):
     """``config`` (:class:`RouterConfig`), ``bias`` ([E] fp32 selection-only bias, or None) and
     ``training`` (the router's mode: ``routing="sinkhorn"`` balances in training mode only);
+    ``mask`` ([T] bool of the call's real tokens, or None: Sinkhorn balances the real ones);
     ``num_experts``, ``top_k``: views of the config."""
 
     def __init__(self, config: RouterConfig, bias: Optional[mx.array] = None,
-                 training: bool = False) -> None:
+                 training: bool = False, mask: Optional[mx.array] = None) -> None:
         self.config = config
         self.bias = bias
         self.training = training
+        self.mask = mask
 
     def select_topk(self, scores: mx.array) -> mx.array:
         """[T, E] scores -> [T, K] uint32 indices (descending biased score, no gradient); with
@@ -71,7 +78,7 @@ class Selection(RouterViews):
         c = self.config
         choice = mx.stop_gradient(scores)
         if c.routing == "sinkhorn" and self.training:
-            choice = sinkhorn(choice)
+            choice = sinkhorn(choice, mask=self.mask)
         if self.bias is not None:
             choice = choice + self.bias
         if c.grouped and choice.shape[0]:
