@@ -384,3 +384,17 @@ def test_routing_health_of_a_real_router():
     assert health["purity"] == 1.0 and health["load_cv"] == pytest.approx(0.0)
     assert health["idle"] == 0 and health["entropy"] < 0.01
     assert cosine(torch.zeros(3), torch.ones(3)) == 0.0
+
+
+def test_routing_health_under_expert_choice_counts_the_chosen_pairs():
+    """Every expert takes exactly c tokens: a perfectly even load, whatever ``indices`` lists."""
+    torch.manual_seed(0)
+    router = moegrad.Router(8, 4, 2, routing="expert_choice")
+    x, mask = torch.randn(12, 8), torch.arange(12) < 10
+    r = router(x, mask)
+    health = routing_health(r)
+    assert health["load"] == [0.25] * 4 and health["max_violation"] == 0.0 and health["idle"] == 0
+    expect = r.chosen.sum(0).double()
+    assert torch.equal(torch.tensor(health["load"], dtype=torch.float64), expect / expect.sum())
+    with pytest.raises(ValueError, match="purity needs each token's first expert"):
+        routing_health(r, truth=torch.arange(12) % 3)

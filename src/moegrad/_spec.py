@@ -590,6 +590,18 @@ def quantile_range(bias_min: float, bias_max: float) -> tuple[float, float]:
     return float(bias_min) - 1.0, float(bias_max) + 1.0
 
 
+def quantile_step_range(current: Optional[tuple], extremes: tuple, bins: int, router: int) -> tuple:
+    """A QuantileBalancer's histogram range for this step: ``current`` (lo, bin width, the
+    bias extremes it was set from) or, at the step's first forward (None), the range
+    :func:`quantile_range` gives for the bias ``extremes`` (b_min, b_max); a later forward's
+    bias is checked against the first extremes (:func:`check_quantile_bias`)."""
+    if current is None:
+        lo, hi = quantile_range(*extremes)
+        return lo, (hi - lo) / bins, extremes
+    check_quantile_bias(router, *extremes, current[2])
+    return current
+
+
 def check_quantile_bias(router: int, bias_min: float, bias_max: float, first: tuple) -> None:
     """A QuantileBalancer's histogram range holds for every bias inside the extremes ``first``
     (b_min, b_max) the step began with; a bias moved outside them since (a user's edit,

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from moegrad._collectives import all_reduce_detached
 from moegrad.layer import MoE
 from moegrad.losses import SWITCH_LOSSES
-from moegrad._spec import (QUANTILE_BINS, balanced_routers, check_quantile_bias, quantile_balanced_routers,
-                           quantile_range, quantile_rank)
+from moegrad._spec import (QUANTILE_BINS, balanced_routers, quantile_balanced_routers, quantile_rank,
+                           quantile_step_range)
 from moegrad.routing import Routing, is_router, recomputing_in_backward
 
 __all__ = ["BalanceWindow", "BiasBalancer", "QuantileBalancer"]
@@ -257,11 +257,7 @@ class QuantileBalancer:
         (:func:`moegrad._spec.check_quantile_bias`), never a silent clamp."""
         bias = self.routers[i].bias.detach().float()
         extremes = (float(bias.min()), float(bias.max()))
-        if self._ranges[i] is None:
-            lo, hi = quantile_range(*extremes)
-            self._ranges[i] = (lo, (hi - lo) / self.bins, extremes)
-        else:
-            check_quantile_bias(i, *extremes, self._ranges[i][2])
+        self._ranges[i] = quantile_step_range(self._ranges[i], extremes, self.bins, i)
         return self._ranges[i][:2]
 
     @torch.no_grad()

@@ -117,11 +117,20 @@ class LoadWindow:
 def routing_health(routing, truth: Optional[Tensor] = None, num_classes: Optional[int] = None) -> dict:
     """Health of one :class:`moegrad.Routing`: load [E] (list), load_cv, max_violation,
     entropy, idle (experts with no token in this batch) and, given truth [T] class ids,
-    purity."""
+    purity. Under ``routing="expert_choice"`` the load is that of the chosen pairs
+    (``routing.chosen``) and purity, which needs each token's first expert, is not defined."""
     num_experts = routing.logits.shape[-1]
-    load = expert_load(routing.indices, num_experts, routing.mask)
+    chosen = getattr(routing, "chosen", None)  # [T, E] bool under expert choice, else None
+    if chosen is None:
+        load = expert_load(routing.indices, num_experts, routing.mask)
+    else:
+        counts = chosen.sum(0).double()
+        load = counts / counts.sum().clamp_min(1)
     out = {"load": load.tolist(), "load_cv": load_cv(load), "max_violation": max_violation(load),
            "entropy": router_entropy(routing.scores), "idle": int((load == 0).sum())}
+    if truth is not None and chosen is not None:
+        raise ValueError("routing_health(truth=...): purity needs each token's first expert, which "
+                         "routing='expert_choice' does not give; pass truth=None")
     if truth is not None:
         classes = int(truth.max()) + 1 if num_classes is None else num_classes
         out["purity"] = purity(routing.indices[:, 0], truth.reshape(-1), num_experts, classes)

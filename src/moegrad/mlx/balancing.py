@@ -20,8 +20,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad._spec import (QUANTILE_BINS, balanced_routers, check_quantile_bias, quantile_balanced_routers,
-                           quantile_range, quantile_rank)
+from moegrad._spec import (QUANTILE_BINS, balanced_routers, quantile_balanced_routers, quantile_rank,
+                           quantile_step_range)
 from moegrad.mlx.ops import counts
 from moegrad.mlx.routing import Router, Routing
 
@@ -86,11 +86,7 @@ class QuantileBalancer:
         the step's first extremes is a ValueError, :func:`moegrad._spec.check_quantile_bias`)."""
         bias = self.routers[i].bias
         extremes = (float(bias.min()), float(bias.max()))
-        if self._ranges[i] is None:
-            lo, hi = quantile_range(*extremes)
-            self._ranges[i] = (lo, (hi - lo) / self.bins, extremes)
-        else:
-            check_quantile_bias(i, *extremes, self._ranges[i][2])
+        self._ranges[i] = quantile_step_range(self._ranges[i], extremes, self.bins, i)
         return self._ranges[i][:2]
 
     def _accumulate(self, i: int, router: Router, routing: Routing) -> None:
