@@ -4,7 +4,6 @@ QuantileBalancer."""
 import json
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -446,20 +445,10 @@ def _qb_worker(rank, world, port, out_dir):
 
 
 def test_quantile_balancer_two_ranks_equal_the_global_batch(tmp_path):
-    import torch.multiprocessing as mp
+    from moegrad._testing import free_port, spawn_and_wait
 
-    from moegrad._testing import free_port
-
-    ctx = mp.start_processes(_qb_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 120  # ~5 s alone; generous on a loaded 2-core machine
-    try:
-        while not ctx.join(timeout=1.0):
-            assert time.monotonic() < deadline, "the 2-process group did not finish in 120 s"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    # ~5 s alone; generous on a loaded 2-core machine
+    spawn_and_wait(_qb_worker, (2, free_port(), str(tmp_path)), 2, 120, "the 2-process group")
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     with one_torch_thread():  # as the ranks: the same scores to the bit
         moe = _qb_moe()  # one process, every micro-batch of both ranks

@@ -521,21 +521,11 @@ def _worker(rank, world, port, out_dir):
 
 
 def _run_group(world, tmp_path_factory, worker=None, timeout_s=SPAWN_TIMEOUT_S):
-    import torch.multiprocessing as mp
-    from moegrad._testing import free_port
+    from moegrad._testing import free_port, spawn_and_wait
 
     out_dir = str(tmp_path_factory.mktemp(f"ep{world}"))
-    ctx = mp.start_processes(worker or _worker, args=(world, free_port(), out_dir), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world}-process group did not finish in {timeout_s} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_and_wait(worker or _worker, (world, free_port(), out_dir), world, timeout_s,
+                   f"the {world}-process group")
     out = []
     for rank in range(world):
         with open(os.path.join(out_dir, f"rank{rank}.json")) as f:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
+from typing import Callable
 
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 def init_process_group_for_tests(rank: int, world: int, port: int, timeout_s: float = 60.0) -> None:
@@ -25,3 +28,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_and_wait(fn: Callable, args: tuple, world: int, timeout_s: float, what: str) -> None:
+    """Run ``fn(rank, *args)`` in ``world`` spawned processes and wait for all of them; a rank's
+    error is raised here, and a group still running after ``timeout_s`` is killed with a
+    TimeoutError naming ``what`` (never a hang)."""
+    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not finish in {timeout_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

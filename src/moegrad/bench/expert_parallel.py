@@ -33,10 +33,9 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moegrad._checks import check_int
-from moegrad._testing import free_port, init_process_group_for_tests
+from moegrad._testing import free_port, init_process_group_for_tests, spawn_and_wait
 from moegrad.distributed import expert_parallel
 from moegrad.estimators import available
 from moegrad.experts import IMPLS
@@ -143,17 +142,8 @@ def bench_expert_parallel(world_sizes=(1, 2, 4), *, tokens: int = DEFAULTS["toke
     with tempfile.TemporaryDirectory() as tmp:
         for world in sizes:
             out_path = os.path.join(tmp, f"w{world}.json")
-            ctx = mp.start_processes(_worker, args=(world, free_port(), out_path, cfg, timeout, threads),
-                                     nprocs=world, join=False, start_method="spawn")
-            deadline = time.monotonic() + timeout + 60
-            try:
-                while not ctx.join(timeout=1.0):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"world size {world} did not finish in {timeout + 60:.0f} s")
-            finally:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
+            spawn_and_wait(_worker, (world, free_port(), out_path, cfg, timeout, threads), world,
+                           timeout + 60, f"world size {world}")
             with open(out_path) as f:
                 r = json.load(f)
             row = {"world_size": world,
