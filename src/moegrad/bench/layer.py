@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 from moegrad.layer import MoE
@@ -110,28 +111,20 @@ def _dense_ideal(d, f, k, t, dtype, gen) -> Case:
     def forward():
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
-    def step(backward: bool):
-        for p in (x, w1, w2, w3):
-            p.grad = None
-        if backward:
-            forward().backward(g)
-        else:
-            with torch.no_grad():
-                forward()
-
-    return Case("dense_ideal", "dense", step, forward, (w1, w2, w3))
+    return _case("dense_ideal", "dense", forward, (w1, w2, w3), x, g)
 
 
 def _layer_case(name, kind, module, x, g, unpack) -> Case:
-    params = tuple(module.parameters())
+    return _case(name, kind, lambda: unpack(module(x)), tuple(module.parameters()), x, g)
 
-    def forward():
-        return unpack(module(x))
+
+def _case(name: str, kind: str, forward: Callable, params: tuple, x: Tensor, g: Tensor) -> Case:
+    """A case whose step clears the gradients of ``params`` and ``x``, then runs ``forward``
+    with its backward (of ``g``) or without gradient."""
 
     def step(backward: bool):
-        for p in params:
+        for p in (*params, x):
             p.grad = None
-        x.grad = None
         if backward:
             forward().backward(g)
         else:

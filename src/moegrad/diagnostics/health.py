@@ -120,7 +120,7 @@ def routing_health(routing, truth: Optional[Tensor] = None, num_classes: Optiona
     purity. Under ``routing="expert_choice"`` the load is that of the chosen pairs
     (``routing.chosen``) and purity, which needs each token's first expert, is not defined."""
     num_experts = routing.logits.shape[-1]
-    chosen = getattr(routing, "chosen", None)  # [T, E] bool under expert choice, else None
+    chosen = routing.chosen  # [T, E] bool under expert choice, else None
     if chosen is None:
         load = expert_load(routing.indices, num_experts, routing.mask)
     else:
