@@ -229,7 +229,7 @@ class Router(RouterViews, nn.Module):
                              token_mask: Optional[Tensor], recomputing: bool) -> Routing:
         """Expert choice: every expert takes its top-c real tokens; indices [T, E] = every
         expert, weights = r * s * chosen (plain autograd through the scores)."""
-        chosen = self.selection().select_expert_choice(scores, token_mask)  # [T, E] bool
+        chosen = self.selection(token_mask).select_expert_choice(scores)  # [T, E] bool
         t, e = scores.shape
         indices = torch.arange(e, device=scores.device).expand(t, e)
         weights = scores * chosen.to(scores.dtype)

@@ -151,13 +151,12 @@ class Selection(RouterViews):
         return choice.topk(c.top_k, dim=-1).indices
 
     @torch.no_grad()
-    def select_expert_choice(self, scores: Tensor, mask: Optional[Tensor] = None,
-                             capacity: Optional[int] = None) -> Tensor:
-        """Expert choice: [T, E] scores (and ``mask`` [T] bool, True = real token) -> [T, E]
+    def select_expert_choice(self, scores: Tensor, capacity: Optional[int] = None) -> Tensor:
+        """Expert choice: [T, E] scores (real tokens: the Selection's ``mask``) -> [T, E]
         bool C with C[t, e] True iff expert e takes token t: each expert takes its
         c = ``capacity`` (by default :func:`~moegrad._spec.expert_choice_capacity` of the
         real tokens) highest-scoring real tokens (ties: the earlier token)."""
-        c = self.config
+        c, mask = self.config, self.mask
         t, e = scores.shape
         real = t if mask is None else int(mask.sum())
         if capacity is None:

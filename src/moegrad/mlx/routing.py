@@ -169,7 +169,7 @@ class Router(RouterViews, nn.Module):
     def _route_expert_choice(self, logits, scores, shape, token_mask) -> Routing:
         """Expert choice (:meth:`Selection.select_expert_choice`): indices [T, E] every expert,
         weights r * s * chosen (the gradient flows through the scores)."""
-        chosen = self.selection().select_expert_choice(scores, token_mask)  # [T, E] bool
+        chosen = self.selection(token_mask).select_expert_choice(scores)  # [T, E] bool
         t, e = scores.shape
         indices = mx.broadcast_to(mx.arange(e, dtype=mx.uint32), (t, e))
         weights = scores * chosen.astype(scores.dtype)

@@ -91,13 +91,12 @@ class Selection(RouterViews):
             choice = mx.where(keep[..., None], grouped, -mx.inf).reshape(t, c.num_experts)
         return topk_indices(choice, c.top_k)
 
-    def select_expert_choice(self, scores: mx.array, mask: Optional[mx.array] = None,
-                             capacity: Optional[int] = None) -> mx.array:
-        """Expert choice: [T, E] scores (``mask`` [T] bool real tokens) -> [T, E] bool, True
+    def select_expert_choice(self, scores: mx.array, capacity: Optional[int] = None) -> mx.array:
+        """Expert choice: [T, E] scores (real tokens: the Selection's ``mask``) -> [T, E] bool, True
         where expert e takes token t: each expert its c highest-scoring real tokens (ties: the
         earlier token; c by default :func:`~moegrad._spec.expert_choice_capacity` of the real
         tokens). No gradient."""
-        c = self.config
+        c, mask = self.config, self.mask
         t, e = scores.shape
         real = t if mask is None else int(mask.sum())
         if capacity is None:
