@@ -442,6 +442,10 @@ def _qb_worker(rank, world, port, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
         dist.destroy_process_group()
+    # The result is on disk and the group is gone. Under pytest, about 1 run in 6 of these
+    # children aborted afterwards, in interpreter teardown ("terminate called without an
+    # active exception", SIGABRT), never in a plain script: end the child without teardown.
+    os._exit(0)
 
 
 def test_quantile_balancer_two_ranks_equal_the_global_batch(tmp_path):

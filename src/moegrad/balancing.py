@@ -256,7 +256,7 @@ class QuantileBalancer:
         first forward; a later forward whose bias left that bias's extremes is a ValueError
         (:func:`moegrad._spec.check_quantile_bias`), never a silent clamp."""
         bias = self.routers[i].bias.detach().float()
-        extremes = (float(bias.min()), float(bias.max()))
+        extremes = tuple(torch.stack(torch.aminmax(bias)).tolist())  # one host read per forward
         self._ranges[i] = quantile_step_range(self._ranges[i], extremes, self.bins, i)
         return self._ranges[i][:2]
 

@@ -85,7 +85,7 @@ class QuantileBalancer:
         """(lo, bin width) of router i's histogram this step (as in PyTorch: a bias that left
         the step's first extremes is a ValueError, :func:`moegrad._spec.check_quantile_bias`)."""
         bias = self.routers[i].bias
-        extremes = (float(bias.min()), float(bias.max()))
+        extremes = tuple(mx.stack([bias.min(), bias.max()]).tolist())  # one evaluation per call
         self._ranges[i] = quantile_step_range(self._ranges[i], extremes, self.bins, i)
         return self._ranges[i][:2]
 
