@@ -237,12 +237,6 @@ def test_sampling_estimators_refuse_sinkhorn(estimator):
         moegrad.MoE(8, 16, 4, 2, routing="sinkhorn", estimator=estimator)
 
 
-def test_planned_routings_are_refused_as_not_implemented():
-    with pytest.raises(ValueError, match="routing='remoe' is planned.*not implemented yet"
-                                         r".*\['expert_choice', 'sinkhorn', 'topk'\]"):
-        moegrad.Router(8, 4, 2, routing="remoe")
-
-
 def test_topk_routing_is_the_default_and_unchanged():
     torch.manual_seed(0)
     a = moegrad.MoE(8, 16, 4, 2)
@@ -292,7 +286,8 @@ def test_hf_patch_refuses_sinkhorn_where_it_cannot_apply():
         mh.patch(tiny("deepseek_v3"), routing="sinkhorn")
     with pytest.raises(ValueError, match="samples its selection.*routing='sinkhorn'"):
         mh.patch(tiny("qwen3_moe"), "gumbel", routing="sinkhorn", allow_forward_change=True)
-    with pytest.raises(ValueError, match="routing='remoe' is planned"):
+    with pytest.raises(ValueError, match=r"routing='remoe' is not supported by moegrad.hf.patch.*"
+                                         r"\['sinkhorn', 'topk'\]"):
         mh.patch(tiny("qwen3_moe"), routing="remoe")
 
 

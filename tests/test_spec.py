@@ -70,7 +70,7 @@ BAD_INPUTS = [
     ({"capacity_factor": 0.0}, ValueError, "capacity_factor"),
     ({"capacity_factor": "1"}, TypeError, "capacity_factor"),
     ({"routing": "nope"}, ValueError,
-     r"routing='nope' is unknown; choose one of \['expert_choice', 'sinkhorn', 'topk'\]"),
+     r"routing='nope' is unknown; choose one of \['expert_choice', 'remoe', 'sinkhorn', 'topk'\]"),
     ({"routing": None}, ValueError, "routing=None"),
     ({"routing": "expert_choice", "estimator": "gumbel"}, ValueError,
      "estimator 'gumbel' with routing='expert_choice'.*use estimator='topk'"),
@@ -87,7 +87,21 @@ BAD_INPUTS = [
     ({"routing": "expert_choice", "losses": {"switch": 1e-2}}, ValueError,
      r"losses \['switch'\] with routing='expert_choice'.*allowed: \['z_loss'\]"),
     ({"routing": "expert_choice", "capacity_factor": 0.0}, ValueError, "capacity_factor"),
-    ({"routing": "remoe"}, ValueError, "routing='remoe' is planned.*not implemented"),
+    ({"routing": "remoe", "estimator": "topk"}, ValueError,
+     "routing='remoe' with estimator='topk'.*leave estimator unset"),
+    ({"routing": "remoe", "estimator": "dense"}, ValueError, "routing='remoe' with estimator='dense'"),
+    ({"routing": "remoe", "score": "softmax"}, ValueError, "routing='remoe' with score='softmax'"),
+    ({"routing": "remoe", "normalize": True}, ValueError, "routing='remoe' with normalize=True"),
+    ({"routing": "remoe", "selection_bias": True}, ValueError, "routing='remoe' with selection_bias=True"),
+    ({"routing": "remoe", "n_group": 2, "topk_group": 1}, ValueError, "routing='remoe' with n_group=2"),
+    ({"routing": "remoe", "capacity_factor": 1.0}, ValueError,
+     "routing='remoe' with capacity_factor=1.0: ReMoE is dropless"),
+    ({"routing": "remoe", "losses": {"switch": 1e-2}}, ValueError,
+     r"losses \['switch'\] with routing='remoe'.*allowed: \['z_loss'\]"),
+    ({"routing": "remoe", "l1_alpha": 1.0}, ValueError, "l1_alpha=1.0 is out of range"),
+    ({"routing": "remoe", "l1_init": 0.0}, ValueError, "l1_init=0.0 is out of range"),
+    ({"l1_init": 1e-3}, ValueError, "l1_init=0.001 applies to routing='remoe' only"),
+    ({"routing": "topk", "score": "relu"}, ValueError, "score='relu'"),
     ({"routing": "sinkhorn", "selection_bias": True}, ValueError, "routing='sinkhorn' with selection_bias"),
     ({"routing": "sinkhorn", "estimator": "gumbel"}, ValueError, "samples its selection"),
     ({"routing": "sinkhorn", "estimator": "noisy_topk"}, ValueError, "routing='sinkhorn'"),
@@ -130,7 +144,12 @@ def test_router_and_layer_signatures_of_both_frameworks_default_to_the_router_co
     for cls in classes:
         params = inspect.signature(cls.__init__).parameters
         assert {k: params[k].default for k in defaults} == defaults, cls
-        assert params["estimator"].default == "topk", cls
+        assert params["estimator"].default is None, cls  # "topk", except under routing="remoe"
+    assert _spec.resolve_estimator(None, "topk") == _spec.resolve_estimator(None, "remoe") == "topk"
+    assert _spec.resolve_estimator("dense", "sinkhorn") == "dense"
+    assert moegrad.Router(8, 4, 2).estimator.name == "topk"
+    assert moegrad.Router(8, 4, 2).config.score == "softmax"
+    assert moegrad.Router(8, 4, 2, routing="remoe").config.score == "relu"
 
 
 def test_registry_and_loss_table_are_built_from_the_spec():

@@ -43,19 +43,29 @@ SCORES = ("sigmoid", "softmax")
 #: "sinkhorn" (Megatron-Core's ``moe_router_load_balancing_type="sinkhorn"``) selects in
 #: training mode the top-k of the Sinkhorn-balanced scores and weighs with the scores
 #: themselves (:func:`moegrad.selection.sinkhorn`); "expert_choice" (Zhou et al. 2022): each
-#: expert takes its top-c tokens by score (:meth:`moegrad.selection.Selection.select_expert_choice`)
-ROUTINGS = ("expert_choice", "sinkhorn", "topk")
+#: expert takes its top-c tokens by score (:meth:`moegrad.selection.Selection.select_expert_choice`);
+#: "remoe" (Wang et al., ICLR 2025): ReLU gates, a token's experts are those with a positive
+#: gate, steered to K on average by an adaptive L1 penalty (:mod:`moegrad.routing`)
+ROUTINGS = ("expert_choice", "remoe", "sinkhorn", "topk")
 #: the token-choice routings (a token's experts are its top-k of some matrix): what consumers
 #: that read ``Routing.indices`` as "token t's K experts" (moegrad study) take
 TOKEN_CHOICE_ROUTINGS = ("sinkhorn", "topk")
-#: named in DESIGN.md section 7 and planned (issue 14), refused until implemented
-PLANNED_ROUTINGS = ("remoe",)
+#: the routings whose ``Routing`` says per (token, expert) pair which pairs are routed
+#: (``Routing.chosen`` [T, E], indices every expert): a token gets 0..E experts
+PAIR_ROUTINGS = ("expert_choice", "remoe")
 #: the estimators expert-choice routing takes: its weights are the gathered scores with plain
 #: autograd; the other estimators' maths is about a token's choice of K experts
 EXPERT_CHOICE_ESTIMATORS = ("topk",)
-#: the balance losses expert-choice routing takes: it is balanced by construction (every expert
-#: gets exactly c tokens), so only the logit-size z_loss means something
-EXPERT_CHOICE_LOSSES = ("z_loss",)
+#: the balance losses each routing outside the token-choice ones takes: expert choice is
+#: balanced by construction (every expert gets exactly c tokens), ReMoE balances with its own
+#: load-weighted L1 penalty; the logit-size z_loss means something for both
+ROUTING_LOSSES = {"expert_choice": ("z_loss",), "remoe": ("z_loss",)}
+#: the balance losses expert-choice routing takes (:data:`ROUTING_LOSSES`)
+EXPERT_CHOICE_LOSSES = ROUTING_LOSSES["expert_choice"]
+#: ReMoE's adaptive L1 coefficient: starting value lambda_0 and growth factor alpha
+#: (the paper's 1e-8 and 1.2)
+REMOE_L1_INIT = 1e-8
+REMOE_L1_ALPHA = 1.2
 #: Sinkhorn stops when the mean absolute change of the column scaling is <= SINKHORN_TOL
 #: (Megatron-Core's tol=1e-4) or after SINKHORN_MAX_ITERS iterations (Megatron has no cap);
 #: SINKHORN_EPS keeps the divisions finite (Megatron's 1e-8)
@@ -65,15 +75,41 @@ SINKHORN_EPS = 1e-8
 
 
 def check_routing(routing) -> str:
-    """``routing`` -> itself if implemented; ValueError naming the allowed values otherwise
-    (a planned one says it is not implemented yet)."""
-    if isinstance(routing, str) and routing in PLANNED_ROUTINGS:
-        raise ValueError(f"routing={routing!r} is planned (issue 14) but not implemented yet; "
-                         f"choose one of {list(ROUTINGS)}")
+    """``routing`` -> itself if known; ValueError naming the allowed values otherwise."""
     if not isinstance(routing, str) or routing not in ROUTINGS:
-        raise ValueError(f"routing={routing!r} is unknown; choose one of {list(ROUTINGS)} "
-                         f"({list(PLANNED_ROUTINGS)} are planned)")
+        raise ValueError(f"routing={routing!r} is unknown; choose one of {list(ROUTINGS)}")
     return routing
+
+
+def resolve_estimator(estimator, routing: str) -> str:
+    """The estimator a router with ``routing`` builds: ``estimator`` (None: "topk", plain
+    autograd through the selected weights). ``routing="remoe"`` takes no estimator (its ReLU
+    gates are differentiable, nothing to estimate): a name given there is a ValueError."""
+    if routing == "remoe":
+        if estimator is not None:
+            raise ValueError(
+                f"routing='remoe' with estimator={estimator!r}: ReMoE's ReLU gates are "
+                "differentiable, so there is no top-k gradient to estimate; leave estimator unset "
+                "(None). The estimators apply to routing='topk' (and 'sinkhorn', 'expert_choice' "
+                "where allowed)")
+        return "topk"
+    return "topk" if estimator is None else estimator
+
+
+def default_losses(routing: str) -> dict:
+    """A layer's balance losses when ``losses=None``: {"switch": 1e-2} for token choice, none
+    for the routings of :data:`ROUTING_LOSSES`."""
+    return {} if routing in ROUTING_LOSSES else {"switch": 1e-2}
+
+
+def router_capacity_factor(routing: str, capacity_factor):
+    """The layer's ``capacity_factor`` -> the router's: expert choice's f (the layer passes it
+    on), None for the other routings; ``routing="remoe"`` is dropless (ValueError otherwise)."""
+    if routing == "remoe" and capacity_factor is not None:
+        raise ValueError(f"routing='remoe' with capacity_factor={capacity_factor!r}: ReMoE is "
+                         "dropless (a token's experts are its positive gates, the adaptive L1 "
+                         "penalty keeps their number near top_k); leave capacity_factor=None")
+    return capacity_factor if routing == "expert_choice" else None
 
 
 @dataclass
@@ -83,7 +119,7 @@ class RouterConfig:
     dim: int
     num_experts: int
     top_k: int
-    score: str = "softmax"
+    score: Optional[str] = None
     normalize: bool = False
     temperature: float = 1.0
     routed_scaling_factor: float = 1.0
@@ -93,10 +129,13 @@ class RouterConfig:
     check_finite: bool = True
     routing: str = "topk"
     capacity_factor: Optional[float] = None
+    l1_init: Optional[float] = None
+    l1_alpha: Optional[float] = None
 
     def __post_init__(self) -> None:
         check_int("dim", self.dim, 1)
         check_routing(self.routing)
+        self._resolve_remoe()
         if self.capacity_factor is not None:
             if self.routing != "expert_choice":
                 raise ValueError(
@@ -108,7 +147,8 @@ class RouterConfig:
             setattr(self, name, check_bool(name, getattr(self, name)))
         check_int("num_experts", self.num_experts, 1)
         check_int("top_k", self.top_k, 1, self.num_experts)
-        check_choice("score", self.score, SCORES)
+        if self.routing != "remoe":
+            check_choice("score", self.score, SCORES)
         check_float("temperature", self.temperature, low=0.0, low_open=True)
         check_float("routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
         if (self.n_group is None) != (self.topk_group is None):
@@ -146,6 +186,38 @@ class RouterConfig:
                     raise ValueError(f"routing='expert_choice' with {name}={value!r}: {why}; "
                                      f"leave {name} at its default")
 
+    def _resolve_remoe(self) -> None:
+        """score None -> "relu" for ReMoE, "softmax" otherwise; the L1 settings (ReMoE only)
+        -> their defaults; the settings ReMoE has no use for -> ValueError."""
+        remoe = self.routing == "remoe"
+        for name, default in (("l1_init", REMOE_L1_INIT), ("l1_alpha", REMOE_L1_ALPHA)):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, default if remoe else None)
+            elif not remoe:
+                raise ValueError(f"RouterConfig {name}={value!r} applies to routing='remoe' only "
+                                 f"(got routing={self.routing!r}); leave it None")
+        if remoe:
+            check_float("l1_init", self.l1_init, low=0.0, low_open=True)
+            check_float("l1_alpha", self.l1_alpha, low=1.0, low_open=True)
+        else:
+            self.score = "softmax" if self.score is None else self.score
+            return
+        if self.score not in (None, "relu"):
+            raise ValueError(f"routing='remoe' with score={self.score!r}: ReMoE's gates are "
+                             "ReLU(logits / temperature); leave score unset (or 'relu')")
+        self.score = "relu"
+        for name, bad in (("normalize", self.normalize is True),
+                          ("selection_bias", self.selection_bias is True),
+                          ("n_group", self.n_group is not None),
+                          ("capacity_factor", self.capacity_factor is not None)):
+            if bad:
+                raise ValueError(
+                    f"routing='remoe' with {name}={getattr(self, name)!r}: a token's experts are "
+                    "its positive ReLU gates and their weights are the gates themselves, steered "
+                    "to top_k experts on average by the adaptive L1 penalty, so there is no "
+                    f"top-k selection for {name} to act on; leave {name} at its default")
+
     @property
     def grouped(self) -> bool:
         return self.n_group is not None
@@ -168,8 +240,11 @@ class RouterViews:
         routing = "" if c.routing == "topk" else f", routing={c.routing}"
         if c.capacity_factor is not None:
             routing += f", capacity_factor={c.capacity_factor}"
+        estimator = f", estimator={self.estimator.name}"
+        if c.routing == "remoe":  # no estimator: the ReLU gates take plain autograd
+            estimator = f", l1_init={c.l1_init:g}, l1_alpha={c.l1_alpha}"
         return (f"dim={c.dim}, num_experts={c.num_experts}, top_k={c.top_k}, score={c.score}, "
-                f"normalize={c.normalize}{routing}, estimator={self.estimator.name}")
+                f"normalize={c.normalize}{routing}{estimator}")
 
 
 class LayerViews:
@@ -499,7 +574,7 @@ LOSS_NEEDS_ESTIMATOR = {"importance_load": "noisy_topk"}
 
 def check_losses(losses, estimator: str, routing: str = "topk") -> dict[str, float]:
     """Validate ``{name: coefficient}`` for a layer using ``estimator`` and ``routing``
-    -> {name: float}; ``routing="expert_choice"`` takes only :data:`EXPERT_CHOICE_LOSSES`."""
+    -> {name: float}; the routings of :data:`ROUTING_LOSSES` take only the losses named there."""
     if losses is None:
         return {}
     if not isinstance(losses, dict):
@@ -511,13 +586,17 @@ def check_losses(losses, estimator: str, routing: str = "topk") -> dict[str, flo
             raise ValueError(f"loss {name!r} is unknown; choose from {list(LOSS_NAMES)}")
         check_float(f"losses[{name!r}]", coef, low=0.0)
         out[name] = float(coef)
-    if routing == "expert_choice":
-        bad = sorted(set(out) - set(EXPERT_CHOICE_LOSSES))
+    if routing in ROUTING_LOSSES:
+        allowed = ROUTING_LOSSES[routing]
+        bad = sorted(set(out) - set(allowed))
         if bad:
-            raise ValueError(
-                f"losses {bad} with routing='expert_choice': expert choice is balanced by "
-                "construction (every expert takes exactly c tokens), so the balance losses have "
-                f"nothing to balance; allowed: {list(EXPERT_CHOICE_LOSSES)} (or {{}})")
+            why = ("expert choice is balanced by construction (every expert takes exactly c "
+                   "tokens), so the balance losses have nothing to balance"
+                   if routing == "expert_choice" else
+                   "ReMoE balances with its own load-weighted L1 penalty on the ReLU gates (the "
+                   "other losses read softmax-like scores, which ReLU gates are not)")
+            raise ValueError(f"losses {bad} with routing={routing!r}: {why}; allowed: "
+                             f"{list(allowed)} (or {{}})")
     for name in out:
         needs = LOSS_NEEDS_ESTIMATOR.get(name)
         if needs is not None and estimator != needs:

@@ -595,6 +595,9 @@ def expert_parallel(moe, group=None):
     if moe.router.config.routing == "expert_choice":
         problem = ValueError("routing='expert_choice' is not supported under expert parallelism "
                              "yet (the experts would choose among each rank's tokens only)")
+    elif moe.router.config.routing == "remoe":
+        problem = ValueError("routing='remoe' is not supported under expert parallelism yet (its "
+                             "adaptive L1 coefficient would be steered by each rank's tokens only)")
     elif name not in LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS:
         problem = ValueError(
             f"estimator {name!r} is not known to work under expert parallelism (its mix step may "

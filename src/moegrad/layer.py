@@ -25,10 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from moegrad._collectives import reduce_observation
-from moegrad._spec import LayerViews, check_capacity_factor, check_losses, expert_capacity
+from moegrad._spec import (LayerViews, check_capacity_factor, check_losses, default_losses, expert_capacity,
+                           resolve_estimator, router_capacity_factor)
 from moegrad.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispatch
 from moegrad.experts import Experts
 from moegrad.losses import balance_losses
+from moegrad.remoe import remoe_penalty
 from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward
 
 
@@ -42,9 +44,8 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
     ``experts(rows [M, D], counts [E]) -> [M, D]``); ``estimator``: the router's estimator;
     ``training``: the layer's mode (the estimator observes expert outputs in training only);
     ``capacity_factor``: each expert keeps its ceil(c * T_real * K / E) highest-weight pairs,
-    T_real the real tokens (padding takes no capacity); None: dropless (expert-choice routing,
-    ``routing.chosen`` set, dispatches exactly the chosen pairs and ignores it: the router
-    applied its capacity);
+    T_real the real tokens (padding takes no capacity); None: dropless (expert choice and
+    ReMoE, ``routing.chosen`` set, dispatch exactly the chosen pairs and ignore it);
     ``group``: the expert-parallel process group, or None. With a group every rank reduces its
     observation, even without rows, so the ranks run the same collectives. The returned
     :class:`~moegrad.dispatch.DispatchPlan` holds the load counts (``routed``, ``dropped``).
@@ -52,7 +53,7 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
     num_tokens, num_experts = x.shape[0], routing.logits.shape[1]
     capacity = None
     keep = routing.mask
-    if routing.chosen is not None:  # expert choice: the router's choice is the capacity
+    if routing.chosen is not None:  # expert choice / ReMoE: the router's choice is the capacity
         keep, capacity_factor = routing.chosen, None
     if capacity_factor is not None:
         real = num_tokens if routing.mask is None else int(routing.mask.sum())
@@ -77,8 +78,8 @@ class MoEStats:
     dropped: 0-d int64, pairs dropped by capacity (0 when dropless); skipped_observations:
     ``default_moe`` only (else None), [E] int64 running count of expert-output observations
     left out of its EMA for not being finite (a copy of the estimator's ``skipped``);
-    unrouted_tokens: ``routing="expert_choice"`` only (else None), 0-d int64, real tokens no
-    expert chose (their sparse output is 0). Under expert choice ``tokens_per_expert`` is the
+    unrouted_tokens: ``routing="expert_choice"`` or ``"remoe"`` only (else None), 0-d int64,
+    real tokens no expert chose (their sparse output is 0). Under expert choice ``tokens_per_expert`` is the
     tokens each expert chose, exactly c per expert, and ``dropped`` is 0 (nothing is dropped
     after the choice: tokens beyond an expert's top-c were never routed to it)."""
 
@@ -92,7 +93,8 @@ class MoEStats:
 class MoEOutput:
     """y: same shape and dtype as the input; aux_loss: scalar fp32, the weighted sum of the
     configured balance losses; routing: the :class:`Routing`; stats: :class:`MoEStats`;
-    losses: each configured balance loss, unweighted, by name."""
+    losses: each configured balance loss, unweighted, by name (with ``routing="remoe"`` also
+    ``"remoe_l1"``, the L1 penalty before its adaptive coefficient, :mod:`moegrad.remoe`)."""
 
     y: Tensor
     aux_loss: Tensor
@@ -109,16 +111,18 @@ class MoE(LayerViews, nn.Module):
         estimator: the router gradient estimator (:func:`moegrad.estimators.available`);
             extra keyword arguments are its options.
         routing, score, normalize, temperature, routed_scaling_factor, n_group, topk_group,
-            selection_bias, check_finite: see :class:`moegrad.Router`.
+            selection_bias, check_finite, l1_init, l1_alpha: see :class:`moegrad.Router`.
         activation: "swiglu" (default) or "gelu".
         impl: grouped expert compute backend (:data:`moegrad.experts.IMPLS`), "auto" by default.
         losses: ``{name: coefficient}`` balance losses (:mod:`moegrad.losses`); default
             ``{"switch": 1e-2}``, ``{}`` for none. With ``routing="expert_choice"`` the default
-            is ``{}`` and only ``z_loss`` is taken (balanced by construction).
+            is ``{}`` and only ``z_loss`` is taken (balanced by construction); the same with
+            ``routing="remoe"``, whose aux_loss always holds its adaptive L1 penalty.
         capacity_factor: None (dropless, default) or c > 0: each expert keeps its
             ceil(c * T * K / E) highest-weight pairs; the rest contribute zero and are counted.
             With ``routing="expert_choice"`` it is the router's f: each expert takes
             min(ceil(f * T * K / E), T) tokens (f = 1 when None), see :class:`moegrad.Router`.
+            ``routing="remoe"`` is dropless (None only).
 
     ``forward(x [T, D] or [B, S, D], mask=None) -> MoEOutput``; ``mask`` (bool, x's leading
     shape, True = real token) keeps padding out of everything: padding tokens are not sent to
@@ -127,12 +131,14 @@ class MoE(LayerViews, nn.Module):
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *,
-                 routing: str = "topk", estimator: str = "topk", score: str = "softmax", normalize: bool = False,
+                 routing: str = "topk", estimator: Optional[str] = None, score: Optional[str] = None,
+                 normalize: bool = False,
                  activation: str = "swiglu", impl: str = "auto", losses: Optional[dict] = None,
                  capacity_factor: Optional[float] = None, temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, selection_bias: bool = False,
-                 check_finite: bool = True, **estimator_options) -> None:
+                 check_finite: bool = True, l1_init: Optional[float] = None,
+                 l1_alpha: Optional[float] = None, **estimator_options) -> None:
         super().__init__()
         self.router = Router(dim, num_experts, top_k, routing=routing, score=score,
                              normalize=normalize,
@@ -140,11 +146,11 @@ class MoE(LayerViews, nn.Module):
                              routed_scaling_factor=routed_scaling_factor, n_group=n_group,
                              topk_group=topk_group, selection_bias=selection_bias,
                              check_finite=check_finite,
-                             capacity_factor=capacity_factor if routing == "expert_choice" else None,
-                             **estimator_options)
+                             capacity_factor=router_capacity_factor(routing, capacity_factor),
+                             l1_init=l1_init, l1_alpha=l1_alpha, **estimator_options)
         self.experts = Experts(dim, hidden_dim, num_experts, activation, impl)
-        default_losses = {} if routing == "expert_choice" else {"switch": 1e-2}
-        self.losses = check_losses(default_losses if losses is None else losses, estimator, routing)
+        self.losses = check_losses(default_losses(routing) if losses is None else losses,
+                                   resolve_estimator(estimator, routing), routing)
         self.capacity_factor = check_capacity_factor(capacity_factor)
         #: expert-parallel process group (set by moegrad.distributed.expert_parallel), else None
         self.process_group = None
@@ -172,6 +178,9 @@ class MoE(LayerViews, nn.Module):
         # BalanceWindow's counts over the micro-batches since its reset (training only)
         window = self.balance_window if self.training else None
         aux_loss, values = balance_losses(routing, self.losses, group, window)
+        if self.router.config.routing == "remoe":
+            penalty, values["remoe_l1"] = remoe_penalty(self.router, routing, self.training)
+            aux_loss = aux_loss + penalty
         skipped = getattr(estimator, "skipped", None)  # default_moe's buffer, if any
         unrouted = None
         if routing.chosen is not None:

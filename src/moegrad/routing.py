@@ -3,7 +3,8 @@
 Shapes: T tokens, D model dim, E experts, K top-k.
 
     z = x W_g^T                 [T, E]  fp32 gate logits (``Routing.logits``; fp64 for fp64 x)
-    s = score(z / temperature)  [T, E]  softmax or sigmoid (``Routing.scores``)
+    s = score(z / temperature)  [T, E]  softmax or sigmoid (``Routing.scores``; ReLU gates
+                                        with ``routing="remoe"``, :mod:`moegrad.remoe`)
     S = TopK(s + b)             [T, K]  selection; b is the optional selection-only bias and
                                         group-limited top-k may mask whole expert groups first
     w_i = c * s_i / (sum_S s)   [T, K]  (``normalize=True``; c = routed_scaling_factor)
@@ -23,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moegrad._spec import (SCORES, RouterConfig, RouterViews, nonfinite_logits_message,
-                           nonfinite_tempered_message)
+from moegrad._spec import (PAIR_ROUTINGS, SCORES, RouterConfig, RouterViews, nonfinite_logits_message,
+                           nonfinite_tempered_message, resolve_estimator)
 from moegrad.estimators import build_estimator
-from moegrad.selection import Selection
+from moegrad.selection import Selection, remoe_active
 
 __all__ = ["SCORES", "RouterConfig", "Routing", "Router", "flatten_tokens", "flatten_mask",
            "recomputing_in_backward", "recomputing_training_forward", "is_router"]
@@ -36,16 +37,18 @@ __all__ = ["SCORES", "RouterConfig", "Routing", "Router", "flatten_tokens", "fla
 class Routing:
     """What a router decided for T tokens.
 
-    logits [T, E] fp32 gate logits; scores [T, E] fp32 softmax/sigmoid of logits/temperature;
+    logits [T, E] fp32 gate logits; scores [T, E] fp32 softmax/sigmoid of logits/temperature
+    (the ReLU gates ReLU(logits/temperature) with ``routing="remoe"``);
     indices [T, K] int64 selected experts; weights [T, K] fp32 combine weights (differentiable
     as the estimator defines). (fp64 inputs are routed in fp64, for gradient checks.) ``shape``
     is the leading shape of the input ((T,) or (B, S)).
     ``mask`` [T] bool marks real (non-padding) tokens, None when every token is real.
     ``load_probs`` [T, E] is the smooth load P(x, i) of ``noisy_topk`` (None otherwise) and
     ``noise_std`` [T, E] its noise scale.
-    ``chosen`` [T, E] bool: with ``routing="expert_choice"`` only (else None), which pairs are
-    real: indices is then every expert [T, E] (indices[t, j] = j), weights [T, E] are
-    r * s * chosen, and only the pairs with chosen True are dispatched (padding never is).
+    ``chosen`` [T, E] bool: with ``routing="expert_choice"`` or ``"remoe"`` only (else None),
+    which pairs are real: indices is then every expert [T, E] (indices[t, j] = j), weights
+    [T, E] are r * s * chosen, and only the pairs with chosen True are dispatched (padding never
+    is); under ReMoE chosen = (s > 0) on real tokens.
     Code reading ``indices`` as "the experts of token t" must read ``chosen`` too.
     """
 
@@ -150,12 +153,18 @@ class Router(RouterViews, nn.Module):
             (``Routing.chosen``), a token gets 0..E experts; the same in train and eval; takes
             estimator="topk" only, no ``normalize``/``selection_bias``/``n_group``; a token's
             experts depend on the other (also future) tokens of the call, so it is not causal
-            (:mod:`moegrad.selection`). ("remoe": planned.)
-        score: "softmax" or "sigmoid" applied to logits / temperature.
+            (:mod:`moegrad.selection`). "remoe" (Wang et al., ICLR 2025): ReLU gates
+            g = r * ReLU(z / temperature); token t goes to every expert with g_te > 0, weighted
+            by g_te, with plain autograd (no estimator: leave ``estimator`` unset); the layer
+            adds an L1 penalty whose coefficient adapts so that the mean number of active
+            experts per token tends to ``top_k`` (:mod:`moegrad.remoe`); no ``normalize``,
+            ``selection_bias``, ``n_group`` or capacity.
+        score: "softmax" or "sigmoid" applied to logits / temperature (None: "softmax"; "relu"
+            under ``routing="remoe"``, the only score it takes).
         normalize: renormalise the K selected scores to sum to 1 (estimators that define their
             own weights say so in their docstring).
-        estimator: a name from :func:`moegrad.estimators.available`; extra keyword arguments
-            are that estimator's options.
+        estimator: a name from :func:`moegrad.estimators.available` (None: "topk"); extra
+            keyword arguments are that estimator's options.
         temperature: divides the logits before scoring.
         routed_scaling_factor: multiplies the combine weights (DeepSeek-V3).
         n_group, topk_group: group-limited top-k (DeepSeek-V3): keep the ``topk_group`` groups
@@ -164,9 +173,13 @@ class Router(RouterViews, nn.Module):
             only (auxiliary-loss-free balancing, see :class:`moegrad.BiasBalancer`).
         check_finite: raise if the logits contain NaN/Inf (costs one reduction per call).
         capacity_factor: ``routing="expert_choice"`` only: f in c above (None: 1).
+        l1_init, l1_alpha: ``routing="remoe"`` only: the L1 coefficient's starting value
+            lambda_0 (None: 1e-8) and its factor per training call alpha > 1 (None: 1.2), the
+            paper's values.
 
     Buffers: ``load_counts`` [E] int64, (token, slot) pairs routed to each expert in training
-    mode since the last :meth:`reset_load_counts` (padding tokens excluded).
+    mode since the last :meth:`reset_load_counts` (padding tokens excluded);
+    ``l1_coefficient`` 0-d fp32 (``routing="remoe"`` only): ReMoE's current lambda.
     """
 
     #: the expert-parallel process group, set on the instance by
@@ -176,22 +189,27 @@ class Router(RouterViews, nn.Module):
     process_group = None
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, routing: str = "topk",
-                 score: str = "softmax",
-                 normalize: bool = False, estimator: str = "topk", temperature: float = 1.0,
+                 score: Optional[str] = None,
+                 normalize: bool = False, estimator: Optional[str] = None, temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, selection_bias: bool = False,
                  check_finite: bool = True, capacity_factor: Optional[float] = None,
+                 l1_init: Optional[float] = None, l1_alpha: Optional[float] = None,
                  **estimator_options) -> None:
         super().__init__()
         self.config = RouterConfig(dim, num_experts, top_k, score, normalize, temperature,
                                    routed_scaling_factor, n_group, topk_group,
-                                   selection_bias, check_finite, routing, capacity_factor)
+                                   selection_bias, check_finite, routing, capacity_factor,
+                                   l1_init, l1_alpha)
+        estimator = resolve_estimator(estimator, self.config.routing)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         if self.config.selection_bias:
             self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
             self.bias = None
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.int64))
+        if self.config.routing == "remoe":
+            self.register_buffer("l1_coefficient", torch.tensor(self.config.l1_init, dtype=torch.float32))
         self.estimator = build_estimator(estimator, self.config, **estimator_options)
 
     # num_experts, top_k: read-only views of the config (RouterViews)
@@ -215,8 +233,8 @@ class Router(RouterViews, nn.Module):
             _check_finite_logits(logits, z, self.config.temperature)
         scores = self.score(z)
         recomputing = recomputing_training_forward(self)
-        if self.config.routing == "expert_choice":
-            return self._route_expert_choice(logits, scores, shape, token_mask, recomputing)
+        if self.config.routing in PAIR_ROUTINGS:
+            return self._route_pairs(logits, scores, shape, token_mask, recomputing)
         picked = self.estimator.route(flat, z, scores, self.selection(token_mask))
         if self.training and picked.indices.numel() and not recomputing:
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
@@ -225,11 +243,15 @@ class Router(RouterViews, nn.Module):
                        shape=shape, mask=token_mask, load_probs=picked.load_probs,
                        noise_std=picked.noise_std)
 
-    def _route_expert_choice(self, logits: Tensor, scores: Tensor, shape: tuple,
-                             token_mask: Optional[Tensor], recomputing: bool) -> Routing:
-        """Expert choice: every expert takes its top-c real tokens; indices [T, E] = every
-        expert, weights = r * s * chosen (plain autograd through the scores)."""
-        chosen = self.selection(token_mask).select_expert_choice(scores)  # [T, E] bool
+    def _route_pairs(self, logits: Tensor, scores: Tensor, shape: tuple,
+                     token_mask: Optional[Tensor], recomputing: bool) -> Routing:
+        """Expert choice (every expert takes its top-c real tokens) or ReMoE (every positive
+        ReLU gate of a real token): indices [T, E] = every expert, weights = r * s * chosen
+        (plain autograd through the scores)."""
+        if self.config.routing == "remoe":
+            chosen = remoe_active(scores, token_mask)  # [T, E] bool
+        else:
+            chosen = self.selection(token_mask).select_expert_choice(scores)  # [T, E] bool
         t, e = scores.shape
         indices = torch.arange(e, device=scores.device).expand(t, e)
         weights = scores * chosen.to(scores.dtype)
@@ -242,7 +264,9 @@ class Router(RouterViews, nn.Module):
 
     # -- shared rules the estimators build on
     def score(self, z: Tensor) -> Tensor:
-        """[T, E] tempered logits -> [T, E] scores."""
+        """[T, E] tempered logits -> [T, E] scores (ReLU gates under ``routing="remoe"``)."""
+        if self.config.score == "relu":
+            return torch.relu(z)
         return torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
 
     def selection(self, mask: Optional[Tensor] = None) -> Selection:
@@ -267,13 +291,14 @@ class Router(RouterViews, nn.Module):
 
     def _apply(self, fn, recurse=True):
         """``nn.Module._apply`` (behind ``.to``, ``.cuda``, ``.half``, ...) keeping the selection
-        bias fp32: a dtype cast moves it to the new device from its exact fp32 value, never
-        through the new dtype (in bf16, BiasBalancer's +1e-3 on 0.5 would round away)."""
-        bias = self._buffers.get("bias")
+        bias (and ReMoE's ``l1_coefficient``) fp32: a dtype cast moves it to the new device from
+        its exact fp32 value, never through the new dtype (in bf16, BiasBalancer's +1e-3 on 0.5 would round away)."""
+        kept = {name: self._buffers.get(name) for name in ("bias", "l1_coefficient")}
         out = super()._apply(fn, recurse)
-        moved = self._buffers.get("bias")
-        if bias is not None and moved is not None and moved.dtype != torch.float32:
-            self._buffers["bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        for name, before in kept.items():
+            moved = self._buffers.get(name)
+            if before is not None and moved is not None and moved.dtype != torch.float32:
+                self._buffers[name] = before.to(device=moved.device, dtype=torch.float32)
         return out
 
 

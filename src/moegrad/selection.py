@@ -49,6 +49,8 @@ chosen and do not count in T. Training and eval select the same way.
 Causality caveat: a token's experts depend on the other tokens of the call, future ones
 included, so an autoregressive LM trained this way cannot generate token by token with the same
 routing (the paper's caveat; a fix is a per-sequence or causal variant, not provided here).
+(ReMoE, ``routing="remoe"``, is causal: a token's experts are its own positive ReLU gates,
+:func:`remoe_active`; its penalty is :mod:`moegrad.remoe`.)
 Differences from the paper: it takes softmax scores; moegrad the router's score function
 (softmax or sigmoid, with temperature); the paper's optional per-token cap on experts
 (its entropy-regularised LP variant) is not implemented.
@@ -65,7 +67,15 @@ from torch import Tensor
 from moegrad._spec import (SINKHORN_EPS, SINKHORN_MAX_ITERS, SINKHORN_TOL, RouterConfig,
                            RouterViews, expert_choice_capacity)
 
-__all__ = ["Selection", "sinkhorn"]
+__all__ = ["Selection", "sinkhorn", "remoe_active"]
+
+
+@torch.no_grad()
+def remoe_active(gates: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """ReMoE's selection (``routing="remoe"``): [T, E] ReLU gates, [T] real-token mask or None
+    -> [T, E] bool, True where the gate is positive on a real token (its experts)."""
+    active = gates > 0
+    return active if mask is None else active & mask[:, None]
 
 
 @torch.compiler.disable

@@ -297,7 +297,7 @@ def test_sinkhorn_study_runs_the_deterministic_estimators_and_refuses_sampling_o
     with pytest.raises(ValueError, match=r"--routing sinkhorn cannot be combined with the sampling "
                                          r"estimator\(s\) \['gumbel'\]"):
         Cell("clusters", ["topk", "gumbel"], routing="sinkhorn", **common)
-    with pytest.raises(ValueError, match="routing='remoe' is planned"):
+    with pytest.raises(ValueError, match=r"routing='remoe' is not supported by moegrad study yet"):
         Cell("clusters", None, routing="remoe", **common)
     assert main(["study", "--routing", "sinkhorn", "--estimators", "noisy_topk", "--steps", "2",
                  "--no-progress", "--out", "unused"]) == 2

@@ -14,7 +14,7 @@ from typing import Optional
 from torch import nn
 
 from moegrad._checks import check_bool
-from moegrad._spec import check_losses, check_routing
+from moegrad._spec import TOKEN_CHOICE_ROUTINGS, check_losses, check_routing
 from moegrad.estimators import get as get_estimator
 from moegrad.hf.experts import IMPLS
 from moegrad.hf.families import _family_of, supported
@@ -66,9 +66,10 @@ def patch(model: nn.Module, estimator: str = "topk", losses: Optional[dict] = No
         raise ValueError(f"impl={impl!r} is not supported; choose one of {list(IMPLS)}")
     get_estimator(estimator)
     check_routing(routing)
-    if routing == "expert_choice":
-        raise ValueError("routing='expert_choice' is not supported by moegrad.hf.patch (the HF "
-                         "adapter routes token-choice); choose 'topk' or 'sinkhorn'")
+    if routing not in TOKEN_CHOICE_ROUTINGS:
+        raise ValueError(f"routing={routing!r} is not supported by moegrad.hf.patch (the HF "
+                         "adapter keeps the family's token-choice top-k); choose one of "
+                         f"{list(TOKEN_CHOICE_ROUTINGS)}")
     allow_forward_change = check_bool("allow_forward_change", allow_forward_change)
     coefficients = check_losses(losses, estimator)
     name = type(model).__name__

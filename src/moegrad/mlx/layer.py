@@ -21,10 +21,12 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad._spec import LayerViews, check_capacity_factor, check_losses, expert_capacity
+from moegrad._spec import (LayerViews, check_capacity_factor, check_losses, default_losses, expert_capacity,
+                           resolve_estimator, router_capacity_factor)
 from moegrad.mlx.dispatch import DispatchPlan, combine_rows, plan_dispatch
 from moegrad.mlx.experts import Experts
 from moegrad.mlx.losses import balance_losses
+from moegrad.mlx.remoe import remoe_penalty
 from moegrad.mlx.routing import Router, Routing, flatten_tokens
 
 
@@ -33,8 +35,8 @@ class MoEStats:
     """tokens_per_expert [E] int64: (token, slot) pairs assigned per expert; dropped: 0-d int64;
     skipped_observations: ``default_moe`` only (else None), [E] int64 running count of
     observations left out of its EMA for not being finite (the estimator's ``skipped``);
-    unrouted_tokens: ``routing="expert_choice"`` only (else None), 0-d int64 real tokens no
-    expert chose (``tokens_per_expert`` is then c per expert, ``dropped`` 0; as in PyTorch)."""
+    unrouted_tokens: ``routing="expert_choice"`` or ``"remoe"`` only (else None), 0-d int64
+    real tokens no expert chose (``tokens_per_expert`` is then c per expert, ``dropped`` 0; as in PyTorch)."""
 
     tokens_per_expert: mx.array
     dropped: mx.array
@@ -45,7 +47,8 @@ class MoEStats:
 @dataclass
 class MoEOutput:
     """y: same shape and dtype as the input; aux_loss: scalar fp32 weighted sum of the balance
-    losses; routing: :class:`Routing`; stats: :class:`MoEStats`; losses: each loss by name."""
+    losses; routing: :class:`Routing`; stats: :class:`MoEStats`; losses: each loss by name
+    (``"remoe_l1"`` too with ``routing="remoe"``, :mod:`moegrad.mlx.remoe`)."""
 
     y: mx.array
     aux_loss: mx.array
@@ -72,7 +75,7 @@ def run_experts(flat: mx.array, routing: Routing, experts, estimator, *, trainin
     num_experts = routing.logits.shape[1]
     capacity = None
     keep = routing.mask
-    if routing.chosen is not None:  # expert choice: the router applied its capacity
+    if routing.chosen is not None:  # expert choice / ReMoE: the router's choice is the capacity
         keep, capacity_factor = routing.chosen, None
     if capacity_factor is not None:  # sized by the real tokens: padding takes no capacity
         real = num_tokens if routing.mask is None else int(routing.mask.sum())
@@ -97,13 +100,14 @@ class MoE(LayerViews, nn.Module):
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *,
-                 routing: str = "topk", estimator: str = "topk", score: str = "softmax",
+                 routing: str = "topk", estimator: Optional[str] = None, score: Optional[str] = None,
                  normalize: bool = False,
                  activation: str = "swiglu", losses: Optional[dict] = None,
                  capacity_factor: Optional[float] = None, temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, selection_bias: bool = False,
-                 check_finite: bool = True, **estimator_options) -> None:
+                 check_finite: bool = True, l1_init: Optional[float] = None,
+                 l1_alpha: Optional[float] = None, **estimator_options) -> None:
         super().__init__()
         self.router = Router(dim, num_experts, top_k, routing=routing, score=score,
                              normalize=normalize,
@@ -111,13 +115,12 @@ class MoE(LayerViews, nn.Module):
                              routed_scaling_factor=routed_scaling_factor, n_group=n_group,
                              topk_group=topk_group, selection_bias=selection_bias,
                              check_finite=check_finite,
-                             capacity_factor=capacity_factor if routing == "expert_choice" else None,
-                             **estimator_options)
+                             capacity_factor=router_capacity_factor(routing, capacity_factor),
+                             l1_init=l1_init, l1_alpha=l1_alpha, **estimator_options)
         self.experts = Experts(dim, hidden_dim, num_experts, activation)
         # a tuple of pairs, not a dict: MLX modules would treat a dict attribute as a subtree
-        default_losses = {} if routing == "expert_choice" else {"switch": 1e-2}
-        self._losses = tuple(check_losses(default_losses if losses is None else losses,
-                                          estimator, routing).items())
+        self._losses = tuple(check_losses(default_losses(routing) if losses is None else losses,
+                                          resolve_estimator(estimator, routing), routing).items())
         self.capacity_factor = check_capacity_factor(capacity_factor)
 
     @property
@@ -134,6 +137,9 @@ class MoE(LayerViews, nn.Module):
         y, plan = run_experts(flat, routing, self.experts, estimator, training=self.training,
                               capacity_factor=self.capacity_factor)
         aux_loss, values = balance_losses(routing, self.losses)
+        if self.router.config.routing == "remoe":
+            penalty, values["remoe_l1"] = remoe_penalty(self.router, routing, self.training)
+            aux_loss = aux_loss + penalty
         unrouted = None
         if routing.chosen is not None:
             none = ~routing.chosen.any(1)

@@ -3,7 +3,8 @@
 Shapes: T tokens, D model dim, E experts, K top-k. Same maths as :mod:`moegrad.routing`:
 
     z = x W_g^T                 [T, E]  fp32 gate logits (``Routing.logits``)
-    s = score(z / temperature)  [T, E]  softmax or sigmoid (``Routing.scores``)
+    s = score(z / temperature)  [T, E]  softmax or sigmoid (``Routing.scores``; ReLU gates
+                                        with ``routing="remoe"``, :mod:`moegrad.mlx.remoe`)
     S = TopK(s + b)             [T, K]  selection; b the optional selection-only bias, and
                                         group-limited top-k may mask whole expert groups first
     w_i = c * s_i / (sum_S s)   [T, K]  (``normalize=True``; c = routed_scaling_factor)
@@ -23,11 +24,11 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from moegrad._spec import (RouterConfig, RouterViews, nonfinite_logits_message,
-                           nonfinite_tempered_message)
+from moegrad._spec import (PAIR_ROUTINGS, RouterConfig, RouterViews, nonfinite_logits_message,
+                           nonfinite_tempered_message, resolve_estimator)
 from moegrad.mlx.estimators import build_estimator
 from moegrad.mlx.ops import counts
-from moegrad.mlx.selection import Selection
+from moegrad.mlx.selection import Selection, remoe_active
 
 
 @dataclass
@@ -37,8 +38,8 @@ class Routing:
     logits [T, E] fp32; scores [T, E] fp32; indices [T, K] uint32 (no gradient); weights
     [T, K] fp32 (differentiable as the estimator defines); ``shape`` the input's leading shape;
     ``mask`` [T] bool real tokens or None; ``load_probs``/``noise_std`` [T, E] (``noisy_topk``);
-    ``chosen`` [T, E] bool (``routing="expert_choice"`` only): indices are then every expert
-    [T, E], weights r * s * chosen, and only the chosen pairs are dispatched.
+    ``chosen`` [T, E] bool (``routing="expert_choice"`` or ``"remoe"`` only): indices are then
+    every expert [T, E], weights r * s * chosen, and only the chosen pairs are dispatched.
     """
 
     logits: mx.array
@@ -91,11 +92,13 @@ class Router(RouterViews, nn.Module):
     Same arguments as the PyTorch router: dim, num_experts, top_k, routing, score, normalize, estimator
     (a name from :func:`moegrad.mlx.estimators.available`, extra keywords are its options),
     temperature, routed_scaling_factor, n_group/topk_group, selection_bias, check_finite,
-    capacity_factor (``routing="expert_choice"`` only).
+    capacity_factor (``routing="expert_choice"`` only), l1_init, l1_alpha (``routing="remoe"``
+    only).
 
     Arrays: ``gate.weight`` [E, D] (trainable); frozen state (saved with the weights, never
     trained): ``bias`` [E] fp32 when ``selection_bias``, ``load_counts`` [E] int64 counts of
-    (token, slot) pairs routed in training mode since :meth:`reset_load_counts`.
+    (token, slot) pairs routed in training mode since :meth:`reset_load_counts`,
+    ``l1_coefficient`` 0-d fp32 ReMoE's current lambda (``routing="remoe"`` only).
     """
 
     #: called as ``observer(router, routing)`` after every training-mode call (MLX has no forward
@@ -103,21 +106,26 @@ class Router(RouterViews, nn.Module):
     observer = None
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, routing: str = "topk",
-                 score: str = "softmax",
-                 normalize: bool = False, estimator: str = "topk", temperature: float = 1.0,
+                 score: Optional[str] = None,
+                 normalize: bool = False, estimator: Optional[str] = None, temperature: float = 1.0,
                  routed_scaling_factor: float = 1.0, n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, selection_bias: bool = False,
                  check_finite: bool = True, capacity_factor: Optional[float] = None,
+                 l1_init: Optional[float] = None, l1_alpha: Optional[float] = None,
                  **estimator_options) -> None:
         super().__init__()
         self.config = RouterConfig(dim, num_experts, top_k, score, normalize, temperature,
                                    routed_scaling_factor, n_group, topk_group, selection_bias,
-                                   check_finite, routing, capacity_factor)
+                                   check_finite, routing, capacity_factor, l1_init, l1_alpha)
+        estimator = resolve_estimator(estimator, self.config.routing)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         frozen = ["load_counts"]
         if self.config.selection_bias:
             self.bias = mx.zeros((num_experts,), dtype=mx.float32)
             frozen.append("bias")
+        if self.config.routing == "remoe":
+            self.l1_coefficient = mx.array(self.config.l1_init, dtype=mx.float32)
+            frozen.append("l1_coefficient")
         self.load_counts = mx.zeros((num_experts,), dtype=mx.int64)
         self.freeze(keys=frozen, recurse=False)
         self.estimator = build_estimator(estimator, self.config, **estimator_options)
@@ -151,8 +159,8 @@ class Router(RouterViews, nn.Module):
             bad = int((~mx.isfinite(z)).any(-1).sum())
             raise ValueError(nonfinite_tempered_message(c.temperature, bad, logits.shape[0]))
         scores = self.score(z)
-        if c.routing == "expert_choice":
-            return self._route_expert_choice(logits, scores, shape, token_mask)
+        if c.routing in PAIR_ROUTINGS:
+            return self._route_pairs(logits, scores, shape, token_mask)
         picked = self.estimator.route(flat.astype(mx.float32), z, scores, self.selection(token_mask))
         if self.training and picked.indices.size:
             rows = picked.indices
@@ -166,10 +174,14 @@ class Router(RouterViews, nn.Module):
             self.observer(self, routing)
         return routing
 
-    def _route_expert_choice(self, logits, scores, shape, token_mask) -> Routing:
-        """Expert choice (:meth:`Selection.select_expert_choice`): indices [T, E] every expert,
-        weights r * s * chosen (the gradient flows through the scores)."""
-        chosen = self.selection(token_mask).select_expert_choice(scores)  # [T, E] bool
+    def _route_pairs(self, logits, scores, shape, token_mask) -> Routing:
+        """Expert choice (:meth:`Selection.select_expert_choice`) or ReMoE (the positive ReLU
+        gates, :func:`remoe_active`): indices [T, E] every expert, weights r * s * chosen (the
+        gradient flows through the scores)."""
+        if self.config.routing == "remoe":
+            chosen = remoe_active(scores, token_mask)  # [T, E] bool
+        else:
+            chosen = self.selection(token_mask).select_expert_choice(scores)  # [T, E] bool
         t, e = scores.shape
         indices = mx.broadcast_to(mx.arange(e, dtype=mx.uint32), (t, e))
         weights = scores * chosen.astype(scores.dtype)
@@ -185,7 +197,9 @@ class Router(RouterViews, nn.Module):
 
     # -- shared rules the estimators build on
     def score(self, z: mx.array) -> mx.array:
-        """[T, E] tempered logits -> [T, E] scores."""
+        """[T, E] tempered logits -> [T, E] scores (ReLU gates under ``routing="remoe"``)."""
+        if self.config.score == "relu":
+            return mx.maximum(z, 0.0)
         return mx.sigmoid(z) if self.config.score == "sigmoid" else mx.softmax(z, axis=-1, precise=True)
 
     def selection(self, mask: Optional[mx.array] = None) -> Selection:
@@ -208,12 +222,13 @@ class Router(RouterViews, nn.Module):
         return out
 
     def __setitem__(self, key, value) -> None:
-        """Keep the selection bias fp32 (the PyTorch Router's ``_apply`` rule): ``set_dtype``
-        (and ``apply``/``update``/``load_weights``) store arrays through here. A lower-precision
+        """Keep the selection bias (and ReMoE's ``l1_coefficient``) fp32 (the PyTorch Router's
+        ``_apply`` rule): ``set_dtype`` (and ``apply``/``update``/``load_weights``) store arrays
+        through here. A lower-precision
         value that is the current bias rounded (``model.set_dtype(mx.bfloat16)``) leaves the
         exact fp32 bias in place; any other value is stored as fp32."""
-        if key == "bias" and isinstance(value, mx.array) and value.dtype != mx.float32:
-            current = self.get("bias")
+        if key in ("bias", "l1_coefficient") and isinstance(value, mx.array) and value.dtype != mx.float32:
+            current = self.get(key)
             if (current is not None and current.dtype == mx.float32 and current.shape == value.shape
                     and bool(mx.array_equal(current.astype(value.dtype), value))):
                 value = current

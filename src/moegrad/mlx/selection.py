@@ -31,6 +31,13 @@ from moegrad._spec import (SINKHORN_EPS, SINKHORN_MAX_ITERS, SINKHORN_TOL, Route
 from moegrad.mlx.ops import topk_indices
 
 
+def remoe_active(gates: mx.array, mask: Optional[mx.array] = None) -> mx.array:
+    """ReMoE's selection (``routing="remoe"``, :func:`moegrad.selection.remoe_active`): [T, E]
+    ReLU gates, [T] real-token mask or None -> [T, E] bool, positive gates of real tokens."""
+    active = mx.stop_gradient(gates) > 0
+    return active if mask is None else active & mask[:, None]
+
+
 def sinkhorn(cost: mx.array, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_MAX_ITERS,
              eps: float = SINKHORN_EPS, mask: Optional[mx.array] = None) -> mx.array:
     """Sinkhorn-Knopp balancing of a positive [T, E] matrix C -> P = diag(d0) C diag(d1) [T, E]

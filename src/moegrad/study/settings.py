@@ -8,7 +8,7 @@ import inspect
 import math
 
 from moegrad import estimators as registry
-from moegrad._spec import DETERMINISTIC, check_routing
+from moegrad._spec import DETERMINISTIC, TOKEN_CHOICE_ROUTINGS, check_routing
 from moegrad.experts import IMPLS
 from moegrad.study.progress import Progress, run_seconds
 from moegrad.study.tasks import REGIMES, get_task
@@ -70,9 +70,10 @@ class Cell:
         self.cls = get_task(task_name)
         self.task_name = task_name
         self.routing = check_routing("topk" if routing is None else routing)
-        if self.routing == "expert_choice":
-            raise ValueError("routing='expert_choice' is not supported by moegrad study yet (its "
-                             "metrics read Routing.indices as each token's top-k experts)")
+        if self.routing not in TOKEN_CHOICE_ROUTINGS:
+            raise ValueError(f"routing={self.routing!r} is not supported by moegrad study yet "
+                             "(its metrics read Routing.indices as each token's top-k experts); "
+                             f"choose one of {list(TOKEN_CHOICE_ROUTINGS)}")
         usable = registry.available() if self.routing == "topk" else list(DETERMINISTIC)
         self.names = list(names or usable)
         refused = [n for n in self.names if n not in usable]

@@ -1,0 +1,74 @@
+"""ReMoE's L1 penalty and its adaptive coefficient (``routing="remoe"``).
+
+Wang et al., ICLR 2025, "ReMoE: Fully Differentiable Mixture-of-Experts with ReLU Routing"
+(arXiv 2412.14711). Shapes: T tokens (T_r of them real), E experts, K = ``top_k``, the target
+number of active experts per token.
+
+    g = r * ReLU(z / tau)                 [T, E]  gates = combine weights (the router's
+                                                  ``Routing.weights``; r routed_scaling_factor)
+    A = (g > 0) on real tokens            [T, E]  ``Routing.chosen``: token t goes to expert e
+    f_e = E / (K T_r) * sum_t A_te        [E]     load of expert e, 1 at balance (no gradient)
+    L1 = (1 / T_r) * sum_t sum_e f_e g_te         the load-balanced L1 penalty
+    aux = lambda * L1                             added to the layer's ``aux_loss``
+    lambda <- lambda * alpha ** sign(a - K)       a = mean active experts per real token,
+                                                  after each training call
+
+So lambda grows (by ``l1_alpha``, 1.2) while tokens use more than K experts and shrinks while
+they use fewer, starting from ``l1_init`` (1e-8): the mean number of active experts settles
+around K. The paper writes the update with the sparsity S = 1 - a / E and the target
+1 - K / E; sign((1 - K/E) - S) = sign(a - K). The gradient is plain autograd: the gates are
+differentiable (d g / d z = r / tau where z > 0, 0 elsewhere), no estimator is involved.
+
+Where moegrad differs from the paper: lambda is per layer (the router's ``l1_coefficient``
+buffer), steered by that layer's own mean, and updated after every training-mode call (each
+micro-batch under gradient accumulation, not under activation checkpointing's recomputation);
+the paper keeps one lambda for the model, updated once per step from the sparsity of all
+layers. Only the load-balanced L1 is provided (the paper's default; its plain L1 is f_e = 1).
+Not supported: expert parallelism, :func:`moegrad.hf.patch`, capacity limits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moegrad.routing import Routing, recomputing_in_backward
+
+
+def remoe_l1_loss(routing: Routing, top_k: int) -> Tensor:
+    """The load-balanced L1 penalty L1 = (1 / T_r) sum_t sum_e f_e g_te of a ReMoE call
+    (``routing.weights`` the gates g [T, E], ``routing.chosen`` the active pairs) -> 0-d fp32
+    tensor; 0 without real tokens."""
+    gates, active = routing.weights, routing.chosen
+    num_experts = gates.shape[1]
+    real = gates.shape[0] if routing.mask is None else routing.mask.sum()
+    real = torch.as_tensor(real, dtype=gates.dtype, device=gates.device).clamp_min(1)
+    load = active.sum(0).to(gates.dtype) * (num_experts / top_k) / real  # f [E], no gradient
+    return (gates * load).sum() / real
+
+
+@torch.no_grad()
+def update_l1_coefficient(coefficient: Tensor, routing: Routing, top_k: int, alpha: float) -> None:
+    """lambda <- lambda * alpha ** sign(a - K) in place, a the mean number of active experts
+    per real token of ``routing`` (no change for a call without real tokens)."""
+    real = routing.chosen.shape[0] if routing.mask is None else routing.mask.sum()
+    real = torch.as_tensor(real, device=coefficient.device)
+    mean_active = routing.chosen.sum() / real.clamp_min(1)
+    step = torch.sign(mean_active - top_k) * (real > 0)
+    coefficient.mul_(torch.pow(torch.as_tensor(alpha, dtype=coefficient.dtype, device=coefficient.device),
+                               step.to(coefficient.dtype)))
+
+
+def remoe_penalty(router, routing: Routing, training: bool) -> tuple[Tensor, Tensor]:
+    """-> (lambda * L1, L1) for one call of a ``routing="remoe"`` router, with lambda the
+    router's ``l1_coefficient`` before this call; then, in training mode (and not in activation
+    checkpointing's recomputation), updates lambda from this call's mean active experts."""
+    top_k = router.config.top_k
+    l1 = remoe_l1_loss(routing, top_k)
+    penalty = router.l1_coefficient.clone() * l1
+    if training and not recomputing_in_backward():
+        update_l1_coefficient(router.l1_coefficient, routing, top_k, router.config.l1_alpha)
+    return penalty, l1
+
+
+__all__ = ["remoe_l1_loss", "update_l1_coefficient", "remoe_penalty"]
