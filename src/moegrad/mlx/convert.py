@@ -21,7 +21,7 @@ from moegrad.mlx.layer import MoE
 from moegrad.mlx.routing import Router
 
 _ROUTER_FIELDS = ("routing", "score", "normalize", "temperature", "routed_scaling_factor", "n_group",
-                  "topk_group", "selection_bias", "check_finite")
+                  "topk_group", "selection_bias", "check_finite", "l1_init", "l1_alpha")
 _MX_DTYPES = {"torch.float32": mx.float32, "torch.float16": mx.float16,
               "torch.bfloat16": mx.bfloat16, "torch.float64": mx.float32,
               "torch.int64": mx.int64, "torch.bool": mx.bool_}
@@ -56,8 +56,12 @@ def _options(estimator, drop: str, add: str) -> dict:
     return opts
 
 
-def _router_kwargs(config) -> dict:
-    return {name: getattr(config, name) for name in _ROUTER_FIELDS}
+def _router_kwargs(config, estimator) -> dict:
+    """The router's settings and its estimator's name (None under ``routing="remoe"``, which
+    takes none) as keyword arguments of the other framework's constructor."""
+    kwargs = {name: getattr(config, name) for name in _ROUTER_FIELDS}
+    kwargs["estimator"] = None if config.routing == "remoe" else estimator.name
+    return kwargs
 
 
 def _copy_router_from_torch(src, dst: Router) -> None:
@@ -65,6 +69,8 @@ def _copy_router_from_torch(src, dst: Router) -> None:
     if src.bias is not None:
         dst.bias = _to_mx(src.bias)
     dst.load_counts = _to_mx(src.load_counts)
+    if src.config.routing == "remoe":
+        dst.l1_coefficient = _to_mx(src.l1_coefficient)
     est = src.estimator
     if hasattr(est, "w_noise"):
         dst.estimator.w_noise = _to_mx(est.w_noise)
@@ -82,8 +88,8 @@ def from_torch(module):
         opts = _options(r.estimator, drop="generator", add="seed")
         ex = module.experts
         out = MoE(r.config.dim, ex.hidden_dim, r.config.num_experts, r.config.top_k,
-                  estimator=r.estimator.name, activation=ex.activation, losses=dict(module.losses),
-                  capacity_factor=module.capacity_factor, **_router_kwargs(r.config), **opts)
+                  activation=ex.activation, losses=dict(module.losses),
+                  capacity_factor=module.capacity_factor, **_router_kwargs(r.config, r.estimator), **opts)
         _copy_router_from_torch(r, out.router)
         for name in WEIGHT_NAMES.values():  # w3 is None for GELU experts
             if getattr(ex, name) is not None:
@@ -91,8 +97,8 @@ def from_torch(module):
     elif isinstance(module, moegrad.Router):
         opts = _options(module.estimator, drop="generator", add="seed")
         c = module.config
-        out = Router(c.dim, c.num_experts, c.top_k, estimator=module.estimator.name,
-                     capacity_factor=c.capacity_factor, **_router_kwargs(c), **opts)
+        out = Router(c.dim, c.num_experts, c.top_k,
+                     capacity_factor=c.capacity_factor, **_router_kwargs(c, module.estimator), **opts)
         _copy_router_from_torch(module, out)
     else:
         raise TypeError(f"from_torch expects a moegrad.MoE or moegrad.Router, got {type(module).__name__}")
@@ -108,6 +114,8 @@ def _copy_router_to_torch(src: Router, dst) -> None:
         if dst.bias is not None:
             dst.bias.copy_(_to_torch(src.bias, dst.bias))
         dst.load_counts.copy_(_to_torch(src.load_counts, dst.load_counts))
+        if src.config.routing == "remoe":
+            dst.l1_coefficient.copy_(_to_torch(src.l1_coefficient, dst.l1_coefficient))
         est = dst.estimator
         if hasattr(est, "w_noise"):
             est.w_noise.copy_(_to_torch(src.estimator.w_noise, est.w_noise))
@@ -137,9 +145,9 @@ def to_torch(module):
         opts = _options(r.estimator, drop="seed", add="generator")
         ex = module.experts
         out = moegrad.MoE(r.config.dim, ex.hidden_dim, r.config.num_experts, r.config.top_k,
-                          estimator=r.estimator.name, activation=ex.activation,
+                          activation=ex.activation,
                           losses=module.losses, capacity_factor=module.capacity_factor,
-                          **_router_kwargs(r.config), **opts)
+                          **_router_kwargs(r.config, r.estimator), **opts)
         _copy_router_to_torch(r, out.router)
         weights = ex.stacked_weights()
         with torch.no_grad():
@@ -153,8 +161,8 @@ def to_torch(module):
     elif isinstance(module, Router):
         opts = _options(module.estimator, drop="seed", add="generator")
         c = module.config
-        out = moegrad.Router(c.dim, c.num_experts, c.top_k, estimator=module.estimator.name,
-                             capacity_factor=c.capacity_factor, **_router_kwargs(c), **opts)
+        out = moegrad.Router(c.dim, c.num_experts, c.top_k,
+                             capacity_factor=c.capacity_factor, **_router_kwargs(c, module.estimator), **opts)
         _copy_router_to_torch(module, out)
         _restore_low_precision(out.gate, module.gate.weight.dtype)
     else:
