@@ -53,7 +53,7 @@ class Family:
         """The :class:`RouterConfig` equal to the HF gate's routing rule (``routing="topk"``);
         ``routing="sinkhorn"`` balances the training-mode selection (:class:`moegrad.Router`),
         which a family with a selection bias (DeepSeek-V3) refuses."""
-        gate, experts = getattr(block, self.gate), block.experts
+        gate, experts = _unwrap(getattr(block, self.gate)), _unwrap(block.experts)
         dim, num_experts = gate.weight.shape[1], gate.weight.shape[0]
         if experts.gate_up_proj.shape[0] != num_experts or experts.down_proj.shape[0] != num_experts:
             raise ValueError(f"{type(block).__name__}: gate has {num_experts} experts but experts "
@@ -76,7 +76,7 @@ class Family:
     def default_options(self, block: nn.Module, estimator: str) -> dict:
         """Estimator options taken from the HF config (PhiMoE: jitter_eps)."""
         if self.name == "phimoe" and estimator == "sparsemixer":
-            return {"jitter_eps": float(getattr(block, self.gate).router_jitter_noise)}
+            return {"jitter_eps": float(_unwrap(getattr(block, self.gate)).router_jitter_noise)}
         return {}
 
 
@@ -100,6 +100,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 def supported() -> list[str]:
     """'family (BlockClass)' for every supported family."""
     return [f"{f.name} ({f.block})" for f in FAMILIES.values()]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module under PEFT wrappers (peft's ``lora.ParamWrapper``, ``lora.Linear``: the
+    ``base_layer`` chain), or ``module`` itself."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
 
 
 def _family_of(block: nn.Module) -> Optional[Family]:

@@ -13,11 +13,17 @@ gate parameter) with the router contract: ``config``, ``gate``, ``bias``, ``esti
 ``load_counts``, ``select_topk``/``combine_weights`` (the Router's rules),
 ``reset_load_counts()`` and ``forward(x, mask) -> Routing``; :func:`moegrad.routing.is_router`
 recognises it, so :class:`moegrad.BiasBalancer` and :mod:`moegrad.diagnostics` find it.
+
+PEFT (docs/hf.md): the gate is called as the block holds it now (a peft ``lora.ParamWrapper``
+around it, added before or after :func:`patch`, then applies W + B A), and the expert compute
+runs with the ParamWrappers around ``block.experts`` active (W_e + B_e A_e), as their forward
+would.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +31,7 @@ from torch import Tensor, nn
 from moegrad._spec import RouterViews
 from moegrad.estimators import build_estimator
 from moegrad.hf.experts import GptOssExpertsView, HFExperts
-from moegrad.hf.families import Family
+from moegrad.hf.families import Family, _unwrap
 from moegrad.layer import run_experts
 from moegrad.routing import (Router, Routing, flatten_mask, flatten_tokens,
                              recomputing_training_forward)
@@ -59,16 +65,16 @@ class HFRouter(RouterViews, nn.Module):
         super().__init__()
         self.family = family
         self.config = family.router_config(block, routing)
-        object.__setattr__(self, "_hf_gate", getattr(block, family.gate))  # not a submodule
+        object.__setattr__(self, "_block", block)  # not a submodule
         view = GptOssExpertsView if family.experts == "gpt_oss" else HFExperts
-        self.hf_experts = view(block.experts, impl)  # a plain object: no state of its own
+        self.hf_experts = view(_unwrap(block.experts), impl)  # a plain object: no state of its own
         self.impl = impl
         self.losses = losses
         self.register_buffer("load_counts", torch.zeros(self.config.num_experts, dtype=torch.int64,
-                                                        device=self._hf_gate.weight.device),
+                                                        device=self.gate.weight.device),
                              persistent=False)
         self.estimator = build_estimator(estimator, self.config, **options)
-        self.estimator.to(self._hf_gate.weight.device)
+        self.estimator.to(self.gate.weight.device)
         for module in self.estimator.modules():
             for name, buf in list(module._buffers.items()):
                 if buf is not None:
@@ -82,13 +88,14 @@ class HFRouter(RouterViews, nn.Module):
 
     @property
     def gate(self) -> nn.Module:
-        """The HF gate module (its ``weight`` [E, D] is the router weight)."""
-        return self._hf_gate
+        """The HF gate module (its ``weight`` [E, D] is the router weight), under any PEFT
+        wrapper the block holds it in."""
+        return _unwrap(getattr(self._block, self.family.gate))
 
     @property
     def bias(self) -> Optional[Tensor]:
         """[E] selection-only bias: DeepSeek-V3's ``e_score_correction_bias``, else None."""
-        return self._hf_gate.e_score_correction_bias if self.family.correction_bias else None
+        return self.gate.e_score_correction_bias if self.family.correction_bias else None
 
     @bias.setter
     def bias(self, value: Tensor) -> None:
@@ -133,7 +140,7 @@ class HFRouter(RouterViews, nn.Module):
         # through the HF module, so its hooks and output_router_logits recording fire (PhiMoE's
         # gate then runs :func:`_gate_logits`: no SparseMixer sample of its own)
         recomputing = recomputing_training_forward(self)
-        logits = self._hf_gate(flat)[0]
+        logits = getattr(self._block, self.family.gate)(flat)[0]  # a PEFT wrapper applies W + B A
         z = logits.float()
         scores = torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
         picked = self.estimator.route(flat.float(), z, scores, self.selection(token_mask))
@@ -146,11 +153,31 @@ class HFRouter(RouterViews, nn.Module):
 
     def experts_forward(self, flat: Tensor, routing: Routing) -> Tensor:
         """flat [T, D] -> [T, D]: dispatch, experts, combine, estimator hook
-        (:func:`moegrad.layer.run_experts`; ``impl="hf"``: the HF experts module, then the hook)."""
-        if self.impl == "hf":
-            y = self.hf_experts.module(flat, routing.indices, routing.weights.to(flat.dtype))
-            return self.estimator.mix(y, flat, routing, self.hf_experts)
-        return run_experts(flat, routing, self.hf_experts, self.estimator, training=self.training)[0]
+        (:func:`moegrad.layer.run_experts`; ``impl="hf"``: the HF experts module, then the hook),
+        with the LoRA of any peft ParamWrapper around ``block.experts`` applied."""
+        with _adapted(self._block.experts):
+            if self.impl == "hf":
+                y = self.hf_experts.module(flat, routing.indices, routing.weights.to(flat.dtype))
+                return self.estimator.mix(y, flat, routing, self.hf_experts)
+            return run_experts(flat, routing, self.hf_experts, self.estimator, training=self.training)[0]
+
+
+@contextmanager
+def _adapted(module: nn.Module) -> Iterator[None]:
+    """Inside: the parameters of the module under PEFT wrappers read W + B A, as peft's
+    ``lora.ParamWrapper.forward`` makes them (``target_parameters``; nested wrappers, one per
+    parameter). moegrad's expert compute reads the expert weights directly, not through the
+    wrapper's forward. Raises TypeError for another wrapper (it only adapts its own forward)."""
+    with ExitStack() as stack:
+        while isinstance(getattr(module, "base_layer", None), nn.Module):
+            if not hasattr(module, "_activate_lora"):
+                raise TypeError(f"the experts are wrapped in {type(module).__name__}, which adapts "
+                                "its forward only; moegrad computes the experts from their weights: "
+                                "adapt expert weights with peft's target_parameters (lora.ParamWrapper)")
+            if not module.disable_adapters and not module.merged:
+                stack.enter_context(module._activate_lora(module.active_adapters))
+            module = module.base_layer
+        yield
 
 
 def routers(model: nn.Module) -> list[HFRouter]:
