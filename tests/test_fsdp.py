@@ -27,24 +27,34 @@ WORLD = 4
 TOL = 1e-5
 
 
-class Tiny(nn.Module):
-    """x [B, S, D] -> (h [B, S, D], aux): a projection, then two residual blocks norm -> MoE."""
+class Block(nn.Module):
+    """h [B, S, D] -> (h + MoE(norm(h)), aux): returns a tuple of tensors, so FSDP can wrap it."""
 
-    def __init__(self, seed: int, estimator: str = "topk"):
+    def __init__(self, estimator: str, experts: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.moe = moegrad.MoE(D, H, experts, K, estimator=estimator, losses={"switch": 0.1, "z_loss": 0.01})
+
+    def forward(self, h):
+        out = self.moe(self.norm(h))
+        return h + out.y, out.aux_loss
+
+
+class Tiny(nn.Module):
+    """x [B, S, D] -> (h [B, S, D], aux): a projection, then two residual Blocks norm -> MoE."""
+
+    def __init__(self, seed: int, estimator: str = "topk", experts: int = E):
         super().__init__()
         torch.manual_seed(seed)
         self.proj = nn.Linear(D, D)
-        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(2))
-        self.moes = nn.ModuleList(moegrad.MoE(D, H, E, K, estimator=estimator,
-                                              losses={"switch": 0.1, "z_loss": 0.01}) for _ in range(2))
+        self.blocks = nn.ModuleList(Block(estimator, experts) for _ in range(2))
 
     def forward(self, x):
         h = self.proj(x)
         aux = h.new_zeros(())
-        for norm, moe in zip(self.norms, self.moes):
-            out = moe(norm(h))
-            h = h + out.y
-            aux = aux + out.aux_loss
+        for block in self.blocks:
+            h, block_aux = block(h)
+            aux = aux + block_aux
         return h, aux
 
 
@@ -102,7 +112,10 @@ def _bad_input(mesh):
                       "one_d": lambda: expert_parallel_fsdp(Tiny(0), flat),
                       "same_dims": lambda: expert_parallel_fsdp(Tiny(0), mesh, ep_dim="dp"),
                       "no_moe": lambda: expert_parallel_fsdp(nn.Linear(2, 2), mesh),
-                      "dense": lambda: expert_parallel_fsdp(Tiny(0, "dense"), mesh)}.items():
+                      "dense": lambda: expert_parallel_fsdp(Tiny(0, "dense"), mesh),
+                      "blocks": lambda: expert_parallel_fsdp(Tiny(0), mesh, blocks=[nn.Linear(2, 2)]),
+                      # collective (every rank raises): 3 experts over ep = 2
+                      "odd_experts": lambda: expert_parallel_fsdp(Tiny(0, experts=3), mesh)}.items():
         try:
             call()
             out[key] = None
@@ -129,7 +142,8 @@ def _worker(rank, port, out_dir):
 
         # gradients and two SGD steps against one process on the global batch
         ref = Tiny(0)
-        model = expert_parallel_fsdp(Tiny(0), mesh, blocks=[])
+        model = Tiny(0)
+        expert_parallel_fsdp(model, mesh, blocks=list(model.blocks))  # each block, then the root
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
         result["steps"] = []
@@ -150,7 +164,7 @@ def _worker(rank, port, out_dir):
 
         # checkpoint round-trip after two AdamW steps
         def build(seed):
-            m = expert_parallel_fsdp(Tiny(seed), mesh)
+            m = expert_parallel_fsdp(Tiny(seed), mesh)  # the root alone
             return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
 
         def train(m, o, step):
@@ -222,6 +236,8 @@ def test_bad_mesh_and_models_raise_value_errors(results):
     assert "two different" in bad["same_dims"]
     assert "no moegrad.MoE" in bad["no_moe"]
     assert "'dense'" in bad["dense"]
+    assert "submodules of model" in bad["blocks"]
+    assert "num_experts=3" in bad["odd_experts"] and "not divisible" in bad["odd_experts"]
 
 
 def test_reference_model_is_deterministic():
