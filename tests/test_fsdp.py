@@ -6,7 +6,8 @@ one process, on the 4 ranks' batches concatenated, loss = mean squared error + a
 sharded run's loss (mean over ranks) and gathered gradients must equal it, also after two SGD
 steps with momentum. A DCP checkpoint after two AdamW steps, loaded into a freshly built
 sharded model (different initial weights) and optimizer, must give the same next two losses as
-continuing without the round-trip.
+continuing without the round-trip, and converted to one file in one process
+(``dcp_to_torch_save``) it loads into the plain model and gives the ranks' outputs.
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ def _worker(rank, port, out_dir):
             train(a, a_opt, step)
         path = os.path.join(out_dir, "ckpt")
         save_checkpoint(a, a_opt, path)
+        with torch.no_grad():  # the outputs the saved weights give on this rank's probe batch
+            result["probe_y"] = a(_batch(rank, 9)[0])[0].tolist()
         continued = [train(a, a_opt, step) for step in (2, 3)]
         b, b_opt = build(2)
         with torch.no_grad():
@@ -197,15 +200,21 @@ def _worker(rank, port, out_dir):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def run(tmp_path_factory):
     from moegrad._testing import free_port, spawn_and_wait
 
     out = tmp_path_factory.mktemp("fsdp")
+    # ~30 s alone on 2 cores; generous on a loaded machine
     spawn_and_wait(_worker, (free_port(), str(out)), WORLD, 180, "the 4-process FSDP group")
     res = [json.load(open(out / f"rank{r}.json")) for r in range(WORLD)]
     for r in res:
         assert "error" not in r, r["error"]
-    return res
+    return {"ranks": res, "dir": out}
+
+
+@pytest.fixture(scope="module")
+def results(run):
+    return run["ranks"]
 
 
 def test_mesh_coordinates_cover_the_2x2_mesh(results):
@@ -227,6 +236,22 @@ def test_checkpoint_round_trip_continues_training_exactly(results):
         for got, want in zip(ck["resumed"], ck["continued"]):
             assert got == pytest.approx(want, abs=1e-6, rel=1e-6)
         assert abs(ck["fresh_before_load"] - ck["continued"][0]) > 1e-3  # loading mattered
+
+
+def test_checkpoint_holds_every_expert_once_in_the_single_process_layout(run, tmp_path):
+    """dcp_to_torch_save (one process, no group) turns the checkpoint into a plain state dict
+    with experts [E, ...]; loaded into an unsharded model it reproduces every rank's outputs."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(run["dir"] / "ckpt"), str(tmp_path / "full.pt"))
+    state = torch.load(tmp_path / "full.pt", weights_only=False)["model"]
+    assert state["blocks.0.moe.experts.w1"].shape == (E, H, D)
+    plain = Tiny(5)
+    plain.load_state_dict(state)  # strict: every key, nothing left over
+    with torch.no_grad():
+        for rank, r in enumerate(run["ranks"]):
+            y = plain(_batch(rank, 9)[0])[0]
+            assert (y - torch.tensor(r["probe_y"])).abs().max() < TOL
 
 
 def test_bad_mesh_and_models_raise_value_errors(results):

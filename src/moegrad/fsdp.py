@@ -43,8 +43,9 @@ relabels each expert tensor (parameter and optimizer state) as the DTensor of th
 :func:`moegrad.distributed.full_state_dict` names it), placed ``(Shard(0), Shard(0))`` on the
 (ep, dp) view of the mesh (built from its existing groups): rank (d, e) holds rows
 e L + chunk d of L, exactly its FSDP shard, no copy. Each expert is stored once, and the files
-are a plain DCP checkpoint (readable with ``dcp_to_torch_save``; loadable into any layout whose
-experts get the same names). Everything else is ``get_model_state_dict`` /
+are a plain DCP checkpoint: ``dcp_to_torch_save`` (one process) gives ``{"model": ...}`` that a
+plain, unsharded model loads strictly. Loading needs the same mesh shape (other shapes would
+need DCP's resharding, untested here). Everything else is ``get_model_state_dict`` /
 ``get_optimizer_state_dict`` of ``torch.distributed.checkpoint.state_dict`` unchanged. The
 recipe, with a model sharded by :func:`expert_parallel_fsdp` (every rank)::
 
