@@ -115,7 +115,8 @@ def _bad_input(mesh):
                       "no_moe": lambda: expert_parallel_fsdp(nn.Linear(2, 2), mesh),
                       "dense": lambda: expert_parallel_fsdp(Tiny(0, "dense"), mesh),
                       "blocks": lambda: expert_parallel_fsdp(Tiny(0), mesh, blocks=[nn.Linear(2, 2)]),
-                      # collective (every rank raises): 3 experts over ep = 2
+                      # collective (every rank raises): 3 experts over ep = 2; different weights per rank
+                      "differ": lambda: expert_parallel_fsdp(Tiny(int(flat.get_local_rank())), mesh),
                       "odd_experts": lambda: expert_parallel_fsdp(Tiny(0, experts=3), mesh)}.items():
         try:
             call()
@@ -262,6 +263,7 @@ def test_bad_mesh_and_models_raise_value_errors(results):
     assert "no moegrad.MoE" in bad["no_moe"]
     assert "'dense'" in bad["dense"]
     assert "submodules of model" in bad["blocks"]
+    assert "differs across the mesh's ranks" in bad["differ"]
     assert "num_experts=3" in bad["odd_experts"] and "not divisible" in bad["odd_experts"]
 
 

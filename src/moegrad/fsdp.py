@@ -105,6 +105,22 @@ def _check_mesh(mesh, dp_dim: str, ep_dim: str):
                          f"world has {world}: the mesh must cover every rank")
 
 
+def _check_identical_over(model: nn.Module, group, rank: int, world: int) -> None:
+    """Raise on every rank unless all ranks built ``model`` with the same parameters (collective:
+    one [N, 2] float64 all-reduce of each rank's parameter sum and absolute sum). FSDP keeps each
+    rank's own slice of a replicated parameter, so differing copies would mix silently."""
+    params = [p.detach().double() for p in model.parameters()]
+    device = params[0].device if params else torch.device("cpu")
+    rows = torch.zeros(world, 2, dtype=torch.float64, device=device)
+    rows[rank, 0] = sum(float(p.sum()) for p in params)
+    rows[rank, 1] = sum(float(p.abs().sum()) for p in params)
+    dist.all_reduce(rows, group=group)
+    if not torch.allclose(rows, rows[:1].expand(world, 2), rtol=1e-9, atol=0.0):
+        raise ValueError("expert_parallel_fsdp: the model differs across the mesh's ranks in its initial "
+                         "parameters; build it identically on every rank (same torch.manual_seed before "
+                         "construction) or broadcast rank 0's parameters first")
+
+
 def expert_parallel_fsdp(model: nn.Module, mesh, *, dp_dim: str = "dp", ep_dim: str = "ep",
                          blocks: Iterable[nn.Module] = (), reshard_after_forward: bool = True,
                          mp_policy=None) -> nn.Module:
@@ -113,7 +129,8 @@ def expert_parallel_fsdp(model: nn.Module, mesh, *, dp_dim: str = "dp", ep_dim: 
     Every :class:`moegrad.MoE` inside ``model`` (built identically on every rank) becomes
     expert-parallel over ``mesh[ep_dim]``; its experts are ``fully_shard``-ed over
     ``mesh[dp_dim]`` with gradient divide factor N = mesh.size(); each of ``blocks`` and then
-    ``model`` over all N ranks. Collective: call on every rank. ``mp_policy`` (a
+    ``model`` over all N ranks. Collective: call on every rank. Every rank must have built
+    ``model`` identically (checked: ValueError on every rank otherwise). ``mp_policy`` (a
     ``MixedPrecisionPolicy``) is passed to every ``fully_shard``. Attaches the layout as
     ``model.moegrad_fsdp_layout`` (:class:`FSDPLayout`) for the checkpoint helpers.
     """
@@ -154,6 +171,7 @@ def expert_parallel_fsdp(model: nn.Module, mesh, *, dp_dim: str = "dp", ep_dim: 
     order = (names.index(ep_dim), names.index(dp_dim))
     expert_mesh = DeviceMesh.from_group([ep_group, dp_group], mesh.device_type,
                                         mesh=mesh.mesh.permute(*order), mesh_dim_names=(ep_dim, dp_dim))
+    _check_identical_over(model, flat.get_group(), flat.get_local_rank(), mesh.size())
     options = dict(reshard_after_forward=reshard_after_forward)
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
