@@ -479,7 +479,9 @@ def _check_inputs_across_ranks(moe, args, kwargs):
     would leave one side waiting in backward until the process-group timeout, so every rank
     raises instead. Differing digests cost one more (collective) gather of every rank's settings,
     to name the fields that differ."""
-    group, world, rank = moe.process_group, moe.experts.world, moe.experts.rank
+    # the ranks of the layer's group (the ep group, or every rank under moegrad.fsdp)
+    group = moe.process_group
+    world, rank = group_size(group), group_rank(group)
     x = args[0] if args else kwargs.get("x")
     mask = args[1] if len(args) > 1 else kwargs.get("mask")
     problem = None
