@@ -70,7 +70,11 @@ def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,
     top_k = indices.shape[1]
     flat = indices.reshape(-1).long()
     n = flat.numel()
-    if n and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+    compiling = torch.compiler.is_compiling()
+    if n and compiling:  # no host read under torch.compile: the same check, raised at run time
+        torch._assert_async(((flat >= 0) & (flat < num_experts)).all(),
+                            f"indices must lie in 0..{num_experts - 1} (num_experts={num_experts})")
+    elif n and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
         raise ValueError(f"indices must lie in 0..{num_experts - 1} (num_experts={num_experts}), "
                          f"got values in {int(flat.min())}..{int(flat.max())}")
     key, num_real = flat, n  # sort key: the expert id, E for a padding pair (sorts last, cut off)
@@ -80,7 +84,7 @@ def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,
                              f"{top_k}], got {keep.dtype} of shape {tuple(keep.shape)}")
         real = keep.repeat_interleave(top_k) if keep.dim() == 1 else keep.reshape(-1)  # [N]
         key, num_real = torch.where(real, flat, num_experts), int(real.sum())
-    routed = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    routed = count_ids(key, num_experts + 1)[:num_experts]
     arange = torch.arange(n, device=flat.device)
     if capacity is None:
         pairs = torch.argsort(key, stable=True)[:num_real]
@@ -100,6 +104,16 @@ def plan_dispatch(indices: Tensor, weights: Tensor, num_experts: int,
     dropped = routed.sum() - counts.sum()
     return DispatchPlan(pairs, torch.div(pairs, top_k, rounding_mode="floor"), flat[pairs], counts,
                         routed, dropped, slots, top_k)
+
+
+def count_ids(ids: Tensor, size: int) -> Tensor:
+    """``torch.bincount(ids, minlength=size)`` for ids [N] in 0..size-1: [size] int64. Under
+    torch.compile a scatter-add of ones (the same integers), which Dynamo traces without a
+    graph break (bincount's output size depends on the data)."""
+    if torch.compiler.is_compiling():
+        ids = ids.long()
+        return torch.zeros(size, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    return torch.bincount(ids, minlength=size)
 
 
 def _plan_slots(plan: DispatchPlan) -> Tensor:

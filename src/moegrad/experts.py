@@ -216,14 +216,55 @@ def _activate(gate_x: Tensor, up_x: Optional[Tensor]) -> Tensor:
     return F.silu(gate_x).mul_(up_x) if up_x is not None else F.gelu(gate_x)
 
 
+def _up_forward(ops, x: Tensor, gate: Tensor, up: Optional[Tensor]) -> tuple:
+    """(gate x, up x) in the backend's layout; x already entered."""
+    return ops.linear(x, gate), (ops.linear(x, up) if up is not None else None)
+
+
+def _up_backward(ops, x, d_gate_x, d_up_x, gate, up, need_x, need_gate, need_up) -> tuple:
+    """(dx in row order, d_gate, d_up) of the up-projection; x and the gradients in the layout."""
+    dx = None  # first, so a backend's temporary is gone before the [E, H, D] weight gradients
+    if need_x:
+        for dh, w in ((d_gate_x, gate), (d_up_x, up)):
+            if dh is not None:
+                dx = ops.matmul(dh, w) if dx is None else ops.matmul_add(dh, w, dx)
+        dx = ops.exit(dx) if dx is not None else None
+    d_gate = ops.wgrad(d_gate_x, x) if need_gate and d_gate_x is not None else None
+    d_up = ops.wgrad(d_up_x, x) if need_up and d_up_x is not None else None
+    return dx, d_gate, d_up
+
+
+def _down_backward(ops, grad_out, gate_x, up_x, down, need_gate_x, need_up_x, need_down) -> tuple:
+    """(d_gate_x, d_up_x in the layout, d_down) of out = down act(gate_x, up_x); grad_out in row order."""
+    g = ops.enter(grad_out.contiguous())  # grouped_mm's products need a dense gradient
+    # at most two new [R, H] buffers live at a time (peak memory): s becomes d_up_x and da
+    # becomes d_gate_x in place
+    s = F.silu(gate_x) if up_x is not None else None  # computed once, for act and d_up_x
+    d_down = None
+    if need_down:
+        act = s * up_x if s is not None else F.gelu(gate_x)
+        d_down = ops.wgrad(g, act)
+        del act
+    da = ops.matmul(g, down)  # [R, H]
+    del g
+    d_up_x = s.mul_(da) if up_x is not None and need_up_x else None  # da * silu(gate_x)
+    del s
+    d_gate_x = None
+    if need_gate_x:
+        if up_x is not None:
+            d_gate_x = torch.ops.aten.silu_backward.grad_input(da.mul_(up_x), gate_x, grad_input=da)
+        else:
+            d_gate_x = torch.ops.aten.gelu_backward.grad_input(da, gate_x, grad_input=da)
+    return d_gate_x, d_up_x, d_down
+
+
 class _UpProjection(torch.autograd.Function):
     """(gate_x, up_x) = (gate x, up x) per group, in the backend's row layout (up_x None for GELU)."""
 
     @staticmethod
     def forward(rows, counts, impl, gate, up):
         ops = _BACKENDS[impl](counts, rows.shape[0])
-        x = ops.enter(rows)
-        return ops.linear(x, gate), (ops.linear(x, up) if up is not None else None)
+        return _up_forward(ops, ops.enter(rows), gate, up)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -238,15 +279,8 @@ class _UpProjection(torch.autograd.Function):
         rows, counts, gate, up = ctx.saved_tensors
         need_x, _, _, need_gate, need_up = ctx.needs_input_grad
         ops = _BACKENDS[ctx.impl](counts, rows.shape[0])
-        x = ops.enter(rows)
-        dx = None  # first, so a backend's temporary is gone before the [E, H, D] weight gradients
-        if need_x:
-            for dh, w in ((d_gate_x, gate), (d_up_x, up)):
-                if dh is not None:
-                    dx = ops.matmul(dh, w) if dx is None else ops.matmul_add(dh, w, dx)
-            dx = ops.exit(dx) if dx is not None else None
-        d_gate = ops.wgrad(d_gate_x, x) if need_gate and d_gate_x is not None else None
-        d_up = ops.wgrad(d_up_x, x) if need_up and d_up_x is not None else None
+        dx, d_gate, d_up = _up_backward(ops, ops.enter(rows), d_gate_x, d_up_x, gate, up,
+                                        need_x, need_gate, need_up)
         return dx, None, None, d_gate, d_up
 
 
@@ -274,30 +308,15 @@ class _DownProjection(torch.autograd.Function):
         if grad_out is None:  # the output was not used
             return None, None, None, None, None, None
         ops = _BACKENDS[ctx.impl](counts, ctx.num_rows)
-        g = ops.enter(grad_out.contiguous())  # grouped_mm's products need a dense gradient
-        # at most two new [R, H] buffers live at a time (peak memory): s becomes d_up_x and da
-        # becomes d_gate_x in place
-        s = F.silu(gate_x) if up_x is not None else None  # computed once, for act and d_up_x
-        d_down = None
-        if need_down:
-            act = s * up_x if s is not None else F.gelu(gate_x)
-            d_down = ops.wgrad(g, act)
-            del act
-        da = ops.matmul(g, down)  # [R, H]
-        del g
-        d_up_x = s.mul_(da) if up_x is not None and need_up_x else None  # da * silu(gate_x)
-        del s
-        d_gate_x = None
-        if need_gate_x:
-            if up_x is not None:
-                d_gate_x = torch.ops.aten.silu_backward.grad_input(da.mul_(up_x), gate_x, grad_input=da)
-            else:
-                d_gate_x = torch.ops.aten.gelu_backward.grad_input(da, gate_x, grad_input=da)
+        d_gate_x, d_up_x, d_down = _down_backward(ops, grad_out, gate_x, up_x, down,
+                                                  need_gate_x, need_up_x, need_down)
         return d_gate_x, d_up_x, None, None, d_down, None
 
 
 def _check_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor],
-               activation: str, impl: str) -> None:
+               activation: str, impl: str, host: bool = True) -> None:
+    """The argument checks; ``host=False`` leaves out the one reading ``counts`` on the host
+    (under torch.compile the custom op runs it, with real tensors)."""
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("impl", impl, IMPLS)
     for name, t in (("rows", rows), ("counts", counts), ("w1", w1), ("w2", w2)):
@@ -325,10 +344,15 @@ def _check_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Optiona
     for name, t in (("w1", w1), ("w2", w2), ("w3", w3)):
         if t is not None and t.dtype != rows.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but rows have {rows.dtype}; they must match")
+    if host:
+        _check_counts(rows, counts)
+
+
+def _check_counts(rows: Tensor, counts: Tensor) -> None:
     total = int(counts.sum())
     if total != rows.shape[0] or bool((counts < 0).any()):
         raise ValueError(f"counts must be >= 0 and sum to the N={rows.shape[0]} rows, got "
-                         f"{counts.tolist() if e <= 16 else f'a sum of {total}'}")
+                         f"{counts.tolist() if counts.shape[0] <= 16 else f'a sum of {total}'}")
 
 
 def grouped_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor] = None,
@@ -351,26 +375,173 @@ def grouped_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Option
         w3 = w3.to(low) if isinstance(w3, Tensor) else w3
         with torch.autocast(device, enabled=False):
             return grouped_mlp(rows.to(low), counts, w1.to(low), w2.to(low), w3, activation, impl)
-    _check_mlp(rows, counts, w1, w2, w3, activation, impl)
+    compiling = torch.compiler.is_compiling()
+    _check_mlp(rows, counts, w1, w2, w3, activation, impl, host=not compiling)
     gate, down, up = w1, w2, w3
-    why_not = grouped_mm_applicable(rows, gate, down, up) if impl in ("auto", "grouped_mm") else None
-    if impl == "grouped_mm" and why_not is not None:
-        raise ValueError(f"impl='grouped_mm' cannot run here: {why_not}; use impl='auto', 'loop' or 'bmm'")
-    if impl == "auto":
-        max_count = int(counts.max()) if rows.shape[0] else 0
-        impl = choose_impl(rows.shape[0], gate.shape[0], max_count, rows.dtype, why_not is None)
+    if compiling:  # opaque custom ops: no graph break (see "torch.compile" below)
+        gate_x, up_x, code = torch.ops.moegrad.mlp_up(rows, counts, gate, up, down, impl)
+        return torch.ops.moegrad.mlp_down(gate_x, up_x if up is not None else None, counts, down, code)
+    impl = _pick_impl(rows, counts, impl, gate, down, up)
     if impl == "grouped_mm":
         # grouped_mm reads the weights through their strides; give it dense operands if needed
         gate, up, down = _aligned(ExpertWeights(gate, up, down), rows)
     return _apply_mlp(rows.contiguous(), counts, impl, gate, down, up)
 
 
-@torch.compiler.disable
+def _pick_impl(rows: Tensor, counts: Tensor, impl: str, gate: Tensor, down: Tensor, up: Optional[Tensor]) -> str:
+    """The backend grouped_mlp runs: ``impl``, or :func:`choose_impl`'s for "auto" (reads counts)."""
+    why_not = grouped_mm_applicable(rows, gate, down, up) if impl in ("auto", "grouped_mm") else None
+    if impl == "grouped_mm" and why_not is not None:
+        raise ValueError(f"impl='grouped_mm' cannot run here: {why_not}; use impl='auto', 'loop' or 'bmm'")
+    if impl == "auto":
+        max_count = int(counts.max()) if rows.shape[0] else 0
+        impl = choose_impl(rows.shape[0], gate.shape[0], max_count, rows.dtype, why_not is None)
+    return impl
+
+
 def _apply_mlp(rows, counts, impl, gate, down, up):
-    """Runs eagerly under torch.compile: the groups are data-dependent, and grouped_mm's fake
-    (meta) kernel accepts only bf16 in torch 2.13, so Dynamo cannot trace the fp32 CPU path."""
     gate_x, up_x = _UpProjection.apply(rows, counts, impl, gate, up)
     return _DownProjection.apply(gate_x, up_x, counts, impl, down, rows.shape[0])
+
+
+# ----------------------------------------------------------------------------- torch.compile
+# Under torch.compile grouped_mlp runs as opaque custom ops (torch.library) that Dynamo traces
+# around without a graph break: the groups are data-dependent (the loop's slices, bmm's
+# padding and auto's choice read counts on the host), grouped_mm's fake kernel accepts only
+# bf16 in torch 2.13, and the stride/offset check reads storage offsets Dynamo cannot. The ops
+# pass tensors in row order (bmm pads and unpads inside each op) and run the eager products;
+# mlp_up picks the backend once, with the eager rule, and hands it on as a 0-d int64 code.
+_CODES = ("loop", "grouped_mm", "bmm")
+
+
+def _backend(code: Tensor, counts: Tensor, num_rows: int):
+    return _BACKENDS[_CODES[int(code)]](counts, num_rows)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("moegrad::mlp_up", mutates_args=())
+def _mlp_up_op(rows: Tensor, counts: Tensor, gate: Tensor, up: Optional[Tensor], down: Tensor,
+               impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(gate rows [N, H], up rows [N, H] ([0] for GELU), backend code) in row order."""
+    _check_counts(rows, counts)
+    impl = _pick_impl(rows, counts, impl, gate, down, up)
+    rows = rows.contiguous()
+    ops = _BACKENDS[impl](counts, rows.shape[0])
+    gate_x, up_x = _up_forward(ops, ops.enter(rows), gate, up)
+    code = torch.tensor(_CODES.index(impl), dtype=torch.int64)
+    return ops.exit(gate_x), _or_empty(ops.exit(up_x) if up_x is not None else None, rows), code
+
+
+@_mlp_up_op.register_fake
+def _(rows, counts, gate, up, down, impl):
+    n, h = rows.shape[0], gate.shape[1]
+    return (rows.new_empty(n, h), rows.new_empty(n, h) if up is not None else rows.new_empty(0),
+            torch.empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("moegrad::mlp_up_backward", mutates_args=())
+def _mlp_up_backward_op(d_gate_x: Tensor, d_up_x: Optional[Tensor], rows: Tensor, counts: Tensor,
+                        gate: Tensor, up: Optional[Tensor], code: Tensor, need_x: bool, need_gate: bool,
+                        need_up: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(d rows [N, D], d gate [E, H, D], d up [E, H, D]); [0] where not needed."""
+    ops = _backend(code, counts, rows.shape[0])
+    d_up_x = ops.enter(d_up_x.contiguous()) if d_up_x is not None else None
+    dx, d_gate, d_up = _up_backward(ops, ops.enter(rows.contiguous()), ops.enter(d_gate_x.contiguous()), d_up_x, gate,
+                                    up, need_x, need_gate, need_up)
+    return _or_empty(dx, rows), _or_empty(d_gate, rows), _or_empty(d_up, rows)
+
+
+@_mlp_up_backward_op.register_fake
+def _(d_gate_x, d_up_x, rows, counts, gate, up, code, need_x, need_gate, need_up):
+    empty = rows.new_empty(0)
+    return (torch.empty_like(rows) if need_x else empty, torch.empty_like(gate) if need_gate else empty,
+            torch.empty_like(up) if need_up else empty)
+
+
+def _mlp_up_setup(ctx, inputs, output):
+    rows, counts, gate, up, _, _ = inputs
+    ctx.has_up = up is not None
+    ctx.save_for_backward(rows, counts, gate, up, output[2])
+
+
+def _mlp_up_grad(ctx, d_gate_x, d_up_x, _code):
+    rows, counts, gate, up, code = ctx.saved_tensors
+    need_x, _, need_gate, need_up = ctx.needs_input_grad[:4]
+    need_up = bool(need_up and ctx.has_up)
+    dx, d_gate, d_up = torch.ops.moegrad.mlp_up_backward(
+        d_gate_x, d_up_x if ctx.has_up else None, rows, counts, gate, up, code, need_x, need_gate, need_up)
+    return (dx if need_x else None, None, d_gate if need_gate else None, d_up if need_up else None,
+            None, None)
+
+
+_mlp_up_op.register_autograd(_mlp_up_grad, setup_context=_mlp_up_setup)
+
+
+@torch.library.custom_op("moegrad::mlp_down", mutates_args=())
+def _mlp_down_op(gate_x: Tensor, up_x: Optional[Tensor], counts: Tensor, down: Tensor, code: Tensor) -> Tensor:
+    """down act(gate_x, up_x) per group: [N, H] rows -> [N, D]."""
+    ops = _backend(code, counts, gate_x.shape[0])
+    act = _activate(ops.enter(gate_x), ops.enter(up_x) if up_x is not None else None)
+    return ops.exit(ops.linear(act, down))
+
+
+@_mlp_down_op.register_fake
+def _(gate_x, up_x, counts, down, code):
+    return gate_x.new_empty(gate_x.shape[0], down.shape[1])
+
+
+@torch.library.custom_op("moegrad::mlp_down_backward", mutates_args=())
+def _mlp_down_backward_op(grad_out: Tensor, gate_x: Tensor, up_x: Optional[Tensor], counts: Tensor,
+                          down: Tensor, code: Tensor, need_gate_x: bool, need_up_x: bool,
+                          need_down: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(d gate_x [N, H], d up_x [N, H], d down [E, D, H]) in row order; [0] where not needed."""
+    ops = _backend(code, counts, gate_x.shape[0])
+    d_gate_x, d_up_x, d_down = _down_backward(ops, grad_out, ops.enter(gate_x),
+                                              ops.enter(up_x) if up_x is not None else None, down,
+                                              need_gate_x, need_up_x, need_down)
+    return (_or_empty(ops.exit(d_gate_x) if d_gate_x is not None else None, gate_x),
+            _or_empty(ops.exit(d_up_x) if d_up_x is not None else None, gate_x), _or_empty(d_down, gate_x))
+
+
+@_mlp_down_backward_op.register_fake
+def _(grad_out, gate_x, up_x, counts, down, code, need_gate_x, need_up_x, need_down):
+    empty = gate_x.new_empty(0)
+    return (torch.empty_like(gate_x) if need_gate_x else empty,
+            torch.empty_like(gate_x) if need_up_x else empty, torch.empty_like(down) if need_down else empty)
+
+
+def _mlp_down_setup(ctx, inputs, output):
+    gate_x, up_x, counts, down, code = inputs
+    ctx.has_up = up_x is not None
+    ctx.save_for_backward(gate_x, up_x, counts, down, code)
+
+
+def _mlp_down_grad(ctx, grad_out):
+    gate_x, up_x, counts, down, code = ctx.saved_tensors
+    need_gate_x, need_up_x, _, need_down = ctx.needs_input_grad[:4]
+    need_up_x = bool(need_up_x and ctx.has_up)
+    d_gate_x, d_up_x, d_down = torch.ops.moegrad.mlp_down_backward(
+        grad_out, gate_x, up_x, counts, down, code, need_gate_x, need_up_x, need_down)
+    return (d_gate_x if need_gate_x else None, d_up_x if need_up_x else None, None,
+            d_down if need_down else None, None)
+
+
+_mlp_down_op.register_autograd(_mlp_down_grad, setup_context=_mlp_down_setup)
+
+
+@torch.library.custom_op("moegrad::unselected_inner_products", mutates_args=())
+def _unselected_op(x: Tensor, grad_y: Tensor, indices: Tensor, gate: Tensor, up: Optional[Tensor],
+                   down: Tensor, impl: str) -> Tensor:
+    """:func:`unselected_inner_products` run eagerly: [t, E] (its pair list is data-dependent)."""
+    return unselected_inner_products(x, grad_y, indices, ExpertWeights(gate=gate, up=up, down=down), impl)
+
+
+@_unselected_op.register_fake
+def _(x, grad_y, indices, gate, up, down, impl):
+    return x.new_empty(x.shape[0], gate.shape[0])
 
 
 @torch.no_grad()
@@ -385,6 +556,9 @@ def unselected_inner_products(x: Tensor, grad_y: Tensor, indices: Tensor, weight
     with up, GELU without), so no [t, E, D] tensor is formed. No gradient (used by the
     ``dense`` estimator's backward).
     """
+    if torch.compiler.is_compiling():  # an opaque custom op (the pair list is data-dependent)
+        return torch.ops.moegrad.unselected_inner_products(x, grad_y, indices, weights.gate, weights.up,
+                                                           weights.down, impl)
     num_tokens, num_experts = x.shape[0], weights.gate.shape[0]
     unselected = torch.ones(num_tokens, num_experts, dtype=torch.bool, device=x.device)
     unselected.scatter_(1, indices, False)

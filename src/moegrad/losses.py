@@ -117,7 +117,11 @@ def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
         if not recomputing_in_backward():  # checkpointing's recomputation: counted already
             with torch.no_grad():
                 window += torch.cat([counts, n.reshape(1)]).round().to(window)
-    if float(n) == 0:
+    # under torch.compile no host read: n = 0 gives 0 through torch.where (n -> 1 keeps it finite)
+    empty = (n == 0) if torch.compiler.is_compiling() else None
+    if empty is not None:
+        n = torch.where(empty, torch.ones_like(n), n)
+    elif float(n) == 0:
         return routing.logits.new_zeros(())
     if window is None:
         f = counts / n
@@ -126,7 +130,8 @@ def switch_loss(routing: Routing, group=None, window=None) -> Tensor:
     p = (_normalized_scores(routing) * real[:, None]).sum(0) / n
     if share != 1:
         p = p * share
-    return routing.logits.shape[1] * (f * p).sum()
+    loss = routing.logits.shape[1] * (f * p).sum()
+    return loss if empty is None else torch.where(empty, torch.zeros_like(loss), loss)
 
 
 def switch_megatron_loss(routing: Routing, group=None, window=None) -> Tensor:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from moegrad._spec import (PAIR_ROUTINGS, SCORES, RouterConfig, RouterViews, nonfinite_logits_message,
                            nonfinite_tempered_message, resolve_estimator)
+from moegrad.dispatch import count_ids
 from moegrad.estimators import build_estimator
 from moegrad.selection import Selection, remoe_active
 
@@ -123,11 +124,13 @@ def recomputing_training_forward(router: "Router") -> bool:
     return True
 
 
-@torch.compiler.disable
 def _check_finite_logits(logits: Tensor, z: Tensor, temperature: float) -> None:
     """Raise if the [T, E] logits, or the tempered logits z = logits / temperature, hold NaN/Inf
-    (runs eagerly under torch.compile: reading the answer on the host is a graph break, taken
-    here on purpose rather than with a warning)."""
+    (under torch.compile through the custom op below: the same check and error inside the
+    graph, no graph break)."""
+    if torch.compiler.is_compiling():
+        torch.ops.moegrad.check_finite_logits(logits.detach(), z.detach(), temperature)
+        return
     if not logits.numel() or bool(torch.isfinite(z).all()):
         return
     if not bool(torch.isfinite(logits).all()):
@@ -135,6 +138,39 @@ def _check_finite_logits(logits: Tensor, z: Tensor, temperature: float) -> None:
         raise ValueError(nonfinite_logits_message(bad, logits.shape[0]))
     bad = int((~torch.isfinite(z)).any(-1).sum())
     raise ValueError(nonfinite_tempered_message(temperature, bad, logits.shape[0]))
+
+
+@torch.library.custom_op("moegrad::check_finite_logits", mutates_args=())
+def _check_finite_logits_op(logits: Tensor, z: Tensor, temperature: float) -> None:
+    _check_finite_logits(logits, z, temperature)
+
+
+@_check_finite_logits_op.register_fake
+def _(logits, z, temperature):
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.moegrad.check_finite_logits.default)  # no output, kept
+
+
+def _add_load_counts(load_counts: Tensor, counts: Tensor) -> None:
+    """load_counts += counts [E] int64; under torch.compile through the custom op below, which
+    leaves out checkpointing's recomputation (:func:`recomputing_in_backward`) at run time."""
+    if torch.compiler.is_compiling():
+        torch.ops.moegrad.add_load_counts(load_counts, counts)
+    else:
+        load_counts += counts
+
+
+@torch.library.custom_op("moegrad::add_load_counts", mutates_args=("load_counts",))
+def _add_load_counts_op(load_counts: Tensor, counts: Tensor) -> None:
+    if not recomputing_in_backward():
+        load_counts += counts
+
+
+@_add_load_counts_op.register_fake
+def _(load_counts, counts):
+    return None
 
 
 class Router(RouterViews, nn.Module):
@@ -232,13 +268,16 @@ class Router(RouterViews, nn.Module):
         if self.config.check_finite:
             _check_finite_logits(logits, z, self.config.temperature)
         scores = self.score(z)
-        recomputing = recomputing_training_forward(self)
+        # under torch.compile (no generator to check) the load counts skip checkpointing's
+        # recomputation at run time instead (_add_load_counts): no graph break
+        compiled = torch.compiler.is_compiling() and getattr(self.estimator, "generator", None) is None
+        recomputing = False if compiled else recomputing_training_forward(self)
         if self.config.routing in PAIR_ROUTINGS:
             return self._route_pairs(logits, scores, shape, token_mask, recomputing)
         picked = self.estimator.route(flat, z, scores, self.selection(token_mask))
         if self.training and picked.indices.numel() and not recomputing:
             rows = picked.indices if token_mask is None else picked.indices[token_mask]
-            self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.num_experts)
+            _add_load_counts(self.load_counts, count_ids(rows.reshape(-1), self.num_experts))
         return Routing(logits=logits, scores=scores, indices=picked.indices, weights=picked.weights,
                        shape=shape, mask=token_mask, load_probs=picked.load_probs,
                        noise_std=picked.noise_std)
@@ -258,7 +297,7 @@ class Router(RouterViews, nn.Module):
         if self.config.routed_scaling_factor != 1.0:
             weights = weights * self.config.routed_scaling_factor
         if self.training and t and not recomputing:
-            self.load_counts += chosen.sum(0)
+            _add_load_counts(self.load_counts, chosen.sum(0))
         return Routing(logits=logits, scores=scores, indices=indices, weights=weights,
                        shape=shape, mask=token_mask, chosen=chosen)
 

@@ -135,7 +135,6 @@ class Selection(RouterViews):
     training: bool = False
     mask: Optional[Tensor] = None
 
-    @torch.no_grad()
     def select_topk(self, scores: Tensor) -> Tensor:
         """Deterministic selection: [T, E] scores -> [T, K] int64 indices (descending score).
 
@@ -143,6 +142,10 @@ class Selection(RouterViews):
         :func:`sinkhorn`; adds the selection-only bias, applies group-limited top-k (on the
         balanced matrix for Sinkhorn), then takes the top-k.
         """
+        with torch.no_grad():  # a context, not a decorator: torch.compile traces it without a break
+            return self._select_topk(scores)
+
+    def _select_topk(self, scores: Tensor) -> Tensor:
         c = self.config
         choice = scores
         if c.routing == "sinkhorn" and self.training:
