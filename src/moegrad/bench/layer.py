@@ -12,6 +12,10 @@ For one config (d, f, E, k, T) :func:`build_cases` makes, in the order they are 
   (the Sinkhorn iterations' cost next to ``estimator/topk``, on the same random router);
 * ``routing/expert_choice``: the ``auto`` layer with ``routing="expert_choice"`` (experts take
   their top-c tokens, c = T * K / E; same weights as ``estimator/topk``);
+* ``routing/remoe``: the ``auto`` layer with ``routing="remoe"`` as built: ReLU gates of a
+  random router on random tokens, so about E / 2 experts per token (a zero-mean logit is
+  positive half the time), not the K its L1 penalty steers a trained router to: the cost of
+  ReMoE's first steps, an upper bound for later ones;
 * ``router``: the router alone.
 
 :func:`run_torch` times them (medians of interleaved rounds) and measures ``saved_mb``
@@ -163,8 +167,8 @@ def build_cases(config: tuple, args) -> list:
 
     def layer(impl="auto", estimator="topk", routing="topk"):
         torch.manual_seed(args.seed)
-        return MoE(d, f, e, k, impl=impl, estimator=estimator, losses={},
-                   routing=routing).to(dtype)
+        return MoE(d, f, e, k, impl=impl, estimator=None if routing == "remoe" else estimator,
+                   losses={}, routing=routing).to(dtype)
 
     for impl in args.impls:
         cases.append(_layer_case(f"moegrad/{impl}", "moegrad", layer(impl), x, g, y_of))
@@ -184,6 +188,7 @@ def build_cases(config: tuple, args) -> list:
                              y_of))
     cases.append(_layer_case("routing/expert_choice", "routing",
                              layer("auto", routing="expert_choice"), x, g, y_of))
+    cases.append(_layer_case("routing/remoe", "routing", layer("auto", routing="remoe"), x, g, y_of))
     router = layer("auto").router
     cases.append(_layer_case("router", "router", router, x, torch.randn(t, k, generator=gen),
                              lambda r: r.weights))
