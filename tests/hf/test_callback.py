@@ -1,0 +1,103 @@
+"""moegrad.hf.RoutingCallback: a Trainer run's logged routing health against the routings of
+the same batches, recorded by the test and recomputed by hand."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+import transformers
+
+import moegrad.hf as mh
+from tests.hf.models import tiny
+
+
+class Dataset(torch.utils.data.Dataset):
+    def __init__(self, n=6, seq=7):
+        g = torch.Generator().manual_seed(3)
+        self.rows = torch.randint(2, 64, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def by_hand(routings: list, num_experts: int) -> dict:
+    """The metrics of one block's routings (one per forward) from indices, scores and logits."""
+    counts = [0] * num_experts
+    h, tokens, switch, z = 0.0, 0, 0.0, 0.0
+    for r in routings:
+        idx, s, logits = r["indices"], r["scores"].double(), r["logits"].double()
+        t = idx.shape[0]
+        for i in idx.reshape(-1).tolist():
+            counts[i] += 1
+        for row in s.tolist():
+            h += -sum(p * math.log(p) for p in row if p > 0) / math.log(num_experts)
+        tokens += t
+        f = [sum(1 for i in idx.reshape(-1).tolist() if i == e) / t for e in range(num_experts)]
+        switch += num_experts * sum(f[e] * float(s[:, e].mean()) for e in range(num_experts))
+        z += float((torch.logsumexp(logits, -1) ** 2).mean())
+    mean = sum(counts) / num_experts
+    n = len(routings)
+    return {"load_cv": statistics.pstdev(counts) / mean, "max_violation": max(counts) / mean - 1,
+            "dead_experts": float(sum(c == 0 for c in counts)), "entropy": h / tokens, "dropped": 0.0,
+            "loss/switch": switch / n, "loss/z_loss": z / n}
+
+
+@pytest.mark.parametrize("attach", [True, False])
+def test_trainer_logs_the_routing_of_its_own_batches(tmp_path, attach):
+    model = tiny("qwen3_moe")
+    mh.patch(model, "topk", losses={"switch": 1e-2, "z_loss": 1e-3})
+    blocks = {name: m for name, m in model.named_modules() if hasattr(m, "moegrad_router")}
+    recorded = {name: [] for name in blocks}  # per block: one routing per training forward
+    for name, block in blocks.items():
+        block.moegrad_router.register_forward_hook(
+            lambda mod, args, r, name=name: recorded[name].append(
+                {"indices": r.indices.clone(), "scores": r.scores.detach().clone(),
+                 "logits": r.logits.detach().clone()}))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, logging_steps=1, per_device_train_batch_size=2,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-2)
+    callback = mh.RoutingCallback(model)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Dataset(),
+                                   callbacks=None if attach else [callback])
+    if attach:
+        callback.attach(trainer)
+        assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [1, 2, 3]
+    e = model.config.num_experts
+    for step, entry in enumerate(logs):
+        keys = {k for k in entry if k.startswith("moe/")}
+        assert keys == {f"moe/{name}/{m}" for name in blocks for m in by_hand(recorded[name][:1], e)}
+        for name in blocks:
+            assert len(recorded[name]) == 3  # one forward per step: nothing extra
+            for metric, want in by_hand(recorded[name][step:step + 1], e).items():
+                assert entry[f"moe/{name}/{metric}"] == pytest.approx(want, rel=1e-5, abs=1e-7), (step, metric)
+    callback.monitor.remove()
+
+
+def test_the_trainer_model_is_taken_at_train_begin_and_released_at_train_end(tmp_path):
+    model = tiny("qwen3_moe")
+    mh.patch(model, "topk", losses={"switch": 1e-2})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, logging_steps=2, per_device_train_batch_size=3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    callback = mh.RoutingCallback()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Dataset())
+    callback.attach(trainer)
+    trainer.train()
+    (entry,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert entry["step"] == 2 and "moe/model.layers.0.mlp/load_cv" in entry
+    assert entry["moe/model.layers.1.mlp/loss/switch"] > 0
+    assert callback.monitor is None and not any(b._forward_hooks for b in model.modules()
+                                                if hasattr(b, "moegrad_router"))
+    with pytest.raises(TypeError, match="transformers.Trainer"):
+        callback.attach(object())
+    with pytest.raises(TypeError, match="nn.Module"):
+        mh.RoutingCallback("model")
