@@ -32,4 +32,4 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     """The public names and the loaded submodules."""
-    return sorted(set(__all__) | {n for n in globals() if f"{__name__}.{n}" in sys.modules})
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})

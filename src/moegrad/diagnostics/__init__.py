@@ -37,4 +37,4 @@ __all__ = ["WEIGHT_RULES", "dense_mixture_loss", "expected_loss", "subset_probab
 
 def __dir__() -> list[str]:
     """The public names and the loaded submodules, not the names this file imports to work."""
-    return sorted(set(__all__) | {n for n in globals() if f"{__name__}.{n}" in sys.modules})
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})
