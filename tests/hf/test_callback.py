@@ -101,3 +101,24 @@ def test_the_trainer_model_is_taken_at_train_begin_and_released_at_train_end(tmp
         callback.attach(object())
     with pytest.raises(TypeError, match="nn.Module"):
         mh.RoutingCallback("model")
+
+
+@pytest.mark.slow
+def test_finetune_example_trainer_mode_logs_the_routing(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "finetune_hf.py"
+    spec = importlib.util.spec_from_file_location("finetune_hf", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "curves.png"
+    common = ["--steps", "2", "--estimators", "dense", "--dim", "32", "--hidden", "32", "--seq", "16",
+              "--batch", "2", "--layers", "1", "--eval-batches", "1", "--log-every", "1", "--quiet"]
+    for mode in (["--trainer"], []):
+        (r,) = module.main(common + mode + ["--out", str(out)]).values()
+        assert len(r["losses"]) == 2 and all(3.0 < v < 7.0 for v in r["losses"])
+        assert len(r["routing"]) == 2
+        for read in r["routing"]:
+            assert 0 <= read["moe/model.layers.0.mlp/load_cv"] and 0 < read["moe/model.layers.0.mlp/entropy"] <= 1
+        assert out.stat().st_size > 1000
