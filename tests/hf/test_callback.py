@@ -122,3 +122,38 @@ def test_finetune_example_trainer_mode_logs_the_routing(tmp_path, capsys):
         for read in r["routing"]:
             assert 0 <= read["moe/model.layers.0.mlp/load_cv"] and 0 < read["moe/model.layers.0.mlp/entropy"] <= 1
         assert out.stat().st_size > 1000
+
+
+def test_report_to_tensorboard_gets_the_values_when_attached(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    results = {}
+    for attach in (True, False):
+        model = tiny("qwen3_moe")
+        mh.patch(model, "topk", losses={"switch": 1e-2})
+        out = tmp_path / str(attach)
+        args = transformers.TrainingArguments(
+            output_dir=str(out), max_steps=2, logging_steps=1, per_device_train_batch_size=2,
+            report_to=["tensorboard"], save_strategy="no", use_cpu=True, disable_tqdm=True)
+        callback = mh.RoutingCallback(model)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Dataset(),
+                                       callbacks=None if attach else [callback])
+        if attach:
+            callback.attach(trainer)
+            trainer.train()
+        else:
+            with pytest.warns(UserWarning, match="attach"):
+                trainer.train()
+        (run,) = [p.parent for p in out.rglob("events.out.tfevents.*")]
+        events = EventAccumulator(str(run))
+        events.Reload()
+        history = [e for e in trainer.state.log_history if "loss" in e]
+        key = "moe/model.layers.0.mlp/load_cv"
+        results[attach] = events.Tags()["scalars"]
+        if attach:
+            assert [(e.step, e.value) for e in events.Scalars("train/" + key)] == [
+                (h["step"], pytest.approx(h[key], rel=1e-6)) for h in history]
+    assert "train/moe/model.layers.0.mlp/load_cv" in results[True]
+    assert not any("moe/" in tag for tag in results[False])  # it ran after the TensorBoard callback

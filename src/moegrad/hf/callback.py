@@ -11,9 +11,10 @@ the definitions) are added to the ``logs`` dict in place and to the entry ``Trai
 appended to ``state.log_history``. Callbacks after this one in the Trainer's list (TensorBoard,
 W&B, ... from ``report_to``) then log them: :meth:`attach` puts it first; passed as
 ``Trainer(callbacks=[...])`` it comes after the reporting callbacks, which then miss the values
-(``state.log_history`` still has them). An evaluation log gets the evaluation forwards' values
-under ``eval_moe/...``. No extra forward pass: forward hooks read what the patched blocks
-computed. Each process reports its own routing (no all-reduce).
+(``state.log_history`` still has them, and a warning says so when ``report_to`` is set). An
+evaluation log gets the evaluation forwards' values under ``eval_moe/...`` (TensorBoard shows
+them as ``train/moe/...`` and ``eval/moe/...``). No extra forward pass: forward hooks read what
+the patched blocks computed. Each process reports its own routing (no all-reduce).
 """
 
 from __future__ import annotations
