@@ -157,3 +157,27 @@ def test_report_to_tensorboard_gets_the_values_when_attached(tmp_path, monkeypat
                 (h["step"], pytest.approx(h[key], rel=1e-6)) for h in history]
     assert "train/moe/model.layers.0.mlp/load_cv" in results[True]
     assert not any("moe/" in tag for tag in results[False])  # it ran after the TensorBoard callback
+
+
+def test_an_evaluation_log_gets_the_evaluation_forwards(tmp_path):
+    model = tiny("qwen3_moe")
+    mh.patch(model, "topk", losses={"switch": 1e-2, "z_loss": 1e-3})
+    router = model.model.layers[1].mlp.moegrad_router
+    recorded = {True: [], False: []}  # training mode -> routings
+    router.register_forward_hook(lambda mod, args, r: recorded[mod.training].append(
+        {"indices": r.indices.clone(), "scores": r.scores.detach().clone(), "logits": r.logits.detach().clone()}))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, logging_steps=2, per_device_train_batch_size=2,
+        per_device_eval_batch_size=2, eval_strategy="steps", eval_steps=2, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Dataset(), eval_dataset=Dataset(n=4))
+    mh.RoutingCallback(model).attach(trainer)
+    trainer.train()
+    (train,) = [e for e in trainer.state.log_history if "loss" in e]
+    (evaluation,) = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert len(recorded[True]) == 2 and len(recorded[False]) == 2  # 2 steps; 4 eval rows in batches of 2
+    e = model.config.num_experts
+    for entry, prefix, routings in ((train, "moe", recorded[True]), (evaluation, "eval_moe", recorded[False])):
+        for metric, want in by_hand(routings, e).items():
+            assert entry[f"{prefix}/model.layers.1.mlp/{metric}"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert not any(k.startswith("moe/") for k in evaluation)
