@@ -8,9 +8,16 @@ random-init, so estimators that change the forward are allowed with ``allow_forw
 
     python examples/finetune_hf.py --steps 300 --out finetune_hf.png
     python examples/finetune_hf.py --steps 5 --estimators topk,dense   # a quick check
+    python examples/finetune_hf.py --steps 30 --trainer   # transformers.Trainer + RoutingCallback
 
-Prints the training loss (mean of the last 10% of steps) and the held-out loss per estimator,
-and plots the training curves (matplotlib, Agg backend) to ``--out``.
+Prints the training loss (mean of the last 10% of steps), the held-out loss and the routing
+health of the last ``--log-every`` steps (mean over layers of load CV and max violation, dead
+experts: :class:`moegrad.diagnostics.RoutingMonitor`) per estimator, and plots the training
+curves (matplotlib, Agg backend) to the PNG file ``--out`` (default ``finetune_hf.png`` in the
+current directory). ``--trainer`` trains with ``transformers.Trainer`` and
+:class:`moegrad.hf.RoutingCallback`, which puts the routing health in Trainer's own logs
+(``report_to``: TensorBoard, W&B, ...); its curve is Trainer's logged loss, the LM loss plus
+``--aux`` times the router aux loss.
 """
 
 from __future__ import annotations
@@ -51,26 +58,83 @@ def build_model(args):
     return Qwen3MoeForCausalLM(cfg).float()
 
 
-def train_one(estimator: str, args, data_train, data_val) -> dict:
-    import moegrad.hf
+def train_loop(model, estimator: str, args, data_train) -> tuple:
+    """The plain PyTorch loop: (LM losses per step, RoutingMonitor reads every --log-every steps)."""
     from tqdm import tqdm
 
-    model = build_model(args)
-    # random init: there is no pretrained forward to keep, so estimators whose forward differs
-    # from Qwen3-MoE's (unweighted, sparsemixer, ... with K > 1) are accepted too
-    moegrad.hf.patch(model, estimator, allow_forward_change=True)
-    model.train()
+    from moegrad.diagnostics import RoutingMonitor
+
+    monitor = RoutingMonitor(model)  # forward hooks: no extra forward pass
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    losses = []
-    start = time.perf_counter()
-    for x in tqdm(batches(data_train, args.batch, args.seq, args.steps, args.seed + 1),
-                  total=args.steps, desc=estimator, leave=False, disable=args.quiet):
+    losses, routing = [], []
+    for step, x in enumerate(tqdm(batches(data_train, args.batch, args.seq, args.steps, args.seed + 1),
+                                  total=args.steps, desc=estimator, leave=False, disable=args.quiet), 1):
         out = model(x, labels=x, output_router_logits=args.aux > 0)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
         lm = out.loss - args.aux * out.aux_loss if args.aux > 0 else out.loss
         losses.append(float(lm.detach()))
+        if step % args.log_every == 0 or step == args.steps:
+            routing.append(monitor.read())
+    monitor.remove()
+    return losses, routing
+
+
+def train_trainer(model, args, data_train, out_dir: str) -> tuple:
+    """transformers.Trainer with moegrad.hf.RoutingCallback: (logged losses, routing logs)."""
+    import transformers
+
+    import moegrad.hf
+
+    class Windows(torch.utils.data.Dataset):
+        def __init__(self):
+            self.rows = torch.cat(list(batches(data_train, args.batch, args.seq, args.steps, args.seed + 1)))
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+    model.config.output_router_logits = args.aux > 0
+    targs = transformers.TrainingArguments(
+        output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
+        learning_rate=args.lr, weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=args.quiet, seed=args.seed)
+    trainer = transformers.Trainer(model=model, args=targs, train_dataset=Windows())
+    moegrad.hf.RoutingCallback(model).attach(trainer)  # first: report_to callbacks log its values
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    routing = [{k: v for k, v in e.items() if k.startswith("moe/")} for e in logs]
+    return [e["loss"] for e in logs], routing[args.log_every - 1::args.log_every] or routing[-1:]
+
+
+def routing_summary(values: dict) -> str:
+    """Mean over layers of load CV and max violation, and the dead experts, of one read."""
+    def mean(metric):
+        found = [v for k, v in values.items() if k.endswith("/" + metric)]
+        return sum(found) / max(1, len(found))
+    dead = sum(v for k, v in values.items() if k.endswith("/dead_experts"))
+    return f"load CV {mean('load_cv'):.3f}  max violation {mean('max_violation'):.3f}  dead experts {dead:.0f}"
+
+
+def train_one(estimator: str, args, data_train, data_val) -> dict:
+    import tempfile
+
+    import moegrad.hf
+
+    model = build_model(args)
+    # random init: there is no pretrained forward to keep, so estimators whose forward differs
+    # from Qwen3-MoE's (unweighted, sparsemixer, ... with K > 1) are accepted too
+    moegrad.hf.patch(model, estimator, allow_forward_change=True)
+    model.train()
+    start = time.perf_counter()
+    if args.trainer:
+        with tempfile.TemporaryDirectory() as out_dir:
+            losses, routing = train_trainer(model, args, data_train, out_dir)
+    else:
+        losses, routing = train_loop(model, estimator, args, data_train)
     seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -78,7 +142,7 @@ def train_one(estimator: str, args, data_train, data_val) -> dict:
                for x in batches(data_val, args.batch, args.seq, args.eval_batches, args.seed + 2)]
     tail = max(1, len(losses) // 10)
     return {"losses": losses, "train": sum(losses[-tail:]) / tail, "val": sum(val) / len(val),
-            "seconds": seconds}
+            "seconds": seconds, "routing": routing}
 
 
 def main(argv=None) -> dict:
@@ -99,11 +163,19 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default 0)")
-    p.add_argument("--out", default="finetune_hf.png", help="PNG plot path ('' = no plot)")
+    p.add_argument("--out", default="finetune_hf.png",
+                   help="where the PNG plot of the training curves is written (default finetune_hf.png "
+                        "in the current directory; '' = no plot)")
+    p.add_argument("--trainer", action="store_true",
+                   help="train with transformers.Trainer and moegrad.hf.RoutingCallback instead of the plain loop")
+    p.add_argument("--log-every", type=int, default=50,
+                   help="steps per routing-health read (RoutingMonitor; default 50)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.log_every < 1:
+        p.error(f"--log-every must be >= 1, got {args.log_every}")
     names = [n.strip() for n in args.estimators.split(",") if n.strip()]
     import moegrad.estimators
 
@@ -120,6 +192,7 @@ def main(argv=None) -> dict:
         r = results[name]
         print(f"{name:>16}: train loss {r['train']:.4f}  val loss {r['val']:.4f}  "
               f"(ppl {math.exp(r['val']):.2f})  {r['seconds']:.1f}s")
+        print(f"{'':>16}  routing, last read: {routing_summary(r['routing'][-1])}")
     if args.out:
         import matplotlib
 
@@ -133,7 +206,7 @@ def main(argv=None) -> dict:
             ax.plot(range(k - 1, k - 1 + len(smooth)), smooth.tolist(),
                     label=f"{name} (val {r['val']:.3f})")
         ax.set_xlabel("step")
-        ax.set_ylabel("train LM loss (nats/byte)")
+        ax.set_ylabel("Trainer loss (LM + aux, nats/byte)" if args.trainer else "train LM loss (nats/byte)")
         ax.set_title(f"Qwen3-MoE E={args.experts} K={args.top_k} on pydoc topics")
         ax.legend()
         fig.tight_layout()

@@ -12,6 +12,7 @@ loads only MLX, never torch.
 from __future__ import annotations
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,5 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The public names and the loaded public submodules, not the names this file imports to work."""
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"moegrad.{n}" in sys.modules})

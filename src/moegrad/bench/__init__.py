@@ -9,8 +9,27 @@
 
 from __future__ import annotations
 
-from moegrad.bench.cli import add_arguments, format_table, run, run_world_sizes, summarize
-from moegrad.bench.layer import Case, build_cases, peak_bytes, run_torch, saved_bytes
+import importlib
+import sys
+
+#: public name -> its module, imported on first use (``moegrad bench --help`` loads no torch)
+_EXPORTS = {**dict.fromkeys(("add_arguments", "run", "run_world_sizes", "summarize", "format_table"),
+                            "moegrad.bench.cli"),
+            **dict.fromkeys(("Case", "build_cases", "run_torch", "peak_bytes", "saved_bytes"),
+                            "moegrad.bench.layer")}
 
 __all__ = ["add_arguments", "run", "run_world_sizes", "summarize", "format_table", "Case",
            "build_cases", "run_torch", "peak_bytes", "saved_bytes"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moegrad.bench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public names and the loaded submodules."""
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})

@@ -37,13 +37,7 @@ import sys
 import types
 from typing import Callable, Optional
 
-import torch
-
-from moegrad import estimators
-from moegrad.bench import expert_parallel
-from moegrad.bench.layer import run_torch
-from moegrad.experts import IMPLS
-
+# torch and the timed modules are imported when a command runs: ``moegrad bench --help`` loads none
 try:  # tqdm (the "bench" and "study" extras) only draws the progress bar
     from tqdm import tqdm
 except ImportError:  # pragma: no cover - depends on the install
@@ -68,14 +62,31 @@ def _config(text: str) -> tuple:
     return values
 
 
-def _names(allowed: Optional[tuple]) -> Callable[[str], list]:
+def _names(allowed: Callable[[], tuple]) -> Callable[[str], list]:
+    """A comma-separated subset of ``allowed()`` (called when the option is parsed)."""
     def parse(text: str) -> list:
         names = [n for n in text.split(",") if n]
-        bad = [n for n in names if allowed is not None and n not in allowed]
+        bad = [n for n in names if n not in allowed()]
         if bad or not names:
-            raise argparse.ArgumentTypeError(f"{text!r}: choose a comma-separated subset of {list(allowed)}")
+            raise argparse.ArgumentTypeError(f"{text!r}: choose a comma-separated subset of {list(allowed())}")
         return names
     return parse
+
+
+def _impls() -> tuple:
+    from moegrad.experts import IMPLS
+    return IMPLS
+
+
+def _estimators() -> tuple:
+    from moegrad import estimators
+    return tuple(estimators.available())
+
+
+def run_torch(config: tuple, args, progress) -> list:
+    """``--backend torch``: :func:`moegrad.bench.layer.run_torch`."""
+    from moegrad.bench.layer import run_torch as runner
+    return runner(config, args, progress)
 
 
 def run_mlx(config: tuple, args, progress) -> list:
@@ -95,9 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", type=_config, nargs="+", metavar="d,f,E,k,T", default=None,
                         help="model dim, expert hidden dim, experts, top-k, tokens "
                              f"(default: {' '.join(','.join(map(str, c)) for c in DEFAULT_CONFIGS)})")
-    parser.add_argument("--impls", type=_names(IMPLS), default=list(DEFAULT_IMPLS),
+    parser.add_argument("--impls", type=_names(_impls), default=list(DEFAULT_IMPLS),
                         help=f"moegrad expert backends to time (default: {','.join(DEFAULT_IMPLS)})")
-    parser.add_argument("--estimators", type=_names(tuple(estimators.available())),
+    parser.add_argument("--estimators", type=_names(_estimators),
                         default=list(DEFAULT_ESTIMATORS),
                         help="estimators for the overhead table, timed with impl=auto "
                              f"(default: {','.join(DEFAULT_ESTIMATORS)}; topk is always added)")
@@ -207,6 +218,8 @@ def run_world_sizes(args) -> int:
     the JSON to stdout): ``{"config", "rows"}``, a list of them for several configs. Refused:
     ``--backend mlx``; ``--no-hf/--no-compile/--no-forward`` have nothing to skip here.
     """
+    from moegrad.bench import expert_parallel
+
     if args.backend != "torch":
         raise ValueError(f"--world-size runs torch.distributed (gloo) processes; --backend "
                          f"{args.backend!r} is not supported with it (use --backend torch)")
@@ -256,6 +269,8 @@ def _progress_bar(total: int, disable: bool):
 
 
 def run(args) -> int:
+    import torch
+
     if args.world_size:
         return run_world_sizes(args)
     if args.repeats < 1 or args.warmup < 0:

@@ -8,8 +8,12 @@
 * :mod:`~moegrad.diagnostics.health`: load, load CV, max violation, entropy, dead experts,
   purity against a known assignment;
 * :mod:`~moegrad.diagnostics.drift`: routing drift between two models with the same layers
-  (:func:`compare_routing`: top-k overlap, Jensen-Shannon divergence, revived/killed experts).
+  (:func:`compare_routing`: top-k overlap, Jensen-Shannon divergence, revived/killed experts);
+* :mod:`~moegrad.diagnostics.monitor`: :class:`RoutingMonitor`, each MoE layer's load CV, max
+  violation, dead experts, entropy, drops and balance losses during training, from forward hooks.
 """
+
+import sys
 
 from moegrad.diagnostics.drift import compare_routing, js_divergence, router_layers, topk_overlap
 from moegrad.diagnostics.expected import (WEIGHT_RULES, dense_mixture_loss, expected_loss,
@@ -20,6 +24,7 @@ from moegrad.diagnostics.fidelity import (Fidelity, ReferenceGradients, WeightRu
                                           reference_gradients, relative_error, weight_rule)
 from moegrad.diagnostics.health import (LoadWindow, confusion, expert_load, load_cv, max_violation,
                                         purity, router_entropy, routing_health)
+from moegrad.diagnostics.monitor import RoutingMonitor
 
 __all__ = ["WEIGHT_RULES", "dense_mixture_loss", "expected_loss", "subset_probabilities",
            "subset_weights", "subsets", "Fidelity", "ReferenceGradients", "WeightRule",
@@ -27,4 +32,9 @@ __all__ = ["WEIGHT_RULES", "dense_mixture_loss", "expected_loss", "subset_probab
            "fidelity", "gradient_fidelity", "reference_gradients", "relative_error", "weight_rule",
            "LoadWindow", "confusion", "expert_load", "load_cv", "max_violation", "purity",
            "router_entropy", "routing_health", "compare_routing", "js_divergence",
-           "router_layers", "topk_overlap"]
+           "router_layers", "topk_overlap", "RoutingMonitor"]
+
+
+def __dir__() -> list[str]:
+    """The public names and the loaded submodules, not the names this file imports to work."""
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})

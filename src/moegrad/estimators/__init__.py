@@ -18,6 +18,8 @@ the same way).
 
 from __future__ import annotations
 
+import sys
+
 from moegrad._spec import make_registry
 from moegrad.estimators.base import Estimator, Picked
 from moegrad.estimators.dense import Dense, DefaultMoE
@@ -33,3 +35,8 @@ REGISTRY, available, get, build_estimator = make_registry(
 __all__ = ["Estimator", "Picked", "available", "get", "build_estimator", "REGISTRY", "TopK",
            "Unweighted", "StraightThrough", "Dense", "DefaultMoE", "Gumbel", "NoisyTopK",
            "SparseMixer"]
+
+
+def __dir__() -> list[str]:
+    """The public names and the loaded public submodules, not the names this file imports to work."""
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})

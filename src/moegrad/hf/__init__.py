@@ -21,9 +21,14 @@ and checkpointing: docs/hf.md. The package, one file per concern (imports run to
     loss.py      aux_loss() and the task model's loss forward
     policy.py    which estimators keep a family's forward
     patch.py     patch(), unpatch()
+    callback.py  RoutingCallback: routing health in transformers.Trainer's logs (imported on
+                 first use: it imports transformers)
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
 
 from moegrad.hf.experts import IMPLS, GptOssExpertsView, HFExperts
 from moegrad.hf.families import FAMILIES, Family, supported
@@ -32,4 +37,20 @@ from moegrad.hf.patch import patch, unpatch
 from moegrad.hf.router import HFRouter, routers
 
 __all__ = ["patch", "unpatch", "routers", "aux_loss", "supported", "FAMILIES", "Family", "HFRouter",
-           "HFExperts", "GptOssExpertsView", "IMPLS"]
+           "HFExperts", "GptOssExpertsView", "IMPLS", "RoutingCallback"]
+
+#: names imported on first use (the module imports transformers)
+_LAZY = {"RoutingCallback": "moegrad.hf.callback"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'moegrad.hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public names and the loaded submodules, not the names this file imports to work."""
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})

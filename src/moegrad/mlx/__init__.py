@@ -21,6 +21,8 @@ This subpackage imports only ``mlx`` and those pure-Python modules; torch is imp
 from_torch/to_torch only.
 """
 
+import sys
+
 from moegrad.mlx import estimators, losses
 from moegrad.mlx.convert import from_torch, to_torch
 from moegrad.mlx.experts import Experts
@@ -31,3 +33,8 @@ from moegrad.mlx.routing import Router, RouterConfig, Routing
 
 __all__ = ["MoE", "MoEOutput", "MoEStats", "Router", "RouterConfig", "Routing", "Experts",
            "BiasBalancer", "QuantileBalancer", "estimators", "losses", "topk", "from_torch", "to_torch"]
+
+
+def __dir__() -> list[str]:
+    """The public names and the loaded public submodules."""
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})

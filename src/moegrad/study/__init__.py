@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from moegrad.study.tasks import TASKS, Task, get_task
 
 __all__ = ["run_study", "TASKS", "Task", "get_task"]
@@ -30,3 +32,8 @@ def __getattr__(name: str):
     from moegrad.study.runner import run_study
 
     return run_study
+
+
+def __dir__() -> list[str]:
+    """The public names and the loaded public submodules, not the names this file imports to work."""
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})
