@@ -247,3 +247,29 @@ def test_compare_routing_hf_patched_models_with_attention_mask():
     # a patched HF model against a plain moegrad model: different layers
     with pytest.raises(ValueError, match="same router layers"):
         compare_routing(model_a, moegrad.MoE(32, 16, 6, 2, losses={}), [ids])
+
+
+def test_pair_routings_compare_their_chosen_sets():
+    """ReMoE routers (gates = ReLU(x W^T), one-hot tokens read column j of W^T): token 0 has
+    experts {0, 1} in a and {1} in b (overlap 1/2), token 1 {2} in both (1), token 2 none in a and
+    {0, 2} in b (0/2 = 0), token 3 none in both (empty sets overlap fully: 1)."""
+    gates_a = [[1.0, 2.0, -1.0], [-1.0, -1.0, 3.0], [-1.0, -2.0, -1.0], [-1.0, -1.0, -1.0]]
+    gates_b = [[-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0], [2.0, -1.0, 2.0], [-3.0, -1.0, -1.0]]
+    routers = []
+    for gates in (gates_a, gates_b):
+        r = moegrad.Router(4, 3, 1, routing="remoe")
+        with torch.no_grad():
+            r.gate.weight.copy_(torch.tensor(gates).T)
+        routers.append(r)
+    (layer,) = compare_routing(routers[0], routers[1], [torch.eye(4)])
+    assert layer["tokens"] == 4
+    assert layer["topk_overlap"] == pytest.approx((0.5 + 1 + 0 + 1) / 4)
+    # loads: a chose 0,1 | 2 -> [1, 1, 1] / 3; b chose 1 | 2 | 0, 2 -> [1, 1, 2] / 4
+    assert layer["load_a"] == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    assert layer["load_b"] == pytest.approx([0.25, 0.25, 0.5])
+    # JS of the renormalised gates; an all-zero row is uniform
+    rows_a = [[1 / 3, 2 / 3, 0], [0, 0, 1], [1 / 3] * 3, [1 / 3] * 3]
+    rows_b = [[0, 1, 0], [0, 0, 1], [0.5, 0, 0.5], [1 / 3] * 3]
+    assert layer["js_divergence"] == pytest.approx(
+        sum(js_by_hand(p, q) for p, q in zip(rows_a, rows_b)) / 4)
+    assert layer["revived"] == [] and layer["killed"] == []

@@ -7,14 +7,19 @@ For each router layer (every :class:`moegrad.Router` in the model, including the
 sets and s_a(t), s_b(t) the [E] routing scores of token t under models a and b, over the T real
 (non-padding) tokens of all batches:
 
-    topk_overlap  = mean_t |S_a(t) ∩ S_b(t)| / K                          in [0, 1]
+    topk_overlap  = mean_t |S_a(t) ∩ S_b(t)| / max(|S_a(t)|, |S_b(t)|)    in [0, 1] (K below
+                                                                          for token choice)
     js_divergence = mean_t JS(p_t, q_t),  p_t = s_a(t) / sum s_a(t),  q_t = s_b(t) / sum s_b(t)
     JS(p, q)      = 1/2 KL(p || m) + 1/2 KL(q || m),  m = (p + q) / 2,
     KL(p || m)    = sum_i p_i ln(p_i / m_i)  (natural log, 0 ln 0 = 0)    in [0, ln 2]
-    load_a[i]     = #{(t, k): S_a(t)_k = i} / (T K)   (share of routed pairs; load_b alike)
+    load_a[i]     = #{t: i in S_a(t)} / sum_t |S_a(t)|  (share of routed pairs, T K of them
+                                                      for token choice; load_b alike)
     revived       = {i : load_a[i] = 0 < load_b[i]},  killed = {i : load_b[i] = 0 < load_a[i]}
 
 Softmax scores already sum to 1; sigmoid scores are renormalised to a distribution first.
+Under ``routing="expert_choice"`` and ``"remoe"`` a token's set S(t) is its chosen experts
+(``Routing.chosen``, 0..E of them; two empty sets overlap fully) and ReMoE's scores are its ReLU
+gates (a token whose gates are all 0 counts as uniform in the JS divergence).
 This is the "does fine-tuning change the routing?" measurement (e.g. DenseMixer, 2025, which
 reports routing changes under fine-tuning with dense router gradients).
 """
@@ -47,12 +52,28 @@ def js_divergence(scores_a: Tensor, scores_b: Tensor) -> Tensor:
     if scores_a.shape != scores_b.shape or scores_a.dim() != 2:
         raise ValueError(f"scores_a and scores_b must both be [T, E]; got {tuple(scores_a.shape)} "
                          f"and {tuple(scores_b.shape)}")
-    p = scores_a.double() / scores_a.double().sum(-1, keepdim=True)
-    q = scores_b.double() / scores_b.double().sum(-1, keepdim=True)
+    p, q = _distribution(scores_a), _distribution(scores_b)
     m = (p + q) / 2
     kl_p = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
     kl_q = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
     return (0.5 * (kl_p + kl_q)).clamp_min(0.0)
+
+
+def _distribution(scores: Tensor) -> Tensor:
+    """[T, E] non-negative -> rows renormalised to sum 1 (an all-zero row -> uniform)."""
+    s = scores.double()
+    total = s.sum(-1, keepdim=True)
+    return torch.where(total > 0, s / total.clamp_min(1e-300), torch.full_like(s, 1.0 / s.shape[-1]))
+
+
+def _members(routing, num_experts: int) -> Tensor:
+    """[T, E] bool: token t's experts (``Routing.chosen`` for the pair routings, else the
+    [T, K] ``indices`` scattered)."""
+    if routing.chosen is not None:
+        return routing.chosen.detach().cpu()
+    indices = routing.indices.detach().cpu()
+    out = torch.zeros(indices.shape[0], num_experts, dtype=torch.bool)
+    return out.scatter_(1, indices.long(), True)
 
 
 def router_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -71,29 +92,30 @@ class _LayerDrift:
         self.counts_b = torch.zeros(num_experts, dtype=torch.int64)
 
     def update(self, ra, rb, keep: Optional[Tensor]) -> None:
-        ia, ib = ra.indices.detach().cpu(), rb.indices.detach().cpu()
         sa, sb = ra.scores.detach().cpu(), rb.scores.detach().cpu()
-        if ia.shape != ib.shape or sa.shape != sb.shape:
+        if sa.shape != sb.shape:
             raise ValueError(
-                f"layer {self.name!r} routed {ia.shape[0]} tokens in model_a but {ib.shape[0]} in "
+                f"layer {self.name!r} routed {sa.shape[0]} tokens in model_a but {sb.shape[0]} in "
                 "model_b on the same batch; both models must see the same tokens")
+        ma, mb = _members(ra, self.num_experts), _members(rb, self.num_experts)  # [T, E] bool
         if keep is not None:
-            ia, ib, sa, sb = ia[keep], ib[keep], sa[keep], sb[keep]
-        self.tokens += ia.shape[0]
-        self.overlap += float(topk_overlap(ia, ib).sum())
+            ma, mb, sa, sb = ma[keep], mb[keep], sa[keep], sb[keep]
+        self.tokens += ma.shape[0]
+        both, most = (ma & mb).sum(-1), torch.maximum(ma.sum(-1), mb.sum(-1))
+        self.overlap += float(torch.where(most > 0, both / most.clamp_min(1), 1.0).double().sum())
         self.js += float(js_divergence(sa, sb).sum())
-        self.counts_a += torch.bincount(ia.reshape(-1), minlength=self.num_experts)
-        self.counts_b += torch.bincount(ib.reshape(-1), minlength=self.num_experts)
+        self.counts_a += ma.sum(0)
+        self.counts_b += mb.sum(0)
 
     def result(self) -> dict:
         if self.tokens == 0:
             raise ValueError(f"layer {self.name!r} saw no real (non-padding) tokens in batches")
-        pairs = self.tokens * self.top_k
         a, b = self.counts_a, self.counts_b
         return {"layer": self.name, "num_experts": self.num_experts, "top_k": self.top_k,
                 "tokens": self.tokens, "topk_overlap": self.overlap / self.tokens,
                 "js_divergence": self.js / self.tokens,
-                "load_a": (a.double() / pairs).tolist(), "load_b": (b.double() / pairs).tolist(),
+                "load_a": (a.double() / max(int(a.sum()), 1)).tolist(),
+                "load_b": (b.double() / max(int(b.sum()), 1)).tolist(),
                 "revived": [i for i in range(self.num_experts) if a[i] == 0 and b[i] > 0],
                 "killed": [i for i in range(self.num_experts) if a[i] > 0 and b[i] == 0]}
 
