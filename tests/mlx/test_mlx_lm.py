@@ -250,3 +250,23 @@ def test_switch_experts_are_moegrad_experts_by_role():
     assert rows.shape == (5, experts.dim)
     assert float(mx.abs(rows - ref[mx.arange(5), ids]).max()) < 1e-5
 
+
+
+def test_sinkhorn_routing_in_a_patched_model_and_the_other_routings_refused():
+    model = tiny_model("qwen3_moe", 2)
+    ref = model(TOKENS)
+    assert lm.patch(model, estimator="dense", routing="sinkhorn") == 2
+    blocks = [b for _, b in model.named_modules() if isinstance(b, lm.MoEBlock)]
+    assert all(b.config.routing == "sinkhorn" for b in blocks)
+    model.eval()  # eval: plain top-k, mlx-lm's forward
+    assert float(mx.abs(model(TOKENS) - ref).max()) < 1e-5
+    model.train()
+    x = mx.random.normal((40, blocks[0].config.dim))
+    r = blocks[0].route(x, blocks[0].gate_logits(x), (40,))
+    from moegrad.mlx.selection import sinkhorn
+    want = np.argsort(-np.array(sinkhorn(r.scores)), axis=-1, kind="stable")[:, :2]
+    assert np.array_equal(np.sort(np.array(r.indices), -1), np.sort(want, -1))
+    assert all(float(mx.abs(g).max()) > 0 for g in gate_grads(model).values())
+    for routing in ("expert_choice", "remoe"):
+        with pytest.raises(ValueError, match=f"routing='{routing}' is not supported by moegrad.mlx.lm.patch"):
+            lm.patch(tiny_model("qwen3_moe", 2), routing=routing)

@@ -53,7 +53,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moegrad._interfaces import ExpertWeights
-from moegrad._spec import check_losses
+from moegrad._spec import TOKEN_CHOICE_ROUTINGS, check_losses, check_routing
 from moegrad.mlx.experts import activate, cast_weights
 from moegrad.mlx.layer import run_experts
 from moegrad.mlx.losses import balance_losses
@@ -231,10 +231,19 @@ def _replace(parent, key: str, new) -> None:
         setattr(parent, key, new)
 
 
-def patch(model: nn.Module, estimator: str = "dense", losses: Optional[dict] = None, **options) -> int:
+def patch(model: nn.Module, estimator: str = "dense", losses: Optional[dict] = None,
+          routing: str = "topk", **options) -> int:
     """Replace every Mixtral / Qwen3-MoE block in ``model`` by a :class:`MoEBlock` with the given
-    estimator (and its options) and balance ``losses``; returns how many were patched.
-    Blocks already patched are re-patched from their original."""
+    estimator (and its options), balance ``losses`` and ``routing`` ("topk", or "sinkhorn":
+    the training-mode top-k of the Sinkhorn-balanced scores, as :func:`moegrad.hf.patch`; the
+    block's eval forward stays mlx-lm's); returns how many were patched. Blocks already patched
+    are re-patched from their original."""
+    check_routing(routing)
+    if routing not in TOKEN_CHOICE_ROUTINGS:
+        raise ValueError(f"routing={routing!r} is not supported by moegrad.mlx.lm.patch (the patched "
+                         "block keeps mlx-lm's token-choice top-k); choose one of "
+                         f"{list(TOKEN_CHOICE_ROUTINGS)}")
+    options["routing"] = routing
     count = 0
     for parent, key, block in _moe_blocks(model, MoEBlock):
         original = block._original
