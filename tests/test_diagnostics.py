@@ -398,3 +398,14 @@ def test_routing_health_under_expert_choice_counts_the_chosen_pairs():
     assert torch.equal(torch.tensor(health["load"], dtype=torch.float64), expect / expect.sum())
     with pytest.raises(ValueError, match="purity needs each token's first expert"):
         routing_health(r, truth=torch.arange(12) % 3)
+
+
+def test_clone_keeps_the_routing_and_refuses_remoe():
+    torch.manual_seed(0)
+    moe = moegrad.MoE(8, 16, 4, 2, routing="expert_choice", capacity_factor=1.5)
+    twin = clone_with_estimator(moe, "topk")
+    assert twin.router.config.routing == "expert_choice" and twin.router.config.capacity_factor == 1.5
+    x = torch.randn(20, 8)
+    assert torch.equal(twin(x).routing.chosen, moe(x).routing.chosen)
+    with pytest.raises(ValueError, match="routing='remoe', which takes no estimator"):
+        clone_with_estimator(moegrad.MoE(8, 16, 4, 2, routing="remoe"), "topk")

@@ -133,6 +133,23 @@ def test_coefficient_moves_in_training_only_and_not_in_checkpoint_recomputation(
     out.sum().backward()  # the recomputation in backward does not update it a second time
     assert float(moe.router.l1_coefficient) == pytest.approx(2e-8)
     assert float(moe.state_dict()["router.l1_coefficient"]) == pytest.approx(2e-8)
+    # the penalty's gradient under checkpointing is the one without it (the re-run takes the
+    # forward's lambda, not the updated one)
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(3)
+        layer = moegrad.MoE(8, 16, 8, 1, routing="remoe", l1_init=0.5)
+        xx = torch.randn(32, 8, requires_grad=True)
+        if checkpointed:
+            aux = torch.utils.checkpoint.checkpoint(lambda v: layer(v).aux_loss, xx, use_reentrant=False)
+        else:
+            aux = layer(xx).aux_loss
+        aux.backward()
+        grads.append((float(aux), layer.router.gate.weight.grad.clone(), xx.grad.clone(),
+                      float(layer.router.l1_coefficient)))
+    assert grads[0][0] == pytest.approx(grads[1][0]) and grads[0][3] == pytest.approx(grads[1][3])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
+    torch.testing.assert_close(grads[1][2], grads[0][2])
     moe.to(torch.bfloat16)  # the coefficient stays fp32 (as the selection bias does)
     assert moe.router.l1_coefficient.dtype == torch.float32
     assert float(moe.router.l1_coefficient) == pytest.approx(2e-8)

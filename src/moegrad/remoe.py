@@ -21,7 +21,8 @@ differentiable (d g / d z = r / tau where z > 0, 0 elsewhere), no estimator is i
 
 Where moegrad differs from the paper: lambda is per layer (the router's ``l1_coefficient``
 buffer), steered by that layer's own mean, and updated after every training-mode call (each
-micro-batch under gradient accumulation, not under activation checkpointing's recomputation);
+micro-batch under gradient accumulation; activation checkpointing's recomputation re-uses the
+forward's lambda, see :func:`remoe_penalty`);
 the paper keeps one lambda for the model, updated once per step from the sparsity of all
 layers. Only the load-balanced L1 is provided (the paper's default; its plain L1 is f_e = 1).
 Not supported: expert parallelism, :func:`moegrad.hf.patch`, capacity limits.
@@ -48,27 +49,41 @@ def remoe_l1_loss(routing: Routing, top_k: int) -> Tensor:
 
 
 @torch.no_grad()
-def update_l1_coefficient(coefficient: Tensor, routing: Routing, top_k: int, alpha: float) -> None:
+def update_l1_coefficient(coefficient: Tensor, routing: Routing, top_k: int, alpha: float) -> Tensor:
     """lambda <- lambda * alpha ** sign(a - K) in place, a the mean number of active experts
-    per real token of ``routing`` (no change for a call without real tokens)."""
+    per real token of ``routing`` (no change for a call without real tokens) -> the factor
+    applied, 0-d."""
     real = routing.chosen.shape[0] if routing.mask is None else routing.mask.sum()
     real = torch.as_tensor(real, device=coefficient.device)
     mean_active = routing.chosen.sum() / real.clamp_min(1)
     step = torch.sign(mean_active - top_k) * (real > 0)
-    coefficient.mul_(torch.pow(torch.as_tensor(alpha, dtype=coefficient.dtype, device=coefficient.device),
-                               step.to(coefficient.dtype)))
+    factor = torch.pow(torch.as_tensor(alpha, dtype=coefficient.dtype, device=coefficient.device),
+                       step.to(coefficient.dtype))
+    coefficient.mul_(factor)
+    return factor
 
 
 def remoe_penalty(router, routing: Routing, training: bool) -> tuple[Tensor, Tensor]:
     """-> (lambda * L1, L1) for one call of a ``routing="remoe"`` router, with lambda the
-    router's ``l1_coefficient`` before this call; then, in training mode (and not in activation
-    checkpointing's recomputation), updates lambda from this call's mean active experts."""
+    router's ``l1_coefficient`` before this call; then, in training mode, updates lambda from
+    this call's mean active experts.
+
+    Activation checkpointing re-runs a training call inside its backward, after the update:
+    the re-run does not update lambda again and takes lambda / (the last update's factor),
+    the lambda its forward used, so the penalty's gradient is the forward's. That holds when
+    each call's backward comes before the next training call (one forward and backward per
+    micro-batch, gradient accumulation included); a schedule that runs several checkpointed
+    forwards of a layer before their backwards would see the later updates."""
     top_k = router.config.top_k
     l1 = remoe_l1_loss(routing, top_k)
-    penalty = router.l1_coefficient.clone() * l1
-    if training and not recomputing_in_backward():
-        update_l1_coefficient(router.l1_coefficient, routing, top_k, router.config.l1_alpha)
-    return penalty, l1
+    if training and recomputing_in_backward():
+        coefficient = router.l1_coefficient / router.l1_last_factor
+    else:
+        coefficient = router.l1_coefficient.clone()
+        if training:
+            router.l1_last_factor = update_l1_coefficient(router.l1_coefficient, routing, top_k,
+                                                          router.config.l1_alpha)
+    return coefficient * l1, l1
 
 
 __all__ = ["remoe_l1_loss", "update_l1_coefficient", "remoe_penalty"]

@@ -246,6 +246,8 @@ class Router(RouterViews, nn.Module):
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.int64))
         if self.config.routing == "remoe":
             self.register_buffer("l1_coefficient", torch.tensor(self.config.l1_init, dtype=torch.float32))
+            # the factor of the last update (moegrad.remoe.remoe_penalty: checkpointing's re-run)
+            self.register_buffer("l1_last_factor", torch.ones((), dtype=torch.float32), persistent=False)
         self.estimator = build_estimator(estimator, self.config, **estimator_options)
 
     # num_experts, top_k: read-only views of the config (RouterViews)
@@ -332,7 +334,7 @@ class Router(RouterViews, nn.Module):
         """``nn.Module._apply`` (behind ``.to``, ``.cuda``, ``.half``, ...) keeping the selection
         bias (and ReMoE's ``l1_coefficient``) fp32: a dtype cast moves it to the new device from
         its exact fp32 value, never through the new dtype (in bf16, BiasBalancer's +1e-3 on 0.5 would round away)."""
-        kept = {name: self._buffers.get(name) for name in ("bias", "l1_coefficient")}
+        kept = {name: self._buffers.get(name) for name in ("bias", "l1_coefficient", "l1_last_factor")}
         out = super()._apply(fn, recurse)
         for name, before in kept.items():
             moved = self._buffers.get(name)

@@ -228,3 +228,15 @@ def test_experts_under_a_forward_only_wrapper_raise():
     block.experts = _ForwardOnlyWrapper(block.experts)
     with pytest.raises(TypeError, match="_ForwardOnlyWrapper.*target_parameters"):
         model(input_ids=ids())
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_router_whose_gate_trains_only_through_lora_says_it_trains(order):
+    """The balance-loss guard of moegrad.hf (losses that lost their gradient under reentrant
+    checkpointing) asks whether the gate trains: with a frozen base weight and a LoRA on it, yes."""
+    model = adapted(order, experts=False, attention=False)
+    router = mh.routers(model)[0]
+    assert not router.gate.weight.requires_grad and router.gate_trains
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert not router.gate_trains

@@ -227,7 +227,7 @@ _ESTIMATOR_PREFIX = "router.estimator."
 def clone_with_estimator(moe, estimator: str, **options):
     """A fresh :class:`moegrad.MoE` that routes like ``moe`` but with another estimator.
 
-    Carried over: the shape, every router and layer option (score, normalize, temperature,
+    Carried over: the shape, every router and layer option (routing, score, normalize, temperature,
     routed_scaling_factor, n_group/topk_group, selection_bias, check_finite, activation, impl,
     capacity_factor), every parameter and buffer (gate and expert weights, the selection bias
     values, load counts) as copies in their own dtype and device, and the training mode. Balance
@@ -235,12 +235,15 @@ def clone_with_estimator(moe, estimator: str, **options):
     and its buffers (e.g. default_moe's EMA outputs) are kept too; ``options`` override them.
     """
     cfg = moe.router.config
+    if cfg.routing == "remoe":
+        raise ValueError("moe has routing='remoe', which takes no estimator (its ReLU gates are "
+                         "differentiable): there is no other estimator to compare it with")
     source = moe.router.estimator
     same = source.name == estimator
     if same:
         options = {**{k: getattr(source, k) for k in source.options if k != "generator"}, **options}
     twin = MoE(cfg.dim, moe.experts.hidden_dim, cfg.num_experts, cfg.top_k, estimator=estimator,
-               score=cfg.score, normalize=cfg.normalize, activation=moe.experts.activation,
+               routing=cfg.routing, score=cfg.score, normalize=cfg.normalize, activation=moe.experts.activation,
                impl=moe.experts.impl, losses={}, capacity_factor=moe.capacity_factor,
                temperature=cfg.temperature, routed_scaling_factor=cfg.routed_scaling_factor,
                n_group=cfg.n_group, topk_group=cfg.topk_group, selection_bias=cfg.selection_bias,

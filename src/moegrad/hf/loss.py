@@ -161,7 +161,7 @@ def _collect(found: list, consume: bool, clear: bool = True) -> Optional[Tensor]
     for router in found:
         stored = router.last_aux_loss
         if (stored is not None and not stored.requires_grad and torch.is_grad_enabled()
-                and router.training and router.gate.weight.requires_grad):
+                and router.training and router.gate_trains):
             raise RuntimeError(
                 "moegrad.hf: the balance losses of the last training forward carry no "
                 "gradient: the blocks ran under torch.no_grad, as reentrant activation "

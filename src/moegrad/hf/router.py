@@ -93,6 +93,12 @@ class HFRouter(RouterViews, nn.Module):
         return _unwrap(getattr(self._block, self.family.gate))
 
     @property
+    def gate_trains(self) -> bool:
+        """True when any parameter of the gate as the block holds it (a PEFT wrapper's LoRA
+        adapters included) requires a gradient."""
+        return any(p.requires_grad for p in getattr(self._block, self.family.gate).parameters())
+
+    @property
     def bias(self) -> Optional[Tensor]:
         """[E] selection-only bias: DeepSeek-V3's ``e_score_correction_bias``, else None."""
         return self.gate.e_score_correction_bias if self.family.correction_bias else None
