@@ -132,3 +132,26 @@ def test_write_tensorboard_writes_the_read_values(tmp_path):
     for key, value in values.items():
         (event,) = events.Scalars(key)
         assert event.step == 7 and event.value == pytest.approx(value, rel=1e-6)
+
+
+def test_training_and_eval_forwards_are_read_apart():
+    torch.manual_seed(0)
+    moe = moegrad.MoE(8, 16, 4, 2)
+    monitor = RoutingMonitor(moe)
+    xs = [torch.randn(12, 8) for _ in range(3)]
+    counts = {True: torch.zeros(4, dtype=torch.int64), False: torch.zeros(4, dtype=torch.int64)}
+    for x, training in zip(xs, (True, False, True)):
+        moe.train(training)
+        counts[training] += moe(x).stats.tokens_per_expert
+    both = monitor.read(reset=False)
+    train = monitor.read(mode="train")
+    assert train["moe/moe/max_violation"] == pytest.approx(float(counts[True].max() / counts[True].float().mean() - 1))
+    assert monitor.read(mode="train") == {}  # read and forgotten
+    evaluation = monitor.read(mode="eval", reset=False)
+    assert evaluation["moe/moe/max_violation"] == pytest.approx(
+        float(counts[False].max() / counts[False].float().mean() - 1))
+    total = counts[True] + counts[False]
+    assert both["moe/moe/max_violation"] == pytest.approx(float(total.max() / total.float().mean() - 1))
+    assert monitor.read() == evaluation  # the eval forwards were still there
+    with pytest.raises(ValueError, match="mode='test' must be None"):
+        monitor.read(mode="test")

@@ -82,7 +82,7 @@ def test_trainer_logs_the_routing_of_its_own_batches(tmp_path, attach):
     callback.monitor.remove()
 
 
-def test_the_trainer_model_is_taken_at_train_begin_and_released_at_train_end(tmp_path):
+def test_the_trainer_model_is_taken_when_attached_and_kept_after_training(tmp_path):
     model = tiny("qwen3_moe")
     mh.patch(model, "topk", losses={"switch": 1e-2})
     args = transformers.TrainingArguments(
@@ -95,8 +95,9 @@ def test_the_trainer_model_is_taken_at_train_begin_and_released_at_train_end(tmp
     (entry,) = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert entry["step"] == 2 and "moe/model.layers.0.mlp/load_cv" in entry
     assert entry["moe/model.layers.1.mlp/loss/switch"] > 0
-    assert callback.monitor is None and not any(b._forward_hooks for b in model.modules()
-                                                if hasattr(b, "moegrad_router"))
+    assert callback.monitor is not None  # trainer.evaluate() afterwards is logged too
+    callback.monitor.remove()
+    assert not any(b._forward_hooks for b in model.modules() if hasattr(b, "moegrad_router"))
     with pytest.raises(TypeError, match="transformers.Trainer"):
         callback.attach(object())
     with pytest.raises(TypeError, match="nn.Module"):
@@ -159,7 +160,11 @@ def test_report_to_tensorboard_gets_the_values_when_attached(tmp_path, monkeypat
     assert not any("moe/" in tag for tag in results[False])  # it ran after the TensorBoard callback
 
 
-def test_an_evaluation_log_gets_the_evaluation_forwards(tmp_path):
+@pytest.mark.parametrize("logging_steps,eval_steps", [(2, 2), (2, 1)])
+def test_an_evaluation_log_gets_the_evaluation_forwards(tmp_path, logging_steps, eval_steps):
+    """Each log reads its own kind of forwards: a training log the training forwards since the
+    previous training log, an evaluation log that evaluation's forwards, however the two
+    schedules interleave; trainer.evaluate() after train() is logged too."""
     model = tiny("qwen3_moe")
     mh.patch(model, "topk", losses={"switch": 1e-2, "z_loss": 1e-3})
     router = model.model.layers[1].mlp.moegrad_router
@@ -167,17 +172,22 @@ def test_an_evaluation_log_gets_the_evaluation_forwards(tmp_path):
     router.register_forward_hook(lambda mod, args, r: recorded[mod.training].append(
         {"indices": r.indices.clone(), "scores": r.scores.detach().clone(), "logits": r.logits.detach().clone()}))
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, logging_steps=2, per_device_train_batch_size=2,
-        per_device_eval_batch_size=2, eval_strategy="steps", eval_steps=2, report_to=[],
+        output_dir=str(tmp_path), max_steps=2, logging_steps=logging_steps, per_device_train_batch_size=2,
+        per_device_eval_batch_size=2, eval_strategy="steps", eval_steps=eval_steps, report_to=[],
         save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Dataset(), eval_dataset=Dataset(n=4))
-    mh.RoutingCallback(model).attach(trainer)
+    mh.RoutingCallback().attach(trainer)
     trainer.train()
+    trainer.evaluate()
     (train,) = [e for e in trainer.state.log_history if "loss" in e]
-    (evaluation,) = [e for e in trainer.state.log_history if "eval_loss" in e]
-    assert len(recorded[True]) == 2 and len(recorded[False]) == 2  # 2 steps; 4 eval rows in batches of 2
+    evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
+    runs = 2 // eval_steps + 1  # during training, then evaluate()
+    assert len(evaluations) == runs
+    assert len(recorded[True]) == 2 and len(recorded[False]) == 2 * runs  # 4 eval rows in batches of 2
     e = model.config.num_experts
-    for entry, prefix, routings in ((train, "moe", recorded[True]), (evaluation, "eval_moe", recorded[False])):
-        for metric, want in by_hand(routings, e).items():
-            assert entry[f"{prefix}/model.layers.1.mlp/{metric}"] == pytest.approx(want, rel=1e-5, abs=1e-7)
-    assert not any(k.startswith("moe/") for k in evaluation)
+    for metric, want in by_hand(recorded[True], e).items():
+        assert train[f"moe/model.layers.1.mlp/{metric}"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    for i, evaluation in enumerate(evaluations):
+        for metric, want in by_hand(recorded[False][2 * i:2 * i + 2], e).items():
+            assert evaluation[f"eval_moe/model.layers.1.mlp/{metric}"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+        assert not any(k.startswith("moe/") for k in evaluation)

@@ -3,8 +3,10 @@
 Shapes: T tokens, E experts. For every MoE layer of a model (each :class:`moegrad.MoE`, each
 block of a ``moegrad.hf``-patched model, each other :class:`moegrad.Router`, found with
 :func:`moegrad.routing.is_router`), forward hooks add up what the forward already computed,
-with no extra forward pass, over the training and eval forwards since the last :meth:`read`
-(a forward re-run by activation checkpointing in backward is counted once):
+with no extra forward pass, over the forwards since the last :meth:`read` (training-mode and
+eval-mode forwards are kept apart: ``read(mode="train")`` / ``read(mode="eval")`` give one
+kind, ``read()`` both; a forward re-run by activation checkpointing in backward is counted
+once):
 
     counts_i        (token, slot) pairs routed to expert i, padding excluded      [E]
                     (``MoEOutput.stats.tokens_per_expert``; a router's Routing.indices / chosen)
@@ -42,6 +44,9 @@ from moegrad.layer import MoE, MoEOutput
 from moegrad.routing import Routing, is_router, recomputing_in_backward
 
 __all__ = ["RoutingMonitor"]
+
+#: the forwards a monitor keeps apart: training-mode and eval-mode ones
+MODES = ("train", "eval")
 
 _TENSORBOARD_HINT = ('RoutingMonitor: TensorBoard writing needs the tensorboard package: '
                      'pip install "moegrad[tensorboard]"')
@@ -89,6 +94,25 @@ class _LayerSums:
             self.loss_forwards[name] = self.loss_forwards.get(name, 0) + 1
         self.forwards += 1
 
+    def merged(self, other: "_LayerSums") -> "_LayerSums":
+        """The sums of both (``self`` and ``other`` unchanged)."""
+        out = _LayerSums()
+        for part in (self, other):
+            if not part.forwards:
+                continue
+            out.forwards += part.forwards
+            out.tokens += part.tokens
+            out.entropy += part.entropy
+            for attr in ("counts", "dropped"):
+                mine, theirs = getattr(out, attr), getattr(part, attr)
+                if theirs is not None:
+                    setattr(out, attr, theirs if mine is None else mine + theirs.to(mine.device))
+            for name, total in part.losses.items():
+                out.losses[name] = total if name not in out.losses else out.losses[name] + total.to(
+                    out.losses[name].device)
+                out.loss_forwards[name] = out.loss_forwards.get(name, 0) + part.loss_forwards[name]
+        return out
+
     def values(self, prefix: str) -> dict:
         counts = self.counts.cpu()
         out = {f"{prefix}/load_cv": load_cv(counts), f"{prefix}/max_violation": max_violation(counts),
@@ -116,7 +140,7 @@ class RoutingMonitor:
         if not isinstance(model, nn.Module):
             raise TypeError(f"RoutingMonitor: model must be an nn.Module, got {type(model).__name__}")
         self.layers: dict[str, nn.Module] = {}
-        self._sums: dict[str, _LayerSums] = {}
+        self._sums: dict[str, dict[str, _LayerSums]] = {}  # name -> {"train", "eval"} -> sums
         self._handles: list = []
         covered: set = set()
         modules = list(model.named_modules())
@@ -141,53 +165,75 @@ class RoutingMonitor:
 
     def _watch(self, name: str, module: nn.Module, hook) -> None:
         self.layers[name] = module
-        self._sums[name] = _LayerSums()
+        self._sums[name] = {mode: _LayerSums() for mode in MODES}
         self._handles.append(module.register_forward_hook(
             lambda mod, args, out, _name=name: hook(_name, mod, out)))
 
-    @staticmethod
-    def _recomputed(module: nn.Module) -> bool:
-        return module.training and recomputing_in_backward()
+    def _sums_of(self, name: str, module: nn.Module) -> Optional[_LayerSums]:
+        """The sums a forward of ``module`` adds to (by its mode); None for a forward re-run
+        by activation checkpointing in backward (counted already)."""
+        if module.training and recomputing_in_backward():
+            return None
+        return self._sums[name]["train" if module.training else "eval"]
 
     def _moe_hook(self, name: str, module: nn.Module, out: MoEOutput) -> None:
-        if not self._recomputed(module):
-            self._sums[name].add(out.routing, out.stats.dropped, out.losses)
+        sums = self._sums_of(name, module)
+        if sums is not None:
+            sums.add(out.routing, out.stats.dropped, out.losses)
 
     def _hf_block_hook(self, router: nn.Module):
         def hook(name: str, module: nn.Module, out) -> None:
-            if not self._recomputed(module) and router.last_routing is not None:
-                self._sums[name].add(router.last_routing, None, router.last_losses)
+            sums = self._sums_of(name, module)
+            if sums is not None and router.last_routing is not None:
+                sums.add(router.last_routing, None, router.last_losses)
         return hook
 
     def _router_hook(self, name: str, module: nn.Module, out: Routing) -> None:
-        if not self._recomputed(module):
-            self._sums[name].add(out, None, {})
+        sums = self._sums_of(name, module)
+        if sums is not None:
+            sums.add(out, None, {})
 
     @torch.no_grad()
-    def read(self, reset: bool = True) -> dict:
+    def read(self, reset: bool = True, mode: Optional[str] = None) -> dict:
         """{"moe/<layer>/<metric>": float} over the forwards since the last reset (layers with
-        none left out); ``reset=False`` keeps accumulating."""
+        none left out): ``mode`` "train" or "eval" the training-mode or eval-mode forwards
+        only, None both; ``reset=False`` keeps accumulating (else the forwards read are
+        forgotten, the other mode's kept)."""
+        modes = self._modes(mode)
         out = {}
-        for name, sums in self._sums.items():
+        for name, by_mode in self._sums.items():
+            sums = by_mode[modes[0]] if len(modes) == 1 else by_mode["train"].merged(by_mode["eval"])
             if sums.forwards:
                 out.update(sums.values(f"moe/{name}"))
         if reset:
-            self.reset()
+            self.reset(mode)
         return out
 
-    def reset(self) -> None:
-        """Forget the forwards seen so far."""
-        self._sums = {name: _LayerSums() for name in self._sums}
+    def reset(self, mode: Optional[str] = None) -> None:
+        """Forget the forwards seen so far (``mode`` "train"/"eval": those only)."""
+        for by_mode in self._sums.values():
+            for m in self._modes(mode):
+                by_mode[m] = _LayerSums()
 
-    def write_tensorboard(self, writer=None, step: Optional[int] = None, reset: bool = True) -> dict:
-        """:meth:`read` and write each value with ``writer.add_scalar(key, value, step)``
-        (``writer`` None: the monitor's own, from ``tensorboard_dir``); returns the values."""
+    @staticmethod
+    def _modes(mode: Optional[str]) -> tuple:
+        if mode is None:
+            return MODES
+        if mode not in MODES:
+            raise ValueError(f"RoutingMonitor: mode={mode!r} must be None (both), 'train' or 'eval'")
+        return (mode,)
+
+    def write_tensorboard(self, writer=None, step: Optional[int] = None, reset: bool = True,
+                          mode: Optional[str] = None) -> dict:
+        """:meth:`read` (``reset``, ``mode``) and write each value with
+        ``writer.add_scalar(key, value, step)`` (``writer`` None: the monitor's own, from
+        ``tensorboard_dir``); returns the values."""
         if writer is None:
             if self._writer is None:
                 raise ValueError("RoutingMonitor.write_tensorboard: writer=None needs "
                                  "RoutingMonitor(model, tensorboard_dir=...); or pass a SummaryWriter")
             writer = self._writer
-        values = self.read(reset=reset)
+        values = self.read(reset=reset, mode=mode)
         for key, value in values.items():
             writer.add_scalar(key, value, step)
         return values

@@ -12,9 +12,12 @@ appended to ``state.log_history``. Callbacks after this one in the Trainer's lis
 W&B, ... from ``report_to``) then log them: :meth:`attach` puts it first; passed as
 ``Trainer(callbacks=[...])`` it comes after the reporting callbacks, which then miss the values
 (``state.log_history`` still has them, and a warning says so when ``report_to`` is set). An
-evaluation log gets the evaluation forwards' values under ``eval_moe/...`` (TensorBoard shows
-them as ``train/moe/...`` and ``eval/moe/...``). No extra forward pass: forward hooks read what
-the patched blocks computed. Each process reports its own routing (no all-reduce).
+evaluation log gets the eval-mode forwards' values under ``eval_moe/...``, a training log the
+training-mode forwards' (TensorBoard shows them as ``train/moe/...`` and ``eval/moe/...``),
+whatever ``logging_steps`` and ``eval_steps`` are. No extra forward pass: forward hooks read
+what the patched blocks computed. The hooks stay after training (``trainer.evaluate()`` later
+is logged too); ``callback.monitor.remove()`` takes them off. Each process reports its own
+routing (no all-reduce).
 """
 
 from __future__ import annotations
@@ -54,7 +57,14 @@ class RoutingCallback(TrainerCallback):
                             f"{type(trainer).__name__}")
         handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
         self._attached = True
+        if self.monitor is None and isinstance(getattr(trainer, "model", None), nn.Module):
+            self.monitor = RoutingMonitor(trainer.model)
         return self
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        """Watch the Trainer's model from the start (an ``evaluate()`` before ``train()`` too)."""
+        if self.monitor is None and model is not None:
+            self.monitor = RoutingMonitor(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.monitor is None:
@@ -65,9 +75,10 @@ class RoutingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is None or logs is None:
             return
-        values = self.monitor.read()
         if any(key.startswith("eval_") for key in logs):
-            values = {f"eval_{key}": value for key, value in values.items()}
+            values = {f"eval_{key}": value for key, value in self.monitor.read(mode="eval").items()}
+        else:
+            values = self.monitor.read(mode="train")
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
@@ -77,9 +88,3 @@ class RoutingCallback(TrainerCallback):
             warnings.warn("RoutingCallback was given as Trainer(callbacks=[...]), so it runs after the "
                           f"report_to callbacks {reporting}, which miss its values; use "
                           "RoutingCallback().attach(trainer)", UserWarning, stacklevel=2)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        """Remove the hooks of a monitor built from the Trainer's model."""
-        if self.monitor is not None and self.model is None:
-            self.monitor.remove()
-            self.monitor = None
