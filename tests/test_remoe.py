@@ -196,3 +196,17 @@ def test_remoe_defaults_and_what_it_refuses():
             expert_parallel(moe)
     finally:
         dist.destroy_process_group()
+
+
+def test_remoe_sparsity_example_runs_briefly():
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "remoe_sparsity.py"))
+    summary = example["main"](["--steps", "8", "--seeds", "2", "--alpha", "1.5", "--init", "1e-3"])
+    assert set(summary) == {"topk", "remoe l1_alpha=1.5"}
+    active, _ = example["run"]("remoe", 1, 8, 1.5, 1e-3)
+    remoe = summary["remoe l1_alpha=1.5"]
+    assert remoe["active"]["values"][1] == pytest.approx(statistics.mean(active[-2:]))
+    assert remoe["active"]["n"] == 2 and 0 < remoe["active"]["mean"] <= 8
+    assert remoe["loss_minus_topk"]["n"] == 2
