@@ -34,31 +34,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 import moegrad
 from moegrad.fsdp import expert_parallel_fsdp, load_checkpoint, save_checkpoint
 
-
-class Model(nn.Module):
-    """x [B, S, D] -> ([B, S, D], aux): an input projection, then ``layers`` residual MoE blocks."""
-
-    def __init__(self, dim: int, hidden: int, experts: int, top_k: int, layers: int, **moe_options):
-        super().__init__()
-        self.proj = nn.Linear(dim, dim)
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
-        self.moes = nn.ModuleList(moegrad.MoE(dim, hidden, experts, top_k, **moe_options)
-                                  for _ in range(layers))
-
-    def forward(self, x):
-        h = self.proj(x)
-        aux = h.new_zeros(())
-        for norm, moe in zip(self.norms, self.moes):
-            out = moe(norm(h))
-            h = h + out.y
-            aux = aux + out.aux_loss
-        return h, aux
+# the residual MoE model of examples/expert_parallel.py (this script's directory is on sys.path)
+from expert_parallel import Model  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -743,29 +743,13 @@ def test_expert_parallel_needs_an_initialised_group():
 
 def test_example_runs_under_torchrun_launcher():
     """examples/expert_parallel.py as the README launches it (2 gloo processes), briefly."""
-    import os
     import re
-    import signal
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from moegrad._testing import free_port
+    from moegrad._testing import run_torchrun
 
     example = Path(__file__).resolve().parents[1] / "examples" / "expert_parallel.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(example), "--steps", "8", "--micro-batches", "2",
-           "--timeout", "60"]
-    # own session: on a timeout the launcher and both ranks are killed, none is left behind
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun example timed out after 180 s: {stderr[-2000:]}")
-    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    res = run_torchrun(example, 2, ["--steps", 8, "--micro-batches", 2, "--timeout", 60], 180)
     assert res.returncode == 0, res.stderr[-2000:]
     first, last, diff = re.search(r"relative mse ([\d.]+) -> ([\d.]+); gathered model vs "
                                   r"expert-parallel model max \|diff\| ([\d.e+-]+)", res.stdout).groups()

@@ -272,3 +272,20 @@ def test_reference_model_is_deterministic():
     a, b = Tiny(0), copy.deepcopy(Tiny(0))
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_example_runs_under_torchrun_and_resumes_to_the_same_loss():
+    """examples/fsdp_expert_parallel.py as the README launches it (4 gloo processes), briefly."""
+    import re
+    from pathlib import Path
+
+    from moegrad._testing import run_torchrun
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "fsdp_expert_parallel.py"
+    res = run_torchrun(example, 4, ["--steps", 3], 240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    first, last, resumed, continued = re.search(
+        r"relative mse ([\d.]+) -> ([\d.]+); after the checkpoint round-trip the next step's loss "
+        r"is ([\d.]+), continuing without it ([\d.]+)", res.stdout).groups()
+    assert float(last) < float(first)
+    assert float(resumed) == float(continued)

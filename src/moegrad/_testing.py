@@ -9,7 +9,11 @@ timeout, so that a broken collective fails the test or benchmark instead of hang
 from __future__ import annotations
 
 import datetime
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -44,3 +48,21 @@ def spawn_and_wait(fn: Callable, args: tuple, world: int, timeout_s: float, what
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+def run_torchrun(script: str, nproc: int, args: list, timeout_s: float) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node=nproc script *args`` on a free port, in
+    its own session: after ``timeout_s`` the launcher and every rank are killed and a
+    TimeoutError carries the end of stderr (never a hang). Returns the completed process
+    (stdout, stderr as text)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(script), *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise TimeoutError(f"torchrun {script} timed out after {timeout_s:.0f} s: {stderr[-2000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
