@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moegrad.routing import Routing, recomputing_in_backward
+from moegrad.routing import Routing, update_running_state
 
 
 def remoe_l1_loss(routing: Routing, top_k: int) -> Tensor:
@@ -48,27 +48,35 @@ def remoe_l1_loss(routing: Routing, top_k: int) -> Tensor:
 
 
 @torch.no_grad()
+def l1_coefficient_factor(routing: Routing, top_k: int, alpha: float, like: Tensor) -> Tensor:
+    """alpha ** sign(a - K), a the mean number of active experts per real token of ``routing``
+    (1 for a call without real tokens): 0-d, ``like``'s dtype and device."""
+    real = routing.chosen.shape[0] if routing.mask is None else routing.mask.sum()
+    real = torch.as_tensor(real, device=like.device)
+    mean_active = routing.chosen.sum() / real.clamp_min(1)
+    step = torch.sign(mean_active - top_k) * (real > 0)
+    return torch.pow(torch.as_tensor(alpha, dtype=like.dtype, device=like.device), step.to(like.dtype))
+
+
+@torch.no_grad()
 def update_l1_coefficient(coefficient: Tensor, routing: Routing, top_k: int, alpha: float) -> None:
     """lambda <- lambda * alpha ** sign(a - K) in place, a the mean number of active experts
     per real token of ``routing`` (no change for a call without real tokens)."""
-    real = routing.chosen.shape[0] if routing.mask is None else routing.mask.sum()
-    real = torch.as_tensor(real, device=coefficient.device)
-    mean_active = routing.chosen.sum() / real.clamp_min(1)
-    step = torch.sign(mean_active - top_k) * (real > 0)
-    coefficient.mul_(torch.pow(torch.as_tensor(alpha, dtype=coefficient.dtype, device=coefficient.device),
-                               step.to(coefficient.dtype)))
+    coefficient.mul_(l1_coefficient_factor(routing, top_k, alpha, coefficient))
 
 
 def remoe_penalty(router, routing: Routing, training: bool) -> tuple[Tensor, Tensor]:
     """-> (lambda * L1, L1) for one call of a ``routing="remoe"`` router, with lambda the
     router's ``l1_coefficient`` before this call; then, in training mode (and not in activation
-    checkpointing's recomputation), updates lambda from this call's mean active experts."""
+    checkpointing's recomputation), updates lambda from this call's mean active experts
+    (:func:`moegrad.routing.update_running_state`: under torch.compile without a graph break)."""
     top_k = router.config.top_k
     l1 = remoe_l1_loss(routing, top_k)
     penalty = router.l1_coefficient.clone() * l1
-    if training and not recomputing_in_backward():
-        update_l1_coefficient(router.l1_coefficient, routing, top_k, router.config.l1_alpha)
+    if training:
+        factor = l1_coefficient_factor(routing, top_k, router.config.l1_alpha, router.l1_coefficient)
+        update_running_state(router.l1_coefficient, factor, "mul")
     return penalty, l1
 
 
-__all__ = ["remoe_l1_loss", "update_l1_coefficient", "remoe_penalty"]
+__all__ = ["remoe_l1_loss", "l1_coefficient_factor", "update_l1_coefficient", "remoe_penalty"]
