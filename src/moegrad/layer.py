@@ -31,7 +31,7 @@ from moegrad.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispa
 from moegrad.experts import Experts
 from moegrad.losses import balance_losses
 from moegrad.remoe import remoe_penalty
-from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward
+from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward, zero_if_recomputing
 
 
 def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.Module, *,
@@ -74,11 +74,14 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
                          padded=padded, max_rows=max_rows)
     rows = gather_rows(x, plan)
     rows = experts(rows, plan.counts, padded=True) if padded else experts(rows, plan.counts)  # [M or R, D]
-    observe = training and estimator.observes_outputs and not recomputing_in_backward()
+    compiling = torch.compiler.is_compiling()  # then the recomputation test runs in the graph
+    observe = training and estimator.observes_outputs and (compiling or not recomputing_in_backward())
     if observe and (rows.shape[0] or group is not None):
         sums = rows.new_zeros(num_experts, x.shape[1], dtype=torch.float32)
         sums.index_add_(0, plan.experts, rows.detach().float())
         counts = plan.counts
+        if compiling:  # checkpointing's recomputation observes nothing: no expert has a row
+            counts = zero_if_recomputing(counts)
         if group is not None:  # every rank's statistics, so the buffers stay identical
             sums, counts = reduce_observation(sums, counts, group)
         estimator.observe(sums, counts)

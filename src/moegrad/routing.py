@@ -108,6 +108,19 @@ def recomputing_in_backward() -> bool:
     return _graph_task_id is not None and _graph_task_id() != -1
 
 
+@torch.library.custom_op("moegrad::zero_if_recomputing", mutates_args=())
+def zero_if_recomputing(t: Tensor) -> Tensor:
+    """A copy of t, or zeros while :func:`recomputing_in_backward`: a custom op, so under
+    torch.compile the test runs at run time (no graph break), e.g. counts [E] that select what
+    running state a forward updates."""
+    return torch.zeros_like(t) if recomputing_in_backward() else t.clone()
+
+
+@zero_if_recomputing.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
 def recomputing_training_forward(router: "Router") -> bool:
     """True for a training-mode router forward re-run by activation checkpointing. Raises if the
     estimator samples from its own ``generator``: checkpointing restores the global RNG only,

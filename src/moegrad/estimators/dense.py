@@ -197,19 +197,18 @@ class DefaultMoE(Estimator):
             m = m - m.detach()  # value exactly 0, gradient of m
         return y + m.to(y.dtype)
 
-    @torch.no_grad()
     def observe(self, sums: Tensor, counts: Tensor) -> None:
-        hit = counts > 0
-        if not bool(hit.any()):
-            return
-        mean = sums.float()[hit] / counts[hit, None].float()
-        old = self.defaults[hit].float()
-        fresh = ~self.seen[hit]
-        blended = self.beta * old + (1.0 - self.beta) * mean
-        new = torch.where(fresh[:, None], mean, blended).to(self.defaults.dtype)
-        finite = torch.isfinite(new).all(-1)  # a non-finite mean, or an update that overflows
-        rows = hit.nonzero().squeeze(1)
-        self.skipped[rows[~finite]] += 1
-        rows = rows[finite]
-        self.defaults[rows] = new[finite]
-        self.seen[rows] = True
+        """sums [E, D], counts [E]: the EMA update of the experts with counts > 0 (static
+        shapes, so torch.compile traces it without a graph break)."""
+        with torch.no_grad():
+            hit = counts > 0
+            if not torch.compiler.is_compiling() and not bool(hit.any()):
+                return
+            mean = sums.float() / counts.clamp_min(1)[:, None].float()  # rows without a hit: unused
+            blended = self.beta * self.defaults.float() + (1.0 - self.beta) * mean
+            new = torch.where(self.seen[:, None], blended, mean).to(self.defaults.dtype)
+            finite = torch.isfinite(new).all(-1)  # a non-finite mean, or an update that overflows
+            self.skipped += (hit & ~finite).long()
+            update = hit & finite
+            self.defaults.copy_(torch.where(update[:, None], new, self.defaults))
+            self.seen |= update
