@@ -155,11 +155,11 @@ def test_padded_plan_keeps_the_eager_rows(capacity):
 
 
 def test_run_time_recomputation_ops():
-    """The custom ops that test for checkpointing's recomputation at run time (so compiled
-    graphs need no break): outside a backward pass zero_if_recomputing copies and
-    update_running_state adds/multiplies; inside one (where the recomputation runs) the first
-    gives zeros and the second leaves the state alone."""
-    from moegrad.routing import update_running_state, zero_if_recomputing
+    """The custom op that tests for checkpointing's recomputation at run time (so compiled
+    graphs need no break), and update_running_state built on it: outside a backward pass
+    unless_recomputing copies and update_running_state adds/multiplies; inside one (where the
+    recomputation runs) the first gives the neutral value and the second changes nothing."""
+    from moegrad.routing import update_running_state, unless_recomputing
 
     t = torch.tensor([3, 0, 2])
     seen = {}
@@ -171,18 +171,20 @@ def test_run_time_recomputation_ops():
 
         @staticmethod
         def backward(ctx, g):
-            seen["zeroed"] = torch.ops.moegrad.zero_if_recomputing(t)
+            seen["neutral"] = unless_recomputing(t, 0.0)
+            seen["one"] = unless_recomputing(torch.tensor([2.0]), 1.0)
             state = torch.tensor([1.0, 2.0])
-            torch.ops.moegrad.update_running_state(state, torch.tensor([3.0, 3.0]), "mul")
+            update_running_state(state, torch.tensor([3.0, 3.0]), "mul")
             seen["state"] = state
             return g
 
-    assert torch.equal(zero_if_recomputing(t), t)
+    assert torch.equal(unless_recomputing(t, 0.0), t)
     state = torch.tensor([1.0, 2.0])
     update_running_state(state, torch.tensor([3.0, 3.0]), "mul")
     update_running_state(state, torch.tensor([1.0, 1.0]), "add")
     assert state.tolist() == [4.0, 7.0]
     Probe.apply(torch.ones(2, requires_grad=True)).sum().backward()
-    assert seen["zeroed"].tolist() == [0, 0, 0] and seen["state"].tolist() == [1.0, 2.0]
+    assert seen["neutral"].tolist() == [0, 0, 0] and seen["one"].tolist() == [1.0]
+    assert seen["state"].tolist() == [1.0, 2.0]
     with pytest.raises(ValueError, match="how='div'"):
         update_running_state(state, state, "div")

@@ -31,7 +31,7 @@ from moegrad.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispa
 from moegrad.experts import Experts
 from moegrad.losses import balance_losses
 from moegrad.remoe import remoe_penalty
-from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward, zero_if_recomputing
+from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward, unless_recomputing
 
 
 def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.Module, *,
@@ -81,7 +81,7 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
         sums.index_add_(0, plan.experts, rows.detach().float())
         counts = plan.counts
         if compiling:  # checkpointing's recomputation observes nothing: no expert has a row
-            counts = zero_if_recomputing(counts)
+            counts = unless_recomputing(counts, 0.0)
         if group is not None:  # every rank's statistics, so the buffers stay identical
             sums, counts = reduce_observation(sums, counts, group)
         estimator.observe(sums, counts)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moegrad.routing import Routing, update_running_state
+from moegrad.routing import Routing, snapshot, update_running_state
 
 
 def remoe_l1_loss(routing: Routing, top_k: int) -> Tensor:
@@ -72,7 +72,7 @@ def remoe_penalty(router, routing: Routing, training: bool) -> tuple[Tensor, Ten
     (:func:`moegrad.routing.update_running_state`: under torch.compile without a graph break)."""
     top_k = router.config.top_k
     l1 = remoe_l1_loss(routing, top_k)
-    penalty = router.l1_coefficient.clone() * l1
+    penalty = snapshot(router.l1_coefficient) * l1  # lambda before this call's update
     if training:
         factor = l1_coefficient_factor(routing, top_k, router.config.l1_alpha, router.l1_coefficient)
         update_running_state(router.l1_coefficient, factor, "mul")

@@ -31,7 +31,7 @@ from moegrad.estimators import build_estimator
 from moegrad.selection import Selection, remoe_active
 
 __all__ = ["SCORES", "RouterConfig", "Routing", "Router", "flatten_tokens", "flatten_mask",
-           "recomputing_in_backward", "recomputing_training_forward", "update_running_state", "is_router"]
+           "recomputing_in_backward", "recomputing_training_forward", "update_running_state", "snapshot", "is_router"]
 
 
 @dataclass
@@ -108,17 +108,17 @@ def recomputing_in_backward() -> bool:
     return _graph_task_id is not None and _graph_task_id() != -1
 
 
-@torch.library.custom_op("moegrad::zero_if_recomputing", mutates_args=())
-def zero_if_recomputing(t: Tensor) -> Tensor:
-    """A copy of t, or zeros while :func:`recomputing_in_backward`: a custom op, so under
-    torch.compile the test runs at run time (no graph break), e.g. counts [E] that select what
-    running state a forward updates."""
-    return torch.zeros_like(t) if recomputing_in_backward() else t.clone()
+@torch.library.custom_op("moegrad::unless_recomputing", mutates_args=())
+def unless_recomputing(value: Tensor, neutral: float) -> Tensor:
+    """A copy of value, or ``neutral`` everywhere while :func:`recomputing_in_backward`: a
+    custom op, so under torch.compile the test runs at run time (no graph break). Running
+    state is then updated with the result (counts [E] with neutral 0, a factor with 1)."""
+    return torch.full_like(value, neutral) if recomputing_in_backward() else value.clone()
 
 
-@zero_if_recomputing.register_fake
-def _(t):
-    return torch.empty_like(t)
+@unless_recomputing.register_fake
+def _(value, neutral):
+    return torch.empty_like(value)
 
 
 def recomputing_training_forward(router: "Router") -> bool:
@@ -166,35 +166,38 @@ def _(logits, z, temperature):
 torch.fx.node.has_side_effect(torch.ops.moegrad.check_finite_logits.default)  # no output, kept
 
 
+@torch.library.custom_op("moegrad::snapshot", mutates_args=())
+def _snapshot_op(t: Tensor) -> Tensor:
+    return t.clone()
+
+
+@_snapshot_op.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+def snapshot(t: Tensor) -> Tensor:
+    """A copy of t (no gradient). Under torch.compile an opaque op: AOT autograd's partitioner
+    would otherwise recompute a plain clone of a buffer in the backward pass, after the forward
+    updated that buffer in place (:func:`update_running_state`), and use the new value."""
+    return torch.ops.moegrad.snapshot(t) if torch.compiler.is_compiling() else t.detach().clone()
+
+
 def update_running_state(state: Tensor, value: Tensor, how: str = "add") -> None:
     """state += value (``how="add"``) or state *= value (``"mul"``) in place, unless this is
     activation checkpointing's recomputation (:func:`recomputing_in_backward`), which must not
-    update running state twice. Under torch.compile through the custom op below, which checks
-    for the recomputation at run time (no graph break): the load counts, ReMoE's lambda."""
+    update running state twice. Under torch.compile the test is :func:`unless_recomputing`'s,
+    at run time (no graph break): the load counts, ReMoE's lambda."""
+    if how not in ("add", "mul"):
+        raise ValueError(f"how={how!r} must be 'add' or 'mul'")
     if torch.compiler.is_compiling():
-        torch.ops.moegrad.update_running_state(state, value, how)
-    elif not recomputing_in_backward():
-        _update_in_place(state, value, how)
-
-
-def _update_in_place(state: Tensor, value: Tensor, how: str) -> None:
+        value = unless_recomputing(value, 0.0 if how == "add" else 1.0)
+    elif recomputing_in_backward():
+        return
     if how == "add":
         state += value
-    elif how == "mul":
-        state *= value
     else:
-        raise ValueError(f"how={how!r} must be 'add' or 'mul'")
-
-
-@torch.library.custom_op("moegrad::update_running_state", mutates_args=("state",))
-def _update_running_state_op(state: Tensor, value: Tensor, how: str) -> None:
-    if not recomputing_in_backward():
-        _update_in_place(state, value, how)
-
-
-@_update_running_state_op.register_fake
-def _(state, value, how):
-    return None
+        state *= value
 
 
 class Router(RouterViews, nn.Module):
