@@ -165,6 +165,24 @@ def count_ids(ids: Tensor, size: int) -> Tensor:
     return torch.bincount(ids, minlength=size)
 
 
+@torch.library.custom_op("moegrad::snapshot", mutates_args=())
+def _snapshot_op(t: Tensor) -> Tensor:
+    return t.clone()
+
+
+@_snapshot_op.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+def snapshot(t: Tensor) -> Tensor:
+    """A copy of t (no gradient). Under torch.compile an opaque op: AOT autograd's partitioner
+    would otherwise recompute a buffer read in the backward pass from the graph's input, which
+    the forward has by then updated in place (running state: ReMoE's lambda, default_moe's
+    defaults), and use the wrong value."""
+    return torch.ops.moegrad.snapshot(t) if torch.compiler.is_compiling() else t.detach().clone()
+
+
 def _plan_slots(plan: DispatchPlan) -> Tensor:
     if plan.slots is None:  # a plan built by hand: derive the inverse permutation
         raise ValueError("the DispatchPlan has no slots; build it with plan_dispatch()")

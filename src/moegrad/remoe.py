@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moegrad.routing import Routing, snapshot, update_running_state
+from moegrad.dispatch import snapshot
+from moegrad.routing import Routing, update_running_state
 
 
 def remoe_l1_loss(routing: Routing, top_k: int) -> Tensor:

@@ -31,7 +31,7 @@ from moegrad.estimators import build_estimator
 from moegrad.selection import Selection, remoe_active
 
 __all__ = ["SCORES", "RouterConfig", "Routing", "Router", "flatten_tokens", "flatten_mask",
-           "recomputing_in_backward", "recomputing_training_forward", "update_running_state", "snapshot", "is_router"]
+           "recomputing_in_backward", "recomputing_training_forward", "update_running_state", "is_router"]
 
 
 @dataclass
@@ -164,23 +164,6 @@ def _(logits, z, temperature):
 
 
 torch.fx.node.has_side_effect(torch.ops.moegrad.check_finite_logits.default)  # no output, kept
-
-
-@torch.library.custom_op("moegrad::snapshot", mutates_args=())
-def _snapshot_op(t: Tensor) -> Tensor:
-    return t.clone()
-
-
-@_snapshot_op.register_fake
-def _(t):
-    return torch.empty_like(t)
-
-
-def snapshot(t: Tensor) -> Tensor:
-    """A copy of t (no gradient). Under torch.compile an opaque op: AOT autograd's partitioner
-    would otherwise recompute a plain clone of a buffer in the backward pass, after the forward
-    updated that buffer in place (:func:`update_running_state`), and use the new value."""
-    return torch.ops.moegrad.snapshot(t) if torch.compiler.is_compiling() else t.detach().clone()
 
 
 def update_running_state(state: Tensor, value: Tensor, how: str = "add") -> None:

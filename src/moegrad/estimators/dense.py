@@ -18,6 +18,7 @@ from torch import Tensor
 
 from moegrad._interfaces import rebuild_weights
 from moegrad._spec import dense_chunk_tokens
+from moegrad.dispatch import snapshot
 from moegrad.estimators.base import Estimator, Picked
 from moegrad.experts import map_weights
 
@@ -192,7 +193,8 @@ class DefaultMoE(Estimator):
             return y  # the straight-through term is exactly 0 and nothing asks for its gradient
         scores = unselected_scores(routing.scores, routing.indices, self.config.normalize)
         coef = scores * unselected_mask(routing.indices, self.config.num_experts)
-        m = (coef * self.config.routed_scaling_factor) @ self.defaults.to(coef.dtype)  # [T, D]
+        defaults = snapshot(self.defaults)  # after this call's observation (see snapshot)
+        m = (coef * self.config.routed_scaling_factor) @ defaults.to(coef.dtype)  # [T, D]
         if not self.forward_defaults:
             m = m - m.detach()  # value exactly 0, gradient of m
         return y + m.to(y.dtype)
