@@ -178,8 +178,8 @@ def _(t):
 def snapshot(t: Tensor) -> Tensor:
     """A copy of t (no gradient). Under torch.compile an opaque op: AOT autograd's partitioner
     would otherwise recompute a buffer read in the backward pass from the graph's input, which
-    the forward has by then updated in place (running state: ReMoE's lambda, default_moe's
-    defaults), and use the wrong value."""
+    the forward has by then updated in place (running state: ReMoE's lambda), and use the
+    wrong value."""
     return torch.ops.moegrad.snapshot(t) if torch.compiler.is_compiling() else t.detach().clone()
 
 

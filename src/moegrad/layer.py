@@ -31,7 +31,7 @@ from moegrad.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispa
 from moegrad.experts import Experts
 from moegrad.losses import balance_losses
 from moegrad.remoe import remoe_penalty
-from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward, unless_recomputing
+from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward
 
 
 def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.Module, *,
@@ -74,19 +74,26 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
                          padded=padded, max_rows=max_rows)
     rows = gather_rows(x, plan)
     rows = experts(rows, plan.counts, padded=True) if padded else experts(rows, plan.counts)  # [M or R, D]
-    compiling = torch.compiler.is_compiling()  # then the recomputation test runs in the graph
-    observe = training and estimator.observes_outputs and (compiling or not recomputing_in_backward())
+    observe = training and estimator.observes_outputs
     if observe and (rows.shape[0] or group is not None):
         sums = rows.new_zeros(num_experts, x.shape[1], dtype=torch.float32)
         sums.index_add_(0, plan.experts, rows.detach().float())
-        counts = plan.counts
-        if compiling:  # checkpointing's recomputation observes nothing: no expert has a row
-            counts = unless_recomputing(counts, 0.0)
-        if group is not None:  # every rank's statistics, so the buffers stay identical
-            sums, counts = reduce_observation(sums, counts, group)
-        estimator.observe(sums, counts)
+        _observe(estimator, sums, plan.counts, group)
     y = combine_rows(rows, routing.weights, plan, num_tokens)
     return estimator.mix(y, x, routing, experts), plan
+
+
+@torch.compiler.disable
+def _observe(estimator: nn.Module, sums: Tensor, counts: Tensor, group) -> None:
+    """estimator.observe(sums [E, D], counts [E]) (all-reduced over ``group``), not in
+    checkpointing's recomputation. Eager under torch.compile (a graph break, default_moe only):
+    traced, the in-place EMA update of the estimator's buffers, read again by ``mix`` in the
+    same graph, came out with a wrong router gradient under inductor (see benchmarks/compile.md)."""
+    if recomputing_in_backward():
+        return
+    if group is not None:  # every rank's statistics, so the buffers stay identical
+        sums, counts = reduce_observation(sums, counts, group)
+    estimator.observe(sums, counts)
 
 
 @dataclass

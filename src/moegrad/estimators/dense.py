@@ -18,7 +18,6 @@ from torch import Tensor
 
 from moegrad._interfaces import rebuild_weights
 from moegrad._spec import dense_chunk_tokens
-from moegrad.dispatch import snapshot
 from moegrad.estimators.base import Estimator, Picked
 from moegrad.experts import map_weights
 
@@ -193,24 +192,24 @@ class DefaultMoE(Estimator):
             return y  # the straight-through term is exactly 0 and nothing asks for its gradient
         scores = unselected_scores(routing.scores, routing.indices, self.config.normalize)
         coef = scores * unselected_mask(routing.indices, self.config.num_experts)
-        defaults = snapshot(self.defaults)  # after this call's observation (see snapshot)
-        m = (coef * self.config.routed_scaling_factor) @ defaults.to(coef.dtype)  # [T, D]
+        m = (coef * self.config.routed_scaling_factor) @ self.defaults.to(coef.dtype)  # [T, D]
         if not self.forward_defaults:
             m = m - m.detach()  # value exactly 0, gradient of m
         return y + m.to(y.dtype)
 
+    @torch.no_grad()
     def observe(self, sums: Tensor, counts: Tensor) -> None:
-        """sums [E, D], counts [E]: the EMA update of the experts with counts > 0 (static
-        shapes, so torch.compile traces it without a graph break)."""
-        with torch.no_grad():
-            hit = counts > 0
-            if not torch.compiler.is_compiling() and not bool(hit.any()):
-                return
-            mean = sums.float() / counts.clamp_min(1)[:, None].float()  # rows without a hit: unused
-            blended = self.beta * self.defaults.float() + (1.0 - self.beta) * mean
-            new = torch.where(self.seen[:, None], blended, mean).to(self.defaults.dtype)
-            finite = torch.isfinite(new).all(-1)  # a non-finite mean, or an update that overflows
-            self.skipped += (hit & ~finite).long()
-            update = hit & finite
-            self.defaults.copy_(torch.where(update[:, None], new, self.defaults))
-            self.seen |= update
+        hit = counts > 0
+        if not bool(hit.any()):
+            return
+        mean = sums.float()[hit] / counts[hit, None].float()
+        old = self.defaults[hit].float()
+        fresh = ~self.seen[hit]
+        blended = self.beta * old + (1.0 - self.beta) * mean
+        new = torch.where(fresh[:, None], mean, blended).to(self.defaults.dtype)
+        finite = torch.isfinite(new).all(-1)  # a non-finite mean, or an update that overflows
+        rows = hit.nonzero().squeeze(1)
+        self.skipped[rows[~finite]] += 1
+        rows = rows[finite]
+        self.defaults[rows] = new[finite]
+        self.seen[rows] = True
