@@ -87,7 +87,8 @@ def test_compile_graph_breaks_no_warnings_matches_eager(name, tmp_path, monkeypa
     torch.compile capacity, masks, expert choice and ReMoE dispatch
     through a static-shape padded plan, Sinkhorn and the running-state updates through custom
     ops), without a warning, and give eager's y, aux loss, stats, buffers (load counts, ReMoE's
-    lambda) and gradients (to float rounding). E=4, T=16."""
+    lambda, which eager's training call moves: so the compiled update ran, once) and gradients
+    (to float rounding). E=4, T=16."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     options, with_mask = CASES[name]
     torch.manual_seed(0)
@@ -113,8 +114,6 @@ def test_compile_graph_breaks_no_warnings_matches_eager(name, tmp_path, monkeypa
                 torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
     ours = [w for w in caught if "torch/jit" not in str(w.filename) and "jit.script" not in str(w.message)]
     assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
-    if options.get("routing") == "remoe":  # lambda moved (the compiled update ran, once per call)
-        assert float(moe.router.l1_coefficient) != 0.5
 
 
 @pytest.mark.parametrize("capacity", [None, 2, "tensor"])
