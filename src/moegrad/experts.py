@@ -348,6 +348,27 @@ def _check_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Optiona
         _check_counts(rows, counts)
 
 
+def _kept_rows(rows: Tensor, counts: Tensor) -> int:
+    """M = counts.sum() of a padded call (rows [N, D], counts [E] >= 0, M <= N)."""
+    total = int(counts.sum())
+    if total > rows.shape[0] or bool((counts < 0).any()):
+        raise ValueError(f"padded: counts must be >= 0 and sum to at most the N={rows.shape[0]} rows, "
+                         f"got a sum of {total}")
+    return total
+
+
+def _unpad(m: int, *tensors: Optional[Tensor]) -> tuple:
+    """The first m rows of each tensor (None stays None)."""
+    return tuple(t if t is None or t.shape[0] == m else t[:m] for t in tensors)
+
+
+def _pad(n: int, t: Tensor) -> Tensor:
+    """t [m, ...] -> [n, ...] with zero rows m.. (an empty [0] placeholder stays as it is)."""
+    if t.dim() == 1 or t.shape[0] == n:
+        return t
+    return torch.cat([t, t.new_zeros(n - t.shape[0], *t.shape[1:])])
+
+
 def _check_counts(rows: Tensor, counts: Tensor) -> None:
     total = int(counts.sum())
     if total != rows.shape[0] or bool((counts < 0).any()):
@@ -356,7 +377,7 @@ def _check_counts(rows: Tensor, counts: Tensor) -> None:
 
 
 def grouped_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor] = None,
-                activation: str = "swiglu", impl: str = "auto") -> Tensor:
+                activation: str = "swiglu", impl: str = "auto", padded: bool = False) -> Tensor:
     """Expert e's MLP on its ``counts[e]`` consecutive rows: rows [N, D] -> [N, D].
 
     w1 [E, H, D] (activated projection, HF "gate"), w3 [E, H, D] or None (HF "up"), w2 [E, D, H]
@@ -366,6 +387,8 @@ def grouped_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Option
     (dtype, 16-byte strides), "auto" falls back. Differentiable in rows and all weights
     (first order); deterministic. Under ``torch.autocast`` rows and weights are cast to the
     autocast dtype (the output has that dtype, gradients flow back to the original dtypes).
+    ``padded``: counts may sum to M <= N; rows M.. are padding (a padded
+    :class:`~moegrad.dispatch.DispatchPlan`): not computed, output rows 0, gradient 0.
     """
     device = rows.device.type if isinstance(rows, Tensor) else "cpu"
     if isinstance(rows, Tensor) and torch.is_autocast_enabled(device):
@@ -374,13 +397,17 @@ def grouped_mlp(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Option
         low = torch.get_autocast_dtype(device)
         w3 = w3.to(low) if isinstance(w3, Tensor) else w3
         with torch.autocast(device, enabled=False):
-            return grouped_mlp(rows.to(low), counts, w1.to(low), w2.to(low), w3, activation, impl)
+            return grouped_mlp(rows.to(low), counts, w1.to(low), w2.to(low), w3, activation, impl, padded)
     compiling = torch.compiler.is_compiling()
-    _check_mlp(rows, counts, w1, w2, w3, activation, impl, host=not compiling)
+    _check_mlp(rows, counts, w1, w2, w3, activation, impl, host=not compiling and not padded)
     gate, down, up = w1, w2, w3
     if compiling:  # opaque custom ops: no graph break (see "torch.compile" below)
-        gate_x, up_x, code = torch.ops.moegrad.mlp_up(rows, counts, gate, up, down, impl)
-        return torch.ops.moegrad.mlp_down(gate_x, up_x if up is not None else None, counts, down, code)
+        gate_x, up_x, code = torch.ops.moegrad.mlp_up(rows, counts, gate, up, down, impl, padded)
+        return torch.ops.moegrad.mlp_down(gate_x, up_x if up is not None else None, counts, down, code, padded)
+    if padded:
+        m = _kept_rows(rows, counts)
+        out = grouped_mlp(rows[:m], counts, w1, w2, w3, activation, impl)
+        return torch.cat([out, out.new_zeros(rows.shape[0] - m, out.shape[1])]) if m < rows.shape[0] else out
     impl = _pick_impl(rows, counts, impl, gate, down, up)
     if impl == "grouped_mm":
         # grouped_mm reads the weights through their strides; give it dense operands if needed
@@ -424,19 +451,25 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("moegrad::mlp_up", mutates_args=())
 def _mlp_up_op(rows: Tensor, counts: Tensor, gate: Tensor, up: Optional[Tensor], down: Tensor,
-               impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(gate rows [N, H], up rows [N, H] ([0] for GELU), backend code) in row order."""
-    _check_counts(rows, counts)
+               impl: str, padded: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(gate rows [N, H], up rows [N, H] ([0] for GELU), backend code) in row order;
+    ``padded``: rows counts.sum().. are padding (zero rows out)."""
+    n = rows.shape[0]
+    if padded:
+        (rows,) = _unpad(_kept_rows(rows, counts), rows)
+    else:
+        _check_counts(rows, counts)
     impl = _pick_impl(rows, counts, impl, gate, down, up)
     rows = rows.contiguous()
     ops = _BACKENDS[impl](counts, rows.shape[0])
     gate_x, up_x = _up_forward(ops, ops.enter(rows), gate, up)
     code = torch.tensor(_CODES.index(impl), dtype=torch.int64)
-    return ops.exit(gate_x), _or_empty(ops.exit(up_x) if up_x is not None else None, rows), code
+    return (_pad(n, ops.exit(gate_x)), _or_empty(_pad(n, ops.exit(up_x)) if up_x is not None else None, rows),
+            code)
 
 
 @_mlp_up_op.register_fake
-def _(rows, counts, gate, up, down, impl):
+def _(rows, counts, gate, up, down, impl, padded=False):
     n, h = rows.shape[0], gate.shape[1]
     return (rows.new_empty(n, h), rows.new_empty(n, h) if up is not None else rows.new_empty(0),
             torch.empty((), dtype=torch.int64))
@@ -445,24 +478,28 @@ def _(rows, counts, gate, up, down, impl):
 @torch.library.custom_op("moegrad::mlp_up_backward", mutates_args=())
 def _mlp_up_backward_op(d_gate_x: Tensor, d_up_x: Optional[Tensor], rows: Tensor, counts: Tensor,
                         gate: Tensor, up: Optional[Tensor], code: Tensor, need_x: bool, need_gate: bool,
-                        need_up: bool) -> tuple[Tensor, Tensor, Tensor]:
+                        need_up: bool, padded: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(d rows [N, D], d gate [E, H, D], d up [E, H, D]); [0] where not needed."""
+    n = rows.shape[0]
+    if padded:
+        d_gate_x, d_up_x, rows = _unpad(int(counts.sum()), d_gate_x, d_up_x, rows)
     ops = _backend(code, counts, rows.shape[0])
     d_up_x = ops.enter(d_up_x.contiguous()) if d_up_x is not None else None
     dx, d_gate, d_up = _up_backward(ops, ops.enter(rows.contiguous()), ops.enter(d_gate_x.contiguous()), d_up_x, gate,
                                     up, need_x, need_gate, need_up)
-    return _or_empty(dx, rows), _or_empty(d_gate, rows), _or_empty(d_up, rows)
+    return _or_empty(_pad(n, dx) if dx is not None else None, rows), _or_empty(d_gate, rows), _or_empty(d_up, rows)
 
 
 @_mlp_up_backward_op.register_fake
-def _(d_gate_x, d_up_x, rows, counts, gate, up, code, need_x, need_gate, need_up):
+def _(d_gate_x, d_up_x, rows, counts, gate, up, code, need_x, need_gate, need_up, padded=False):
     empty = rows.new_empty(0)
     return (torch.empty_like(rows) if need_x else empty, torch.empty_like(gate) if need_gate else empty,
             torch.empty_like(up) if need_up else empty)
 
 
 def _mlp_up_setup(ctx, inputs, output):
-    rows, counts, gate, up, _, _ = inputs
+    rows, counts, gate, up, _, _ = inputs[:6]
+    ctx.padded = bool(inputs[6]) if len(inputs) > 6 else False
     ctx.has_up = up is not None
     ctx.save_for_backward(rows, counts, gate, up, output[2])
 
@@ -472,49 +509,58 @@ def _mlp_up_grad(ctx, d_gate_x, d_up_x, _code):
     need_x, _, need_gate, need_up = ctx.needs_input_grad[:4]
     need_up = bool(need_up and ctx.has_up)
     dx, d_gate, d_up = torch.ops.moegrad.mlp_up_backward(
-        d_gate_x, d_up_x if ctx.has_up else None, rows, counts, gate, up, code, need_x, need_gate, need_up)
+        d_gate_x, d_up_x if ctx.has_up else None, rows, counts, gate, up, code, need_x, need_gate, need_up,
+        ctx.padded)
     return (dx if need_x else None, None, d_gate if need_gate else None, d_up if need_up else None,
-            None, None)
+            None, None, None)
 
 
 _mlp_up_op.register_autograd(_mlp_up_grad, setup_context=_mlp_up_setup)
 
 
 @torch.library.custom_op("moegrad::mlp_down", mutates_args=())
-def _mlp_down_op(gate_x: Tensor, up_x: Optional[Tensor], counts: Tensor, down: Tensor, code: Tensor) -> Tensor:
+def _mlp_down_op(gate_x: Tensor, up_x: Optional[Tensor], counts: Tensor, down: Tensor, code: Tensor,
+                 padded: bool = False) -> Tensor:
     """down act(gate_x, up_x) per group: [N, H] rows -> [N, D]."""
+    n = gate_x.shape[0]
+    if padded:
+        gate_x, up_x = _unpad(int(counts.sum()), gate_x, up_x)
     ops = _backend(code, counts, gate_x.shape[0])
     act = _activate(ops.enter(gate_x), ops.enter(up_x) if up_x is not None else None)
-    return ops.exit(ops.linear(act, down))
+    return _pad(n, ops.exit(ops.linear(act, down)))
 
 
 @_mlp_down_op.register_fake
-def _(gate_x, up_x, counts, down, code):
+def _(gate_x, up_x, counts, down, code, padded=False):
     return gate_x.new_empty(gate_x.shape[0], down.shape[1])
 
 
 @torch.library.custom_op("moegrad::mlp_down_backward", mutates_args=())
 def _mlp_down_backward_op(grad_out: Tensor, gate_x: Tensor, up_x: Optional[Tensor], counts: Tensor,
                           down: Tensor, code: Tensor, need_gate_x: bool, need_up_x: bool,
-                          need_down: bool) -> tuple[Tensor, Tensor, Tensor]:
+                          need_down: bool, padded: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(d gate_x [N, H], d up_x [N, H], d down [E, D, H]) in row order; [0] where not needed."""
+    n = gate_x.shape[0]
+    if padded:
+        grad_out, gate_x, up_x = _unpad(int(counts.sum()), grad_out, gate_x, up_x)
     ops = _backend(code, counts, gate_x.shape[0])
     d_gate_x, d_up_x, d_down = _down_backward(ops, grad_out, ops.enter(gate_x),
                                               ops.enter(up_x) if up_x is not None else None, down,
                                               need_gate_x, need_up_x, need_down)
-    return (_or_empty(ops.exit(d_gate_x) if d_gate_x is not None else None, gate_x),
-            _or_empty(ops.exit(d_up_x) if d_up_x is not None else None, gate_x), _or_empty(d_down, gate_x))
+    return (_or_empty(_pad(n, ops.exit(d_gate_x)) if d_gate_x is not None else None, gate_x),
+            _or_empty(_pad(n, ops.exit(d_up_x)) if d_up_x is not None else None, gate_x), _or_empty(d_down, gate_x))
 
 
 @_mlp_down_backward_op.register_fake
-def _(grad_out, gate_x, up_x, counts, down, code, need_gate_x, need_up_x, need_down):
+def _(grad_out, gate_x, up_x, counts, down, code, need_gate_x, need_up_x, need_down, padded=False):
     empty = gate_x.new_empty(0)
     return (torch.empty_like(gate_x) if need_gate_x else empty,
             torch.empty_like(gate_x) if need_up_x else empty, torch.empty_like(down) if need_down else empty)
 
 
 def _mlp_down_setup(ctx, inputs, output):
-    gate_x, up_x, counts, down, code = inputs
+    gate_x, up_x, counts, down, code = inputs[:5]
+    ctx.padded = bool(inputs[5]) if len(inputs) > 5 else False
     ctx.has_up = up_x is not None
     ctx.save_for_backward(gate_x, up_x, counts, down, code)
 
@@ -524,9 +570,9 @@ def _mlp_down_grad(ctx, grad_out):
     need_gate_x, need_up_x, _, need_down = ctx.needs_input_grad[:4]
     need_up_x = bool(need_up_x and ctx.has_up)
     d_gate_x, d_up_x, d_down = torch.ops.moegrad.mlp_down_backward(
-        grad_out, gate_x, up_x, counts, down, code, need_gate_x, need_up_x, need_down)
+        grad_out, gate_x, up_x, counts, down, code, need_gate_x, need_up_x, need_down, ctx.padded)
     return (d_gate_x if need_gate_x else None, d_up_x if need_up_x else None, None,
-            d_down if need_down else None, None)
+            d_down if need_down else None, None, None)
 
 
 _mlp_down_op.register_autograd(_mlp_down_grad, setup_context=_mlp_down_setup)
@@ -632,9 +678,10 @@ class Experts(nn.Module):
         """ExpertWeights(gate=w1 [E, H, D], up=w3 [E, H, D] or None for GELU, down=w2 [E, D, H])."""
         return ExpertWeights(gate=self.w1, down=self.w2, up=self.w3)
 
-    def forward(self, rows: Tensor, counts: Tensor) -> Tensor:
-        """rows [N, D] grouped by expert, counts [E] int -> [N, D] expert outputs."""
-        return grouped_mlp(rows, counts, self.w1, self.w2, self.w3, self.activation, self.impl)
+    def forward(self, rows: Tensor, counts: Tensor, padded: bool = False) -> Tensor:
+        """rows [N, D] grouped by expert, counts [E] int -> [N, D] expert outputs (``padded``:
+        counts sum to M <= N, rows M.. are padding with zero output, see :func:`grouped_mlp`)."""
+        return grouped_mlp(rows, counts, self.w1, self.w2, self.w3, self.activation, self.impl, padded)
 
     def unselected_inner_products(self, x: Tensor, grad_y: Tensor, indices: Tensor,
                                   weights: ExpertWeights) -> Tensor:

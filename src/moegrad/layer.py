@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from moegrad._collectives import reduce_observation
 from moegrad._spec import (LayerViews, check_capacity_factor, check_losses, default_losses, expert_capacity,
-                           resolve_estimator, router_capacity_factor)
+                           expert_choice_capacity, resolve_estimator, router_capacity_factor)
 from moegrad.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispatch
 from moegrad.experts import Experts
 from moegrad.losses import balance_losses
@@ -36,7 +36,7 @@ from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_back
 
 def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.Module, *,
                 training: bool, capacity_factor: Optional[float] = None,
-                group=None) -> tuple[Tensor, DispatchPlan]:
+                group=None, max_rows: Optional[int] = None) -> tuple[Tensor, DispatchPlan]:
     """Dispatch -> experts -> observe -> combine -> ``estimator.mix``: x [T, D] -> (y [T, D], plan).
 
     ``routing``: the router's decision for x (padding tokens, ``routing.mask`` False, are not
@@ -46,6 +46,8 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
     ``capacity_factor``: each expert keeps its ceil(c * T_real * K / E) highest-weight pairs,
     T_real the real tokens (padding takes no capacity); None: dropless (expert choice and
     ReMoE, ``routing.chosen`` set, dispatch exactly the chosen pairs and ignore it);
+    ``max_rows``: an upper bound on the dispatched pairs, or None (the static-shape plan under
+    torch.compile then holds at most that many rows; expert choice: E * c);
     ``group``: the expert-parallel process group, or None. With a group every rank reduces its
     observation, even without rows, so the ranks run the same collectives. The returned
     :class:`~moegrad.dispatch.DispatchPlan` holds the load counts (``routed``, ``dropped``).
@@ -55,21 +57,43 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
     keep = routing.mask
     if routing.chosen is not None:  # expert choice / ReMoE: the router's choice is the capacity
         keep, capacity_factor = routing.chosen, None
+    top_k = routing.indices.shape[1]
+    # under torch.compile a static-shape plan (no data-dependent size, no graph break): R rows,
+    # the kept ones first, padding rows that moegrad's Experts skip (plan_dispatch's padded)
+    padded = (torch.compiler.is_compiling() and isinstance(experts, Experts)
+              and (keep is not None or capacity_factor is not None))
     if capacity_factor is not None:
-        real = num_tokens if routing.mask is None else int(routing.mask.sum())
-        capacity = expert_capacity(capacity_factor, real, routing.indices.shape[1], num_experts)
-    plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, keep=keep)
-    rows = experts(gather_rows(x, plan), plan.counts)  # [M, D]
-    observe = training and estimator.observes_outputs and not recomputing_in_backward()
+        if routing.mask is None or not padded:
+            real = num_tokens if routing.mask is None else int(routing.mask.sum())
+            capacity = expert_capacity(capacity_factor, real, top_k, num_experts)
+        else:  # the same ceil(c * T_real * K / E) as expert_capacity, in float64 on the device
+            real = routing.mask.sum().double()
+            capacity = torch.ceil(capacity_factor * real * top_k / num_experts).long()
+        max_rows = num_experts * expert_capacity(capacity_factor, num_tokens, top_k, num_experts)
+    plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, keep=keep,
+                         padded=padded, max_rows=max_rows)
+    rows = gather_rows(x, plan)
+    rows = experts(rows, plan.counts, padded=True) if padded else experts(rows, plan.counts)  # [M or R, D]
+    observe = training and estimator.observes_outputs
     if observe and (rows.shape[0] or group is not None):
         sums = rows.new_zeros(num_experts, x.shape[1], dtype=torch.float32)
         sums.index_add_(0, plan.experts, rows.detach().float())
-        counts = plan.counts
-        if group is not None:  # every rank's statistics, so the buffers stay identical
-            sums, counts = reduce_observation(sums, counts, group)
-        estimator.observe(sums, counts)
+        _observe(estimator, sums, plan.counts, group)
     y = combine_rows(rows, routing.weights, plan, num_tokens)
     return estimator.mix(y, x, routing, experts), plan
+
+
+@torch.compiler.disable
+def _observe(estimator: nn.Module, sums: Tensor, counts: Tensor, group) -> None:
+    """estimator.observe(sums [E, D], counts [E]) (all-reduced over ``group``), not in
+    checkpointing's recomputation. Eager under torch.compile (a graph break, default_moe only):
+    traced, the in-place EMA update of the estimator's buffers, read again by ``mix`` in the
+    same graph, came out with a wrong router gradient under inductor (see benchmarks/compile.md)."""
+    if recomputing_in_backward():
+        return
+    if group is not None:  # every rank's statistics, so the buffers stay identical
+        sums, counts = reduce_observation(sums, counts, group)
+    estimator.observe(sums, counts)
 
 
 @dataclass
@@ -173,8 +197,12 @@ class MoE(LayerViews, nn.Module):
         routing = self.router(x, mask)
         group = self.process_group  # set by moegrad.distributed.expert_parallel
         estimator = self.router.estimator
+        max_rows = None
+        if self.router.config.routing == "expert_choice":  # each expert takes at most c(T) tokens
+            max_rows = self.num_experts * expert_choice_capacity(self.capacity_factor, flat.shape[0],
+                                                                 self.top_k, self.num_experts)
         y, plan = run_experts(flat, routing, self.experts, estimator, training=self.training,
-                              capacity_factor=self.capacity_factor, group=group)
+                              capacity_factor=self.capacity_factor, group=group, max_rows=max_rows)
         # BalanceWindow's counts over the micro-batches since its reset (training only)
         window = self.balance_window if self.training else None
         aux_loss, values = balance_losses(routing, self.losses, group, window)

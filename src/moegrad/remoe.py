@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moegrad.routing import Routing, recomputing_in_backward
+from moegrad.dispatch import snapshot
+from moegrad.routing import Routing, unless_recomputing, update_running_state
 
 
 def remoe_l1_loss(routing: Routing, top_k: int) -> Tensor:
@@ -49,41 +50,45 @@ def remoe_l1_loss(routing: Routing, top_k: int) -> Tensor:
 
 
 @torch.no_grad()
-def update_l1_coefficient(coefficient: Tensor, routing: Routing, top_k: int, alpha: float) -> Tensor:
-    """lambda <- lambda * alpha ** sign(a - K) in place, a the mean number of active experts
-    per real token of ``routing`` (no change for a call without real tokens) -> the factor
-    applied, 0-d."""
+def l1_coefficient_factor(routing: Routing, top_k: int, alpha: float, like: Tensor) -> Tensor:
+    """alpha ** sign(a - K), a the mean number of active experts per real token of ``routing``
+    (1 for a call without real tokens): 0-d, ``like``'s dtype and device."""
     real = routing.chosen.shape[0] if routing.mask is None else routing.mask.sum()
-    real = torch.as_tensor(real, device=coefficient.device)
+    real = torch.as_tensor(real, device=like.device)
     mean_active = routing.chosen.sum() / real.clamp_min(1)
     step = torch.sign(mean_active - top_k) * (real > 0)
-    factor = torch.pow(torch.as_tensor(alpha, dtype=coefficient.dtype, device=coefficient.device),
-                       step.to(coefficient.dtype))
-    coefficient.mul_(factor)
-    return factor
+    return torch.pow(torch.as_tensor(alpha, dtype=like.dtype, device=like.device), step.to(like.dtype))
+
+
+@torch.no_grad()
+def update_l1_coefficient(coefficient: Tensor, routing: Routing, top_k: int, alpha: float) -> None:
+    """lambda <- lambda * alpha ** sign(a - K) in place, a the mean number of active experts
+    per real token of ``routing`` (no change for a call without real tokens)."""
+    coefficient.mul_(l1_coefficient_factor(routing, top_k, alpha, coefficient))
 
 
 def remoe_penalty(router, routing: Routing, training: bool) -> tuple[Tensor, Tensor]:
     """-> (lambda * L1, L1) for one call of a ``routing="remoe"`` router, with lambda the
     router's ``l1_coefficient`` before this call; then, in training mode, updates lambda from
-    this call's mean active experts.
+    this call's mean active experts (:func:`moegrad.routing.update_running_state`: not in
+    activation checkpointing's re-run, and under torch.compile without a graph break).
 
-    Activation checkpointing re-runs a training call inside its backward, after the update:
-    the re-run does not update lambda again and takes lambda / (the last update's factor),
-    the lambda its forward used, so the penalty's gradient is the forward's. That holds when
-    each call's backward comes before the next training call (one forward and backward per
-    micro-batch, gradient accumulation included); a schedule that runs several checkpointed
-    forwards of a layer before their backwards would see the later updates."""
+    Checkpointing re-runs a training call inside its backward, after the update: the re-run
+    takes lambda / (the last update's factor, ``l1_last_factor``), the lambda its forward used,
+    so the penalty's gradient is the forward's. That holds when each call's backward comes
+    before the next training call (one forward and backward per micro-batch, gradient
+    accumulation included); a schedule that runs several checkpointed forwards of a layer
+    before their backwards would see the later updates."""
     top_k = router.config.top_k
     l1 = remoe_l1_loss(routing, top_k)
-    if training and recomputing_in_backward():
-        coefficient = router.l1_coefficient / router.l1_last_factor
-    else:
-        coefficient = router.l1_coefficient.clone()
-        if training:
-            router.l1_last_factor = update_l1_coefficient(router.l1_coefficient, routing, top_k,
-                                                          router.config.l1_alpha)
+    # snapshots: under torch.compile the backward must not re-read the buffers updated below
+    coefficient, last = snapshot(router.l1_coefficient), snapshot(router.l1_last_factor)
+    if training:
+        coefficient = coefficient / (last / unless_recomputing(last, 1.0))  # / last in a re-run, else / 1
+        factor = l1_coefficient_factor(routing, top_k, router.config.l1_alpha, router.l1_coefficient)
+        update_running_state(router.l1_coefficient, factor, "mul")
+        update_running_state(router.l1_last_factor, factor / last, "mul")  # l1_last_factor <- factor
     return coefficient * l1, l1
 
 
-__all__ = ["remoe_l1_loss", "update_l1_coefficient", "remoe_penalty"]
+__all__ = ["remoe_l1_loss", "l1_coefficient_factor", "update_l1_coefficient", "remoe_penalty"]

@@ -31,7 +31,7 @@ from moegrad.estimators import build_estimator
 from moegrad.selection import Selection, remoe_active
 
 __all__ = ["SCORES", "RouterConfig", "Routing", "Router", "flatten_tokens", "flatten_mask",
-           "recomputing_in_backward", "recomputing_training_forward", "is_router"]
+           "recomputing_in_backward", "recomputing_training_forward", "update_running_state", "is_router"]
 
 
 @dataclass
@@ -108,6 +108,19 @@ def recomputing_in_backward() -> bool:
     return _graph_task_id is not None and _graph_task_id() != -1
 
 
+@torch.library.custom_op("moegrad::unless_recomputing", mutates_args=())
+def unless_recomputing(value: Tensor, neutral: float) -> Tensor:
+    """A copy of value, or ``neutral`` everywhere while :func:`recomputing_in_backward`: a
+    custom op, so under torch.compile the test runs at run time (no graph break). Running
+    state is then updated with the result (counts [E] with neutral 0, a factor with 1)."""
+    return torch.full_like(value, neutral) if recomputing_in_backward() else value.clone()
+
+
+@unless_recomputing.register_fake
+def _(value, neutral):
+    return torch.empty_like(value)
+
+
 def recomputing_training_forward(router: "Router") -> bool:
     """True for a training-mode router forward re-run by activation checkpointing. Raises if the
     estimator samples from its own ``generator``: checkpointing restores the global RNG only,
@@ -153,24 +166,21 @@ def _(logits, z, temperature):
 torch.fx.node.has_side_effect(torch.ops.moegrad.check_finite_logits.default)  # no output, kept
 
 
-def _add_load_counts(load_counts: Tensor, counts: Tensor) -> None:
-    """load_counts += counts [E] int64; under torch.compile through the custom op below, which
-    leaves out checkpointing's recomputation (:func:`recomputing_in_backward`) at run time."""
+def update_running_state(state: Tensor, value: Tensor, how: str = "add") -> None:
+    """state += value (``how="add"``) or state *= value (``"mul"``) in place, unless this is
+    activation checkpointing's recomputation (:func:`recomputing_in_backward`), which must not
+    update running state twice. Under torch.compile the test is :func:`unless_recomputing`'s,
+    at run time (no graph break): the load counts, ReMoE's lambda."""
+    if how not in ("add", "mul"):
+        raise ValueError(f"how={how!r} must be 'add' or 'mul'")
     if torch.compiler.is_compiling():
-        torch.ops.moegrad.add_load_counts(load_counts, counts)
+        value = unless_recomputing(value, 0.0 if how == "add" else 1.0)
+    elif recomputing_in_backward():
+        return
+    if how == "add":
+        state += value
     else:
-        load_counts += counts
-
-
-@torch.library.custom_op("moegrad::add_load_counts", mutates_args=("load_counts",))
-def _add_load_counts_op(load_counts: Tensor, counts: Tensor) -> None:
-    if not recomputing_in_backward():
-        load_counts += counts
-
-
-@_add_load_counts_op.register_fake
-def _(load_counts, counts):
-    return None
+        state *= value
 
 
 class Router(RouterViews, nn.Module):
@@ -271,15 +281,16 @@ class Router(RouterViews, nn.Module):
             _check_finite_logits(logits, z, self.config.temperature)
         scores = self.score(z)
         # under torch.compile (no generator to check) the load counts skip checkpointing's
-        # recomputation at run time instead (_add_load_counts): no graph break
+        # recomputation at run time instead (update_running_state): no graph break
         compiled = torch.compiler.is_compiling() and getattr(self.estimator, "generator", None) is None
         recomputing = False if compiled else recomputing_training_forward(self)
         if self.config.routing in PAIR_ROUTINGS:
             return self._route_pairs(logits, scores, shape, token_mask, recomputing)
         picked = self.estimator.route(flat, z, scores, self.selection(token_mask))
         if self.training and picked.indices.numel() and not recomputing:
-            rows = picked.indices if token_mask is None else picked.indices[token_mask]
-            _add_load_counts(self.load_counts, count_ids(rows.reshape(-1), self.num_experts))
+            e = self.num_experts  # padding pairs counted as a dropped extra id E (static shapes)
+            ids = picked.indices if token_mask is None else picked.indices.masked_fill(~token_mask[:, None], e)
+            update_running_state(self.load_counts, count_ids(ids.reshape(-1), e + 1)[:e])
         return Routing(logits=logits, scores=scores, indices=picked.indices, weights=picked.weights,
                        shape=shape, mask=token_mask, load_probs=picked.load_probs,
                        noise_std=picked.noise_std)
@@ -299,7 +310,7 @@ class Router(RouterViews, nn.Module):
         if self.config.routed_scaling_factor != 1.0:
             weights = weights * self.config.routed_scaling_factor
         if self.training and t and not recomputing:
-            _add_load_counts(self.load_counts, chosen.sum(0))
+            update_running_state(self.load_counts, chosen.sum(0))
         return Routing(logits=logits, scores=scores, indices=indices, weights=weights,
                        shape=shape, mask=token_mask, chosen=chosen)
 

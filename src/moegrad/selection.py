@@ -78,7 +78,6 @@ def remoe_active(gates: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     return active if mask is None else active & mask[:, None]
 
 
-@torch.compiler.disable
 @torch.no_grad()
 def sinkhorn(cost: Tensor, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_MAX_ITERS,
              eps: float = SINKHORN_EPS, mask: Optional[Tensor] = None) -> Tensor:
@@ -102,9 +101,26 @@ def sinkhorn(cost: Tensor, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_
     scores (identical P for ``score="softmax"``, whose row normalisation the first d0 step
     absorbs; for ``score="sigmoid"`` P is the balancing of sigmoid(z), not of exp(z), and
     cannot overflow); Megatron loops without a cap, moegrad stops after ``max_iters``. Runs
-    without gradient (the selection is a constant) and eagerly under torch.compile (the
-    tolerance test reads a value on the host each iteration, as Megatron's does).
+    without gradient (the selection is a constant) and eagerly under torch.compile, as an
+    opaque custom op (the tolerance test reads a value on the host each iteration, as
+    Megatron's does), so without a graph break.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.moegrad.sinkhorn(cost.detach(), tol, max_iters, eps, mask)
+    return _sinkhorn(cost, tol, max_iters, eps, mask)
+
+
+@torch.library.custom_op("moegrad::sinkhorn", mutates_args=())
+def _sinkhorn_op(cost: Tensor, tol: float, max_iters: int, eps: float, mask: Optional[Tensor]) -> Tensor:
+    return _sinkhorn(cost, tol, max_iters, eps, mask)
+
+
+@_sinkhorn_op.register_fake
+def _(cost, tol, max_iters, eps, mask):
+    return torch.empty_like(cost)
+
+
+def _sinkhorn(cost: Tensor, tol: float, max_iters: int, eps: float, mask: Optional[Tensor]) -> Tensor:
     t, e = cost.shape
     rows = None if mask is None else mask.to(cost.dtype)
     real = t if mask is None else int(mask.sum())
@@ -121,6 +137,10 @@ def sinkhorn(cost: Tensor, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_
         if bool(error <= tol):
             break
     return d0[:, None] * cost * d1
+
+
+def _factor(capacity_factor: Optional[float]) -> float:
+    return 1.0 if capacity_factor is None else capacity_factor
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,13 +183,27 @@ class Selection(RouterViews):
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(t, c.num_experts)
         return choice.topk(c.top_k, dim=-1).indices
 
-    @torch.no_grad()
     def select_expert_choice(self, scores: Tensor, capacity: Optional[int] = None) -> Tensor:
         """Expert choice: [T, E] scores (real tokens: the Selection's ``mask``) -> [T, E]
         bool C with C[t, e] True iff expert e takes token t: each expert takes its
         c = ``capacity`` (by default :func:`~moegrad._spec.expert_choice_capacity` of the
         real tokens) highest-scoring real tokens (ties: the earlier token)."""
+        with torch.no_grad():  # a context, not a decorator: torch.compile traces it without a break
+            return self._select_expert_choice(scores, capacity)
+
+    def _select_expert_choice(self, scores: Tensor, capacity: Optional[int]) -> Tensor:
         c, mask = self.config, self.mask
+        if capacity is None and mask is not None and torch.compiler.is_compiling():
+            # c depends on the real-token count: no host read, the same c as a 0-d tensor and
+            # the same choice as a static-shape rank test (expert_choice_capacity in float64)
+            t = scores.shape[0]
+            real = mask.sum().double()
+            cap = torch.minimum(torch.ceil(_factor(c.capacity_factor) * real * c.top_k / c.num_experts),
+                                real).long()
+            choice = scores.masked_fill(~mask[:, None], float("-inf"))
+            order = torch.argsort(choice, dim=0, descending=True, stable=True)  # [T, E]
+            rank = torch.arange(t, device=scores.device)[:, None].expand_as(order)
+            return torch.zeros_like(order, dtype=torch.bool).scatter_(0, order, rank < cap)
         t, e = scores.shape
         real = t if mask is None else int(mask.sum())
         if capacity is None:
