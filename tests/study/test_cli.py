@@ -56,7 +56,7 @@ def test_options_parse_into_settings():
     (["--flops-budget", "0"], "argument --flops-budget: expected a finite number > 0, got 0"),
     (["--losses", "switch=-1"], "argument --losses: coefficient of 'switch' must be a finite number >= 0"),
     (["--grid", "bogus=1,2"], "argument --grid: grid items are KEY=V1,V2,... with KEY one of task, "
-                              "regime, top_k, experts, losses, router_init, lr, routing; got "
+                              "regime, top_k, experts, losses, router_init, lr, routing, balancer; got "
                               "'bogus=1,2'"),
     (["--grid", "top_k"], "argument --grid: grid items are KEY=V1,V2,..."),
     (["--grid", "top_k=1,1"], "argument --grid: grid item 'top_k=1,1' repeats the value '1'"),
