@@ -10,6 +10,11 @@ cosine of the mean of ``diag_samples`` sampled gradients to the exact gradient,
 ``cos_exact`` for deterministic estimators), and ``reference`` names the forward weight rule of
 the exact reference the estimator was compared with.
 
+``history["active"]`` is the mean number of experts per token since the previous evaluation
+(K under token choice, the chosen pairs per token under expert_choice and remoe, whose runs
+have no gradient diagnostics: ``run["diagnostics"]`` says why; nor have the runs of
+``task.balancer`` "bias"/"quantile", whose balancer steps after every optimizer step).
+
 Compute: ``history["flops"]`` is the cumulative training FLOPs at each evaluation and
 ``flops_per_step`` their mean per step, counted from what each step evaluated
 (:mod:`moegrad.study.flops`). ``time_limited`` flags a run cut by the clock.
