@@ -32,7 +32,8 @@ print(json.dumps({{"code": code, "help": out.getvalue(), "torch": "torch" in sys
 
 
 @pytest.mark.parametrize("argv, expect", [(["--help"], "bench"), ([], "study"),
-                                          (["bench", "--help"], "--world-size")])
+                                          (["bench", "--help"], "--world-size"),
+                                          (["study", "--help"], "--balancer")])
 def test_help_imports_no_torch(argv, expect):
     result = json.loads(fresh(HELP.format(argv=argv)).splitlines()[-1])
     assert result["code"] in (0, 2) and expect in result["help"]

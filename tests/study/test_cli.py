@@ -56,7 +56,7 @@ def test_options_parse_into_settings():
     (["--flops-budget", "0"], "argument --flops-budget: expected a finite number > 0, got 0"),
     (["--losses", "switch=-1"], "argument --losses: coefficient of 'switch' must be a finite number >= 0"),
     (["--grid", "bogus=1,2"], "argument --grid: grid items are KEY=V1,V2,... with KEY one of task, "
-                              "regime, top_k, experts, losses, router_init, lr, routing; got "
+                              "regime, top_k, experts, losses, router_init, lr, routing, balancer; got "
                               "'bogus=1,2'"),
     (["--grid", "top_k"], "argument --grid: grid items are KEY=V1,V2,..."),
     (["--grid", "top_k=1,1"], "argument --grid: grid item 'top_k=1,1' repeats the value '1'"),
@@ -139,7 +139,7 @@ def test_grid_runs_every_cell_with_its_settings(tmp_path, capsys):
         cell = out / f"k{k}"
         doc = json.loads((cell / "metrics.json").read_text())
         expected = {"task": "clusters", "regime": "scratch", "top_k": k, "num_experts": 4,
-                    "losses": {}, "router_init": "zero", "lr": 0.003, "routing": "topk",
+                    "losses": {}, "router_init": "zero", "lr": 0.003, "routing": "topk", "balancer": "none",
                     "num_classes": 4, "dim": 16}
         assert doc["settings"] == expected
         assert doc["cell"] == f"k{k}" and doc["args"]["flops_budget"] == 1e6
@@ -294,13 +294,52 @@ def test_sinkhorn_study_runs_the_deterministic_estimators_and_refuses_sampling_o
     cell = Cell("clusters", None, routing="sinkhorn", **common)
     assert cell.names == ["default_moe", "dense", "straight_through", "topk", "unweighted"]
     assert cell.task(0).routing == "sinkhorn"
-    with pytest.raises(ValueError, match=r"--routing sinkhorn cannot be combined with the sampling "
-                                         r"estimator\(s\) \['gumbel'\]"):
+    with pytest.raises(ValueError, match=r"--routing sinkhorn cannot be combined with the "
+                                         r"estimator\(s\) \['gumbel'\] \(they select by sampling\)"):
         Cell("clusters", ["topk", "gumbel"], routing="sinkhorn", **common)
-    with pytest.raises(ValueError, match=r"routing='remoe' is not supported by moegrad study yet"):
-        Cell("clusters", None, routing="remoe", **common)
     assert main(["study", "--routing", "sinkhorn", "--estimators", "noisy_topk", "--steps", "2",
                  "--no-progress", "--out", "unused"]) == 2
-    assert "cannot be combined with the sampling estimator(s) ['noisy_topk']" in capsys.readouterr().err
+    assert "cannot be combined with the estimator(s) ['noisy_topk']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["study", "--routing", "expert_choice"])
+        build_parser().parse_args(["study", "--routing", "top_k"])
+
+
+@pytest.mark.parametrize("routing, name", [("remoe", "remoe"), ("expert_choice", "topk")])
+def test_pair_routing_study_runs_two_steps_and_says_what_is_not_applicable(tmp_path, routing, name):
+    out = tmp_path / routing
+    assert main(["study", "--steps", "2", "--seeds", "1", "--eval-every", "1", "--no-progress",
+                 "--routing", routing, "--out", str(out)]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert list(doc["estimators"]) == [name] and doc["args"]["estimators"] == [name]
+    assert doc["settings"]["routing"] == routing and doc["settings"]["losses"] == {}
+    assert doc["settings"]["router_init"] == ("normal" if routing == "remoe" else "zero")
+    run = doc["runs"][0]
+    assert run["steps"] == 2 and run["history"]["diag_step"] == []
+    assert "n/a under routing=" in run["diagnostics"] and "fidelity" not in doc
+    assert doc["estimators"][name]["cos_exact"]["mean"] is None
+    active = run["history"]["active"]
+    assert active[0] is None and all(0 <= a <= 8 for a in active[1:])
+    assert doc["estimators"][name]["active_experts"]["mean"] == active[-1]
+    assert doc["estimators"][name]["sampling"] is False
+    report = (out / "report.md").read_text()
+    assert "## Router-gradient fidelity: n/a under routing=" in report
+    assert "active experts per token" in report
+
+
+def test_routing_grid_takes_every_routing_and_refuses_estimators_under_remoe(tmp_path, capsys):
+    args = build_parser().parse_args(["study", "--grid", "routing=topk,sinkhorn,expert_choice,remoe",
+                                      "balancer=none,bias,quantile"])
+    assert args.grid == {"routing": ["topk", "sinkhorn", "expert_choice", "remoe"],
+                         "balancer": ["none", "bias", "quantile"]}
+    out = tmp_path / "g"
+    assert main(["study", "--steps", "2", "--seeds", "1", "--no-progress", "--estimators", "topk",
+                 "--grid", "routing=topk,remoe", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--estimators topk cannot be combined with --routing remoe" in err
+    assert not out.exists()  # refused before anything trains
+    assert main(["study", "--steps", "2", "--seeds", "1", "--no-progress", "--routing",
+                 "expert_choice", "--losses", "switch=0.01", "--out", str(out)]) == 2
+    assert "takes the balance loss(es) ['z_loss'] only" in capsys.readouterr().err
+    assert main(["study", "--steps", "2", "--seeds", "1", "--no-progress", "--routing", "sinkhorn",
+                 "--balancer", "bias", "--out", str(out)]) == 2
+    assert "--balancer bias needs --routing topk" in capsys.readouterr().err

@@ -12,7 +12,7 @@ def test_clusters_knobs_and_settings():
     task = Clusters(0, num_classes=6, num_experts=12, top_k=2, dim=8, lr=0.01, router_init="normal")
     assert task.centres.shape == (6, 8) and task.val[0].shape[1] == 8
     assert task.settings() == {"task": "clusters", "top_k": 2, "num_experts": 12,
-                               "router_init": "normal", "lr": 0.01, "routing": "topk",
+                               "router_init": "normal", "lr": 0.01, "routing": "topk", "balancer": "none",
                                "num_classes": 6, "dim": 8}
     for kwargs, message in (({"lr": 0.0}, "lr=0.0 is out of range"),
                             ({"router_init": "xavier"}, "router_init='xavier' is not supported"),
@@ -61,7 +61,7 @@ def test_charlm_knobs_and_shifted_text():
     task = cls(0, dim=16, heads=4, layers=1, context=16, num_experts=4, batch_size=4,
                val_batches=2)
     assert task.settings() == {"task": "charlm", "top_k": 2, "num_experts": 4,
-                               "router_init": "uniform", "lr": 0.003, "routing": "topk",
+                               "router_init": "uniform", "lr": 0.003, "routing": "topk", "balancer": "none",
                                "layers": 1, "dim": 16}
     assert task.hidden_dim == 16  # the width sets the experts' hidden size too
     new = task.shifted()

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from moegrad.study.tasks import Clusters
 from moegrad.study.train import END, pretrain, state_copy, train_run
@@ -13,7 +14,7 @@ def test_run_records_settings_flops_and_no_time_limit():
     run = train_run(task, "topk", 0, steps=6, time_budget=60, eval_every=2, diag_every=0,
                     losses={"switch": 0.01})
     assert run["settings"] == {"task": "clusters", "top_k": 1, "num_experts": 8,
-                               "router_init": "zero", "lr": 0.003, "routing": "topk",
+                               "router_init": "zero", "lr": 0.003, "routing": "topk", "balancer": "none",
                                "num_classes": 4, "dim": 16, "regime": "scratch",
                                "losses": {"switch": 0.01}}
     assert run["time_limited"] is False and run["stopped_by"] == "steps"
@@ -79,3 +80,52 @@ def test_pretrain_returns_the_final_state_and_a_summary():
     model = task.build("topk", {}, {}, 0)
     model.load_state_dict(state)
     assert task.evaluate(model)["val_loss"] == pytest.approx(info["val_loss"], rel=1e-6)
+
+
+def _final_state(task, estimator, steps, **kw):
+    keep = {}
+    run = train_run(task, estimator, 0, steps=steps, time_budget=60, eval_every=1, diag_every=0,
+                    checkpoints=(END,), on_checkpoint=lambda s, m: keep.update(state=state_copy(m)),
+                    **kw)
+    return run, keep["state"]
+
+
+def test_bias_balancer_steps_after_every_optimizer_step():
+    task = Clusters(0, batch_size=64, val_size=256)
+    task.selection_bias, task.balancer = True, "bias"
+    run, state = _final_state(task, "topk", 1)
+    assert run["settings"]["balancer"] == "bias"
+    # one BiasBalancer step (gamma 1e-3): b = gamma * sign(mean load - load) of step 1's load,
+    # which the run's load window recorded at its step-1 evaluation
+    load = torch.tensor(run["history"]["load"][1], dtype=torch.float64)
+    expected = 1e-3 * torch.sign(load.mean() - load)
+    assert torch.allclose(state["router.bias"].double(), expected, atol=1e-9)
+    assert expected.abs().sum() > 0
+    _, two = _final_state(task, "topk", 2)
+    assert not torch.equal(two["router.bias"], state["router.bias"])
+
+
+def test_quantile_balancer_moves_the_bias_and_none_keeps_no_bias():
+    task = Clusters(0, batch_size=64, val_size=256)
+    task.selection_bias, task.balancer = True, "quantile"
+    run, state = _final_state(task, "dense", 2)
+    assert run["settings"]["balancer"] == "quantile" and run["steps"] == 2
+    assert state["router.bias"].abs().sum() > 0
+    plain = Clusters(0, batch_size=64, val_size=256)
+    _, state = _final_state(plain, "topk", 2)
+    assert "router.bias" not in state
+
+
+@pytest.mark.parametrize("routing, estimator", [("remoe", "remoe"), ("expert_choice", "topk")])
+def test_pair_routing_runs_record_active_experts_from_chosen(routing, estimator):
+    task = Clusters(0, batch_size=64, val_size=256, router_init="normal")
+    task.routing = routing
+    run, _ = _final_state(task, estimator, 2)
+    h = run["history"]
+    assert h["diag_step"] == [] and "n/a under routing=" in run["diagnostics"]
+    model = task.build(estimator, {}, {}, 0)
+    task.reset()
+    out = model(task.batch(0)[0])  # step 1's routing of the same initial model and batch
+    assert h["active"][1] == pytest.approx(float(out.routing.chosen.sum(1).double().mean()))
+    if routing == "expert_choice":  # capacity T K / E per expert, every one full
+        assert h["active"][1] == pytest.approx(1.0) and h["load"][1] == [1 / 8] * 8

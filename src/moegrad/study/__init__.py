@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import sys
 
-from moegrad.study.tasks import TASKS, Task, get_task
-
 __all__ = ["run_study", "TASKS", "Task", "get_task"]
 
 
 def __getattr__(name: str):
-    """``run_study``, imported on first use: it imports matplotlib (the plots), which
-    ``moegrad --help`` (importing :mod:`moegrad.study.cli`, hence this package) must not."""
-    if name != "run_study":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from moegrad.study.runner import run_study
+    """``run_study`` (it imports matplotlib, the plots) and the task table ``TASKS``, ``Task``,
+    ``get_task`` (torch), imported on first use: ``moegrad --help`` and ``moegrad study
+    --help`` (importing :mod:`moegrad.study.cli`, hence this package) load neither."""
+    if name == "run_study":
+        from moegrad.study.runner import run_study
 
-    return run_study
+        return run_study
+    if name in ("TASKS", "Task", "get_task"):
+        from moegrad.study import tasks
+
+        return getattr(tasks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

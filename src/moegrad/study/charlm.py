@@ -150,6 +150,7 @@ class CharLM(Task):
                          val_batches=len(self.val), router_init=self.router_init,
                          corpus="stdlib")
         new.impl, new.routing = self.impl, self.routing
+        new.selection_bias, new.balancer = self.selection_bias, self.balancer
         return new
 
     def val_inputs(self) -> list:
@@ -176,8 +177,7 @@ class CharLM(Task):
     def build(self, estimator, options, losses, seed):
         torch.manual_seed(seed)
         make = lambda: moegrad.MoE(self.dim, self.hidden_dim, self.num_experts, self.top_k,  # noqa: E731
-                                   estimator=estimator, losses=losses, impl=self.impl,
-                                   routing=self.routing, **options)
+                                   losses=losses, **self.layer_kwargs(estimator), **options)
         model = CharModel(self.vocab, self.context, self.dim, self.heads, self.layers, make)
         return self.init_routers(model)
 

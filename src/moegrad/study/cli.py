@@ -18,10 +18,18 @@ downloaded. ``--quick`` (8 estimators x 2 seeds x 800 steps) takes well under a 
 CPU cores; the default run is 5 seeds x 3000 steps.
 
 Settings (recorded in every run's ``settings``): --top-k, --experts, --losses, --router-init,
---lr, --routing, the task's knobs (clusters: --clusters, --dim; charlm: --layers, --width) and
---regime. ``--routing sinkhorn`` builds every MoE layer with ``routing="sinkhorn"`` (training
-selection on Sinkhorn-balanced scores, :class:`moegrad.Router`) and runs the deterministic
-estimators only.
+--lr, --routing, --balancer, the task's knobs (clusters: --clusters, --dim; charlm: --layers,
+--width) and --regime. ``--routing`` sets every MoE layer's ``routing=``: ``sinkhorn``
+(training selection on Sinkhorn-balanced scores) runs the deterministic estimators only;
+``expert_choice`` (each expert takes its top tokens) runs ``topk`` only; ``remoe`` (ReLU gates)
+takes no estimator and its runs are named ``remoe``. Under those two a token gets 0..E experts:
+load and dead experts count the chosen pairs, purity reads each token's highest-score chosen
+expert (a token no expert took counts as impure), ``active_experts`` is the mean number of
+experts per token (K under token choice), the balance losses are z_loss only and the gradient
+diagnostics, shared-checkpoint fidelity and fine-tuning drift are n/a (they enumerate top-k
+subsets). ``--balancer bias|quantile`` builds the layers with ``selection_bias=True`` and
+steps a BiasBalancer / QuantileBalancer after every optimizer step (routing topk and the
+deterministic estimators only).
 Unset options keep the task's defaults (clusters: top-1, 8 experts, zero router, no loss).
 
 Regimes: ``scratch`` (default) trains from initialisation. ``finetune`` pretrains the model
@@ -32,7 +40,7 @@ topics) and reports the held-out loss before and after and the routing drift.
 
 Grid: --grid KEY=V1,V2 [KEY=V1,V2 ...] runs the cross product of the values, each cell in
 its own subdirectory of --out named from its values (e.g. k2_switch0.01), then a summary over
-the cells. Keys: top_k, experts, losses, router_init, lr, regime, routing, task. A losses
+the cells. Keys: top_k, experts, losses, router_init, lr, regime, routing, balancer, task. A losses
 value is
 "none" or NAME=COEF terms joined by "+" (commas separate the grid's values), e.g.
   --grid top_k=1,2 losses=none,switch=0.01,switch=0.01+z_loss=0.001
@@ -46,6 +54,8 @@ examples:
   moegrad study --quick --regime finetune --estimators topk,dense
   moegrad study --quick --routing sinkhorn
   moegrad study --quick --estimators topk,dense --grid routing=topk,sinkhorn
+  moegrad study --quick --grid routing=topk,sinkhorn,expert_choice,remoe
+  moegrad study --quick --estimators topk,dense --grid balancer=none,bias,quantile
 """
 
 from __future__ import annotations
@@ -57,21 +67,21 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from moegrad import estimators as registry
-from moegrad._spec import TOKEN_CHOICE_ROUTINGS as ROUTINGS
-from moegrad.experts import IMPLS
-from moegrad.losses import available as available_losses
+# the parser needs no torch (``moegrad study --help`` loads none): its choices come from
+# moegrad._spec and moegrad.study.options; the modules that train are imported by run()
+from moegrad._spec import estimator_names as available_estimators
+from moegrad._spec import loss_names as available_losses
 from moegrad.study.grid import GRID_KEYS, cell_name, grid_cells
-from moegrad.study.progress import Progress
-from moegrad.study.settings import (FIDELITY_TAUS, FIDELITY_TRAJECTORIES, FLAGS, TASK_KNOBS,
-                                    task_kwargs)
-from moegrad.study.tasks import REGIMES, ROUTER_INITS, TASKS
+from moegrad.study.options import (BALANCERS, FIDELITY_TAUS, FIDELITY_TRAJECTORIES, FLAGS, IMPLS,
+                                   NO_ESTIMATOR, REGIMES, ROUTER_INITS, ROUTINGS, TASK_KNOBS,
+                                   TASK_NAMES)
 
 #: the names this module had before its split; those defined elsewhere stay importable from here
-#: (run_study and run_grid through :func:`__getattr__`, like :func:`run` imports them)
-__all__ = ["add_arguments", "run", "GRID_KEYS", "grid_cells", "cell_name", "Progress",
-           "TASK_KNOBS", "task_kwargs", "FIDELITY_TAUS", "FIDELITY_TRAJECTORIES",
-           "run_study", "run_grid"]  # noqa: F822 (provided by __getattr__)
+#: (run_study, run_grid, Progress and task_kwargs through :func:`__getattr__`, like :func:`run`
+#: imports them)
+__all__ = ["add_arguments", "run", "GRID_KEYS", "grid_cells", "cell_name",  # noqa: F822
+           "Progress", "TASK_KNOBS", "task_kwargs", "FIDELITY_TAUS",  # noqa: F822
+           "FIDELITY_TRAJECTORIES", "run_study", "run_grid"]  # noqa: F822 (from __getattr__)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -80,9 +90,9 @@ def _estimators(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError("--estimators needs at least one name")
     for n in names:
-        if n not in registry.available():
+        if n not in available_estimators():
             raise argparse.ArgumentTypeError(
-                f"unknown estimator {n!r}; choose from {','.join(registry.available())}")
+                f"unknown estimator {n!r}; choose from {','.join(available_estimators())}")
     return names
 
 
@@ -155,8 +165,8 @@ def _choice(allowed):
 def _grid_parsers() -> dict:
     return {"top_k": _positive_int, "experts": _positive_int,
             "losses": lambda v: _loss_set(v, "+"), "router_init": _choice(ROUTER_INITS),
-            "lr": _positive_float, "regime": _choice(REGIMES), "task": _choice(sorted(TASKS)),
-            "routing": _choice(ROUTINGS)}
+            "lr": _positive_float, "regime": _choice(REGIMES), "task": _choice(TASK_NAMES),
+            "routing": _choice(ROUTINGS), "balancer": _choice(BALANCERS)}
 
 
 def _grid_item(text: str) -> tuple:
@@ -192,11 +202,12 @@ class _GridAction(argparse.Action):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="clusters", choices=sorted(TASKS),
+    parser.add_argument("--task", default="clusters", choices=list(TASK_NAMES),
                         help="what to train on (default: clusters)")
     parser.add_argument("--estimators", type=_estimators, default=None, metavar="A,B,...",
                         help="comma-separated estimators to compare (default: all of "
-                             f"{','.join(registry.available())})")
+                             f"{','.join(available_estimators())}; --routing expert_choice: topk only; "
+                             f"--routing remoe takes none, its runs are named {NO_ESTIMATOR!r})")
     parser.add_argument("--quick", action="store_true",
                         help="the short budget (clusters: 800 steps x 2 seeds; charlm: 100 x 2); "
                              "the report says how many seeds it used")
@@ -241,9 +252,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "distribution; reports loss before/after and routing drift")
     parser.add_argument("--routing", type=_choice(ROUTINGS), default=None,
                         metavar="{" + ",".join(ROUTINGS) + "}",
-                        help="routing= of every MoE layer (pretraining included): topk (default) "
-                             "or sinkhorn (training-mode top-k of the Sinkhorn-balanced scores, "
-                             "Megatron-Core's sinkhorn; deterministic estimators only)")
+                        help="routing= of every MoE layer (pretraining included): topk (default), "
+                             "sinkhorn (training-mode top-k of the Sinkhorn-balanced scores, "
+                             "Megatron-Core's sinkhorn; deterministic estimators only), "
+                             "expert_choice (each expert takes its top tokens; estimator topk "
+                             "only) or remoe (ReLU gates, no estimator: its runs are named "
+                             "'remoe', --estimators is refused); expert_choice and remoe take "
+                             "the loss z_loss only and have no gradient diagnostics (n/a)")
+    parser.add_argument("--balancer", type=_choice(BALANCERS), default=None,
+                        metavar="{" + ",".join(BALANCERS) + "}",
+                        help="none (default), bias (moegrad.BiasBalancer, DeepSeek-V3's "
+                             "auxiliary-loss-free bias) or quantile (moegrad.QuantileBalancer): "
+                             "builds the layers with selection_bias=True and steps the balancer "
+                             "after every optimizer step; --routing topk and deterministic "
+                             "estimators only")
     parser.add_argument("--pretrain-steps", type=_positive_int, default=None,
                         help="finetune regime: pretraining steps (default: --steps)")
     parser.add_argument("--grid", nargs="+", type=_grid_item, action=_GridAction, default=None,
@@ -251,8 +273,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the cross product of the values, one subdirectory of --out per "
                              f"cell; keys: {', '.join(GRID_KEYS)}. losses values: 'none' or "
                              "NAME=COEF terms joined by '+', e.g. losses=none,switch=0.01,"
-                             "switch=0.01+z_loss=0.001; routing=topk,sinkhorn compares the "
-                             "routing methods")
+                             "switch=0.01+z_loss=0.001; routing=topk,sinkhorn,expert_choice,remoe "
+                             "compares the routing methods, balancer=none,bias,quantile the "
+                             "balancers")
     parser.add_argument("--flops-budget", type=_positive_float, default=None, metavar="FLOPS",
                         help="training FLOPs at which the report compares losses (loss at equal "
                              "FLOPs; FLOPs per step are counted from what each step evaluated: "
@@ -341,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
                   pretrain_steps=args.pretrain_steps, flops_budget=args.flops_budget)
     cells = {"top_k": args.top_k, "experts": args.experts, "losses": args.losses,
              "router_init": args.router_init, "lr": args.lr, "regime": args.regime,
-             "routing": args.routing}
+             "routing": args.routing, "balancer": args.balancer}
     try:
         if args.grid:
             grid = dict(args.grid)
@@ -395,12 +418,16 @@ def _print_summary(doc: dict, indent: str = "  ", title: Optional[str] = None) -
 
 
 def __getattr__(name: str):
-    """``run_study`` and ``run_grid``, imported on first use: they import matplotlib, which
-    the parser does not (see :func:`run`)."""
+    """``run_study``, ``run_grid``, ``Progress`` and ``task_kwargs``, imported on first use:
+    they import torch (and the runners matplotlib), which the parser does not (see :func:`run`)."""
     if name == "run_study":
         from moegrad.study.runner import run_study as value
     elif name == "run_grid":
         from moegrad.study.grid_runner import run_grid as value
+    elif name == "Progress":
+        from moegrad.study.progress import Progress as value
+    elif name == "task_kwargs":
+        from moegrad.study.settings import task_kwargs as value
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return value

@@ -14,8 +14,7 @@ from torch import Tensor
 
 import moegrad
 from moegrad._checks import check_choice, check_float, check_int
-from moegrad.diagnostics import purity
-from moegrad.study.task import ROUTER_INITS, Probe, Task
+from moegrad.study.task import ROUTER_INITS, Probe, Task, routed_purity
 
 
 class Clusters(Task):
@@ -129,8 +128,7 @@ class Clusters(Task):
     def build(self, estimator, options, losses, seed):
         torch.manual_seed(seed)
         model = moegrad.MoE(self.dim, self.hidden_dim, self.num_experts, self.top_k,
-                            estimator=estimator, losses=losses, impl=self.impl,
-                            routing=self.routing, **options)
+                            losses=losses, **self.layer_kwargs(estimator), **options)
         return self.init_routers(model)
 
     def draw(self, g):
@@ -151,7 +149,7 @@ class Clusters(Task):
         model.train(was)
         loss = float(((out.y - self.val_target) ** 2).mean())
         return {"val_loss": loss,
-                "purity": purity(out.routing.indices[:, 0], c, self.num_experts, self.num_classes)}
+                "purity": routed_purity(out.routing, c, self.num_experts, self.num_classes)}
 
     def probe(self, model):
         x = self.val[0][:256]

@@ -22,7 +22,9 @@ m weight matrices per expert (3 for SwiGLU: w1, w3, w2; 2 for GELU: w1, w2):
               2 T D E when ``input_grad``
   combine     y_t = sum_k w_tk e_tk: forward 2 T K D when K > 1 (K = 1 is an elementwise
               scale), weight gradient 2 T K D when the weights carry a gradient (all but
-              ``unweighted``)
+              ``unweighted``); under expert_choice and remoe (``Routing.chosen``) N is the
+              number of chosen pairs and the combine is counted as 2 N D forward (+ 2 N D for
+              the weight gradient), an estimate: it is not compared with FlopCounterMode
   unselected  ``dense`` only, in backward: the T*(E-K) unselected pairs, each
               <w2_i^T g, act(w1_i x, w3_i x)> (:func:`moegrad.experts.unselected_inner_products`):
               the m up/down matrices once, 2 m D H per pair (the last dot over H is elementwise)
@@ -48,10 +50,13 @@ def moe_flops(moe, out, *, input_grad: bool) -> dict:
     """
     routing = out.routing
     tokens, top_k = routing.indices.shape
+    chosen = routing.chosen  # [T, E] under expert_choice / remoe: only those pairs are dispatched
     experts = moe.experts
     dim, hidden, num_experts = experts.dim, experts.hidden_dim, experts.num_experts
     mats = 2 if experts.stacked_weights().up is None else 3  # gate, down (+ up for SwiGLU)
-    if moe.capacity_factor is None and routing.mask is None:
+    if chosen is not None:
+        pairs = int(chosen.sum())
+    elif moe.capacity_factor is None and routing.mask is None:
         pairs = tokens * top_k  # dropless, no padding: every selected pair is evaluated
     else:
         pairs = int(out.stats.tokens_per_expert.sum()) - int(out.stats.dropped)
@@ -65,8 +70,11 @@ def moe_flops(moe, out, *, input_grad: bool) -> dict:
         mats + mats + 1 + ((mats - 1) if input_grad else 0))
     gate = mac * tokens * dim * num_experts
     result["router"] = gate * (1 + ((2 if input_grad else 1) if reached else 0))
-    result["combine"] = (mac * tokens * top_k * dim * (1 if top_k > 1 else 0)
-                         + (mac * tokens * top_k * dim if routing.weights.requires_grad else 0))
+    if chosen is not None:  # the weighted sum over the chosen pairs only (forward, weight grad)
+        result["combine"] = mac * pairs * dim * (1 + (1 if routing.weights.requires_grad else 0))
+    else:
+        result["combine"] = (mac * tokens * top_k * dim * (1 if top_k > 1 else 0)
+                             + (mac * tokens * top_k * dim if routing.weights.requires_grad else 0))
     if name == "dense" and grads:
         result["unselected"] = mac * mats * dim * hidden * tokens * (num_experts - top_k)
     elif name == "default_moe" and (grads or moe.router.estimator.forward_defaults):

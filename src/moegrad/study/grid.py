@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 #: grid keys, in the order cell names list them
-GRID_KEYS = ("task", "regime", "top_k", "experts", "losses", "router_init", "lr", "routing")
+GRID_KEYS = ("task", "regime", "top_k", "experts", "losses", "router_init", "lr", "routing", "balancer")
 
 
 def grid_cells(grid: dict) -> list[dict]:
@@ -37,6 +37,8 @@ def cell_name(cell: dict) -> str:
             parts.append(f"init-{v}")
         elif key == "lr":
             parts.append(f"lr{v:g}")
+        elif key == "balancer":
+            parts.append(f"bal-{v}")
         else:
             parts.append(str(v))
     return "_".join(parts) or "default"

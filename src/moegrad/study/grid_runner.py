@@ -22,7 +22,7 @@ def run_grid(grid: dict, *, out: Path, command: str = "moegrad study",
     checked before anything trains. Returns the per-cell documents."""
     names = {"top_k": "top_k", "experts": "experts", "losses": "losses",
              "router_init": "router_init", "lr": "lr", "regime": "regime", "task": "task_name",
-             "routing": "routing"}
+             "routing": "routing", "balancer": "balancer"}
     for key in grid:
         if study.get(names.get(key, key)) is not None and key != "task":
             raise ValueError(f"{key} is both in the grid and given as its own option "
@@ -50,7 +50,7 @@ def run_grid(grid: dict, *, out: Path, command: str = "moegrad study",
                     impl=kwargs.pop("impl", "auto"), regime=kwargs.pop("regime", None),
                     pretrain_steps=kwargs.pop("pretrain_steps", None), options=options,
                     flops_budget=kwargs.pop("flops_budget", None),
-                    routing=kwargs.pop("routing", None))
+                    routing=kwargs.pop("routing", None), balancer=kwargs.pop("balancer", None))
         fidelity = kwargs.pop("fidelity", True)
         if kwargs:
             raise TypeError(f"run_grid got unexpected keywords {sorted(kwargs)}")

@@ -11,10 +11,14 @@ from __future__ import annotations
 from typing import Optional
 
 from moegrad import estimators as registry
+from moegrad.study.options import NO_ESTIMATOR
 from moegrad.study.stats import ALPHA, MIN_PAIRED, clean, compare_pairs, describe
 
 #: metrics.json fields of every estimator, each {"mean", "sd", "std" (= sd), "ci95", "n",
 #: "values"}; sd is the sample sd over seeds, ci95 the t-based 95% interval of the mean.
+#: active_experts is the mean number of experts per token over the last evaluation window
+#: (K under token choice; sum_e chosen[t, e] under expert_choice and remoe, whose purity reads
+#: each token's highest-score chosen expert and counts a token no expert took as impure).
 #: cos_exact is the cosine of the mean of diag_samples sampled gradients to the exact one,
 #: cos_exact_sample the mean per-sample cosine (equal for deterministic estimators), both
 #: averaged over the diagnostics after step 0 (step 0 apart: cos_exact_initial). Each
@@ -23,6 +27,7 @@ from moegrad.study.stats import ALPHA, MIN_PAIRED, clean, compare_pairs, describ
 #: the router gradient was exactly zero); with FLOP counts also "flops_per_step" and
 #: "loss_at_equal_flops".
 FIELDS = ("final_loss", "purity", "dead_experts", "load_cv", "max_violation", "entropy",
+          "active_experts",
           "cos_exact", "cos_exact_sample", "cos_dense", "rel_err_exact", "grad_variance",
           "ms_per_step", "steps", "loss_at_equal_time", "steps_to_target")
 
@@ -125,6 +130,7 @@ def run_values(run: dict, equal_time: float, target: float, budget: Optional[flo
         "load_cv": h["load_cv"][-1],
         "max_violation": h["max_violation"][-1],
         "entropy": _last(h["entropy"]),
+        "active_experts": _last(h.get("active") or [None]),
         "cos_exact": _after_step0(h, "cos_exact"),
         "cos_exact_sample": _after_step0(h, "cos_exact_sample"),
         "cos_dense": _after_step0(h, "cos_dense"),
@@ -191,7 +197,7 @@ def aggregate(runs: list[dict], task, args: dict) -> dict:
             zero_gradient=[{"seed": r["seed"], "steps": z} for r in mine
                            if (z := _zero_gradient_steps(r["history"]))],
             reference=_last([r.get("reference") for r in mine]),
-            sampling=bool(registry.get(name).samples))
+            sampling=name != NO_ESTIMATOR and bool(registry.get(name).samples))
         if all(r.get("drift") for r in mine):  # --regime finetune
             per[name].update(finetune_stats(mine))
     comparisons = []

@@ -136,14 +136,19 @@ def write_report(doc: dict, out: Path, command: str) -> None:
               "At the end of training, over the last window of steps; mean ± sample sd over "
               "seeds.", ""]
     head = ["estimator", "dead experts", "load coefficient of variation", "max load violation",
-            "router entropy"]
+            "router entropy", "active experts per token"]
     rows = [[f"`{n}`{flag(per, n)}", fmt(per[n]["dead_experts"], 1), fmt(per[n]["load_cv"], 2),
-             fmt(per[n]["max_violation"], 2), fmt(per[n]["entropy"], 2)] for n in names]
+             fmt(per[n]["max_violation"], 2), fmt(per[n]["entropy"], 2),
+             fmt(per[n].get("active_experts"), 2)] for n in names]
     lines += table(head, rows) + dagger_note(per)
     lines += ["", "*dead experts*: experts without a token over the last window; *load "
               "coefficient of variation*: sd / mean of the per-expert share of tokens; *max load "
               "violation*: max load / mean load - 1; *router entropy*: entropy of the router's "
-              "scores, normalised (1 = uniform)."]
+              "scores, normalised (1 = uniform); *active experts per token*: mean number of experts "
+              "a token was dispatched to (K under token choice; under expert_choice and remoe "
+              "the chosen pairs per token, 0..E). Under expert_choice and remoe, loads count the "
+              "chosen pairs and purity reads each token's highest-score chosen expert, a token "
+              "no expert took counting as impure."]
 
     lines += ["", "## Compute", ""]
     head = ["estimator"]
@@ -202,6 +207,9 @@ def write_report(doc: dict, out: Path, command: str) -> None:
         lines += table(head, rows) + dagger_note(per)
 
     fid = doc.get("fidelity")
+    for what, why in (doc.get("not_applicable") or {}).items():
+        lines += ["", f"## Router-gradient fidelity: {why}" if what == "diagnostics" else
+                  f"## {what}: {why}"]
     if fid:
         lines += ["", "## Router-gradient fidelity (shared checkpoints)", ""]
         lines += fidelity_table(fid)

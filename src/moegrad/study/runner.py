@@ -29,13 +29,16 @@ def run_study(task_name: str = "clusters", estimators: Optional[list] = None, *,
               layers: Optional[int] = None, width: Optional[int] = None,
               regime: str = "scratch", pretrain_steps: Optional[int] = None,
               flops_budget: Optional[float] = None, cell: Optional[str] = None,
-              fidelity: bool = True, routing: Optional[str] = None) -> dict:
+              fidelity: bool = True, routing: Optional[str] = None,
+              balancer: Optional[str] = None) -> dict:
     """Run a study (one cell) and write its directory; returns the metrics.json document.
 
     ``top_k`` ... ``width`` set the task (None: the task's default, see
     :data:`~moegrad.study.settings.TASK_KNOBS`);
     ``regime`` "scratch" or "finetune"; ``routing`` every MoE layer's ``routing=`` (None:
-    "topk"; "sinkhorn" runs the deterministic estimators only); ``progress``: True/False or a :class:`Progress`
+    "topk"; "sinkhorn" runs the deterministic estimators only, "expert_choice" topk only,
+    "remoe" its one run named "remoe"); ``balancer`` None/"none", "bias" or "quantile"
+    (:class:`~moegrad.study.settings.Cell`); ``progress``: True/False or a :class:`Progress`
     shared by the cells of a grid; ``fidelity``: measure every estimator's router gradient on
     shared checkpoints of seed 0 (tasks with a probe). Raises ValueError on bad settings
     before training anything.
@@ -46,7 +49,7 @@ def run_study(task_name: str = "clusters", estimators: Optional[list] = None, *,
                 time_budget=time_budget, losses=losses, eval_every=eval_every,
                 diag_every=diag_every, diag_samples=diag_samples, tau=tau, impl=impl,
                 regime=regime, pretrain_steps=pretrain_steps, options=options,
-                flops_budget=flops_budget, routing=routing)
+                flops_budget=flops_budget, routing=routing, balancer=balancer)
     out = Path(out or f"study-{task_name}")
     own = not isinstance(progress, Progress)
     bar = Progress(bool(progress), f"study {task_name}") if own else progress
@@ -79,11 +82,11 @@ def run_cell(spec: Cell, out: Path, command: str, bar: Progress, cell: Optional[
             finish(info["steps"])
             pretrained.append(info)
             task = task.shifted()
-            task.impl, task.routing = spec.impl, spec.routing
+            spec.configure(task)
         if seed == 0:
             fid_task = task
         for name in spec.names:
-            keep = (seed == 0 and fidelity and spec.cls.has_truth
+            keep = (seed == 0 and fidelity and spec.cls.has_truth and not spec.na
                     and name in spec.fidelity_names())
             on_step, finish = bar.run(f"{name} seed {seed}", spec.steps, spec.run_seconds(name))
             with warnings.catch_warnings():  # the study measures these on purpose (report.md says so)
@@ -106,6 +109,7 @@ def run_cell(spec: Cell, out: Path, command: str, bar: Progress, cell: Optional[
             "losses": spec.losses, "eval_every": spec.eval_every, "diag_every": spec.diag_every,
             "diag_samples": spec.diag_samples, "tau": spec.tau, "impl": spec.impl,
             "quick": spec.quick, "estimators": spec.names, "regime": spec.regime,
+            "routing": spec.routing, "balancer": spec.balancer,
             "cell": cell or "default"}
     if spec.flops_budget is not None:
         args["flops_budget"] = spec.flops_budget
@@ -114,6 +118,8 @@ def run_cell(spec: Cell, out: Path, command: str, bar: Progress, cell: Optional[
     doc = aggregate(runs, fid_task, args)
     doc.setdefault("settings", runs[0]["settings"])
     doc.setdefault("cell", cell or "default")
+    if spec.na:  # what does not apply to this cell's routing, and why
+        doc["not_applicable"] = dict(spec.na)
     if pretrained:
         doc["pretrain"] = pretrained
     if checkpoints and spec.cls.has_truth:

@@ -9,6 +9,7 @@ their table. Shapes: T tokens, D model dim, E experts.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -17,15 +18,9 @@ from torch import Tensor, nn
 
 import moegrad
 from moegrad._checks import check_choice
+from moegrad.diagnostics import purity
 
-#: initial router weights: "zero" (every expert scores the same, the first routing is blind),
-#: "normal" (N(0, ROUTER_STD^2), the ``initializer_range`` default of Hugging Face's Mixtral,
-#: Qwen2-MoE and OLMoE configs), "uniform" (nn.Linear's own U(-1/sqrt(D), 1/sqrt(D)))
-ROUTER_INITS = ("zero", "normal", "uniform")
-ROUTER_STD = 0.02
-#: training regimes: from scratch, or fine-tuning a ``topk`` + switch checkpoint on a shifted
-#: distribution (:meth:`Task.shifted`)
-REGIMES = ("scratch", "finetune")
+from moegrad.study.options import REGIMES, ROUTER_INITS, ROUTER_STD, layer_estimator  # noqa: F401
 
 
 def init_router(weight: Tensor, how: str) -> None:
@@ -37,6 +32,42 @@ def init_router(weight: Tensor, how: str) -> None:
         elif how == "normal":
             weight.normal_(0.0, ROUTER_STD)
         # "uniform": keep nn.Linear's initialisation
+
+
+def top_expert(routing) -> tuple[Tensor, Tensor]:
+    """Each token's highest-weight routed expert: -> (expert [T] int64, routed [T] bool).
+
+    Token choice (``routing.chosen`` None): expert = indices[:, 0], the top-scored of its K,
+    and routed is all True. Pair routings (expert_choice, remoe: chosen [T, E]): expert =
+    argmax_e over the chosen pairs of scores[t, e] (the combine weight's score factor), and
+    routed[t] = any_e chosen[t, e]; a token no expert took has expert 0 and routed False."""
+    if routing.chosen is None:
+        first = routing.indices[:, 0]
+        return first, torch.ones_like(first, dtype=torch.bool)
+    masked = routing.scores.detach().masked_fill(~routing.chosen, float("-inf"))
+    routed = routing.chosen.any(-1)
+    return masked.argmax(-1).masked_fill(~routed, 0), routed
+
+
+def routed_purity(routing, truth: Tensor, num_experts: int, num_classes: int) -> float:
+    """Purity of each token's :func:`top_expert` against truth [T] class ids:
+    sum_i max_c n(i, c) / T, n(i, c) counting the routed tokens of class c whose top expert is
+    i; T counts every token, so a token no expert took (pair routings) counts as impure.
+    Token choice: :func:`moegrad.diagnostics.purity` of the first choice."""
+    expert, routed = top_expert(routing)
+    if bool(routed.all()):
+        return purity(expert, truth, num_experts, num_classes)
+    part = purity(expert[routed], truth[routed], num_experts, num_classes) if bool(routed.any()) else 0.0
+    return part * int(routed.sum()) / truth.numel()
+
+
+def active_experts(routing) -> float:
+    """Mean number of experts per real token: K (indices.shape[1]) for token choice,
+    mean_t sum_e chosen[t, e] over the real tokens (``routing.mask``) for pair routings."""
+    if routing.chosen is None:
+        return float(routing.indices.shape[1])
+    chosen = routing.chosen if routing.mask is None else routing.chosen[routing.mask]
+    return float(chosen.sum(-1).double().mean()) if chosen.shape[0] else 0.0
 
 
 @dataclass
@@ -63,6 +94,11 @@ class Task:
     impl = "auto"
     #: routing method passed to every moegrad.MoE (``routing=``, :data:`moegrad._spec.ROUTINGS`)
     routing = "topk"
+    #: build the routers with ``selection_bias=True`` (``--balancer bias|quantile``)
+    selection_bias = False
+    #: the balancer stepped after every optimiser step, one of
+    #: :data:`~moegrad.study.options.BALANCERS` (recorded in :meth:`settings`)
+    balancer = "none"
     #: initial router weights, one of :data:`ROUTER_INITS`
     router_init = "zero"
     #: whether the MoE layers' input carries a gradient (then the backward also computes the
@@ -71,6 +107,20 @@ class Task:
 
     def build(self, estimator: str, options: dict, losses: dict, seed: int) -> nn.Module:
         raise NotImplementedError
+
+    @classmethod
+    def router_init_default(cls) -> str:
+        """The constructor's default ``router_init``."""
+        return inspect.signature(cls.__init__).parameters["router_init"].default
+
+    def layer_kwargs(self, estimator: str) -> dict:
+        """moegrad.MoE keywords every layer of :meth:`build` gets for the study's ``estimator``:
+        ``estimator`` (None for :data:`~moegrad.study.options.NO_ESTIMATOR`, i.e. remoe),
+        ``impl``, ``routing`` and, with a balancer, ``selection_bias=True``."""
+        kwargs = {"estimator": layer_estimator(estimator), "impl": self.impl, "routing": self.routing}
+        if self.selection_bias:
+            kwargs["selection_bias"] = True
+        return kwargs
 
     def moes(self, model: nn.Module) -> list:
         return [m for m in model.modules() if isinstance(m, moegrad.MoE)]
@@ -136,9 +186,10 @@ class Task:
 
     def settings(self) -> dict:
         """The cell settings this task fixes (JSON-ready): task, top_k, num_experts,
-        router_init, lr, routing and the task's own knobs (the run adds regime and losses)."""
+        router_init, lr, routing, balancer and the task's own knobs (the run adds regime and losses)."""
         return {"task": self.name, "top_k": self.top_k, "num_experts": self.num_experts,
-                "router_init": self.router_init, "lr": self.lr, "routing": self.routing}
+                "router_init": self.router_init, "lr": self.lr, "routing": self.routing,
+                "balancer": self.balancer}
 
     def init_routers(self, model: nn.Module) -> nn.Module:
         """Apply :attr:`router_init` to every MoE layer's gate; returns the model."""

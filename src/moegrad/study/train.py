@@ -10,6 +10,11 @@ cosine of the mean of ``diag_samples`` sampled gradients to the exact gradient,
 ``cos_exact`` for deterministic estimators), and ``reference`` names the forward weight rule of
 the exact reference the estimator was compared with.
 
+``history["active"]`` is the mean number of experts per token since the previous evaluation
+(K under token choice, the chosen pairs per token under expert_choice and remoe, whose runs
+have no gradient diagnostics: ``run["diagnostics"]`` says why; nor have the runs of
+``task.balancer`` "bias"/"quantile", whose balancer steps after every optimizer step).
+
 Compute: ``history["flops"]`` is the cumulative training FLOPs at each evaluation and
 ``flops_per_step`` their mean per step, counted from what each step evaluated
 (:mod:`moegrad.study.flops`). ``time_limited`` flags a run cut by the clock.
@@ -35,15 +40,59 @@ import torch
 
 from moegrad import estimators as registry
 from moegrad._checks import check_choice
+from moegrad.balancing import BiasBalancer, QuantileBalancer
 from moegrad.diagnostics import (LoadWindow, compare_routing, gradient_fidelity, load_cv,
                                  max_violation, router_entropy)
 from moegrad.study.fidelity import load_checkpoint
 from moegrad.study.flops import COMPONENTS, step_flops
-from moegrad.study.task import REGIMES
+from moegrad.study.options import BALANCERS, NO_ESTIMATOR, PAIR_ROUTINGS
+from moegrad.study.task import REGIMES, active_experts
 
-#: the pretraining recipe of ``--regime finetune``
+#: the pretraining recipe of ``--regime finetune`` (token-choice routings; see pretrain_recipe)
 PRETRAIN_ESTIMATOR = "topk"
 PRETRAIN_LOSSES = {"switch": 0.01}
+#: why the pair routings (``Routing.chosen``) have no gradient diagnostics and no routing drift
+PAIR_NA = ("n/a under routing={routing!r}: a token gets 0..E experts (Routing.chosen), while the "
+           "exact reference enumerates each token's top-k subsets and the drift compares top-k sets")
+
+#: why ``--balancer bias|quantile`` runs have no gradient diagnostics
+BIAS_NA = ("n/a with --balancer {balancer}: the exact reference samples top-k from softmax(z / tau) "
+           "and cannot model the selection-only bias (moegrad.diagnostics refuses selection_bias)")
+
+
+def diagnostics_na(routing: str, balancer: str):
+    """Why a run with ``routing`` and ``balancer`` has no gradient diagnostics (None: it has)."""
+    if routing in PAIR_ROUTINGS:
+        return PAIR_NA.format(routing=routing)
+    if balancer != "none":
+        return BIAS_NA.format(balancer=balancer)
+    return None
+
+
+def pretrain_recipe(routing: str) -> tuple[str, dict]:
+    """(estimator, losses) of ``--regime finetune``'s pretraining under ``routing``: topk +
+    switch 0.01 for token choice; the routing's own estimator (topk for expert_choice, none for
+    remoe) and no balance loss for the pair routings (they take z_loss only)."""
+    if routing == "remoe":
+        return NO_ESTIMATOR, {}
+    if routing in PAIR_ROUTINGS:
+        return PRETRAIN_ESTIMATOR, {}
+    return PRETRAIN_ESTIMATOR, dict(PRETRAIN_LOSSES)
+
+
+def is_sampling(estimator: str) -> bool:
+    """Whether the study's ``estimator`` samples (:data:`NO_ESTIMATOR`, remoe: no)."""
+    return estimator != NO_ESTIMATOR and bool(registry.get(estimator).samples)
+
+
+def make_balancer(name: str, model: torch.nn.Module):
+    """``--balancer`` ``name`` -> None ("none"), :class:`moegrad.BiasBalancer` ("bias", its
+    default gamma 1e-3) or :class:`moegrad.QuantileBalancer` ("quantile") over ``model``'s
+    routers (built with ``selection_bias=True``)."""
+    check_choice("balancer", name, BALANCERS)
+    if name == "none":
+        return None
+    return (BiasBalancer if name == "bias" else QuantileBalancer)(model)
 #: ``checkpoints`` entry meaning "the last step of the run, whenever it stops"
 END = -1
 
@@ -53,13 +102,15 @@ def state_copy(model: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_step(task, model: torch.nn.Module, optimizer, batch) -> tuple:
-    """One optimiser step on ``task.loss`` + its balance losses -> (task loss, the layers'
-    MoEOutputs)."""
+def train_step(task, model: torch.nn.Module, optimizer, batch, balancer=None) -> tuple:
+    """One optimiser step on ``task.loss`` + its balance losses (then ``balancer.step()``, the
+    selection-bias update) -> (task loss, the layers' MoEOutputs)."""
     loss, aux, outs = task.loss(model, batch)
     optimizer.zero_grad(set_to_none=True)
     (loss + aux).backward()
     optimizer.step()
+    if balancer is not None:
+        balancer.step()
     return loss, outs
 
 
@@ -86,8 +137,7 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
                          "init_state (the pretrained checkpoint of --regime finetune)")
     losses = {} if losses is None else losses
     options = dict(options or {})
-    cls = registry.get(estimator)
-    if cls.samples and "generator" in cls.options:
+    if is_sampling(estimator) and "generator" in registry.get(estimator).options:
         options.setdefault("generator", torch.Generator().manual_seed(50_000 + seed))
     model = task.build(estimator, options, losses, seed)
     if init_state is not None:  # the pretrained layers; this estimator's own state stays fresh
@@ -98,9 +148,14 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
     moes = task.moes(model)
     windows = [LoadWindow(m.num_experts, window) for m in moes]
     optimizer = torch.optim.Adam(model.parameters(), lr=task.lr)
+    balancer = make_balancer(task.balancer, model)
+    pair = task.routing in PAIR_ROUTINGS
+    na = diagnostics_na(task.routing, task.balancer)
+    diag_every = 0 if na else diag_every
+    active = []  # experts per token of every MoE layer at every step since the last evaluation
     hist = {k: [] for k in ("step", "time", "train_loss", "eval_step", "eval_time", "val_loss",
                             "purity", "bits_per_char", "load", "load_cv", "max_violation",
-                            "entropy", "dead", "flops", "diag_step", "cos_exact",
+                            "entropy", "dead", "active", "flops", "diag_step", "cos_exact",
                             "cos_exact_sample", "cos_dense", "rel_err_exact", "variance")}
     elapsed, step, last_routing, durations = 0.0, 0, None, []
     flops = dict.fromkeys(COMPONENTS + ("total",), 0)
@@ -121,6 +176,8 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
         hist["load_cv"].append(sum(load_cv(c) for c in counts) / len(counts))
         hist["max_violation"].append(sum(max_violation(c) for c in counts) / len(counts))
         hist["dead"].append(sum(w.dead for w in windows) if step else 0)
+        hist["active"].append(sum(active) / len(active) if active else None)
+        active.clear()
         hist["entropy"].append(None if last_routing is None else
                                sum(router_entropy(r.scores) for r in last_routing) / len(last_routing))
 
@@ -147,7 +204,7 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
     while step < steps and elapsed < time_budget:
         batch = task.batch(step)
         start = time.perf_counter()
-        loss, outs = train_step(task, model, optimizer, batch)
+        loss, outs = train_step(task, model, optimizer, batch, balancer)
         durations.append(time.perf_counter() - start)
         elapsed += durations[-1]
         step += 1
@@ -156,6 +213,7 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
         for w, out in zip(windows, outs):
             w.update(out.stats.tokens_per_expert)
         last_routing = [o.routing for o in outs]
+        active.extend(active_experts(r) for r in last_routing)
         hist["step"].append(step)
         hist["time"].append(elapsed)
         hist["train_loss"].append(loss.item())
@@ -182,9 +240,12 @@ def train_run(task, estimator: str, seed: int, *, steps: int, time_budget: float
            "flops_per_step": flops["total"] / step if step else 0.0,
            "flops_per_step_by_part": {k: flops[k] / step if step else 0.0 for k in COMPONENTS},
            "reference": reference, "history": hist}
+    if na:
+        run["diagnostics"] = na
     if regime == "finetune":
         run["before"] = {"val_loss": hist["val_loss"][0], "purity": hist["purity"][0]}
-        run["drift"] = routing_drift(task, estimator, losses, seed, start_state, model)
+        run["drift"] = (None if pair else
+                        routing_drift(task, estimator, losses, seed, start_state, model))
     return run
 
 
@@ -200,18 +261,20 @@ def routing_drift(task, estimator: str, losses: dict, seed: int, start_state: di
 
 def pretrain(task, seed: int, *, steps: int, time_budget: float, eval_every: int,
              on_step: Optional[Callable] = None) -> tuple[dict, dict]:
-    """Pretrain for ``--regime finetune``: :data:`PRETRAIN_ESTIMATOR` with
-    :data:`PRETRAIN_LOSSES` on ``task`` (the unshifted distribution) from the model seed
-    ``seed``. Returns (state_dict copy of the final model, a JSON-ready summary)."""
+    """Pretrain for ``--regime finetune``: :func:`pretrain_recipe` of ``task.routing``
+    (:data:`PRETRAIN_ESTIMATOR` with :data:`PRETRAIN_LOSSES` for token choice) on ``task``
+    (the unshifted distribution) from the model seed ``seed``, with the task's balancer.
+    Returns (state_dict copy of the final model, a JSON-ready summary)."""
     keep = {}
-    run = train_run(task, PRETRAIN_ESTIMATOR, seed, steps=steps, time_budget=time_budget,
-                    eval_every=eval_every, diag_every=0, losses=dict(PRETRAIN_LOSSES),
+    estimator, losses = pretrain_recipe(task.routing)
+    run = train_run(task, estimator, seed, steps=steps, time_budget=time_budget,
+                    eval_every=eval_every, diag_every=0, losses=losses,
                     on_step=on_step, checkpoints=(END,),
                     on_checkpoint=lambda step, model: keep.update(state=state_copy(model)))
     if "state" not in keep:
         raise ValueError(f"pretraining ran no step (steps={steps}, time_budget={time_budget})")
     h = run["history"]
-    info = {"estimator": PRETRAIN_ESTIMATOR, "losses": dict(PRETRAIN_LOSSES), "seed": seed,
+    info = {"estimator": estimator, "losses": losses, "seed": seed,
             "steps": run["steps"], "train_time": run["train_time"],
             "time_limited": run["time_limited"], "flops": h["flops"][-1],
             "val_loss": h["val_loss"][-1], "purity": h["purity"][-1]}
@@ -229,19 +292,20 @@ def time_costs(task, estimator: str, seed: int = 0, *, losses: Optional[dict] = 
     model = task.build(estimator, {}, losses, seed)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=task.lr)
+    balancer = make_balancer(task.balancer, model)
     task.reset()
     times = []
     for i in range(steps + 1):
         batch = task.batch(i)
         start = time.perf_counter()
-        train_step(task, model, optimizer, batch)
+        train_step(task, model, optimizer, batch, balancer)
         times.append(time.perf_counter() - start)
     task.reset()
     start = time.perf_counter()
     task.evaluate(model)
     evaluate = time.perf_counter() - start
     diagnostic = 0.0
-    probe = task.probe(model) if diag else None
+    probe = task.probe(model) if diag and not diagnostics_na(task.routing, task.balancer) else None
     if probe is not None:
         start = time.perf_counter()
         gradient_fidelity(probe.moe, probe.x, probe.loss_fn, [estimator], samples=diag_samples,
