@@ -24,7 +24,8 @@ def test_bench_cli_tiny(tmp_path, capsys):
     assert cfg["config"] == {"d": 32, "f": 64, "E": 4, "k": 2, "T": 48}
     rows = {r["name"]: r for r in cfg["results"]}
     expected = {"dense_ideal", "moegrad/auto", "moegrad/loop", "moegrad/bmm", "estimator/topk",
-                "estimator/dense", "routing/sinkhorn", "routing/expert_choice", "routing/remoe", "router"}
+                "estimator/dense", "routing/sinkhorn", "routing/expert_choice", "routing/remoe",
+                "balancing/quantile", "router"}
     if report["transformers"] is not None:
         expected |= {"hf/eager", "hf/grouped_mm"}
     assert set(rows) == expected

@@ -16,6 +16,10 @@ For one config (d, f, E, k, T) :func:`build_cases` makes, in the order they are 
   random router on random tokens, so about E / 2 experts per token (a zero-mean logit is
   positive half the time), not the K its L1 penalty steers a trained router to: the cost of
   ReMoE's first steps, an upper bound for later ones;
+* ``balancing/quantile``: the ``auto`` layer with ``selection_bias=True`` observed by a
+  :class:`moegrad.QuantileBalancer` (its per-forward histogram update; the bias stays 0, so
+  the routing is ``estimator/topk``'s); BiasBalancer costs nothing per forward (it reads the
+  router's load counts at ``step()``);
 * ``router``: the router alone.
 
 :func:`run_torch` times them (medians of interleaved rounds) and measures ``saved_mb``
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
+from moegrad.balancing import QuantileBalancer
 from moegrad.layer import MoE
 
 
@@ -165,10 +170,10 @@ def build_cases(config: tuple, args) -> list:
     y_of = lambda out: out.y  # noqa: E731
     cases = [_dense_ideal(d, f, k, t, dtype, gen)]
 
-    def layer(impl="auto", estimator="topk", routing="topk"):
+    def layer(impl="auto", estimator="topk", routing="topk", **options):
         torch.manual_seed(args.seed)
         return MoE(d, f, e, k, impl=impl, estimator=None if routing == "remoe" else estimator,
-                   losses={}, routing=routing).to(dtype)
+                   losses={}, routing=routing, **options).to(dtype)
 
     for impl in args.impls:
         cases.append(_layer_case(f"moegrad/{impl}", "moegrad", layer(impl), x, g, y_of))
@@ -189,6 +194,9 @@ def build_cases(config: tuple, args) -> list:
     cases.append(_layer_case("routing/expert_choice", "routing",
                              layer("auto", routing="expert_choice"), x, g, y_of))
     cases.append(_layer_case("routing/remoe", "routing", layer("auto", routing="remoe"), x, g, y_of))
+    balanced = layer("auto", selection_bias=True)  # bias 0: the routing of estimator/topk
+    QuantileBalancer(balanced)  # its forward hook fills the histograms (step() is the optimizer's)
+    cases.append(_layer_case("balancing/quantile", "balancing", balanced, x, g, y_of))
     router = layer("auto").router
     cases.append(_layer_case("router", "router", router, x, torch.randn(t, k, generator=gen),
                              lambda r: r.weights))
