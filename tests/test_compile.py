@@ -189,3 +189,24 @@ def test_run_time_recomputation_ops():
     assert seen["state"].tolist() == [1.0, 2.0]
     with pytest.raises(ValueError, match="how='div'"):
         update_running_state(state, state, "div")
+
+
+def test_a_users_experts_subclass_keeps_its_forward_under_compile():
+    """The static-shape plan calls moegrad's own Experts.forward with padded=; a subclass whose
+    forward(rows, counts) has no such argument gets the exact-size rows, as in eager."""
+    torch._dynamo.reset()
+
+    class MyExperts(moegrad.Experts):
+        def forward(self, rows, counts):
+            return super().forward(rows, counts) * 2.0
+
+    torch.manual_seed(0)
+    moe = moegrad.MoE(16, 24, 8, 2, capacity_factor=0.75, losses={})
+    mine = MyExperts(16, 24, 8)
+    mine.load_state_dict(moe.experts.state_dict())
+    moe.experts = mine
+    x = torch.randn(20, 16)
+    mask = torch.arange(20) % 5 != 0
+    eager = moe(x, mask).y
+    compiled = torch.compile(moe, backend="aot_eager")(x, mask).y
+    torch.testing.assert_close(compiled, eager)

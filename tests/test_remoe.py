@@ -150,6 +150,26 @@ def test_coefficient_moves_in_training_only_and_not_in_checkpoint_recomputation(
     assert grads[0][0] == pytest.approx(grads[1][0]) and grads[0][3] == pytest.approx(grads[1][3])
     torch.testing.assert_close(grads[1][1], grads[0][1])
     torch.testing.assert_close(grads[1][2], grads[0][2])
+    # over many steps, and with an alpha whose factors do not round-trip in fp32, bit for bit
+    layers, steps = [], []
+    for checkpointed in (False, True):
+        torch.manual_seed(4)
+        layer = moegrad.MoE(8, 16, 8, 2, routing="remoe", l1_init=0.3, l1_alpha=1.25)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+        data = torch.Generator().manual_seed(5)
+        grads_here = []
+        for _ in range(25):
+            xx = torch.randn(24, 8, generator=data) + 0.5
+            run = lambda v: (lambda o: o.y.square().mean() + o.aux_loss)(layer(v))
+            loss = torch.utils.checkpoint.checkpoint(run, xx, use_reentrant=False) if checkpointed else run(xx)
+            opt.zero_grad()
+            loss.backward()
+            grads_here.append(layer.router.gate.weight.grad.clone())
+            opt.step()
+        layers.append(float(layer.router.l1_coefficient))
+        steps.append(grads_here)
+    assert layers[0] == layers[1]
+    assert all(torch.equal(a, b) for a, b in zip(*steps))
     moe.to(torch.bfloat16)  # the coefficient stays fp32 (as the selection bias does)
     assert moe.router.l1_coefficient.dtype == torch.float32
     assert float(moe.router.l1_coefficient) == pytest.approx(2e-8)

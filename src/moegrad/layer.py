@@ -60,7 +60,9 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
     top_k = routing.indices.shape[1]
     # under torch.compile a static-shape plan (no data-dependent size, no graph break): R rows,
     # the kept ones first, padding rows that moegrad's Experts skip (plan_dispatch's padded)
+    # (moegrad's own Experts.forward only: a subclass's forward(rows, counts) takes no padded=)
     padded = (torch.compiler.is_compiling() and isinstance(experts, Experts)
+              and type(experts).forward is Experts.forward
               and (keep is not None or capacity_factor is not None))
     if capacity_factor is not None:
         if routing.mask is None or not padded:

@@ -74,21 +74,23 @@ def remoe_penalty(router, routing: Routing, training: bool) -> tuple[Tensor, Ten
     activation checkpointing's re-run, and under torch.compile without a graph break).
 
     Checkpointing re-runs a training call inside its backward, after the update: the re-run
-    takes lambda / (the last update's factor, ``l1_last_factor``), the lambda its forward used,
-    so the penalty's gradient is the forward's. That holds when each call's backward comes
-    before the next training call (one forward and backward per micro-batch, gradient
+    takes ``l1_previous`` (lambda before the last update, kept exactly), the lambda its forward
+    used, so the penalty's gradient is the forward's. That holds when each call's backward
+    comes before the next training call (one forward and backward per micro-batch, gradient
     accumulation included); a schedule that runs several checkpointed forwards of a layer
     before their backwards would see the later updates."""
     top_k = router.config.top_k
     l1 = remoe_l1_loss(routing, top_k)
     # snapshots: under torch.compile the backward must not re-read the buffers updated below
-    coefficient, last = snapshot(router.l1_coefficient), snapshot(router.l1_last_factor)
+    coefficient, previous = snapshot(router.l1_coefficient), snapshot(router.l1_previous)
     if training:
-        coefficient = coefficient / (last / unless_recomputing(last, 1.0))  # / last in a re-run, else / 1
+        # True in checkpointing's re-run (tested at run time, also under torch.compile)
+        rerun = unless_recomputing(torch.ones((), device=coefficient.device), 0.0) == 0
+        current = coefficient
+        coefficient = torch.where(rerun, previous, current)
         factor = l1_coefficient_factor(routing, top_k, router.config.l1_alpha, router.l1_coefficient)
+        update_running_state(router.l1_previous, current, "copy")
         update_running_state(router.l1_coefficient, factor, "mul")
-        update_running_state(router.l1_last_factor, factor / last, "mul")  # l1_last_factor <- factor
     return coefficient * l1, l1
-
 
 __all__ = ["remoe_l1_loss", "l1_coefficient_factor", "update_l1_coefficient", "remoe_penalty"]

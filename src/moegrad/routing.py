@@ -167,20 +167,27 @@ torch.fx.node.has_side_effect(torch.ops.moegrad.check_finite_logits.default)  # 
 
 
 def update_running_state(state: Tensor, value: Tensor, how: str = "add") -> None:
-    """state += value (``how="add"``) or state *= value (``"mul"``) in place, unless this is
-    activation checkpointing's recomputation (:func:`recomputing_in_backward`), which must not
-    update running state twice. Under torch.compile the test is :func:`unless_recomputing`'s,
-    at run time (no graph break): the load counts, ReMoE's lambda."""
-    if how not in ("add", "mul"):
-        raise ValueError(f"how={how!r} must be 'add' or 'mul'")
+    """state += value (``how="add"``), state *= value (``"mul"``) or state = value (``"copy"``)
+    in place, unless this is activation checkpointing's recomputation
+    (:func:`recomputing_in_backward`), which must not update running state twice. Under
+    torch.compile the test is :func:`unless_recomputing`'s, at run time (no graph break): the
+    load counts, ReMoE's lambda."""
+    if how not in ("add", "mul", "copy"):
+        raise ValueError(f"how={how!r} must be 'add', 'mul' or 'copy'")
     if torch.compiler.is_compiling():
-        value = unless_recomputing(value, 0.0 if how == "add" else 1.0)
+        if how == "copy":
+            rerun = unless_recomputing(torch.ones((), device=state.device), 0.0) == 0
+            value = torch.where(rerun, state, value)
+        else:
+            value = unless_recomputing(value, 0.0 if how == "add" else 1.0)
     elif recomputing_in_backward():
         return
     if how == "add":
         state += value
-    else:
+    elif how == "mul":
         state *= value
+    else:
+        state.copy_(value)
 
 
 class Router(RouterViews, nn.Module):
@@ -225,7 +232,8 @@ class Router(RouterViews, nn.Module):
 
     Buffers: ``load_counts`` [E] int64, (token, slot) pairs routed to each expert in training
     mode since the last :meth:`reset_load_counts` (padding tokens excluded);
-    ``l1_coefficient`` 0-d fp32 (``routing="remoe"`` only): ReMoE's current lambda.
+    ``l1_coefficient`` 0-d fp32 (``routing="remoe"`` only): ReMoE's current lambda (and
+    ``l1_previous``, not saved: lambda before the last update, for activation checkpointing).
     """
 
     #: the expert-parallel process group, set on the instance by
@@ -256,8 +264,9 @@ class Router(RouterViews, nn.Module):
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.int64))
         if self.config.routing == "remoe":
             self.register_buffer("l1_coefficient", torch.tensor(self.config.l1_init, dtype=torch.float32))
-            # the factor of the last update (moegrad.remoe.remoe_penalty: checkpointing's re-run)
-            self.register_buffer("l1_last_factor", torch.ones((), dtype=torch.float32), persistent=False)
+            # lambda before the last update (moegrad.remoe.remoe_penalty: checkpointing's re-run)
+            self.register_buffer("l1_previous", torch.tensor(self.config.l1_init, dtype=torch.float32),
+                                 persistent=False)
         self.estimator = build_estimator(estimator, self.config, **estimator_options)
 
     # num_experts, top_k: read-only views of the config (RouterViews)
@@ -345,7 +354,7 @@ class Router(RouterViews, nn.Module):
         """``nn.Module._apply`` (behind ``.to``, ``.cuda``, ``.half``, ...) keeping the selection
         bias (and ReMoE's ``l1_coefficient``) fp32: a dtype cast moves it to the new device from
         its exact fp32 value, never through the new dtype (in bf16, BiasBalancer's +1e-3 on 0.5 would round away)."""
-        kept = {name: self._buffers.get(name) for name in ("bias", "l1_coefficient", "l1_last_factor")}
+        kept = {name: self._buffers.get(name) for name in ("bias", "l1_coefficient", "l1_previous")}
         out = super()._apply(fn, recurse)
         for name, before in kept.items():
             moved = self._buffers.get(name)
