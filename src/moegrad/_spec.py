@@ -4,8 +4,10 @@ Everything here is plain Python (no torch, no mlx, no numpy), so both frameworks
 name things the same way, from one place:
 
 * :class:`RouterConfig`: the router settings and their checks; :data:`ROUTINGS` the routing
-  methods (``routing=``) and :data:`SINKHORN_TOL` / :data:`SINKHORN_MAX_ITERS` /
-  :data:`SINKHORN_EPS`, the Sinkhorn selection's constants;
+  methods (``routing=``), :func:`resolve_estimator` / :func:`default_losses` /
+  :func:`router_capacity_factor` what each routing takes, :data:`SINKHORN_TOL` /
+  :data:`SINKHORN_MAX_ITERS` / :data:`SINKHORN_EPS` the Sinkhorn selection's constants and
+  :data:`REMOE_L1_INIT` / :data:`REMOE_L1_ALPHA` ReMoE's;
   :class:`RouterViews` / :class:`LayerViews`: the read-only views both frameworks' routers and
   layers give of them (``num_experts``, ``top_k``, ...) and their repr text;
 * :data:`ESTIMATORS`: the estimator names, their options with defaults and checks, and which
