@@ -99,18 +99,27 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> float:
-    args = parse_args(argv)
+def init_distributed(timeout: float, launch: str) -> tuple:
+    """The torchrun process group: NCCL with one GPU per process when CUDA is present, gloo on
+    the CPU (the cores shared out between the processes) -> (device, rank, world). ``launch``:
+    the command to suggest when the script was not started by torchrun."""
     if "RANK" not in os.environ:
-        raise SystemExit("launch with torchrun, e.g.: torchrun --nproc_per_node=2 examples/expert_parallel.py")
+        raise SystemExit(f"launch with torchrun, e.g.: {launch}")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return device, rank, world
+
+
+def main(argv=None) -> float:
+    args = parse_args(argv)
+    device, rank, world = init_distributed(
+        args.timeout, "torchrun --nproc_per_node=2 examples/expert_parallel.py")
     # the token exchange gets its own communicator, so it never interleaves with DDP's all-reduces
     ep_group = dist.new_group(list(range(world)))
 
@@ -134,7 +143,7 @@ def main(argv=None) -> float:
     window = moegrad.BalanceWindow(model) if args.micro_batches > 1 else None
     torch.manual_seed(args.seed + rank)  # the model is built: independent sampling noise per rank
     if rank == 0:
-        print(f"{world} processes ({'nccl' if cuda else 'gloo'}), {args.experts} experts per layer, "
+        print(f"{world} processes ({dist.get_backend()}), {args.experts} experts per layer, "
               f"{args.experts // world} per rank; {len(ignored)} expert tensors kept out of DDP; "
               f"estimator={args.estimator!r}, {args.micro_batches} micro-batch(es) per step", flush=True)
 

@@ -26,7 +26,6 @@ error.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import tempfile
 import time
@@ -39,8 +38,9 @@ from torch.distributed.device_mesh import init_device_mesh
 import moegrad
 from moegrad.fsdp import expert_parallel_fsdp, load_checkpoint, save_checkpoint
 
-# the residual MoE model of examples/expert_parallel.py (this script's directory is on sys.path)
-from expert_parallel import Model  # noqa: E402
+# the residual MoE model and the torchrun set-up of examples/expert_parallel.py (this script's
+# directory is on sys.path)
+from expert_parallel import Model, init_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -72,18 +72,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> float:
     args = parse_args(argv)
-    if "RANK" not in os.environ:
-        raise SystemExit("launch with torchrun, e.g.: torchrun --nproc_per_node=4 examples/fsdp_expert_parallel.py")
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device, rank, world = init_distributed(
+        args.timeout, "torchrun --nproc_per_node=4 examples/fsdp_expert_parallel.py")
     if world % args.ep:
         raise SystemExit(f"--ep {args.ep} must divide the number of processes {world}")
-    if not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     mesh = init_device_mesh(device.type, (world // args.ep, args.ep), mesh_dim_names=("dp", "ep"))
     options = dict(estimator=args.estimator, losses={"switch": 1e-2, "z_loss": 1e-3})
 
@@ -101,7 +93,7 @@ def main(argv=None) -> float:
     model, opt = build(args.seed)
     torch.manual_seed(args.seed + 100 + rank)  # independent sampling noise per rank
     if rank == 0:
-        print(f"{world} processes ({'nccl' if cuda else 'gloo'}): mesh dp={world // args.ep} x ep={args.ep}, "
+        print(f"{world} processes ({dist.get_backend()}): mesh dp={world // args.ep} x ep={args.ep}, "
               f"{args.experts} experts per layer, {args.experts // args.ep} per ep rank; "
               f"estimator={args.estimator!r}", flush=True)
 
