@@ -23,13 +23,13 @@ import contextlib
 import copy
 import json
 import os
-import sys
 import time
 
 import pytest
 import torch
 
 import moegrad
+from moegrad._testing import exit_without_teardown
 from moegrad.dispatch import expert_capacity, plan_dispatch
 from moegrad.losses import balance_losses
 from moegrad.routing import Routing
@@ -494,7 +494,7 @@ def _mismatch_worker(rank, world, port, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         dist.destroy_process_group()
-    _exit_without_teardown()
+    exit_without_teardown()
 
 
 def _worker(rank, world, port, out_dir):
@@ -520,17 +520,8 @@ def _worker(rank, world, port, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         dist.destroy_process_group()
-    _exit_without_teardown()
+    exit_without_teardown()
 
-
-def _exit_without_teardown():
-    """End a child whose results are on disk and whose group is gone without interpreter
-    teardown, where gloo's threads sometimes abort it under pytest ("terminate called without
-    an active exception", SIGABRT; see tests/test_balancing.py's two-rank test). Only reached
-    without an exception: a failing child still exits with its traceback."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _run_group(world, tmp_path_factory, worker=None, timeout_s=SPAWN_TIMEOUT_S):

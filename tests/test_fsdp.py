@@ -132,7 +132,7 @@ def _worker(rank, port, out_dir):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from moegrad._testing import init_process_group_for_tests
+    from moegrad._testing import exit_without_teardown, init_process_group_for_tests
     from moegrad.fsdp import expert_parallel_fsdp, load_checkpoint, save_checkpoint
 
     init_process_group_for_tests(rank, WORLD, port, 30.0)
@@ -197,7 +197,7 @@ def _worker(rank, port, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
         dist.destroy_process_group()
-    os._exit(0)  # no interpreter teardown (see tests/test_balancing.py's two-rank test)
+    exit_without_teardown()
 
 
 @pytest.fixture(scope="module")

@@ -66,3 +66,14 @@ def run_torchrun(script: str, nproc: int, args: list, timeout_s: float) -> subpr
         stdout, stderr = proc.communicate()
         raise TimeoutError(f"torchrun {script} timed out after {timeout_s:.0f} s: {stderr[-2000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def exit_without_teardown() -> None:
+    """End a spawned child whose results are written and whose process group is destroyed,
+    skipping interpreter teardown: there gloo's threads sometimes abort it under pytest
+    ("terminate called without an active exception", SIGABRT), after a correct result. Call it
+    only on success (after the ``try``/``finally``), so a failing child still exits with its
+    traceback."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

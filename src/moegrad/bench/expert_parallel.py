@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from moegrad._checks import check_int
-from moegrad._testing import free_port, init_process_group_for_tests, spawn_and_wait
+from moegrad._testing import exit_without_teardown, free_port, init_process_group_for_tests, spawn_and_wait
 from moegrad.distributed import expert_parallel
 from moegrad.estimators import available
 from moegrad.experts import IMPLS
@@ -102,6 +102,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, cfg: dict, timeout:
                 json.dump(result, f)
     finally:
         dist.destroy_process_group()
+    exit_without_teardown()
 
 
 def bench_expert_parallel(world_sizes=(1, 2, 4), *, tokens: int = DEFAULTS["tokens"],
