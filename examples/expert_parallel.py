@@ -37,6 +37,7 @@ import contextlib
 import datetime
 import inspect
 import os
+import sys
 import time
 
 import torch
@@ -196,3 +197,7 @@ def main(argv=None) -> float:
 
 if __name__ == "__main__":
     main()
+    # leave without interpreter teardown: with gloo, a finished rank's teardown sometimes hangs
+    # (or aborts) in its communication threads, and torchrun would wait for it
+    sys.stdout.flush()
+    os._exit(0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -145,3 +146,7 @@ def main(argv=None) -> float:
 
 if __name__ == "__main__":
     main()
+    # leave without interpreter teardown: with gloo, a finished rank's teardown sometimes hangs
+    # (or aborts) in its communication threads, and torchrun would wait for it
+    sys.stdout.flush()
+    os._exit(0)

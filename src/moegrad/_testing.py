@@ -8,12 +8,14 @@ timeout, so that a broken collective fails the test or benchmark instead of hang
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -51,21 +53,53 @@ def spawn_and_wait(fn: Callable, args: tuple, world: int, timeout_s: float, what
 
 
 def run_torchrun(script: str, nproc: int, args: list, timeout_s: float) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node=nproc script *args`` on a free port, in
-    its own session: after ``timeout_s`` the launcher and every rank are killed and a
-    TimeoutError carries the end of stderr (never a hang). Returns the completed process
-    (stdout, stderr as text)."""
+    """``python -m torch.distributed.run --nproc_per_node=nproc script *args`` on a free port:
+    after ``timeout_s`` the launcher and every rank (torchrun starts each in a session of its
+    own) are killed and a TimeoutError carries the end of stderr (never a hang). Returns the
+    completed process (stdout, stderr as text). The output goes through files, not pipes, so a
+    rank left over can never keep the caller waiting."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", str(script), *map(str, args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise TimeoutError(f"torchrun {script} timed out after {timeout_s:.0f} s: {stderr[-2000:]}") from None
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            for pid in _descendants(proc.pid):  # the ranks first: their own sessions
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            timed_out = True
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if timed_out:
+        raise TimeoutError(f"torchrun {script} timed out after {timeout_s:.0f} s: {stderr[-2000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _descendants(pid: int) -> list:
+    """The pids of every process below ``pid`` (Linux ``/proc``; [] elsewhere)."""
+    children: dict = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def exit_without_teardown() -> None:
