@@ -190,14 +190,14 @@ def main(argv=None) -> float:
         if args.save:
             torch.save(full, args.save)
             print(f"saved the gathered state dict to {args.save}")
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank done; the process group ends with the process (see __main__)
     return loss_value
 
 
 if __name__ == "__main__":
     main()
-    # leave without interpreter teardown: with gloo, a finished rank's teardown sometimes hangs
-    # (or aborts) in its communication threads, and torchrun would wait for it
+    # leave without destroying the process group or tearing the interpreter down: with gloo, a
+    # finished rank sometimes hangs (or aborts) there in its communication threads after the
+    # other ranks have left, and torchrun would wait for it forever
     sys.stdout.flush()
     os._exit(0)

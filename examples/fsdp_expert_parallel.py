@@ -140,13 +140,14 @@ def main(argv=None) -> float:
         print(f"done in {time.perf_counter() - start:.1f}s: relative mse {first:.4f} -> {loss_value:.4f}; "
               f"after the checkpoint round-trip the next step's loss is {resumed:.6f}, "
               f"continuing without it {continued:.6f} (|diff| {abs(resumed - continued):.1e})", flush=True)
-    dist.destroy_process_group()
+    dist.barrier()  # every rank done; the process group ends with the process (see __main__)
     return resumed
 
 
 if __name__ == "__main__":
     main()
-    # leave without interpreter teardown: with gloo, a finished rank's teardown sometimes hangs
-    # (or aborts) in its communication threads, and torchrun would wait for it
+    # leave without destroying the process group or tearing the interpreter down: with gloo, a
+    # finished rank sometimes hangs (or aborts) there in its communication threads after the
+    # other ranks have left, and torchrun would wait for it forever
     sys.stdout.flush()
     os._exit(0)
