@@ -11,8 +11,7 @@ loads only MLX, never torch.
 
 from __future__ import annotations
 
-import importlib
-import sys
+from moegrad._namespace import lazy_names, public_dir
 
 __version__ = "0.1.0"
 
@@ -28,15 +27,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'moegrad' has no attribute {name!r}")
-    module = importlib.import_module(_EXPORTS[name])
-    value = module if module.__name__ == f"moegrad.{name}" else getattr(module, name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _EXPORTS)
 
 
-def __dir__() -> list[str]:
-    """The public names and the loaded public submodules, not the names this file imports to work."""
-    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"moegrad.{n}" in sys.modules})
+__dir__ = public_dir(__name__, __all__)

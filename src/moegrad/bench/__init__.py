@@ -9,8 +9,7 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
+from moegrad._namespace import lazy_names, public_dir
 
 #: public name -> its module, imported on first use (``moegrad bench --help`` loads no torch)
 _EXPORTS = {**dict.fromkeys(("add_arguments", "run", "run_world_sizes", "summarize", "format_table"),
@@ -22,14 +21,7 @@ __all__ = ["add_arguments", "run", "run_world_sizes", "summarize", "format_table
            "build_cases", "run_torch", "peak_bytes", "saved_bytes"]
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'moegrad.bench' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _EXPORTS)
 
 
-def __dir__() -> list[str]:
-    """The public names and the loaded submodules."""
-    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})
+__dir__ = public_dir(__name__, __all__)

@@ -13,7 +13,7 @@
   violation, dead experts, entropy, drops and balance losses during training, from forward hooks.
 """
 
-import sys
+from moegrad._namespace import public_dir
 
 from moegrad.diagnostics.drift import compare_routing, js_divergence, router_layers, topk_overlap
 from moegrad.diagnostics.expected import (WEIGHT_RULES, dense_mixture_loss, expected_loss,
@@ -35,6 +35,4 @@ __all__ = ["WEIGHT_RULES", "dense_mixture_loss", "expected_loss", "subset_probab
            "router_layers", "topk_overlap", "RoutingMonitor"]
 
 
-def __dir__() -> list[str]:
-    """The public names and the loaded submodules, not the names this file imports to work."""
-    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})
+__dir__ = public_dir(__name__, __all__)

@@ -18,7 +18,7 @@ the same way).
 
 from __future__ import annotations
 
-import sys
+from moegrad._namespace import public_dir
 
 from moegrad._spec import make_registry
 from moegrad.estimators.base import Estimator, Picked
@@ -37,6 +37,4 @@ __all__ = ["Estimator", "Picked", "available", "get", "build_estimator", "REGIST
            "SparseMixer"]
 
 
-def __dir__() -> list[str]:
-    """The public names and the loaded public submodules, not the names this file imports to work."""
-    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})
+__dir__ = public_dir(__name__, __all__)

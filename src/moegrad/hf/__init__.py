@@ -27,8 +27,7 @@ and checkpointing: docs/hf.md. The package, one file per concern (imports run to
 
 from __future__ import annotations
 
-import importlib
-import sys
+from moegrad._namespace import lazy_names, public_dir
 
 from moegrad.hf.experts import IMPLS, GptOssExpertsView, HFExperts
 from moegrad.hf.families import FAMILIES, Family, supported
@@ -43,14 +42,7 @@ __all__ = ["patch", "unpatch", "routers", "aux_loss", "supported", "FAMILIES", "
 _LAZY = {"RoutingCallback": "moegrad.hf.callback"}
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'moegrad.hf' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
-def __dir__() -> list[str]:
-    """The public names and the loaded submodules, not the names this file imports to work."""
-    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})
+__dir__ = public_dir(__name__, __all__)

@@ -21,7 +21,7 @@ This subpackage imports only ``mlx`` and those pure-Python modules; torch is imp
 from_torch/to_torch only.
 """
 
-import sys
+from moegrad._namespace import public_dir
 
 from moegrad.mlx import estimators, losses
 from moegrad.mlx.convert import from_torch, to_torch
@@ -35,6 +35,4 @@ __all__ = ["MoE", "MoEOutput", "MoEStats", "Router", "RouterConfig", "Routing", 
            "BiasBalancer", "QuantileBalancer", "estimators", "losses", "topk", "from_torch", "to_torch"]
 
 
-def __dir__() -> list[str]:
-    """The public names and the loaded public submodules."""
-    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})
+__dir__ = public_dir(__name__, __all__)

@@ -17,26 +17,15 @@
 
 from __future__ import annotations
 
-import sys
+from moegrad._namespace import lazy_names, public_dir
 
 __all__ = ["run_study", "TASKS", "Task", "get_task"]
 
 
-def __getattr__(name: str):
-    """``run_study`` (it imports matplotlib, the plots) and the task table ``TASKS``, ``Task``,
-    ``get_task`` (torch), imported on first use: ``moegrad --help`` and ``moegrad study
-    --help`` (importing :mod:`moegrad.study.cli`, hence this package) load neither."""
-    if name == "run_study":
-        from moegrad.study.runner import run_study
+#: ``run_study`` (it imports matplotlib, the plots) and the task table ``TASKS``, ``Task``,
+#: ``get_task`` (torch), imported on first use: ``moegrad --help`` and ``moegrad study --help``
+#: (importing :mod:`moegrad.study.cli`, hence this package) load neither
+__getattr__ = lazy_names(__name__, {"run_study": "moegrad.study.runner", "TASKS": "moegrad.study.tasks",
+                                    "Task": "moegrad.study.tasks", "get_task": "moegrad.study.tasks"})
 
-        return run_study
-    if name in ("TASKS", "Task", "get_task"):
-        from moegrad.study import tasks
-
-        return getattr(tasks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    """The public names and the loaded public submodules, not the names this file imports to work."""
-    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and f"{__name__}.{n}" in sys.modules})
+__dir__ = public_dir(__name__, __all__)
