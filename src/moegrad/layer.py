@@ -31,7 +31,7 @@ from moegrad.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispa
 from moegrad.experts import Experts
 from moegrad.losses import balance_losses
 from moegrad.remoe import remoe_penalty
-from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward
+from moegrad.routing import Router, Routing, flatten_tokens, recomputing_in_backward, unless_recomputing
 
 
 def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.Module, *,
@@ -85,16 +85,27 @@ def run_experts(x: Tensor, routing: Routing, experts: nn.Module, estimator: nn.M
     return estimator.mix(y, x, routing, experts), plan
 
 
-@torch.compiler.disable
 def _observe(estimator: nn.Module, sums: Tensor, counts: Tensor, group) -> None:
     """estimator.observe(sums [E, D], counts [E]) (all-reduced over ``group``), not in
-    checkpointing's recomputation. Eager under torch.compile (a graph break, default_moe only):
-    traced, the in-place EMA update of the estimator's buffers, read again by ``mix`` in the
-    same graph, came out with a wrong router gradient under inductor (see benchmarks/compile.md)."""
+    checkpointing's recomputation. Under torch.compile (no group) it is traced, and the
+    recomputation test runs at run time: a recomputation observes zero sums and counts, which
+    changes nothing (``default_moe`` updates only experts with counts > 0)."""
+    if group is not None:
+        _observe_over_group(estimator, sums, counts, group)
+    elif torch.compiler.is_compiling():
+        keep = unless_recomputing(torch.ones((), device=counts.device), 0.0)  # 0-d: 1, or 0 in a rerun
+        estimator.observe(sums * keep, counts * keep.long())
+    elif not recomputing_in_backward():
+        estimator.observe(sums, counts)
+
+
+@torch.compiler.disable
+def _observe_over_group(estimator: nn.Module, sums: Tensor, counts: Tensor, group) -> None:
+    """:func:`_observe` over an expert-parallel group: every rank's statistics, so the buffers
+    stay identical (eager under torch.compile: the all-reduce is a graph break)."""
     if recomputing_in_backward():
         return
-    if group is not None:  # every rank's statistics, so the buffers stay identical
-        sums, counts = reduce_observation(sums, counts, group)
+    sums, counts = reduce_observation(sums, counts, group)
     estimator.observe(sums, counts)
 
 

@@ -79,7 +79,9 @@ class Estimator(EstimatorOptions, nn.Module):
         return y
 
     def observe(self, sums: Tensor, counts: Tensor) -> None:
-        """sums [E, D] of expert outputs over routed tokens, counts [E] (training only)."""
+        """sums [E, D] of expert outputs over routed tokens, counts [E] (training only; not
+        called in activation checkpointing's recomputation, except under torch.compile, where
+        the recomputation passes zero sums and counts: observing nothing must change nothing)."""
 
     # -- helpers for sampling estimators
     def _uniform(self, like: Tensor) -> Tensor:
