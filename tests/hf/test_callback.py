@@ -191,3 +191,34 @@ def test_an_evaluation_log_gets_the_evaluation_forwards(tmp_path, logging_steps,
         for metric, want in by_hand(recorded[False][2 * i:2 * i + 2], e).items():
             assert evaluation[f"eval_moe/model.layers.1.mlp/{metric}"] == pytest.approx(want, rel=1e-5, abs=1e-7)
         assert not any(k.startswith("moe/") for k in evaluation)
+
+
+def test_a_prefixed_evaluation_and_predict_keep_their_forwards_apart(tmp_path):
+    """evaluate(metric_key_prefix="test") logs its forwards under test_moe/...; predict() logs
+    nothing, and neither's forwards reach the next evaluate()'s log."""
+    model = tiny("qwen3_moe")
+    mh.patch(model, "topk", losses={"switch": 1e-2})
+    router = model.model.layers[1].mlp.moegrad_router
+    recorded = []
+    router.register_forward_hook(lambda mod, args, r: recorded.append(
+        {"indices": r.indices.clone(), "scores": r.scores.detach().clone(), "logits": r.logits.detach().clone()}))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args)
+    mh.RoutingCallback().attach(trainer)
+    e = model.config.num_experts
+    key = "model.layers.1.mlp/load_cv"
+    test = trainer.evaluate(Dataset(n=4), metric_key_prefix="test")  # 2 forwards
+    logged = trainer.state.log_history[-1]
+    assert test["test_loss"] == logged["test_loss"]
+    assert logged[f"test_moe/{key}"] == pytest.approx(by_hand(recorded[:2], e)["load_cv"], rel=1e-5)
+    assert not any(k.startswith(("eval_moe/", "moe/")) for k in logged)
+    trainer.predict(Dataset(n=2))  # 1 forward, not logged
+    assert len(recorded) == 3 and len(trainer.state.log_history) == 1
+    trainer.evaluate(Dataset(n=2, seq=5))  # 1 forward: its own only
+    want = by_hand(recorded[3:], e)
+    assert len(recorded) == 4
+    assert trainer.state.log_history[-1][f"eval_moe/{key}"] == pytest.approx(want["load_cv"], rel=1e-5, abs=1e-7)
+    assert trainer.state.log_history[-1][f"eval_moe/{key.replace('load_cv', 'entropy')}"] == pytest.approx(
+        want["entropy"], rel=1e-5)

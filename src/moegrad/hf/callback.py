@@ -12,9 +12,10 @@ appended to ``state.log_history``. Callbacks after this one in the Trainer's lis
 W&B, ... from ``report_to``) then log them: :meth:`attach` puts it first; passed as
 ``Trainer(callbacks=[...])`` it comes after the reporting callbacks, which then miss the values
 (``state.log_history`` still has them, and a warning says so when ``report_to`` is set). An
-evaluation log gets the eval-mode forwards' values under ``eval_moe/...``, a training log the
-training-mode forwards' (TensorBoard shows them as ``train/moe/...`` and ``eval/moe/...``),
-whatever ``logging_steps`` and ``eval_steps`` are. No extra forward pass: forward hooks read
+evaluation log gets the eval-mode forwards' values under ``eval_moe/...`` (``<prefix>_moe/...``
+for ``evaluate(metric_key_prefix=...)``), a training log the training-mode forwards'
+(TensorBoard shows them as ``train/moe/...`` and ``eval/moe/...``), whatever ``logging_steps``
+and ``eval_steps`` are; ``predict()`` forwards are not logged. No extra forward pass: forward hooks read
 what the patched blocks computed. The hooks stay after training (``trainer.evaluate()`` later
 is logged too); ``callback.monitor.remove()`` takes them off. Each process reports its own
 routing (no all-reduce).
@@ -75,8 +76,9 @@ class RoutingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is None or logs is None:
             return
-        if any(key.startswith("eval_") for key in logs):
-            values = {f"eval_{key}": value for key, value in self.monitor.read(mode="eval").items()}
+        prefix = evaluation_prefix(logs)
+        if prefix is not None:
+            values = {f"{prefix}_{key}": value for key, value in self.monitor.read(mode="eval").items()}
         else:
             values = self.monitor.read(mode="train")
         logs.update(values)
@@ -88,3 +90,23 @@ class RoutingCallback(TrainerCallback):
             warnings.warn("RoutingCallback was given as Trainer(callbacks=[...]), so it runs after the "
                           f"report_to callbacks {reporting}, which miss its values; use "
                           "RoutingCallback().attach(trainer)", UserWarning, stacklevel=2)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        """Forget eval-mode forwards the evaluation's log did not take (it reads them first)."""
+        if self.monitor is not None:
+            self.monitor.reset(mode="eval")
+
+    def on_predict(self, args, state, control, **kwargs):
+        """``Trainer.predict`` logs nothing: its forwards must not reach the next evaluation's log."""
+        if self.monitor is not None:
+            self.monitor.reset(mode="eval")
+
+
+def evaluation_prefix(logs: dict) -> Optional[str]:
+    """The ``metric_key_prefix`` of an evaluation log ("eval", "test", "eval_<dataset name>"),
+    from the ``<prefix>_runtime`` key Trainer's speed metrics add to it; None for a training
+    log (also the end-of-training summary, whose prefix is "train")."""
+    for key in logs:
+        if key.endswith("_runtime") and key != "train_runtime":
+            return key[: -len("_runtime")]
+    return "eval" if any(key.startswith("eval_") for key in logs) else None
