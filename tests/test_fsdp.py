@@ -267,6 +267,26 @@ def test_bad_mesh_and_models_raise_value_errors(results):
     assert "num_experts=3" in bad["odd_experts"] and "not divisible" in bad["odd_experts"]
 
 
+def test_arguments_of_the_wrong_type_raise_type_errors_before_any_collective(tmp_path):
+    """Checked in one process (no process group needed): swapped checkpoint arguments, a single
+    block instead of a list, an mp_policy of the wrong type, a model that is not a module."""
+    from moegrad import fsdp
+
+    model, opt = Tiny(0), None
+    with pytest.raises(TypeError, match=r"save_checkpoint: optimizer must be a torch.optim.Optimizer.*str"):
+        fsdp.save_checkpoint(model, str(tmp_path), opt)
+    with pytest.raises(TypeError, match=r"load_checkpoint: path must be a str or os.PathLike.*SGD"):
+        fsdp.load_checkpoint(model, None, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"checkpoint_state: model must be a torch.nn.Module.*str"):
+        fsdp.checkpoint_state("m")
+    with pytest.raises(ValueError, match="full_expert_tensor: model was not sharded"):
+        fsdp.full_expert_tensor(torch.zeros(1), model, "w1")
+    with pytest.raises(TypeError, match=r"blocks must be an iterable.*got one Linear: pass \[block\]"):
+        fsdp.expert_parallel_fsdp(model, None, blocks=nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="mp_policy must be a .*MixedPrecisionPolicy or None, got int"):
+        fsdp.expert_parallel_fsdp(model, None, mp_policy=3)
+
+
 def test_reference_model_is_deterministic():
     """The reference builds the same weights from a seed (what the ranks rely on)."""
     a, b = Tiny(0), copy.deepcopy(Tiny(0))

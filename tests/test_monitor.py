@@ -118,6 +118,23 @@ def test_bad_models_are_refused():
         RoutingMonitor(moegrad.MoE(dim=4, hidden_dim=4, num_experts=2, top_k=1)).write_tensorboard()
 
 
+def test_bad_arguments_raise_type_errors(tmp_path, monkeypatch):
+    """Nothing is created for a tensorboard_dir of the wrong type (it used to become ./123)."""
+    monkeypatch.chdir(tmp_path)
+    moe = moegrad.MoE(dim=4, hidden_dim=4, num_experts=2, top_k=1)
+    for bad in (123, True):
+        with pytest.raises(TypeError, match=f"tensorboard_dir must be .* got {type(bad).__name__}"):
+            RoutingMonitor(moe, tensorboard_dir=bad)
+    assert list(tmp_path.iterdir()) == []
+    monitor = RoutingMonitor(moe)
+    moe(torch.randn(3, 4))
+    with pytest.raises(TypeError, match="reset must be True or False, got 'no'"):
+        monitor.read(reset="no")
+    with pytest.raises(TypeError, match="writer must be a SummaryWriter .* got str"):
+        monitor.write_tensorboard("w")
+    assert monitor.read()  # nothing was read and reset by the refused calls
+
+
 def test_write_tensorboard_writes_the_read_values(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -117,9 +117,9 @@ class ExpertParallelExperts(nn.Module):
         world, rank = group_size(group), group_rank(group)
         if experts.num_experts % world:
             raise ValueError(
-                f"num_experts={experts.num_experts} is not divisible by the world size {world} of "
-                "the process group: expert parallelism gives every rank E / W experts; choose "
-                "num_experts a multiple of the number of ranks (or a smaller group)")
+                f"num_experts={experts.num_experts} is not divisible by {world}, the size of the "
+                "expert-parallel process group: expert parallelism gives each of its W ranks E / W "
+                "experts; choose num_experts a multiple of W (or a smaller group)")
         self.group, self.world, self.rank = group, world, rank
         self.dim, self.hidden_dim = experts.dim, experts.hidden_dim
         self.num_experts, self.activation = experts.num_experts, experts.activation
@@ -606,9 +606,9 @@ def expert_parallel(moe, group=None):
             f"need every expert on every rank); use one of {sorted(LOCAL_ESTIMATORS + CONVERTED_ESTIMATORS)}")
     elif moe.num_experts % world:
         problem = ValueError(
-            f"num_experts={moe.num_experts} is not divisible by the world size {world}: expert "
-            "parallelism gives every rank num_experts / world_size experts; use a multiple of the "
-            "number of ranks (or a smaller process group)")
+            f"num_experts={moe.num_experts} is not divisible by {world}, the size of the "
+            "expert-parallel process group: expert parallelism gives each of its ranks "
+            "num_experts / size experts; use a multiple of the group's size (or a smaller group)")
     _check_identical(moe, group, problem)
     moe.experts = ExpertParallelExperts(moe.experts, group)
     if name == "dense" and type(estimator) is Dense:

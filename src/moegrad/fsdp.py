@@ -60,6 +60,7 @@ outside the experts' forward, where FSDP holds only shards); ``mesh`` must cover
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterable, Optional
 
 import torch
@@ -135,10 +136,16 @@ def expert_parallel_fsdp(model: nn.Module, mesh, *, dp_dim: str = "dp", ep_dim: 
     ``model.moegrad_fsdp_layout`` (:class:`FSDPLayout`) for the checkpoint helpers.
     """
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(blocks, nn.Module) and not hasattr(type(blocks), "__iter__"):
+        raise TypeError(f"blocks must be an iterable of submodules of model (e.g. a list or "
+                        f"model.layers), got one {type(blocks).__name__}: pass [block]")
+    if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
+        raise TypeError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, got "
+                        f"{type(mp_policy).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("expert_parallel_fsdp needs torch.distributed: call init_process_group first "
                            "(e.g. launch with torchrun)")
@@ -192,10 +199,21 @@ def expert_parallel_fsdp(model: nn.Module, mesh, *, dp_dim: str = "dp", ep_dim: 
     return model
 
 
-def _layout(model) -> FSDPLayout:
+def _layout(model, optimizer=None, path=None, where: str = "") -> FSDPLayout:
+    """The model's :class:`FSDPLayout`, after checking the arguments of the checkpoint helper
+    ``where`` (``optimizer``: None or an Optimizer; ``path``: a str or os.PathLike)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be a torch.nn.Module sharded by expert_parallel_fsdp, got "
+                        f"{type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{where}: optimizer must be a torch.optim.Optimizer or None, got "
+                        f"{type(optimizer).__name__} (the order is (model, optimizer, path))")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{where}: path must be a str or os.PathLike (a checkpoint directory), got "
+                        f"{type(path).__name__} (the order is (model, optimizer, path))")
     layout = getattr(model, "moegrad_fsdp_layout", None)
     if not isinstance(layout, FSDPLayout):
-        raise ValueError("model was not sharded by moegrad.fsdp.expert_parallel_fsdp (no "
+        raise ValueError(f"{where}: model was not sharded by moegrad.fsdp.expert_parallel_fsdp (no "
                          "moegrad_fsdp_layout attribute)")
     return layout
 
@@ -243,7 +261,7 @@ def checkpoint_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
     the global [E, ...] tensor under the single-process name (module docstring). Collective."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    layout, names = _layout(model), _expert_names(model)
+    layout, names = _layout(model, optimizer, where="checkpoint_state"), _expert_names(model)
     model_state = {}
     for key, value in get_model_state_dict(model).items():
         if key in names:
@@ -266,6 +284,7 @@ def save_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     """``dcp.save(checkpoint_state(model, optimizer), checkpoint_id=path)`` (every rank)."""
     import torch.distributed.checkpoint as dcp
 
+    _layout(model, optimizer, path, where="save_checkpoint")
     dcp.save(checkpoint_state(model, optimizer), checkpoint_id=path)
 
 
@@ -276,6 +295,7 @@ def load_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    _layout(model, optimizer, path, where="load_checkpoint")
     state = checkpoint_state(model, optimizer)
     dcp.load(state, checkpoint_id=path)
     names = _expert_names(model)
@@ -302,10 +322,11 @@ def load_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
 def full_expert_tensor(value, model: nn.Module, name: str):
     """The whole [E, ...] tensor of expert parameter (or gradient) ``value`` of parameter ``name``
     (``<prefix>.local.w1``), gathered over every rank (collective; for tests and inspection)."""
+    layout = _layout(model, where="full_expert_tensor")
     names = _expert_names(model)
     if name not in names:
         raise ValueError(f"{name!r} is not an expert parameter of model; expert parameters: {sorted(names)}")
-    return _to_global(value, names[name][1], _layout(model).expert_mesh).full_tensor()
+    return _to_global(value, names[name][1], layout.expert_mesh).full_tensor()
 
 
 __all__ = ["expert_parallel_fsdp", "FSDPLayout", "checkpoint_state", "save_checkpoint", "load_checkpoint",

@@ -34,6 +34,7 @@ until :meth:`read`; the entropy is read to the host once per layer forward.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -160,6 +161,9 @@ class RoutingMonitor:
             raise ValueError(f"RoutingMonitor: {type(model).__name__} holds no moegrad.MoE layer and no "
                              "router (moegrad.Router, or a model patched by moegrad.hf.patch)")
         self._writer = None
+        if tensorboard_dir is not None and not isinstance(tensorboard_dir, (str, os.PathLike)):
+            raise TypeError(f"RoutingMonitor: tensorboard_dir must be a str or os.PathLike (a directory) or "
+                            f"None, got {type(tensorboard_dir).__name__}")
         if tensorboard_dir is not None:
             self._writer = self._summary_writer()(log_dir=str(tensorboard_dir))
 
@@ -199,6 +203,8 @@ class RoutingMonitor:
         none left out): ``mode`` "train" or "eval" the training-mode or eval-mode forwards
         only, None both; ``reset=False`` keeps accumulating (else the forwards read are
         forgotten, the other mode's kept)."""
+        if not isinstance(reset, bool):
+            raise TypeError(f"RoutingMonitor.read: reset must be True or False, got {reset!r}")
         modes = self._modes(mode)
         out = {}
         for name, by_mode in self._sums.items():
@@ -233,6 +239,9 @@ class RoutingMonitor:
                 raise ValueError("RoutingMonitor.write_tensorboard: writer=None needs "
                                  "RoutingMonitor(model, tensorboard_dir=...); or pass a SummaryWriter")
             writer = self._writer
+        elif not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"RoutingMonitor.write_tensorboard: writer must be a SummaryWriter (anything with "
+                            f"add_scalar(tag, value, step)) or None, got {type(writer).__name__}")
         values = self.read(reset=reset, mode=mode)
         for key, value in values.items():
             writer.add_scalar(key, value, step)
