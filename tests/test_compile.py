@@ -155,6 +155,34 @@ def test_padded_plan_keeps_the_eager_rows(capacity):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["gumbel", "noisy_topk", "sparsemixer"])
+def test_sampling_estimators_compile_to_eager_given_eagers_random_numbers(estimator, tmp_path, monkeypatch):
+    """Sampling estimators compile with no graph break. Inductor draws its own random numbers
+    (another stream than eager's for the same seed), so a compiled training step samples
+    other noise; with ``fallback_random=True`` (eager's RNG calls inside the compiled code) it
+    gives eager's y and every gradient: the graph computes the same function of the noise."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moe = moegrad.MoE(16, 32, 4, 2, estimator=estimator).train()
+    x = torch.randn(16, 16)
+    explained = torch._dynamo.explain(moe)(x.clone().requires_grad_())
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+    state = {k: v.clone() for k, v in moe.state_dict().items()}
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(moe)
+        runs = []
+        for module in (moe, compiled):
+            torch.manual_seed(1)
+            runs.append(_run(module, moe, x, True, None, state))
+    for u, v in zip(*runs):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("forward_defaults", [False, True])
 def test_compiled_default_moe_under_checkpointing_observes_once(forward_defaults, tmp_path, monkeypatch):
     """default_moe's EMA is traced into the compiled graph (custom op moegrad::update_defaults);
