@@ -72,7 +72,7 @@ CASES = {  # name: (layer options, with a padding mask)
     "dense": ({"estimator": "dense"}, False),
     "default_moe": ({"estimator": "default_moe"}, False),
     "capacity": ({"capacity_factor": 1.0}, False),
-    "capacity_mask": ({"capacity_factor": 1.0}, True),
+    "capacity_mask": ({"capacity_factor": 1.0, "losses": {"switch": 1e-2, "z_loss": 1e-3}}, True),
     "sinkhorn": ({"routing": "sinkhorn"}, False),
     "expert_choice_mask": ({"routing": "expert_choice"}, True),
     "remoe_mask": ({"routing": "remoe", "l1_init": 0.5}, True),

@@ -221,6 +221,18 @@ def test_z_loss_beyond_fp32_raises_naming_the_cause():
     assert not math.isfinite(float(losses.z_loss(_logits_routing(bad))))
 
 
+def test_z_loss_compiles_with_its_checks_at_run_time():
+    """Under torch.compile the overflow check is a custom op (no graph break): the same error,
+    the same value, and 0 for a batch of padding only."""
+    compiled = torch.compile(lambda logits, mask: losses.z_loss(_logits_routing(logits, mask)),
+                             backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match=r"z_loss = mean_t logsumexp\(z_t\)\^2 = 1e\+40 exceeds the float32"):
+        compiled(torch.full((4, 6), 1e20), None)
+    logits, mask = torch.randn(5, 6), torch.tensor([True, False, True, True, False])
+    torch.testing.assert_close(compiled(logits, mask), losses.z_loss(_logits_routing(logits, mask)))
+    assert float(compiled(logits, torch.zeros(5, dtype=torch.bool))) == 0.0
+
+
 def test_z_loss_under_expert_parallelism_decides_overflow_from_global_sums(monkeypatch):
     """The ``group`` path with the collectives replaced by a fake 2-rank group whose other rank
     holds the same tokens (sum over ranks = 2 x): this rank's share is the local mean."""

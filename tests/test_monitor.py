@@ -172,3 +172,59 @@ def test_training_and_eval_forwards_are_read_apart():
     assert monitor.read() == evaluation  # the eval forwards were still there
     with pytest.raises(ValueError, match="mode='test' must be None"):
         monitor.read(mode="test")
+
+
+class Stack(nn.Module):
+    """Two MoE layers inside a model, as torch.compile(model) sees them (hooks inlined)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = moegrad.MoE(dim=8, hidden_dim=12, num_experts=6, top_k=2, losses={"switch": 1e-2, "z_loss": 1e-3})
+        self.b = moegrad.MoE(dim=8, hidden_dim=12, num_experts=4, top_k=1, capacity_factor=0.5)
+
+    def forward(self, x, mask=None):
+        return self.b(x + self.a(x, mask).y, mask).y
+
+
+@pytest.mark.slow
+def test_a_compiled_model_is_monitored_with_no_graph_break_as_in_eager(tmp_path, monkeypatch):
+    """The hooks trace into torch.compile(model): no graph break, one graph per mode (no
+    recompile), and the values of eager's forwards (training, eval, padding, drops, losses);
+    activation checkpointing's re-run of the compiled model in backward is counted once."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    net = Stack()
+    monitor = RoutingMonitor(net)
+    mask = torch.arange(10) % 4 != 3
+    torch._dynamo.reset()
+    for training in (True, False):
+        explained = torch._dynamo.explain(net.train(training))(torch.randn(10, 8, requires_grad=training), mask)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monitor.reset()
+    xs = [torch.randn(10, 8) for _ in range(4)]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    compiled = torch.compile(net)
+    runs = []
+    for module in (net, compiled, "checkpointed"):
+        net.load_state_dict(state)
+        for step, x in enumerate(xs):
+            net.train(step != 2)
+            xx = x.clone().requires_grad_(net.training)
+            if module == "checkpointed" and net.training:
+                with set_checkpoint_early_stop(False):  # the whole compiled forward re-runs
+                    y = checkpoint(compiled, xx, mask, use_reentrant=False)
+            else:
+                y = (compiled if module == "checkpointed" else module)(xx, mask)
+            if net.training:
+                y.square().sum().backward()
+        runs.append((monitor.read(mode="train"), monitor.read(mode="eval")))
+        if module is compiled:  # training and eval (checkpointing's saved-tensor hooks recompile)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    for run in runs[1:]:
+        for got, want in zip(run, runs[0]):
+            assert got.keys() == want.keys()
+            for key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    assert runs[0][0]["moe/b/dropped"] > 0

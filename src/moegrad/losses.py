@@ -162,12 +162,14 @@ def z_loss(routing: Routing, group=None) -> Tensor:
     if group is None:
         n = real.sum()
         out = (lse * (lse * (real / n.clamp(min=1.0)))).sum()
+        if torch.compiler.is_compiling():  # the same check at run time (a custom op): no graph break
+            torch.ops.moegrad.check_z_loss_range(out.detach(), lse.detach(), real)
+            return torch.where(n > 0, out, torch.zeros_like(out))
         num, finite = torch.stack([n, torch.isfinite(out).to(n.dtype)]).tolist()  # one sync
         if num == 0:
             return logits.new_zeros(())
-        if not finite and bool(torch.isfinite(lse[real > 0]).all()):
-            total = sum(v * v for v in lse.detach()[real > 0].tolist()) / num  # Python floats (fp64)
-            _z_loss_overflow(total, lse, real, limit)
+        if not finite:
+            _raise_if_overflowed(lse, real, num)
         return out
     # expert parallelism: decided from global fp64 sums, so every rank raises or none does
     local = (lse.detach().double().square() * real).sum()
@@ -180,6 +182,30 @@ def z_loss(routing: Routing, group=None) -> Tensor:
         if float(over) > 0:
             _z_loss_overflow(total / num, lse, real, limit)
     return (lse * (lse * (real * (share / num)))).sum()
+
+
+def _raise_if_overflowed(lse: Tensor, real: Tensor, num: float) -> None:
+    """A non-finite local z_loss over ``num`` real tokens: raise the overflow error if every real
+    token's logsumexp is finite (else the logits themselves were not: the loss stays NaN/Inf)."""
+    if bool(torch.isfinite(lse[real > 0]).all()):
+        total = sum(v * v for v in lse.detach()[real > 0].tolist()) / num  # Python floats (fp64)
+        _z_loss_overflow(total, lse, real, torch.finfo(lse.dtype).max)
+
+
+@torch.library.custom_op("moegrad::check_z_loss_range", mutates_args=())
+def _check_z_loss_range(out: Tensor, lse: Tensor, real: Tensor) -> None:
+    """z_loss's overflow check under torch.compile, at run time: out 0-d, lse [T], real [T]."""
+    num = float(real.sum())
+    if num and not bool(torch.isfinite(out)):
+        _raise_if_overflowed(lse, real, num)
+
+
+@_check_z_loss_range.register_fake
+def _(out, lse, real):
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.moegrad.check_z_loss_range.default)  # no output, kept
 
 
 def _z_loss_overflow(mean: float, lse: Tensor, real: Tensor, limit: float) -> None:

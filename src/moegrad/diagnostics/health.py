@@ -50,14 +50,20 @@ def max_violation(load: Tensor) -> float:
     return float(load.max() / mean - 1.0) if float(mean) > 0 else 0.0
 
 
-def router_entropy(scores: Tensor) -> float:
-    """Mean normalised entropy of the per-token score distribution, scores [T, E] -> [0, 1]."""
+def token_entropy(scores: Tensor) -> Tensor:
+    """scores [T, E] -> [T] float64 normalised entropy H(s'_t) / log E of each token's scores
+    (s' = s / sum_e s, detached; 0 for E < 2). Static shapes: it traces under torch.compile."""
     s = scores.detach().double()
-    if s.shape[-1] < 2 or s.shape[0] == 0:
-        return 0.0
+    if s.shape[-1] < 2:
+        return s.new_zeros(s.shape[0])
     p = s / s.sum(-1, keepdim=True).clamp_min(1e-300)
-    h = -(p * p.clamp_min(1e-300).log()).sum(-1)
-    return float(h.mean() / math.log(s.shape[-1]))
+    return -(p * p.clamp_min(1e-300).log()).sum(-1) / math.log(s.shape[-1])
+
+
+def router_entropy(scores: Tensor) -> float:
+    """Mean normalised entropy of the per-token score distribution, scores [T, E] -> [0, 1]
+    (the mean of :func:`token_entropy`; 0 for no token)."""
+    return float(token_entropy(scores).mean()) if scores.shape[0] else 0.0
 
 
 def purity(first_choice: Tensor, truth: Tensor, num_experts: int, num_classes: int) -> float:
@@ -127,7 +133,8 @@ def routing_health(routing, truth: Optional[Tensor] = None, num_classes: Optiona
         counts = chosen.sum(0).double()
         load = counts / counts.sum().clamp_min(1)
     out = {"load": load.tolist(), "load_cv": load_cv(load), "max_violation": max_violation(load),
-           "entropy": router_entropy(routing.scores), "idle": int((load == 0).sum())}
+           "entropy": router_entropy(routing.scores if routing.mask is None else routing.scores[routing.mask]),
+           "idle": int((load == 0).sum())}
     if truth is not None and chosen is not None:
         raise ValueError("routing_health(truth=...): purity needs each token's first expert, which "
                          "routing='expert_choice' does not give; pass truth=None")

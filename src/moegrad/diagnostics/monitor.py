@@ -21,8 +21,9 @@ once):
 
 :meth:`read` returns them as a flat dict of floats keyed ``"moe/<layer name>/<metric>"``
 (the layer name is the module's qualified name, "moe" for the model itself); a layer that
-saw no forward since the last read is left out. Counts, drops and losses stay on the device
-until :meth:`read`; the entropy is read to the host once per layer forward.
+saw no forward since the last read is left out. Every sum stays on the device until
+:meth:`read` (no host sync per forward), updated in place with static shapes: under
+``torch.compile(model)`` the hooks trace into the graph with no graph break and no recompile.
 
     monitor = RoutingMonitor(model)                 # or RoutingMonitor(model, tensorboard_dir="runs")
     for step, batch in enumerate(loader):
@@ -40,9 +41,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from moegrad.diagnostics.health import load_cv, max_violation, router_entropy
+from moegrad.diagnostics.health import load_cv, max_violation, token_entropy
+from moegrad.dispatch import count_ids
 from moegrad.layer import MoE, MoEOutput
-from moegrad.routing import Routing, is_router, recomputing_in_backward
+from moegrad.routing import Routing, is_router, recomputing_in_backward, unless_recomputing
 
 __all__ = ["RoutingMonitor"]
 
@@ -55,74 +57,88 @@ _TENSORBOARD_HINT = ('RoutingMonitor: TensorBoard writing needs the tensorboard 
 
 def _routed_counts(routing: Routing) -> Tensor:
     """[E] int64 (token, slot) pairs of a :class:`Routing`, padding excluded (expert choice:
-    the chosen pairs), as :class:`moegrad.Router` adds them to ``load_counts``."""
+    the chosen pairs), as :class:`moegrad.Router` adds them to ``load_counts`` (static shapes:
+    padding pairs are counted as an extra id E, then left out)."""
     num_experts = routing.scores.shape[-1]
     if routing.chosen is not None:
-        chosen = routing.chosen if routing.mask is None else routing.chosen[routing.mask]
+        chosen = routing.chosen if routing.mask is None else routing.chosen & routing.mask[:, None]
         return chosen.sum(0).long()
-    rows = routing.indices if routing.mask is None else routing.indices[routing.mask]
-    return torch.bincount(rows.reshape(-1), minlength=num_experts)
+    ids = routing.indices if routing.mask is None else routing.indices.masked_fill(~routing.mask[:, None], num_experts)
+    return count_ids(ids.reshape(-1), num_experts + 1)[:num_experts]
 
 
-def _real_scores(routing: Routing) -> Tensor:
-    """[T', E] scores of the real (non-padding) tokens."""
-    return routing.scores if routing.mask is None else routing.scores[routing.mask]
+def _entropy_sum(routing: Routing) -> tuple[Tensor, Tensor]:
+    """(0-d float64 sum of the real tokens' :func:`token_entropy`, 0-d int64 real tokens)."""
+    h = token_entropy(routing.scores)
+    if routing.mask is None:
+        return h.sum(), torch.tensor(h.shape[0], device=h.device)
+    return (h * routing.mask).sum(), routing.mask.sum()
 
 
 class _LayerSums:
-    """One layer's running sums since the last read."""
+    """One layer's running sums since the last read, [1] and [E] tensors updated in place (so
+    under torch.compile the hooks trace into the graph with no graph break and no recompile).
+    [1], not 0-d: torch 2.13's AOT autograd lost the in-place update of a 0-d float64 tensor
+    (it stayed 0; float32, int64 and [1] float64 are kept)."""
 
-    def __init__(self) -> None:
-        self.forwards, self.tokens, self.entropy = 0, 0, 0.0
-        self.counts: Optional[Tensor] = None
-        self.dropped: Optional[Tensor] = None
-        self.losses: dict = {}
-        self.loss_forwards: dict = {}
+    def __init__(self, num_experts: int, loss_names, device) -> None:
+        def zero(dtype=torch.int64):
+            return torch.zeros(1, dtype=dtype, device=device)
+        self.forwards, self.tokens, self.dropped = zero(), zero(), zero()
+        self.entropy = zero(torch.float64)
+        self.counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        self.losses = {name: zero(torch.float64) for name in loss_names}  # sums
+        self.loss_forwards = {name: zero() for name in loss_names}
 
-    def add(self, routing: Routing, dropped: Optional[Tensor], losses: dict) -> None:
-        counts = _routed_counts(routing).detach()
-        self.counts = counts if self.counts is None else self.counts + counts.to(self.counts.device)
-        scores = _real_scores(routing)
-        tokens = scores.shape[0]
-        self.entropy += router_entropy(scores) * tokens
-        self.tokens += tokens
+    def tensors(self) -> list:
+        return [self.forwards, self.tokens, self.dropped, self.entropy, self.counts,
+                *self.losses.values(), *self.loss_forwards.values()]
+
+    def add(self, routing: Routing, dropped: Optional[Tensor], losses: dict, keep: Tensor) -> None:
+        """Add one forward; ``keep`` [1] int64: 1, or 0 for checkpointing's recomputation under
+        torch.compile (then nothing changes)."""
+        if self.counts.device != routing.scores.device:  # the model moved: so do the sums
+            for name, value in vars(self).items():
+                if isinstance(value, Tensor):
+                    setattr(self, name, value.to(routing.scores.device))
+                elif isinstance(value, dict):
+                    setattr(self, name, {k: v.to(routing.scores.device) for k, v in value.items()})
+        self.counts.add_(_routed_counts(routing) * keep)
+        entropy, tokens = _entropy_sum(routing)
+        self.entropy.add_(entropy * keep)
+        self.tokens.add_(tokens * keep)
         if dropped is not None:
-            d = dropped.detach().long()
-            self.dropped = d if self.dropped is None else self.dropped + d.to(self.dropped.device)
+            self.dropped.add_(dropped.detach().long() * keep)
         for name, value in losses.items():
-            v = value.detach().float()
-            self.losses[name] = v if name not in self.losses else self.losses[name] + v.to(self.losses[name].device)
-            self.loss_forwards[name] = self.loss_forwards.get(name, 0) + 1
-        self.forwards += 1
+            if name not in self.losses:  # a name not known at construction (a recompile once)
+                self.losses[name] = torch.zeros(1, dtype=torch.float64, device=self.counts.device)
+                self.loss_forwards[name] = torch.zeros(1, dtype=torch.int64, device=self.counts.device)
+            self.losses[name].add_(value.detach().double() * keep)
+            self.loss_forwards[name].add_(keep)
+        self.forwards.add_(keep)
 
-    def merged(self, other: "_LayerSums") -> "_LayerSums":
-        """The sums of both (``self`` and ``other`` unchanged)."""
-        out = _LayerSums()
-        for part in (self, other):
-            if not part.forwards:
-                continue
-            out.forwards += part.forwards
-            out.tokens += part.tokens
-            out.entropy += part.entropy
-            for attr in ("counts", "dropped"):
-                mine, theirs = getattr(out, attr), getattr(part, attr)
-                if theirs is not None:
-                    setattr(out, attr, theirs if mine is None else mine + theirs.to(mine.device))
-            for name, total in part.losses.items():
-                out.losses[name] = total if name not in out.losses else out.losses[name] + total.to(
-                    out.losses[name].device)
-                out.loss_forwards[name] = out.loss_forwards.get(name, 0) + part.loss_forwards[name]
-        return out
+    def reset(self) -> None:
+        for t in self.tensors():
+            t.zero_()
 
-    def values(self, prefix: str) -> dict:
-        counts = self.counts.cpu()
-        out = {f"{prefix}/load_cv": load_cv(counts), f"{prefix}/max_violation": max_violation(counts),
-               f"{prefix}/dead_experts": float((counts == 0).sum()),
-               f"{prefix}/entropy": self.entropy / self.tokens if self.tokens else 0.0,
-               f"{prefix}/dropped": float(self.dropped) if self.dropped is not None else 0.0}
-        for name, total in self.losses.items():
-            out[f"{prefix}/loss/{name}"] = float(total) / self.loss_forwards[name]
-        return out
+
+def _values(parts: list, prefix: str) -> dict:
+    """The metrics (module docstring) of the summed ``parts`` (_LayerSums), {} if they saw no forward."""
+    if not sum(int(p.forwards) for p in parts):
+        return {}
+    counts = sum(p.counts.cpu() for p in parts)
+    tokens = sum(int(p.tokens) for p in parts)
+    entropy = sum(float(p.entropy) for p in parts)
+    out = {f"{prefix}/load_cv": load_cv(counts), f"{prefix}/max_violation": max_violation(counts),
+           f"{prefix}/dead_experts": float((counts == 0).sum()),
+           f"{prefix}/entropy": entropy / tokens if tokens else 0.0,
+           f"{prefix}/dropped": float(sum(int(p.dropped) for p in parts))}
+    names = dict.fromkeys(name for p in parts for name in p.losses)
+    for name in names:
+        seen = sum(int(p.loss_forwards[name]) for p in parts if name in p.losses)
+        if seen:
+            out[f"{prefix}/loss/{name}"] = sum(float(p.losses[name]) for p in parts if name in p.losses) / seen
+    return out
 
 
 class RoutingMonitor:
@@ -147,16 +163,16 @@ class RoutingMonitor:
         modules = list(model.named_modules())
         for name, m in modules:
             if isinstance(m, MoE):
-                self._watch(name or "moe", m, self._moe_hook)
+                self._watch(name or "moe", m, self._moe_hook, m.router, m.losses)
                 covered.add(id(m.router))
         for name, m in modules:  # moegrad.hf-patched blocks: the router is block.moegrad_router
             router = getattr(m, "moegrad_router", None)
             if router is not None and is_router(router) and id(router) not in covered:
-                self._watch(name or "moe", m, self._hf_block_hook(router))
+                self._watch(name or "moe", m, self._hf_block_hook(router), router, getattr(router, "losses", {}))
                 covered.add(id(router))
         for name, m in modules:  # any other router, alone
             if is_router(m) and id(m) not in covered:
-                self._watch(name or "router", m, self._router_hook)
+                self._watch(name or "router", m, self._router_hook, m, {})
         if not self.layers:
             raise ValueError(f"RoutingMonitor: {type(model).__name__} holds no moegrad.MoE layer and no "
                              "router (moegrad.Router, or a model patched by moegrad.hf.patch)")
@@ -167,35 +183,44 @@ class RoutingMonitor:
         if tensorboard_dir is not None:
             self._writer = self._summary_writer()(log_dir=str(tensorboard_dir))
 
-    def _watch(self, name: str, module: nn.Module, hook) -> None:
+    def _watch(self, name: str, module: nn.Module, hook, router: nn.Module, losses: dict) -> None:
+        """Hook ``module`` (its ``router``; ``losses``: the balance losses it reports, known now
+        so the sums exist before the first forward)."""
         self.layers[name] = module
-        self._sums[name] = {mode: _LayerSums() for mode in MODES}
+        names = list(losses) + (["remoe_l1"] if getattr(router.config, "routing", None) == "remoe" else [])
+        device = router.load_counts.device
+        self._sums[name] = {mode: _LayerSums(router.config.num_experts, names, device) for mode in MODES}
         self._handles.append(module.register_forward_hook(
             lambda mod, args, out, _name=name: hook(_name, mod, out)))
 
-    def _sums_of(self, name: str, module: nn.Module) -> Optional[_LayerSums]:
-        """The sums a forward of ``module`` adds to (by its mode); None for a forward re-run
-        by activation checkpointing in backward (counted already)."""
-        if module.training and recomputing_in_backward():
-            return None
-        return self._sums[name]["train" if module.training else "eval"]
+    def _sums_of(self, name: str, module: nn.Module) -> tuple[Optional[_LayerSums], Optional[Tensor]]:
+        """(the sums a forward of ``module`` adds to, by its mode; the [1] int64 factor ``keep``)
+        or (None, None) for a forward re-run by activation checkpointing in backward (counted
+        already). Under torch.compile that test runs at run time: keep = 0 in the re-run."""
+        sums = self._sums[name]["train" if module.training else "eval"]
+        one = torch.ones(1, dtype=torch.int64, device=sums.counts.device)
+        if not module.training:
+            return sums, one
+        if torch.compiler.is_compiling():
+            return sums, unless_recomputing(one, 0.0)
+        return (None, None) if recomputing_in_backward() else (sums, one)
 
     def _moe_hook(self, name: str, module: nn.Module, out: MoEOutput) -> None:
-        sums = self._sums_of(name, module)
+        sums, keep = self._sums_of(name, module)
         if sums is not None:
-            sums.add(out.routing, out.stats.dropped, out.losses)
+            sums.add(out.routing, out.stats.dropped, out.losses, keep)
 
     def _hf_block_hook(self, router: nn.Module):
         def hook(name: str, module: nn.Module, out) -> None:
-            sums = self._sums_of(name, module)
+            sums, keep = self._sums_of(name, module)
             if sums is not None and router.last_routing is not None:
-                sums.add(router.last_routing, None, router.last_losses)
+                sums.add(router.last_routing, None, router.last_losses, keep)
         return hook
 
     def _router_hook(self, name: str, module: nn.Module, out: Routing) -> None:
-        sums = self._sums_of(name, module)
+        sums, keep = self._sums_of(name, module)
         if sums is not None:
-            sums.add(out, None, {})
+            sums.add(out, None, {}, keep)
 
     @torch.no_grad()
     def read(self, reset: bool = True, mode: Optional[str] = None) -> dict:
@@ -208,9 +233,7 @@ class RoutingMonitor:
         modes = self._modes(mode)
         out = {}
         for name, by_mode in self._sums.items():
-            sums = by_mode[modes[0]] if len(modes) == 1 else by_mode["train"].merged(by_mode["eval"])
-            if sums.forwards:
-                out.update(sums.values(f"moe/{name}"))
+            out.update(_values([by_mode[m] for m in modes], f"moe/{name}"))
         if reset:
             self.reset(mode)
         return out
@@ -219,7 +242,7 @@ class RoutingMonitor:
         """Forget the forwards seen so far (``mode`` "train"/"eval": those only)."""
         for by_mode in self._sums.values():
             for m in self._modes(mode):
-                by_mode[m] = _LayerSums()
+                by_mode[m].reset()
 
     @staticmethod
     def _modes(mode: Optional[str]) -> tuple:
