@@ -133,8 +133,9 @@ def main(argv=None) -> float:
         copy, copy_opt = build(args.seed + 7)  # different initial weights: only the load restores them
         load_checkpoint(copy, copy_opt, path)
         x, target = batch()
-        continued = step(model, opt, x, target)[0]
-        resumed = step(copy, copy_opt, x, target)[0]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            continued = step(model, opt, x, target)[0]  # the RNG state is restored after it, so
+        resumed = step(copy, copy_opt, x, target)[0]  # both draw the same noise (sampling estimators)
         dist.barrier()  # every rank done with the files before rank 0 removes the directory
     if rank == 0:
         print(f"done in {time.perf_counter() - start:.1f}s: relative mse {first:.4f} -> {loss_value:.4f}; "
