@@ -277,6 +277,8 @@ def test_arguments_of_the_wrong_type_raise_type_errors_before_any_collective(tmp
         fsdp.save_checkpoint(model, str(tmp_path), opt)
     with pytest.raises(TypeError, match=r"load_checkpoint: path must be a str or os.PathLike.*SGD"):
         fsdp.load_checkpoint(model, None, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"save_checkpoint: path must be a str or os.PathLike.*NoneType"):
+        fsdp.save_checkpoint(model, None, None)
     with pytest.raises(TypeError, match=r"checkpoint_state: model must be a torch.nn.Module.*str"):
         fsdp.checkpoint_state("m")
     with pytest.raises(ValueError, match="full_expert_tensor: model was not sharded"):

@@ -228,3 +228,27 @@ def test_a_compiled_model_is_monitored_with_no_graph_break_as_in_eager(tmp_path,
             for key in want:
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
     assert runs[0][0]["moe/b/dropped"] > 0
+
+
+def test_sums_created_in_inference_mode_keep_counting_outside_it():
+    """A loss added after the monitor was built gets its sums at its first forward; under
+    torch.inference_mode() they must still be normal tensors (later in-place adds)."""
+    moe = moegrad.MoE(dim=8, hidden_dim=12, num_experts=4, top_k=2, losses={"switch": 1e-2})
+    monitor = RoutingMonitor(moe)
+    moe.losses = {"switch": 1e-2, "z_loss": 1e-3}
+    with torch.inference_mode():
+        moe.train()(torch.randn(5, 8))
+    out = moe(torch.randn(5, 8))
+    out.y.sum().backward()
+    assert monitor.read()["moe/moe/loss/z_loss"] > 0
+
+
+def test_padding_with_non_finite_scores_stays_out_of_the_entropy():
+    torch.manual_seed(0)
+    moe = moegrad.MoE(dim=8, hidden_dim=12, num_experts=4, top_k=2, check_finite=False).eval()
+    monitor = RoutingMonitor(moe)
+    x, mask = torch.randn(6, 8), torch.tensor([True, True, False, True, False, True])
+    x[~mask] = float("nan")
+    scores = moe(x, mask).routing.scores[mask].double()
+    want = float((-(scores * scores.log()).sum(-1) / math.log(4)).mean())
+    assert monitor.read()["moe/moe/entropy"] == pytest.approx(want, rel=1e-9)

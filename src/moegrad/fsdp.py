@@ -199,16 +199,20 @@ def expert_parallel_fsdp(model: nn.Module, mesh, *, dp_dim: str = "dp", ep_dim: 
     return model
 
 
-def _layout(model, optimizer=None, path=None, where: str = "") -> FSDPLayout:
+_NO_PATH = object()
+
+
+def _layout(model, optimizer=None, where: str = "", path=_NO_PATH) -> FSDPLayout:
     """The model's :class:`FSDPLayout`, after checking the arguments of the checkpoint helper
-    ``where`` (``optimizer``: None or an Optimizer; ``path``: a str or os.PathLike)."""
+    ``where`` (``optimizer``: None or an Optimizer; ``path``, for the helpers that take one:
+    a str or os.PathLike)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be a torch.nn.Module sharded by expert_parallel_fsdp, got "
                         f"{type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"{where}: optimizer must be a torch.optim.Optimizer or None, got "
                         f"{type(optimizer).__name__} (the order is (model, optimizer, path))")
-    if path is not None and not isinstance(path, (str, os.PathLike)):
+    if path is not _NO_PATH and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{where}: path must be a str or os.PathLike (a checkpoint directory), got "
                         f"{type(path).__name__} (the order is (model, optimizer, path))")
     layout = getattr(model, "moegrad_fsdp_layout", None)
@@ -284,7 +288,7 @@ def save_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     """``dcp.save(checkpoint_state(model, optimizer), checkpoint_id=path)`` (every rank)."""
     import torch.distributed.checkpoint as dcp
 
-    _layout(model, optimizer, path, where="save_checkpoint")
+    _layout(model, optimizer, "save_checkpoint", path)
     dcp.save(checkpoint_state(model, optimizer), checkpoint_id=path)
 
 
@@ -295,7 +299,7 @@ def load_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    _layout(model, optimizer, path, where="load_checkpoint")
+    _layout(model, optimizer, "load_checkpoint", path)
     state = checkpoint_state(model, optimizer)
     dcp.load(state, checkpoint_id=path)
     names = _expert_names(model)

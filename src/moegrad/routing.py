@@ -31,7 +31,8 @@ from moegrad.estimators import build_estimator
 from moegrad.selection import Selection, remoe_active
 
 __all__ = ["SCORES", "RouterConfig", "Routing", "Router", "flatten_tokens", "flatten_mask",
-           "recomputing_in_backward", "recomputing_training_forward", "update_running_state", "is_router"]
+           "recomputing_in_backward", "recomputing_training_forward", "recomputing_training_forward_unless_compiled",
+           "add_load_counts", "update_running_state", "is_router"]
 
 
 @dataclass
@@ -135,6 +136,24 @@ def recomputing_training_forward(router: "Router") -> bool:
             "generator (checkpointing restores the global RNG only); drop generator= (seed "
             "with torch.manual_seed) or disable checkpointing")
     return True
+
+
+def recomputing_training_forward_unless_compiled(router: "Router") -> bool:
+    """:func:`recomputing_training_forward`, or False under torch.compile (no graph break;
+    an estimator with a ``generator`` still gets the eager test): running state is then
+    updated through :func:`update_running_state`, which skips the recomputation at run time."""
+    if torch.compiler.is_compiling() and getattr(router.estimator, "generator", None) is None:
+        return False
+    return recomputing_training_forward(router)
+
+
+def add_load_counts(load_counts: Tensor, indices: Tensor, token_mask: Optional[Tensor]) -> None:
+    """load_counts [E] += the (token, slot) pairs of indices [T, K], padding (token_mask [T]
+    False) left out, unless this is checkpointing's recomputation (:func:`update_running_state`).
+    Static shapes: padding pairs are counted as an extra id E, then dropped."""
+    e = load_counts.shape[0]
+    ids = indices if token_mask is None else indices.masked_fill(~token_mask[:, None], e)
+    update_running_state(load_counts, count_ids(ids.reshape(-1), e + 1)[:e])
 
 
 def _check_finite_logits(logits: Tensor, z: Tensor, temperature: float) -> None:
@@ -289,17 +308,12 @@ class Router(RouterViews, nn.Module):
         if self.config.check_finite:
             _check_finite_logits(logits, z, self.config.temperature)
         scores = self.score(z)
-        # under torch.compile (no generator to check) the load counts skip checkpointing's
-        # recomputation at run time instead (update_running_state): no graph break
-        compiled = torch.compiler.is_compiling() and getattr(self.estimator, "generator", None) is None
-        recomputing = False if compiled else recomputing_training_forward(self)
+        recomputing = recomputing_training_forward_unless_compiled(self)
         if self.config.routing in PAIR_ROUTINGS:
             return self._route_pairs(logits, scores, shape, token_mask, recomputing)
         picked = self.estimator.route(flat, z, scores, self.selection(token_mask))
         if self.training and picked.indices.numel() and not recomputing:
-            e = self.num_experts  # padding pairs counted as a dropped extra id E (static shapes)
-            ids = picked.indices if token_mask is None else picked.indices.masked_fill(~token_mask[:, None], e)
-            update_running_state(self.load_counts, count_ids(ids.reshape(-1), e + 1)[:e])
+            add_load_counts(self.load_counts, picked.indices, token_mask)
         return Routing(logits=logits, scores=scores, indices=picked.indices, weights=picked.weights,
                        shape=shape, mask=token_mask, load_probs=picked.load_probs,
                        noise_std=picked.noise_std)

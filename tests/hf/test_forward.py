@@ -145,3 +145,45 @@ def test_deepcopy_of_patched_model_is_independent():
         twin.gate.weight.mul_(-1.0)  # a different router in the copy only
     assert not torch.allclose(clone(x).logits, model(x).logits)
     assert block.moegrad_router.gate is block.gate
+
+
+@pytest.mark.slow
+def test_a_patched_model_compiles_with_no_graph_break_as_in_eager(tmp_path, monkeypatch):
+    """torch.compile of a patched model's training forward with labels and moegrad losses (it
+    recursed forever between the loss forward and its wrapper before): no graph break, with
+    a RoutingMonitor attached too, and eager's loss, every gradient, load counts,
+    default_moe's EMA and the monitor's values."""
+    from moegrad.diagnostics import RoutingMonitor
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = tiny("qwen3_moe").train()
+        mh.patch(model, "default_moe", losses={"switch": 1e-2, "z_loss": 1e-3})
+        monitor = RoutingMonitor(model)
+        x = ids(17)
+        if compiled:
+            explained = torch._dynamo.explain(lambda: model(x, labels=x, use_cache=False).loss)()
+            assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+            for r in mh.routers(model):
+                r.reset_load_counts()
+            monitor.reset()
+            model.zero_grad()
+        forward = torch.compile(model) if compiled else model
+        loss = forward(x, labels=x, use_cache=False).loss
+        loss.backward()
+        routers = mh.routers(model)
+        runs.append((loss.detach(), grads(model), [r.load_counts.clone() for r in routers],
+                     [r.estimator.defaults.clone() for r in routers], monitor.read()))
+    (loss0, g0, c0, d0, m0), (loss1, g1, c1, d1, m1) = runs
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert set(g1) == set(g0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(c1 + d1, c0 + d0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert m1.keys() == m0.keys() and any(k.endswith("loss/z_loss") for k in m0)
+    for key in m0:
+        assert m1[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-7), key

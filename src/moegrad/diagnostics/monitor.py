@@ -72,7 +72,7 @@ def _entropy_sum(routing: Routing) -> tuple[Tensor, Tensor]:
     h = token_entropy(routing.scores)
     if routing.mask is None:
         return h.sum(), torch.tensor(h.shape[0], device=h.device)
-    return (h * routing.mask).sum(), routing.mask.sum()
+    return torch.where(routing.mask, h, 0.0).sum(), routing.mask.sum()  # a padding NaN stays out
 
 
 class _LayerSums:
@@ -98,11 +98,12 @@ class _LayerSums:
         """Add one forward; ``keep`` [1] int64: 1, or 0 for checkpointing's recomputation under
         torch.compile (then nothing changes)."""
         if self.counts.device != routing.scores.device:  # the model moved: so do the sums
-            for name, value in vars(self).items():
-                if isinstance(value, Tensor):
-                    setattr(self, name, value.to(routing.scores.device))
-                elif isinstance(value, dict):
-                    setattr(self, name, {k: v.to(routing.scores.device) for k, v in value.items()})
+            with torch.inference_mode(False):  # normal tensors, even from an inference_mode forward
+                for name, value in vars(self).items():
+                    if isinstance(value, Tensor):
+                        setattr(self, name, value.to(routing.scores.device))
+                    elif isinstance(value, dict):
+                        setattr(self, name, {k: v.to(routing.scores.device) for k, v in value.items()})
         self.counts.add_(_routed_counts(routing) * keep)
         entropy, tokens = _entropy_sum(routing)
         self.entropy.add_(entropy * keep)
@@ -111,8 +112,9 @@ class _LayerSums:
             self.dropped.add_(dropped.detach().long() * keep)
         for name, value in losses.items():
             if name not in self.losses:  # a name not known at construction (a recompile once)
-                self.losses[name] = torch.zeros(1, dtype=torch.float64, device=self.counts.device)
-                self.loss_forwards[name] = torch.zeros(1, dtype=torch.int64, device=self.counts.device)
+                with torch.inference_mode(False):  # else later in-place adds outside it would fail
+                    self.losses[name] = torch.zeros(1, dtype=torch.float64, device=self.counts.device)
+                    self.loss_forwards[name] = torch.zeros(1, dtype=torch.int64, device=self.counts.device)
             self.losses[name].add_(value.detach().double() * keep)
             self.loss_forwards[name].add_(keep)
         self.forwards.add_(keep)

@@ -104,9 +104,11 @@ class RoutingCallback(TrainerCallback):
 
 def evaluation_prefix(logs: dict) -> Optional[str]:
     """The ``metric_key_prefix`` of an evaluation log ("eval", "test", "eval_<dataset name>"),
-    from the ``<prefix>_runtime`` key Trainer's speed metrics add to it; None for a training
-    log (also the end-of-training summary, whose prefix is "train")."""
+    from the ``<prefix>_runtime`` and ``<prefix>_samples_per_second`` keys Trainer's speed
+    metrics add to it (both: a user metric may end in "_runtime"); None for a training log
+    (also the end-of-training summary, whose prefix is "train")."""
     for key in logs:
-        if key.endswith("_runtime") and key != "train_runtime":
-            return key[: -len("_runtime")]
+        prefix = key[: -len("_runtime")]
+        if key.endswith("_runtime") and f"{prefix}_samples_per_second" in logs and prefix != "train":
+            return prefix
     return "eval" if any(key.startswith("eval_") for key in logs) else None

@@ -98,8 +98,9 @@ def _moe_forward(self: nn.Module, inner: Optional[Callable], hidden_states: Tens
     elif family.shared == "plain":
         y = y + self.shared_experts(flat)
     # under activation checkpointing the recomputation must save the same tensors as the
-    # forward (so the losses are computed again) but keeps the forward's stored values
-    keep = not (self.training and recomputing_in_backward())
+    # forward (so the losses are computed again) but keeps the forward's stored values (under
+    # torch.compile the test would be a graph break: the re-run stores its equal values again)
+    keep = torch.compiler.is_compiling() or not (self.training and recomputing_in_backward())
     if router.losses:
         losses = balance_losses(routing, router.losses)
         if keep:

@@ -15,6 +15,7 @@ Trainer, gradient accumulation and checkpointing notes: docs/hf.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import warnings
 from typing import Callable, Optional
@@ -42,7 +43,7 @@ def _loss_forward(self: nn.Module, inner: Optional[Callable], *args, **kwargs):
     module's forward runs unchanged, and a training forward with labels that adds no balance
     loss at all (``output_router_logits`` off or ``router_aux_loss_coef=0``) warns.
     """
-    call = inner if inner is not None else type(self).forward.__get__(self)
+    call = inner if inner is not None else functools.partial(type(self).forward, self)
     if args:
         kwargs = _as_keywords(call, args, kwargs)
     labels = kwargs.get("labels")

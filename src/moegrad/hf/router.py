@@ -33,8 +33,8 @@ from moegrad.estimators import build_estimator
 from moegrad.hf.experts import GptOssExpertsView, HFExperts
 from moegrad.hf.families import Family, _unwrap
 from moegrad.layer import run_experts
-from moegrad.routing import (Router, Routing, flatten_mask, flatten_tokens,
-                             recomputing_training_forward)
+from moegrad.routing import (Router, Routing, add_load_counts, flatten_mask, flatten_tokens,
+                             recomputing_training_forward_unless_compiled)
 
 __all__ = ["HFRouter", "routers"]
 
@@ -145,14 +145,13 @@ class HFRouter(RouterViews, nn.Module):
         token_mask = flatten_mask(mask, shape)
         # through the HF module, so its hooks and output_router_logits recording fire (PhiMoE's
         # gate then runs :func:`_gate_logits`: no SparseMixer sample of its own)
-        recomputing = recomputing_training_forward(self)
+        recomputing = recomputing_training_forward_unless_compiled(self)
         logits = getattr(self._block, self.family.gate)(flat)[0]  # a PEFT wrapper applies W + B A
         z = logits.float()
         scores = torch.sigmoid(z) if self.config.score == "sigmoid" else torch.softmax(z, dim=-1)
         picked = self.estimator.route(flat.float(), z, scores, self.selection(token_mask))
         if self.training and not recomputing and picked.indices.numel():
-            rows = picked.indices if token_mask is None else picked.indices[token_mask]
-            self.load_counts += torch.bincount(rows.reshape(-1), minlength=self.config.num_experts)
+            add_load_counts(self.load_counts, picked.indices, token_mask)
         return Routing(logits=z, scores=scores, indices=picked.indices, weights=picked.weights,
                        shape=shape, mask=token_mask, load_probs=picked.load_probs,
                        noise_std=picked.noise_std)
