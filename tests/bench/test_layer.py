@@ -26,3 +26,20 @@ def test_saved_bytes_counts_activations_once():
         h = x @ w
         return h.sin() + h.cos()
     assert saved_bytes(step, {w.untyped_storage().data_ptr()}) == 4 * 8 * 4 * 2
+
+
+def test_the_progress_bar_counts_every_case():
+    """case_count (the progress bar's total per config) is the number of cases build_cases
+    times, for the default options and with HF, compile and estimators left out."""
+    import argparse
+
+    from moegrad.bench.cli import add_arguments
+    from moegrad.bench.layer import build_cases, case_count
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for argv in ([], ["--no-hf", "--no-compile"], ["--impls", "auto", "--estimators", "topk,dense"],
+                 ["--compile-estimators", "default_moe,dense"], ["--compile-estimators", "dense", "--no-compile"]):
+        args = parser.parse_args(argv)
+        cases = build_cases((8, 8, 4, 2, 16), args)
+        assert len(cases) == case_count(args), ([c.name for c in cases], argv)

@@ -7,7 +7,8 @@ For each config (d, f, E, k, T) it times, interleaved over ``--repeats`` rounds 
 * ``moegrad/<impl>``: ``moegrad.MoE`` (topk estimator, no balance loss) for each ``--impls``;
 * ``hf/eager``, ``hf/grouped_mm``: transformers' ``MixtralSparseMoeBlock`` built from a tiny
   random ``MixtralConfig`` with ``experts_implementation`` set (when transformers imports);
-* ``moegrad/compiled``: ``torch.compile`` of the ``auto`` layer (unless ``--no-compile``);
+* ``moegrad/compiled``: ``torch.compile`` of the ``auto`` layer (unless ``--no-compile``), and
+  ``compiled/<name>`` of the layer with each ``--compile-estimators``;
 * ``estimator/<name>``: the ``auto`` layer with each ``--estimators`` (overhead vs ``topk``);
 * ``router``: the router alone (gate, softmax, top-k, weights), its share of the layer time.
 
@@ -117,7 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small configs, 3 rounds, no torch.compile: a smoke run of a minute")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Mixtral block")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile case")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
+    parser.add_argument("--compile-estimators", type=_names(_estimators), default=[], metavar="ESTIMATORS",
+                        help="also time torch.compile of the auto layer with these estimators, as "
+                             "compiled/<name> beside estimator/<name> (default: none)")
     parser.add_argument("--no-forward", action="store_true", help="skip the forward-only timings")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -271,6 +275,8 @@ def _progress_bar(total: int, disable: bool):
 def run(args) -> int:
     import torch
 
+    from moegrad.bench.layer import case_count
+
     if args.world_size:
         return run_world_sizes(args)
     if args.repeats < 1 or args.warmup < 0:
@@ -283,14 +289,13 @@ def run(args) -> int:
     if args.quick:
         args.repeats, args.no_compile = min(args.repeats, 3), True
     runner = RUNNERS[args.backend]
-    n_estimators = 1 + len([n for n in args.estimators if n != "topk"])
     if args.backend == "mlx":  # the MLX cases, then the same layers in PyTorch (impl auto) beside them
         torch_args = argparse.Namespace(**{**vars(args), "impls": ["auto"], "no_hf": True,
                                            "no_compile": True})
-        per_config = (args.warmup + args.repeats) * (3 + n_estimators + 3 + n_estimators)
+        mlx_cases = 3 + len([n for n in args.estimators if n != "topk"])  # ideal, gather_mm, topk, router
+        per_config = (args.warmup + args.repeats) * (mlx_cases + case_count(torch_args))
     else:
-        per_config = (args.warmup + args.repeats) * (2 + len(args.impls) + 2 * (not args.no_hf)
-                                                     + (not args.no_compile) + n_estimators)
+        per_config = (args.warmup + args.repeats) * case_count(args)
     summaries = []
     with _progress_bar(per_config * len(configs), args.no_progress) as progress:
         for config in configs:

@@ -6,7 +6,8 @@ For one config (d, f, E, k, T) :func:`build_cases` makes, in the order they are 
   expert FLOPs with no routing;
 * ``moegrad/<impl>``: :class:`moegrad.MoE` (topk, no balance loss) for each ``args.impls``;
 * ``hf/eager``, ``hf/grouped_mm``: transformers' ``MixtralSparseMoeBlock`` (when it imports);
-* ``moegrad/compiled``: ``torch.compile`` of the ``auto`` layer;
+* ``moegrad/compiled``: ``torch.compile`` of the ``auto`` layer; ``compiled/<name>``: with
+  each ``--compile-estimators``;
 * ``estimator/<name>``: the ``auto`` layer with each estimator;
 * ``routing/sinkhorn``: the ``auto`` layer (topk) with ``routing="sinkhorn"`` in training mode
   (the Sinkhorn iterations' cost next to ``estimator/topk``, on the same random router);
@@ -145,11 +146,10 @@ def _case(name: str, kind: str, forward: Callable, params: tuple, x: Tensor, g: 
 
 def _hf_block(d, f, e, k, impl, dtype, gen):
     """A random MixtralSparseMoeBlock (no download), or None without transformers."""
-    try:  # transformers is optional (the "hf" extra): imported here, where the HF rows are built
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    except Exception:  # pragma: no cover - transformers missing or broken
+    classes = _mixtral_block_class()
+    if classes is None:
         return None
+    MixtralSparseMoeBlock, MixtralConfig = classes
     # transformers reads config._experts_implementation at every experts call
     config = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=e,
                            num_experts_per_tok=k, experts_implementation=impl)
@@ -158,6 +158,33 @@ def _hf_block(d, f, e, k, impl, dtype, gen):
         for p in block.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * config.initializer_range)
     return block
+
+
+#: the cases build_cases adds after the estimators: three routings, the balancer, the router
+TAIL_CASES = ("routing/sinkhorn", "routing/expert_choice", "routing/remoe", "balancing/quantile", "router")
+
+
+def _mixtral_block_class():
+    """transformers' MixtralSparseMoeBlock and MixtralConfig, or None without transformers."""
+    try:  # transformers is optional (the "hf" extra)
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except Exception:  # pragma: no cover - transformers missing or broken
+        return None
+    return MixtralSparseMoeBlock, MixtralConfig
+
+
+def case_count(args) -> int:
+    """How many cases :func:`build_cases` times per config with ``args`` (the progress bar's total)."""
+    hf = 0 if args.no_hf or _mixtral_block_class() is None else 2
+    estimators = 1 + len([n for n in args.estimators if n != "topk"])
+    compiled = 0 if args.no_compile else 1 + len(compile_estimators(args))
+    return 1 + len(args.impls) + hf + compiled + estimators + len(TAIL_CASES)
+
+
+def compile_estimators(args) -> list:
+    """``--compile-estimators`` (absent from older argument sets: none)."""
+    return list(getattr(args, "compile_estimators", None) or [])
 
 
 def build_cases(config: tuple, args) -> list:
@@ -186,6 +213,9 @@ def build_cases(config: tuple, args) -> list:
     if not args.no_compile:
         compiled = torch.compile(layer("auto"))
         cases.append(_layer_case("moegrad/compiled", "compiled", compiled, x, g, y_of))
+        for name in compile_estimators(args):
+            compiled = torch.compile(layer("auto", name))
+            cases.append(_layer_case(f"compiled/{name}", "compiled", compiled, x, g, y_of))
     estimators = ["topk"] + [n for n in args.estimators if n != "topk"]
     for name in estimators:
         cases.append(_layer_case(f"estimator/{name}", "estimator", layer("auto", name), x, g, y_of))
