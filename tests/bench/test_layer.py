@@ -39,7 +39,9 @@ def test_the_progress_bar_counts_every_case():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     for argv in ([], ["--no-hf", "--no-compile"], ["--impls", "auto", "--estimators", "topk,dense"],
-                 ["--compile-estimators", "default_moe,dense"], ["--compile-estimators", "dense", "--no-compile"]):
+                 ["--compile-estimators", "default_moe,dense,dense,topk"],
+                 ["--compile-estimators", "dense", "--no-compile"]):
         args = parser.parse_args(argv)
         cases = build_cases((8, 8, 4, 2, 16), args)
-        assert len(cases) == case_count(args), ([c.name for c in cases], argv)
+        names = [c.name for c in cases]
+        assert len(cases) == case_count(args) and len(set(names)) == len(names), (names, argv)

@@ -53,3 +53,10 @@ def test_runner_speaks_the_torch_bench_protocol():
     for r in rows:
         assert r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0 and r["tokens_per_s"] > 0
         assert len(r["fwd_bwd_ms_all"]) == 1 and r["peak_mb"] >= 0 and r["saved_mb"] is None
+
+
+def test_the_progress_bar_counts_every_mlx_case():
+    from moegrad.bench.mlx import build_cases, case_count
+
+    for estimators in (("topk",), ("topk", "dense", "default_moe"), ("dense",)):
+        assert len(build_cases((8, 8, 4, 2, 16), estimators)) == case_count(estimators), estimators

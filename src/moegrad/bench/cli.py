@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
     parser.add_argument("--compile-estimators", type=_names(_estimators), default=[], metavar="ESTIMATORS",
                         help="also time torch.compile of the auto layer with these estimators, as "
-                             "compiled/<name> beside estimator/<name> (default: none)")
+                             "compiled/<name> beside estimator/<name> (default: none; topk is "
+                             "moegrad/compiled already)")
     parser.add_argument("--no-forward", action="store_true", help="skip the forward-only timings")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -292,8 +293,8 @@ def run(args) -> int:
     if args.backend == "mlx":  # the MLX cases, then the same layers in PyTorch (impl auto) beside them
         torch_args = argparse.Namespace(**{**vars(args), "impls": ["auto"], "no_hf": True,
                                            "no_compile": True})
-        mlx_cases = 3 + len([n for n in args.estimators if n != "topk"])  # ideal, gather_mm, topk, router
-        per_config = (args.warmup + args.repeats) * (mlx_cases + case_count(torch_args))
+        from moegrad.bench.mlx import case_count as mlx_case_count
+        per_config = (args.warmup + args.repeats) * (mlx_case_count(args.estimators) + case_count(torch_args))
     else:
         per_config = (args.warmup + args.repeats) * case_count(args)
     summaries = []

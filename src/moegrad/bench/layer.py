@@ -183,8 +183,9 @@ def case_count(args) -> int:
 
 
 def compile_estimators(args) -> list:
-    """``--compile-estimators`` (absent from older argument sets: none)."""
-    return list(getattr(args, "compile_estimators", None) or [])
+    """``--compile-estimators`` without repeats and without topk (that is ``moegrad/compiled``);
+    absent from older argument sets: none."""
+    return [n for n in dict.fromkeys(getattr(args, "compile_estimators", None) or []) if n != "topk"]
 
 
 def build_cases(config: tuple, args) -> list:

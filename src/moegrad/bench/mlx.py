@@ -52,6 +52,12 @@ def _peak_mb(fn: Callable[[], None]) -> float:
     return mx.get_peak_memory() / 2 ** 20
 
 
+def case_count(estimators) -> int:
+    """How many cases :func:`build_cases` makes for ``estimators`` (the progress bar's total):
+    dense_ideal, mlx/gather_mm, estimator/topk and each other estimator, router."""
+    return 4 + len([n for n in estimators if n != "topk"])
+
+
 def build_cases(config: tuple, estimators=("topk",), dtype: str = "float32", seed: int = 0) -> list:
     """[(name, kind, forward(), fwd_bwd())] for one (dim, hidden, experts, top_k, tokens) config.
     Each callable runs one pass and evaluates everything it produced."""
