@@ -421,30 +421,17 @@ def _qb_moe():
 def _qb_worker(rank, world, port, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    from moegrad._testing import exit_without_teardown, init_process_group_for_tests
+    from moegrad._testing import init_process_group_for_tests, rank_results
     from moegrad.distributed import expert_parallel
 
     init_process_group_for_tests(rank, world, port, 20.0)
-    result = {}
-    try:
+    with rank_results(out_dir, rank) as result:
         moe = expert_parallel(_qb_moe())
         qb = QuantileBalancer(moe, bins=256)
         for micro in range(2):
             moe(*_qb_inputs(rank, micro))
         loads = qb.step()
-        result = {"bias": moe.router.bias.tolist(), "loads": loads[0].tolist()}
-    except Exception as exc:  # reported by the test, not lost in the child's stderr
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-        raise
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-        dist.destroy_process_group()
-    # The result is on disk and the group is gone; under pytest about 1 run in 6 of these
-    # children aborted afterwards, in interpreter teardown
-    exit_without_teardown()
+        result.update(bias=moe.router.bias.tolist(), loads=loads[0].tolist())
 
 
 def test_quantile_balancer_two_ranks_equal_the_global_batch(tmp_path):

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import moegrad
-from moegrad._testing import exit_without_teardown
+from moegrad._testing import rank_results
 from moegrad.dispatch import expert_capacity, plan_dispatch
 from moegrad.losses import balance_losses
 from moegrad.routing import Routing
@@ -479,33 +479,24 @@ def _mismatch_worker(rank, world, port, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     from moegrad._testing import init_process_group_for_tests
-    import torch.distributed as dist
 
     init_process_group_for_tests(rank, world, port, GROUP_TIMEOUT_S)
-    results = {}
-    try:
+    with rank_results(out_dir, rank) as results:
         cases = [(n, o, c, later) for n, (o, c, later, _, _) in MISMATCHES.items()]
         cases += [(n, o, c, False) for n, (o, c) in AGREEMENTS.items()]
         for name, options, changes, later in cases:
             results[name] = _settings_case(rank, world, options, changes, later)
             if results[name]["error"] not in (None, "ValueError"):
                 break
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-    exit_without_teardown()
 
 
 def _worker(rank, world, port, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     from moegrad._testing import init_process_group_for_tests
-    import torch.distributed as dist
 
     init_process_group_for_tests(rank, world, port, GROUP_TIMEOUT_S)
-    results = {}
-    try:
+    with rank_results(out_dir, rank) as results:
         names = CASES if world == 2 else CASES4
         for name in names:
             results[name] = _run_case(name, rank, world)
@@ -516,11 +507,6 @@ def _worker(rank, world, port, out_dir):
         results["bad"] = _bad_input_checks(rank, world)
         results["window"] = _window_checks(rank, world)
         results["misc"] = _misc_checks(rank, world)
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-    exit_without_teardown()
 
 
 

@@ -129,15 +129,13 @@ def _bad_input(mesh):
 def _worker(rank, port, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from moegrad._testing import exit_without_teardown, init_process_group_for_tests
+    from moegrad._testing import init_process_group_for_tests, rank_results
     from moegrad.fsdp import expert_parallel_fsdp, load_checkpoint, save_checkpoint
 
     init_process_group_for_tests(rank, WORLD, port, 30.0)
-    result = {}
-    try:
+    with rank_results(out_dir, rank) as result:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
         result["bad"] = _bad_input(mesh)
         result["coords"] = mesh.get_coordinate()
@@ -190,14 +188,6 @@ def _worker(rank, port, out_dir):
         load_checkpoint(b, b_opt, path)
         resumed = [train(b, b_opt, step) for step in (2, 3)]
         result["ckpt"] = {"continued": continued, "resumed": resumed, "fresh_before_load": before}
-    except Exception as exc:  # reported by the test, not lost in the child's stderr
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-        dist.destroy_process_group()
-    exit_without_teardown()
 
 
 @pytest.fixture(scope="module")

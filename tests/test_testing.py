@@ -39,3 +39,31 @@ def test_run_torchrun_kills_every_rank_on_timeout(tmp_path):
 def test_descendants_lists_the_process_tree():
     assert os.getpid() in _descendants(os.getppid())
     assert os.getppid() not in _descendants(os.getpid())
+
+
+def _results_worker(rank, port, out_dir, fail):
+    from moegrad._testing import init_process_group_for_tests, rank_results
+
+    init_process_group_for_tests(rank, 1, port, 20.0)
+    with rank_results(out_dir, rank) as results:
+        results["x"] = 1
+        if fail:
+            raise ValueError("on purpose")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_rank_results_writes_what_the_rank_found_and_its_error(tmp_path, fail):
+    """A rank's dict reaches the json file; an exception adds "error" and still fails the
+    child (spawn_and_wait raises), so a failing rank is not mistaken for a finished one."""
+    import json
+
+    from moegrad._testing import free_port, spawn_and_wait
+
+    args = (free_port(), str(tmp_path), fail)
+    if fail:
+        with pytest.raises(Exception, match="on purpose"):
+            spawn_and_wait(_results_worker, args, 1, 60.0, "rank_results")
+    else:
+        spawn_and_wait(_results_worker, args, 1, 60.0, "rank_results")
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    assert got == ({"x": 1, "error": "ValueError: on purpose"} if fail else {"x": 1})

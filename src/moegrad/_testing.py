@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import signal
 import socket
@@ -111,3 +112,23 @@ def exit_without_teardown() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@contextlib.contextmanager
+def rank_results(out_dir: str, rank: int):
+    """The body of a spawned rank of a multi-process test: yields a dict for its results. On
+    leaving it writes the dict to ``out_dir/rank{rank}.json`` (an exception first adds
+    ``"error": "Type: message"`` and is re-raised, so the child fails with its traceback),
+    destroys the process group and, on success only, ends the process without interpreter
+    teardown (:func:`exit_without_teardown`)."""
+    results: dict = {}
+    try:
+        yield results
+    except Exception as exc:  # reported by the test, not lost in the child's stderr
+        results["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+    exit_without_teardown()
