@@ -32,7 +32,7 @@ from moegrad.selection import Selection, remoe_active
 
 __all__ = ["SCORES", "RouterConfig", "Routing", "Router", "flatten_tokens", "flatten_mask",
            "recomputing_in_backward", "recomputing_training_forward", "recomputing_training_forward_unless_compiled",
-           "add_load_counts", "update_running_state", "is_router"]
+           "pair_counts", "add_load_counts", "update_running_state", "is_router"]
 
 
 @dataclass
@@ -147,13 +147,18 @@ def recomputing_training_forward_unless_compiled(router: "Router") -> bool:
     return recomputing_training_forward(router)
 
 
+def pair_counts(indices: Tensor, token_mask: Optional[Tensor], num_experts: int) -> Tensor:
+    """[E] int64: the (token, slot) pairs of indices [T, K] per expert, padding (token_mask [T]
+    False) left out. Static shapes (torch.compile): padding pairs are counted as an extra id E,
+    then dropped."""
+    ids = indices if token_mask is None else indices.masked_fill(~token_mask[:, None], num_experts)
+    return count_ids(ids.reshape(-1), num_experts + 1)[:num_experts]
+
+
 def add_load_counts(load_counts: Tensor, indices: Tensor, token_mask: Optional[Tensor]) -> None:
-    """load_counts [E] += the (token, slot) pairs of indices [T, K], padding (token_mask [T]
-    False) left out, unless this is checkpointing's recomputation (:func:`update_running_state`).
-    Static shapes: padding pairs are counted as an extra id E, then dropped."""
-    e = load_counts.shape[0]
-    ids = indices if token_mask is None else indices.masked_fill(~token_mask[:, None], e)
-    update_running_state(load_counts, count_ids(ids.reshape(-1), e + 1)[:e])
+    """load_counts [E] += :func:`pair_counts`, unless this is checkpointing's recomputation
+    (:func:`update_running_state`)."""
+    update_running_state(load_counts, pair_counts(indices, token_mask, load_counts.shape[0]))
 
 
 def _check_finite_logits(logits: Tensor, z: Tensor, temperature: float) -> None:

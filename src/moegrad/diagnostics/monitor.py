@@ -42,9 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from moegrad.diagnostics.health import load_cv, max_violation, token_entropy
-from moegrad.dispatch import count_ids
 from moegrad.layer import MoE, MoEOutput
-from moegrad.routing import Routing, is_router, recomputing_in_backward, unless_recomputing
+from moegrad.routing import Routing, is_router, pair_counts, recomputing_in_backward, unless_recomputing
 
 __all__ = ["RoutingMonitor"]
 
@@ -57,14 +56,11 @@ _TENSORBOARD_HINT = ('RoutingMonitor: TensorBoard writing needs the tensorboard 
 
 def _routed_counts(routing: Routing) -> Tensor:
     """[E] int64 (token, slot) pairs of a :class:`Routing`, padding excluded (expert choice:
-    the chosen pairs), as :class:`moegrad.Router` adds them to ``load_counts`` (static shapes:
-    padding pairs are counted as an extra id E, then left out)."""
-    num_experts = routing.scores.shape[-1]
+    the chosen pairs), as :class:`moegrad.Router` adds them to ``load_counts`` (static shapes)."""
     if routing.chosen is not None:
         chosen = routing.chosen if routing.mask is None else routing.chosen & routing.mask[:, None]
         return chosen.sum(0).long()
-    ids = routing.indices if routing.mask is None else routing.indices.masked_fill(~routing.mask[:, None], num_experts)
-    return count_ids(ids.reshape(-1), num_experts + 1)[:num_experts]
+    return pair_counts(routing.indices, routing.mask, routing.scores.shape[-1])
 
 
 def _entropy_sum(routing: Routing) -> tuple[Tensor, Tensor]:
